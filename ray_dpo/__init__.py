@@ -1,0 +1,7 @@
+"""ray_dpo: DPO preference tuning on Ray.
+
+Importing the package is cheap: ray, deepspeed and vllm load only in the modules that
+orchestrate (ray_dpo.pipeline, ray_dpo.reference, ray_dpo.policy, ray_dpo.online).
+"""
+
+__version__ = "0.1.0"

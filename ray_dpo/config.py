@@ -1,0 +1,571 @@
+"""Run configuration: typed dataclasses loaded from one YAML file.
+
+A run is described by a YAML file whose top-level sections map onto the dataclasses
+below. Every field is documented where it is declared. Loading goes
+
+    YAML (yaml.safe_load) -> apply ``--set a.b=c`` overrides -> build dataclasses
+    -> check every field -> RunConfig, or one ConfigError listing every problem
+
+so a user fixes a config in one round trip instead of one error at a time.
+
+This module is pure: it imports neither ray, deepspeed nor vllm.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import glob
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+from ray_dpo.losses import loss_names
+
+DATA_FORMATS = ("auto", "standard", "conversational", "sharegpt", "implicit")
+REMOTE_PREFIXES = ("s3://", "gs://", "gcs://", "hf://", "http://", "https://", "abfs://")
+
+
+# --------------------------------------------------------------------------- sections
+
+
+@dataclass
+class RunSection:
+    name: str = "ray-dpo"
+    """Run name. Running the same name with the same storage_path again resumes it."""
+    storage_path: str = "./ray_dpo_runs"
+    """Where checkpoints, the reference cache and the default MLflow store live.
+    Must be shared storage (NFS, s3://, gs://) on a multi-node cluster."""
+    seed: int = 0
+    """Seed for data shuffling and model initialisation noise."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """auto picks cuda+nccl when the cluster has GPUs, else cpu+gloo."""
+    local_num_cpus: Optional[int] = None
+    """Logical CPUs for a local Ray cluster started by ray-dpo (ignored when RAY_ADDRESS
+    is set). Default: max(4, cores) so data actors never starve behind train workers."""
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = ""
+    """Hugging Face model directory (or hub id on clusters that may download)."""
+    tokenizer: Optional[str] = None
+    """Tokenizer directory; defaults to name_or_path."""
+    dtype: Literal["fp32", "bf16", "fp16"] = "bf16"
+    """Training dtype of the policy (and of the reference unless it says otherwise)."""
+    chat_template: Optional[str] = None
+    """Path to a Jinja chat template file that replaces the tokenizer's own."""
+    trust_remote_code: bool = False
+    gradient_checkpointing: bool = False
+    attn_implementation: Optional[str] = None
+    """Passed to from_pretrained, e.g. "sdpa" or "flash_attention_2" (GPU only)."""
+
+
+@dataclass
+class DataConfig:
+    train_files: list[str] = field(default_factory=list)
+    """JSONL / Parquet shards: files, directories or globs; local or s3:// / gs://."""
+    eval_files: list[str] = field(default_factory=list)
+    """Optional held-out preference pairs, same formats."""
+    format: Literal["auto", "standard", "conversational", "sharegpt", "implicit"] = "auto"
+    """Row format; auto detects it per row."""
+    max_length: int = 1024
+    """Maximum tokens of prompt + one response."""
+    max_prompt_length: int = 512
+    """Maximum prompt tokens (the prompt is cut from the left)."""
+    over_length: Literal["truncate_prompt", "truncate_response", "drop"] = "truncate_prompt"
+    """What to do with a pair longer than max_length. Every such pair is counted."""
+    on_bad_row: Literal["error", "skip"] = "error"
+    """error: stop at the first malformed row, naming file and line; skip: count it."""
+    shuffle: bool = True
+    """Shuffle pairs each epoch (seeded by run.seed and the epoch)."""
+
+
+@dataclass
+class LossConfig:
+    type: str = "sigmoid"
+    """Loss variant from ray_dpo.losses (sigmoid, ipo, hinge, robust, ...)."""
+    beta: float = 0.1
+    """Strength of the KL constraint to the reference (> 0)."""
+    label_smoothing: float = 0.0
+    """Assumed label-noise rate for cDPO / robust DPO, in [0, 0.5)."""
+    sft_weight: float = 0.0
+    """Weight of an extra NLL term on the chosen response (0 disables)."""
+    length_normalize: bool = False
+    """Divide sequence log-probs by response length before forming the DPO logits."""
+
+
+@dataclass
+class ReferenceConfig:
+    model: Optional[str] = None
+    """Reference model directory; default: the policy's initial weights (model.name_or_path)."""
+    num_actors: int = 1
+    """Long-lived actors that each hold a frozen copy of the reference model."""
+    num_cpus_per_actor: float = 1.0
+    num_gpus_per_actor: float = 0.0
+    resources: dict[str, float] = field(default_factory=dict)
+    """Extra Ray resources per actor, e.g. {reference_node: 0.01} to pin them to nodes."""
+    batch_size: int = 8
+    """Pairs per log-prob call."""
+    max_in_flight: int = 2
+    """Batches queued per actor; bounds memory while keeping actors busy."""
+    precompute: bool = False
+    """Score the whole data set once before training and cache it on storage."""
+    cache_dir: Optional[str] = None
+    """Where precomputed log-probs go; default: <storage_path>/reference_cache."""
+    max_restarts: int = 3
+    """How often a dead reference actor is restarted before the run fails."""
+
+
+@dataclass
+class PolicyConfig:
+    num_workers: int = 1
+    """Ray Train workers, each one DeepSpeed engine (one per GPU on a GPU cluster)."""
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 1.0
+    """Used only when the run uses GPUs."""
+    resources: dict[str, float] = field(default_factory=dict)
+    """Extra Ray resources per worker, e.g. {policy_node: 0.01}."""
+    zero_stage: int = 0
+    """DeepSpeed ZeRO stage 0-3."""
+    micro_batch_size: int = 4
+    """Pairs per worker per forward/backward."""
+    gradient_accumulation_steps: int = 1
+    learning_rate: float = 1e-6
+    weight_decay: float = 0.0
+    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    lr_scheduler: Literal["constant", "linear", "cosine"] = "cosine"
+    warmup_steps: int = 0
+    max_grad_norm: float = 1.0
+    """Gradient clipping by global norm (0 disables)."""
+    num_epochs: int = 1
+    max_steps: Optional[int] = None
+    """Stop after this many optimizer steps (default: num_epochs over the data)."""
+    checkpoint_every_steps: int = 0
+    """Save a resumable checkpoint every N optimizer steps (0: only at the end)."""
+    num_checkpoints_to_keep: int = 2
+    save_hf_model: bool = True
+    """Save the final policy in Hugging Face format (loadable by from_pretrained / vLLM)."""
+    offload_optimizer: bool = False
+    """ZeRO optimizer-state offload to CPU (GPU runs)."""
+
+
+@dataclass
+class SamplingConfig:
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 128
+
+
+@dataclass
+class JudgeConfig:
+    function: Optional[str] = None
+    """Python judge as "package.module:function" taking (prompt, completion) -> float."""
+    reward_model: Optional[str] = None
+    """Sequence-classification reward model directory, served by its own actors."""
+    num_actors: int = 1
+    num_gpus_per_actor: float = 0.0
+
+
+@dataclass
+class OnlineConfig:
+    enabled: bool = False
+    """Online (iterative) DPO: the policy's own samples become new pairs each round."""
+    rounds: int = 2
+    prompts_per_round: int = 64
+    samples_per_prompt: int = 4
+    backend: Literal["vllm", "transformers"] = "vllm"
+    num_engines: int = 1
+    gpus_per_engine: float = 0.0
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    judge: JudgeConfig = field(default_factory=JudgeConfig)
+    pair_strategy: Literal["regenerate_rejected", "best_vs_worst"] = "regenerate_rejected"
+    weight_sync: Literal["object_store", "nccl", "checkpoint"] = "object_store"
+    sync_tolerance: float = 1e-3
+    """Largest allowed |log-prob| difference between engine and policy after a sync."""
+    overlap: bool = False
+    """Generate round r+1 while round r trains (one round of staleness)."""
+
+
+@dataclass
+class MLflowConfig:
+    tracking_uri: Optional[str] = None
+    """Default: $MLFLOW_TRACKING_URI, else an embedded SQLite store <storage_path>/mlflow.db
+    shared by every run of that storage path (so offline and online runs compare)."""
+    experiment: str = "ray_dpo"
+    run_name: Optional[str] = None
+    """Default: run.name."""
+    tags: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class TrackingConfig:
+    mlflow: MLflowConfig = field(default_factory=MLflowConfig)
+    log_every_steps: int = 1
+    progress: bool = True
+    """Print a progress line (step/total, loss, tokens/s, ETA) on the driver."""
+
+
+@dataclass
+class EvalConfig:
+    every_steps: int = 0
+    """Evaluate on data.eval_files every N optimizer steps (0: only at the end)."""
+    max_pairs: Optional[int] = None
+    """Cap on eval pairs (default: all)."""
+    prompts_file: Optional[str] = None
+    """Held-out prompts sampled from the policy and scored by the judge (online compare)."""
+    num_prompts: int = 32
+
+
+@dataclass
+class RunConfig:
+    run: RunSection = field(default_factory=RunSection)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    reference: ReferenceConfig = field(default_factory=ReferenceConfig)
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    online: OnlineConfig = field(default_factory=OnlineConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    @property
+    def run_dir(self) -> str:
+        """<storage_path>/<run.name>: checkpoints, reports, the default MLflow store."""
+        return join_path(self.run.storage_path, self.run.name)
+
+
+# --------------------------------------------------------------------------- errors
+
+
+@dataclass(frozen=True)
+class Problem:
+    key: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.key}: {self.message}"
+
+
+class ConfigError(ValueError):
+    """Every problem found in a config, each with its key path and how to fix it."""
+
+    def __init__(self, problems: list[Problem], source: str = "config"):
+        self.problems = list(problems)
+        lines = [f"{source}: {len(self.problems)} problem(s):"]
+        lines += [f"  - {p}" for p in self.problems]
+        super().__init__("\n".join(lines))
+
+
+# --------------------------------------------------------------------------- building
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp) if a is not type(None))
+    if origin is list:
+        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    if origin is dict:
+        k, v = typing.get_args(tp)
+        return f"a mapping of {_type_name(k)} to {_type_name(v)}"
+    if dataclasses.is_dataclass(tp):
+        return "a mapping (section)"
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(
+        tp, getattr(tp, "__name__", str(tp))
+    )
+
+
+def _convert(value: Any, tp: Any, key: str, problems: list[Problem]) -> Any:
+    """Convert a YAML value to ``tp``; on failure record a Problem and return None."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if value is None:
+            return tp()
+        return _build(tp, value, key, problems)
+    if origin in (Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _convert(value, args[0], key, problems)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value in choices:
+            return value
+        hint = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
+        extra = f" (did you mean {hint[0]!r}?)" if hint else ""
+        problems.append(Problem(key, f"got {value!r}, expected {_type_name(tp)}{extra}"))
+        return None
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            value = [value]  # a single file is a one-element list
+        if not isinstance(value, list):
+            problems.append(Problem(key, f"got {value!r}, expected {_type_name(tp)}"))
+            return None
+        return [_convert(v, item_tp, f"{key}[{i}]", problems) for i, v in enumerate(value)]
+    if origin is dict:
+        k_tp, v_tp = typing.get_args(tp)
+        if not isinstance(value, dict):
+            problems.append(Problem(key, f"got {value!r}, expected {_type_name(tp)}"))
+            return None
+        return {
+            _convert(k, k_tp, f"{key}.{k}", problems): _convert(v, v_tp, f"{key}.{k}", problems)
+            for k, v in value.items()
+        }
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # PyYAML reads "1e-6" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+    problems.append(Problem(key, f"got {value!r} ({type(value).__name__}), expected {_type_name(tp)}"))
+    return None
+
+
+def _build(cls: type, data: Any, prefix: str, problems: list[Problem]) -> Any:
+    if not isinstance(data, dict):
+        problems.append(Problem(prefix or "<top>", f"expected a mapping, got {type(data).__name__}"))
+        return cls()
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        path = f"{prefix}.{key}" if prefix else str(key)
+        if key not in hints:
+            close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.6)
+            hint = f"did you mean {close[0]!r}?" if close else "valid keys: " + ", ".join(names)
+            problems.append(Problem(path, f"unknown key ({hint})"))
+            continue
+        converted = _convert(value, hints[key], path, problems)
+        if converted is not None or value is None:
+            kwargs[key] = converted
+    return cls(**{k: v for k, v in kwargs.items() if v is not None or _is_optional(hints[k])})
+
+
+def _is_optional(tp: Any) -> bool:
+    return typing.get_origin(tp) in (Union, types.UnionType) and type(None) in typing.get_args(tp)
+
+
+# --------------------------------------------------------------------------- overrides
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply ``section.key=value`` overrides; values are parsed as YAML scalars/lists."""
+    problems = []
+    for item in overrides:
+        if "=" not in item:
+            problems.append(Problem(item, "override must look like section.key=value"))
+            continue
+        dotted, raw = item.split("=", 1)
+        parts = dotted.strip().split(".")
+        node = data
+        for part in parts[:-1]:
+            if node.get(part) is None:
+                node[part] = {}
+            node = node[part]
+            if not isinstance(node, dict):
+                problems.append(Problem(dotted, f"{part!r} is not a section"))
+                break
+        else:
+            node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+    if problems:
+        raise ConfigError(problems, source="--set")
+    return data
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def _is_remote(path: str) -> bool:
+    return path.startswith(REMOTE_PREFIXES)
+
+
+def join_path(base: str, *parts: str) -> str:
+    """Join a local path or an object-store URI."""
+    if _is_remote(base):
+        return "/".join([base.rstrip("/"), *parts])
+    return os.path.join(base, *parts)
+
+
+def _looks_local(path: str) -> bool:
+    return path.startswith((".", "/", "~")) or os.path.exists(path)
+
+
+def _check_files(key: str, patterns: list[str], problems: list[Problem]) -> None:
+    for i, pattern in enumerate(patterns):
+        if _is_remote(pattern):
+            continue
+        expanded = os.path.expanduser(pattern)
+        if glob.has_magic(expanded):
+            if not glob.glob(expanded):
+                problems.append(Problem(f"{key}[{i}]", f"glob {pattern!r} matches no file"))
+        elif not os.path.exists(expanded):
+            problems.append(Problem(f"{key}[{i}]", f"no such file or directory: {pattern!r}"))
+
+
+def _positive(problems, key, value, *, allow_zero=False):
+    if value is None:
+        return
+    if value < 0 or (value == 0 and not allow_zero):
+        bound = ">= 0" if allow_zero else "> 0"
+        problems.append(Problem(key, f"must be {bound}, got {value}"))
+
+
+def check(cfg: RunConfig, *, check_files: bool = True) -> list[Problem]:
+    """Range and consistency checks on a built config; returns every problem found."""
+    p: list[Problem] = []
+    if not cfg.run.name or "/" in cfg.run.name:
+        p.append(Problem("run.name", "must be a non-empty name without '/'"))
+    if not cfg.model.name_or_path:
+        p.append(Problem("model.name_or_path", "is required: a model directory or hub id"))
+    if not cfg.data.train_files:
+        p.append(Problem("data.train_files", "is required: JSONL/Parquet files, directories or globs"))
+    for key, value in [
+        ("data.max_length", cfg.data.max_length),
+        ("data.max_prompt_length", cfg.data.max_prompt_length),
+        ("loss.beta", cfg.loss.beta),
+        ("reference.num_actors", cfg.reference.num_actors),
+        ("reference.batch_size", cfg.reference.batch_size),
+        ("reference.max_in_flight", cfg.reference.max_in_flight),
+        ("policy.num_workers", cfg.policy.num_workers),
+        ("policy.micro_batch_size", cfg.policy.micro_batch_size),
+        ("policy.gradient_accumulation_steps", cfg.policy.gradient_accumulation_steps),
+        ("policy.learning_rate", cfg.policy.learning_rate),
+        ("policy.num_epochs", cfg.policy.num_epochs),
+        ("policy.max_steps", cfg.policy.max_steps),
+        ("tracking.log_every_steps", cfg.tracking.log_every_steps),
+        ("online.rounds", cfg.online.rounds),
+        ("online.prompts_per_round", cfg.online.prompts_per_round),
+        ("online.samples_per_prompt", cfg.online.samples_per_prompt),
+        ("online.sampling.max_new_tokens", cfg.online.sampling.max_new_tokens),
+        ("online.sync_tolerance", cfg.online.sync_tolerance),
+    ]:
+        _positive(p, key, value)
+    for key, value in [
+        ("loss.sft_weight", cfg.loss.sft_weight),
+        ("policy.weight_decay", cfg.policy.weight_decay),
+        ("policy.warmup_steps", cfg.policy.warmup_steps),
+        ("policy.max_grad_norm", cfg.policy.max_grad_norm),
+        ("policy.checkpoint_every_steps", cfg.policy.checkpoint_every_steps),
+        ("reference.num_cpus_per_actor", cfg.reference.num_cpus_per_actor),
+        ("reference.num_gpus_per_actor", cfg.reference.num_gpus_per_actor),
+        ("reference.max_restarts", cfg.reference.max_restarts),
+        ("policy.cpus_per_worker", cfg.policy.cpus_per_worker),
+        ("policy.gpus_per_worker", cfg.policy.gpus_per_worker),
+        ("eval.every_steps", cfg.eval.every_steps),
+        ("online.sampling.temperature", cfg.online.sampling.temperature),
+    ]:
+        _positive(p, key, value, allow_zero=True)
+    if cfg.data.max_prompt_length >= cfg.data.max_length > 0:
+        p.append(Problem("data.max_prompt_length",
+                         f"must be < data.max_length ({cfg.data.max_length}) to leave room for responses"))
+    if cfg.loss.type not in loss_names():
+        hint = difflib.get_close_matches(cfg.loss.type, loss_names(), n=1)
+        extra = f" (did you mean {hint[0]!r}?)" if hint else ""
+        p.append(Problem("loss.type", f"unknown loss {cfg.loss.type!r}{extra}; valid: {', '.join(loss_names())}"))
+    if not 0.0 <= cfg.loss.label_smoothing < 0.5:
+        p.append(Problem("loss.label_smoothing", f"must be in [0, 0.5), got {cfg.loss.label_smoothing}"))
+    if cfg.loss.label_smoothing and cfg.loss.type in ("hinge", "ipo"):
+        p.append(Problem("loss.label_smoothing", f"is ignored by loss.type={cfg.loss.type!r}; "
+                                                 "set it to 0 or use sigmoid / robust"))
+    if cfg.policy.zero_stage not in (0, 1, 2, 3):
+        p.append(Problem("policy.zero_stage", f"must be 0, 1, 2 or 3, got {cfg.policy.zero_stage}"))
+    if len(cfg.policy.adam_betas) != 2 or not all(0 <= b < 1 for b in cfg.policy.adam_betas if b is not None):
+        p.append(Problem("policy.adam_betas", f"must be two numbers in [0, 1), got {cfg.policy.adam_betas}"))
+    if not 0 < cfg.online.sampling.top_p <= 1:
+        p.append(Problem("online.sampling.top_p", f"must be in (0, 1], got {cfg.online.sampling.top_p}"))
+    if cfg.online.enabled and not (cfg.online.judge.function or cfg.online.judge.reward_model):
+        p.append(Problem("online.judge", "online DPO needs a judge: set online.judge.function "
+                                         "(package.module:function) or online.judge.reward_model"))
+    if cfg.online.judge.function and ":" not in cfg.online.judge.function:
+        p.append(Problem("online.judge.function", "must look like 'package.module:function'"))
+    if _is_remote(cfg.run.storage_path) and not cfg.tracking.mlflow.tracking_uri:
+        p.append(Problem("tracking.mlflow.tracking_uri", "the default SQLite store needs a local "
+                         "run.storage_path; set a tracking URI (e.g. http://mlflow:5000)"))
+    if check_files:
+        _check_files("data.train_files", cfg.data.train_files, p)
+        _check_files("data.eval_files", cfg.data.eval_files, p)
+        for key, path in [("model.name_or_path", cfg.model.name_or_path),
+                          ("model.tokenizer", cfg.model.tokenizer),
+                          ("reference.model", cfg.reference.model),
+                          ("model.chat_template", cfg.model.chat_template),
+                          ("eval.prompts_file", cfg.eval.prompts_file)]:
+            local = key in ("model.chat_template", "eval.prompts_file") or (path and _looks_local(path))
+            if path and local and not _is_remote(path) and not os.path.exists(os.path.expanduser(path)):
+                p.append(Problem(key, f"no such file or directory: {path!r}"))
+    return p
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def from_dict(data: dict, *, source: str = "config", check_files: bool = True) -> RunConfig:
+    """Build and check a RunConfig; raise ConfigError listing every problem."""
+    problems: list[Problem] = []
+    cfg = _build(RunConfig, data if data is not None else {}, "", problems)
+    # A key whose type was wrong fell back to its default; do not also report its range.
+    reported = {q.key for q in problems}
+    problems += [q for q in check(cfg, check_files=check_files) if q.key not in reported]
+    if problems:
+        raise ConfigError(problems, source=source)
+    return cfg
+
+
+def load_config(path: str, overrides: list[str] = (), *, check_files: bool = True) -> RunConfig:
+    """Load a YAML run config, apply ``section.key=value`` overrides, validate."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f) or {}
+    except FileNotFoundError:
+        raise ConfigError([Problem("<file>", f"config file not found: {path}")], source=path) from None
+    except yaml.YAMLError as e:
+        raise ConfigError([Problem("<yaml>", f"not valid YAML: {e}")], source=path) from None
+    if not isinstance(data, dict):
+        raise ConfigError([Problem("<top>", "the config must be a mapping of sections")], source=path)
+    data = apply_overrides(data, list(overrides))
+    return from_dict(data, source=path, check_files=check_files)
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def to_yaml(cfg: RunConfig) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def flatten(cfg: RunConfig) -> dict[str, str]:
+    """Dotted key -> string value, e.g. for MLflow params."""
+    out: dict[str, str] = {}
+
+    def walk(node: Any, prefix: str) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(v, f"{prefix}.{k}" if prefix else str(k))
+        else:
+            out[prefix] = str(node)
+
+    walk(to_dict(cfg), "")
+    return out

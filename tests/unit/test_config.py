@@ -1,0 +1,190 @@
+"""Config: YAML -> typed dataclasses, overrides, and one error listing every problem."""
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from ray_dpo.config import (
+    ConfigError,
+    LossConfig,
+    RunConfig,
+    apply_overrides,
+    flatten,
+    from_dict,
+    load_config,
+    to_yaml,
+)
+
+
+@pytest.fixture
+def data_file(tmp_path):
+    path = tmp_path / "train.jsonl"
+    path.write_text('{"prompt": "p", "chosen": "a", "rejected": "b"}\n')
+    return path
+
+
+def minimal(data_file, **sections):
+    cfg = {"model": {"name_or_path": "some-org/some-model"}, "data": {"train_files": [str(data_file)]}}
+    for name, values in sections.items():
+        cfg.setdefault(name, {}).update(values)
+    return cfg
+
+
+def write(tmp_path, text):
+    path = tmp_path / "run.yaml"
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def test_minimal_config_gets_documented_defaults(data_file):
+    cfg = from_dict(minimal(data_file))
+    assert isinstance(cfg, RunConfig)
+    assert cfg.loss == LossConfig()  # sigmoid, beta 0.1
+    assert cfg.policy.num_workers == 1 and cfg.policy.zero_stage == 0
+    assert cfg.tracking.mlflow.experiment == "ray_dpo"
+    assert cfg.data.train_files == [str(data_file)]
+
+
+def test_yaml_file_types_are_converted(tmp_path, data_file):
+    path = write(tmp_path, f"""
+        run: {{name: t1, storage_path: {tmp_path}/runs}}
+        model: {{name_or_path: org/m, dtype: fp32}}
+        data: {{train_files: {data_file}, max_length: 64, max_prompt_length: 32}}
+        loss: {{type: ipo, beta: 1e-1}}
+        policy: {{learning_rate: 1e-6, zero_stage: 2, resources: {{policy_node: 0.01}}}}
+        tracking: {{mlflow: {{tracking_uri: "sqlite:///x.db", experiment: exp}}}}
+    """)
+    cfg = load_config(str(path))
+    assert cfg.data.train_files == [str(data_file)]  # a single path becomes a list
+    assert cfg.loss.beta == pytest.approx(0.1) and cfg.loss.type == "ipo"
+    assert cfg.policy.learning_rate == pytest.approx(1e-6)  # "1e-6" is a str to PyYAML
+    assert cfg.policy.resources == {"policy_node": 0.01}
+    assert cfg.tracking.mlflow.tracking_uri == "sqlite:///x.db"
+    assert cfg.run_dir == f"{tmp_path}/runs/t1"
+
+
+def test_overrides_parse_yaml_values_and_create_sections(data_file):
+    data = apply_overrides(minimal(data_file), ["loss.beta=0.5", "policy.zero_stage=3",
+                                               "online.sampling.top_p=0.9", "data.train_files=[a, b]"])
+    assert data["loss"]["beta"] == 0.5
+    assert data["online"]["sampling"]["top_p"] == 0.9
+    assert data["data"]["train_files"] == ["a", "b"]
+
+
+def test_override_without_equals_is_an_error(data_file):
+    with pytest.raises(ConfigError, match="section.key=value"):
+        apply_overrides(minimal(data_file), ["loss.beta"])
+
+
+def test_all_problems_reported_at_once_with_key_paths(data_file):
+    bad = minimal(data_file, loss={"beta": 0, "tpye": "sigmoid"}, policy={"num_workers": "two"})
+    with pytest.raises(ConfigError) as info:
+        from_dict(bad)
+    keys = {p.key for p in info.value.problems}
+    assert keys == {"loss.beta", "loss.tpye", "policy.num_workers"}
+    text = str(info.value)
+    assert "did you mean 'type'" in text
+    assert "loss.beta: must be > 0, got 0" in text
+    assert "expected an integer" in text
+
+
+def test_unknown_loss_lists_valid_names(data_file):
+    with pytest.raises(ConfigError, match=r"unknown loss 'sigmod' \(did you mean 'sigmoid'\?\); valid: .*hinge.*ipo"):
+        from_dict(minimal(data_file, loss={"type": "sigmod"}))
+
+
+def test_choice_fields_suggest_the_closest_choice(data_file):
+    with pytest.raises(ConfigError, match=r"data.over_length: got 'truncate_promt'.*did you mean 'truncate_prompt'"):
+        from_dict(minimal(data_file, data={"over_length": "truncate_promt"}))
+
+
+def test_unknown_section_is_reported(data_file):
+    with pytest.raises(ConfigError, match=r"polcy: unknown key \(did you mean 'policy'\?\)"):
+        from_dict({**minimal(data_file), "polcy": {}})
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("policy.zero_stage", 4, "must be 0, 1, 2 or 3"),
+    ("loss.label_smoothing", 0.5, r"must be in \[0, 0.5\)"),
+    ("data.max_prompt_length", 2048, "must be < data.max_length"),
+    ("online.sampling.top_p", 0.0, r"must be in \(0, 1\]"),
+    ("policy.adam_betas", [0.9], "must be two numbers"),
+])
+def test_range_checks(data_file, key, value, message):
+    data = apply_overrides(minimal(data_file), [f"{key}={value}"])
+    with pytest.raises(ConfigError, match=message):
+        from_dict(data)
+
+
+def test_missing_files_are_named(tmp_path, data_file):
+    data = minimal(data_file, data={"train_files": [str(tmp_path / "nope.jsonl"), str(tmp_path / "*.parquet")]},
+                   model={"name_or_path": str(tmp_path / "no-model")})
+    with pytest.raises(ConfigError) as info:
+        from_dict(data)
+    text = str(info.value)
+    assert "data.train_files[0]: no such file or directory" in text
+    assert "data.train_files[1]: glob" in text and "matches no file" in text
+    assert "model.name_or_path: no such file or directory" in text
+
+
+def test_remote_uris_are_not_checked_locally(data_file):
+    cfg = from_dict(minimal(data_file, data={"train_files": ["s3://bucket/prefs/"]}))
+    assert cfg.data.train_files == ["s3://bucket/prefs/"]
+
+
+def test_online_needs_a_judge(data_file):
+    with pytest.raises(ConfigError, match="online.judge: online DPO needs a judge"):
+        from_dict(minimal(data_file, online={"enabled": True}))
+
+
+def test_round_trip_through_yaml_and_flatten(tmp_path, data_file):
+    cfg = from_dict(minimal(data_file, loss={"beta": 0.2}))
+    path = tmp_path / "resolved.yaml"
+    path.write_text(to_yaml(cfg))
+    assert load_config(str(path)) == cfg
+    flat = flatten(cfg)
+    assert flat["loss.beta"] == "0.2" and flat["tracking.mlflow.experiment"] == "ray_dpo"
+
+
+def test_config_file_errors(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(str(tmp_path / "missing.yaml"))
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(str(write(tmp_path, "run: [unclosed\n")))
+
+
+def test_yaml_is_loaded_safely(tmp_path):
+    path = write(tmp_path, "run: !!python/object/apply:os.system ['echo pwned']\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(str(path))
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "ray_dpo.cli", *args], capture_output=True, text=True)
+
+
+def test_cli_validate_reports_three_problems_and_exits_2(tmp_path, data_file):
+    path = write(tmp_path, f"""
+        model: {{name_or_path: org/m}}
+        data: {{train_files: [{data_file}]}}
+        loss: {{beta: 0}}
+        policy: {{num_workers: two, micro_batch_sise: 4}}
+    """)
+    proc = run_cli("validate", str(path))
+    assert proc.returncode == 2, proc.stderr
+    assert "3 problem(s)" in proc.stderr
+    assert "loss.beta: must be > 0" in proc.stderr
+    assert "policy.num_workers: got 'two'" in proc.stderr
+    assert "policy.micro_batch_sise: unknown key (did you mean 'micro_batch_size'?)" in proc.stderr
+
+
+def test_cli_validate_prints_resolved_config(tmp_path, data_file):
+    path = write(tmp_path, f"""
+        model: {{name_or_path: org/m}}
+        data: {{train_files: [{data_file}]}}
+    """)
+    proc = run_cli("validate", str(path), "--set", "loss.beta=0.3")
+    assert proc.returncode == 0, proc.stderr
+    assert "beta: 0.3" in proc.stdout and "zero_stage: 0" in proc.stdout
