@@ -76,9 +76,12 @@ class DataConfig:
     max_length: int = 1024
     """Maximum tokens of prompt + one response."""
     max_prompt_length: int = 512
-    """Maximum prompt tokens (the prompt is cut from the left)."""
+    """Maximum prompt tokens."""
     over_length: Literal["truncate_prompt", "truncate_response", "drop"] = "truncate_prompt"
-    """What to do with a pair longer than max_length. Every such pair is counted."""
+    """A pair over the limits is counted and: truncate_prompt keeps the prompt's last
+    max_prompt_length tokens (BOS kept), then cuts responses from the right;
+    truncate_response never cuts the prompt (a prompt over max_prompt_length drops the
+    pair) and cuts responses to fit; drop drops the pair."""
     on_bad_row: Literal["error", "skip"] = "error"
     """error: stop at the first malformed row, naming file and line; skip: count it."""
     shuffle: bool = True

@@ -1,0 +1,1 @@
+"""Preference data: row formats (formats.py), tokenization (tokenize.py), Ray Data pipeline."""

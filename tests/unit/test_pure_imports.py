@@ -1,0 +1,25 @@
+"""The pure modules must stay importable without the heavy orchestration stack."""
+
+import subprocess
+import sys
+
+PURE = [
+    "ray_dpo.config",
+    "ray_dpo.losses",
+    "ray_dpo.logprobs",
+    "ray_dpo.data.formats",
+    "ray_dpo.data.tokenize",
+    "ray_dpo.cli",
+]
+HEAVY = ["ray", "deepspeed", "vllm"]
+
+
+def test_pure_modules_import_neither_ray_deepspeed_nor_vllm():
+    code = (
+        "import importlib, sys\n"
+        f"for m in {PURE!r}: importlib.import_module(m)\n"
+        f"print(','.join(h for h in {HEAVY!r} if h in sys.modules))\n"
+    )
+    # A fresh interpreter: pytest plugins or other tests may already have imported ray.
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert proc.stdout.strip() == "", f"pure modules pulled in: {proc.stdout.strip()}"

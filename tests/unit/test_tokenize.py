@@ -1,0 +1,353 @@
+"""Tokenization: chat template split, EOS handling, over-length policies, bad-row policy, counters."""
+
+import copy
+import functools
+from types import SimpleNamespace
+
+import pytest
+from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+from ray_dpo.data.formats import BadRowError, normalize_row
+from ray_dpo.data.tokenize import (
+    ChatTemplateError,
+    DataCounters,
+    PairTokenizer,
+    TokenizeResult,
+    fit_lengths,
+)
+
+
+def data_config(**overrides):
+    base = dict(max_length=64, max_prompt_length=32, over_length="truncate_prompt",
+                on_bad_row="error", format="auto")
+    return SimpleNamespace(**{**base, **overrides})
+
+
+@pytest.fixture(scope="module")
+def tok(tiny_assets):
+    return AutoTokenizer.from_pretrained(tiny_assets["tokenizer"])
+
+
+def ids(tok, text):
+    return tok(text, add_special_tokens=False)["input_ids"]
+
+
+def words(n, pool=("bright", "calm", "kind", "warm", "gentle", "honest")):
+    return " ".join(pool[i % len(pool)] for i in range(n))
+
+
+# --------------------------------------------------------------------------- text pairs
+
+
+def test_standard_pair_gets_bos_prompt_and_eos_responses(tok):
+    pt = PairTokenizer(tok, data_config())
+    pair = normalize_row({"prompt": "describe the river", "chosen": "bright calm",
+                          "rejected": "dull grim rude"})
+    result = pt(pair, source="train.jsonl", line=3)
+    assert result.status == "ok" and result.reason == ""
+    assert result.row == {
+        "pair_id": "train.jsonl:3",
+        "prompt_ids": [tok.bos_token_id] + ids(tok, "describe the river"),
+        "chosen_ids": ids(tok, "bright calm") + [tok.eos_token_id],
+        "rejected_ids": ids(tok, "dull grim rude") + [tok.eos_token_id],
+        "truncated": False,
+    }
+    assert tok.unk_token_id not in result.row["prompt_ids"]
+
+
+# --------------------------------------------------------------------------- chat pairs
+
+
+def test_single_turn_chat_pair_splits_at_generation_prompt(tok):
+    pt = PairTokenizer(tok, data_config())
+    row = {"prompt": [{"role": "user", "content": "describe the river"}],
+           "chosen": [{"role": "assistant", "content": "bright calm"}],
+           "rejected": [{"role": "assistant", "content": "dull grim"}]}
+    result = pt.tokenize_raw_row(row, source="c.jsonl", line=1)
+    r = result.row
+    assert result.status == "ok"
+    assert tok.decode(r["prompt_ids"]) == "<|bos|> <|user|> describe the river <|assistant|>"
+    assert tok.decode(r["chosen_ids"]) == "bright calm <|eos|>"
+    assert tok.decode(r["rejected_ids"]) == "dull grim <|eos|>"
+    assert r["prompt_ids"].count(tok.bos_token_id) == 1  # template BOS, not doubled
+    assert r["chosen_ids"].count(tok.eos_token_id) == 1
+
+
+def test_multi_turn_conversation_through_chat_template(tok):
+    pt = PairTokenizer(tok, data_config(max_length=128, max_prompt_length=64))
+    row = {
+        "prompt": [
+            {"role": "system", "content": "kind and calm"},
+            {"role": "user", "content": "describe the river"},
+            {"role": "assistant", "content": "calm river"},
+            {"role": "user", "content": "describe the garden"},
+        ],
+        "chosen": [{"role": "assistant", "content": "bright warm garden"}],
+        "rejected": [{"role": "assistant", "content": "messy garden"}],
+    }
+    r = pt.tokenize_raw_row(row, source="c.jsonl", line=2).row
+    assert tok.decode(r["prompt_ids"]) == (
+        "<|bos|> <|system|> kind and calm <|user|> describe the river <|assistant|> calm river <|eos|> "
+        "<|user|> describe the garden <|assistant|>"
+    )
+    assert r["prompt_ids"][-1] == tok.convert_tokens_to_ids("<|assistant|>")
+    assert tok.decode(r["chosen_ids"]) == "bright warm garden <|eos|>"
+    assert tok.decode(r["rejected_ids"]) == "messy garden <|eos|>"
+    # prompt + response is exactly the template's rendering of the whole conversation.
+    full = tok.apply_chat_template(row["prompt"] + row["chosen"], tokenize=False)
+    assert r["prompt_ids"] + r["chosen_ids"] == ids(tok, full)
+
+
+def test_all_chat_formats_tokenize_identically(tok):
+    pt = PairTokenizer(tok, data_config())
+    conversational = {
+        "prompt": [{"role": "system", "content": "kind"}, {"role": "user", "content": "describe"}],
+        "chosen": [{"role": "assistant", "content": "bright"}],
+        "rejected": [{"role": "assistant", "content": "dull"}],
+    }
+    sharegpt = {
+        "conversations": [{"from": "system", "value": "kind"}, {"from": "human", "value": "describe"}],
+        "chosen": {"from": "gpt", "value": "bright"},
+        "rejected": {"from": "gpt", "value": "dull"},
+    }
+    implicit = {"chosen": conversational["prompt"] + conversational["chosen"],
+                "rejected": conversational["prompt"] + conversational["rejected"]}
+    rows = [pt.tokenize_raw_row(r, source="s", line=1).row for r in (conversational, sharegpt, implicit)]
+    assert rows[0] == rows[1] == rows[2]
+
+
+def test_multi_message_response_keeps_each_turn_end(tok):
+    pt = PairTokenizer(tok, data_config())
+    row = {"prompt": [{"role": "user", "content": "describe"}],
+           "chosen": [{"role": "assistant", "content": "bright"}, {"role": "assistant", "content": "calm"}],
+           "rejected": [{"role": "assistant", "content": "dull"}]}
+    r = pt.tokenize_raw_row(row, source="s", line=1).row
+    assert tok.decode(r["chosen_ids"]) == "bright <|eos|> <|assistant|> calm <|eos|>"
+
+
+@functools.lru_cache(maxsize=None)
+def _char_level_tokenizer():
+    """A Qwen-style tokenizer: "<|im_end|>" (EOS) is followed by "\\n", no BOS."""
+    chars = sorted(set("abcdefghijklmnopqrstuvwxyz \n"))
+    specials = ["<|im_start|>", "<|im_end|>", "[UNK]"]
+    vocab = {t: i for i, t in enumerate(specials + chars)}
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    core.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    core.add_special_tokens(specials)
+    template = (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+        "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    return PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<|im_end|>",
+                                   unk_token="[UNK]", chat_template=template)
+
+
+def test_whitespace_after_template_eos_is_cut_and_eos_not_doubled():
+    ctok = _char_level_tokenizer()
+    pt = PairTokenizer(ctok, data_config())
+    row = {"prompt": [{"role": "user", "content": "hi"}],
+           "chosen": [{"role": "assistant", "content": "yo"}],
+           "rejected": [{"role": "assistant", "content": "no"}]}
+    r = pt.tokenize_raw_row(row, source="s", line=1).row
+    # The template renders "yo<|im_end|>\n"; generation stops at EOS, so "\n" is dropped.
+    assert r["chosen_ids"] == ctok.convert_tokens_to_ids(["y", "o", "<|im_end|>"])
+    assert ctok.convert_ids_to_tokens(r["prompt_ids"])[-10:] == list("assistant\n")
+
+
+def test_text_pair_without_bos_tokenizer_has_no_bos():
+    ctok = _char_level_tokenizer()
+    r = PairTokenizer(ctok, data_config())(normalize_row({"prompt": "ab", "chosen": "c", "rejected": "d"})).row
+    assert r["prompt_ids"] == ctok.convert_tokens_to_ids(["a", "b"])
+    assert r["chosen_ids"] == ctok.convert_tokens_to_ids(["c", "<|im_end|>"])
+
+
+def test_template_that_is_not_prefix_stable_raises_clear_error(tok):
+    bad = copy.deepcopy(tok)
+    # Generation prompt "<|assistant|>\n\n" but the rendered assistant turn is "<|assistant|>\n...".
+    bad.chat_template = tok.chat_template.replace("{{ '<|assistant|>\n' }}", "{{ '<|assistant|>\n\n' }}")
+    assert bad.chat_template != tok.chat_template
+    pt = PairTokenizer(bad, data_config(on_bad_row="skip"))
+    row = {"prompt": [{"role": "user", "content": "hi"}], "chosen": "bright", "rejected": "dull"}
+    with pytest.raises(ChatTemplateError, match=r"not prefix-stable.*differ at character"):
+        pt.tokenize_raw_row(row, source="s", line=1)  # raised even with on_bad_row=skip
+
+
+def test_chat_row_without_chat_template_raises(tok):
+    plain = copy.deepcopy(tok)
+    plain.chat_template = None
+    pt = PairTokenizer(plain, data_config())
+    row = {"prompt": [{"role": "user", "content": "hi"}], "chosen": "bright", "rejected": "dull"}
+    with pytest.raises(ChatTemplateError, match="no chat template.*model.chat_template"):
+        pt.tokenize_raw_row(row, source="s", line=1)
+
+
+def test_row_rejected_by_chat_template_is_a_bad_row(tok):
+    row = {"prompt": [{"role": "tool", "content": "hi"}], "chosen": "bright", "rejected": "dull"}
+    with pytest.raises(BadRowError, match=r"^t\.jsonl:8: the chat template rejected this row: .*roles"):
+        PairTokenizer(tok, data_config()).tokenize_raw_row(row, source="t.jsonl", line=8)
+    result = PairTokenizer(tok, data_config(on_bad_row="skip")).tokenize_raw_row(row, source="t.jsonl", line=8)
+    assert result.status == "skipped" and result.reason.startswith("t.jsonl:8: the chat template")
+
+
+# --------------------------------------------------------------------------- over-length policies
+
+P10, P6 = list(range(100, 110)), list(range(100, 106))
+C13, R5 = list(range(200, 213)), list(range(300, 305))
+
+
+@pytest.mark.parametrize("policy,prompt,chosen,rejected,expected", [
+    # within both limits: untouched
+    ("truncate_prompt", P6, R5, R5[:4], ("ok", 6, 5, 4)),
+    ("drop", P6, R5, R5[:4], ("ok", 6, 5, 4)),
+    # prompt over max_prompt_length=8, total 14 <= 16
+    ("truncate_prompt", P10, C13[:4], R5[:3], ("truncated", 8, 4, 3)),
+    ("truncate_response", P10, C13[:4], R5[:3], ("dropped",)),
+    ("drop", P10, C13[:4], R5[:3], ("dropped",)),
+    # prompt fits, total 6 + 13 = 19 > max_length=16: responses get 16 - 6 = 10
+    ("truncate_prompt", P6, C13, R5, ("truncated", 6, 10, 5)),
+    ("truncate_response", P6, C13, R5, ("truncated", 6, 10, 5)),
+    ("drop", P6, C13, R5, ("dropped",)),
+    # both over: prompt -> 8, responses get 8
+    ("truncate_prompt", P10, C13, R5, ("truncated", 8, 8, 5)),
+])
+def test_over_length_policies_exact_lengths(policy, prompt, chosen, rejected, expected):
+    fitted = fit_lengths(prompt, chosen, rejected, max_length=16, max_prompt_length=8, policy=policy)
+    assert fitted.status == expected[0]
+    if fitted.status == "dropped":
+        assert fitted.reason
+        return
+    assert (len(fitted.prompt), len(fitted.chosen), len(fitted.rejected)) == expected[1:]
+    assert fitted.prompt == prompt[len(prompt) - expected[1]:]  # left truncation keeps the end
+    assert fitted.chosen == chosen[:expected[2]]  # right truncation keeps the start
+    assert fitted.rejected == rejected[:expected[3]]
+
+
+def test_left_truncation_keeps_bos_in_front():
+    fitted = fit_lengths([1] + P10, C13[:2], R5[:2], max_length=16, max_prompt_length=4,
+                         policy="truncate_prompt", bos_id=1)
+    assert fitted.prompt == [1, 107, 108, 109]
+
+
+def test_pair_dropped_when_no_room_or_identical_after_cut():
+    no_room = fit_lengths(P10, C13, R5, max_length=8, max_prompt_length=8, policy="truncate_prompt")
+    assert no_room.status == "dropped" and "leaves no room for responses" in no_room.reason
+    same_start = fit_lengths(P6, [7, 7, 7, 1], [7, 7, 7, 2], max_length=9, max_prompt_length=8,
+                             policy="truncate_response")
+    assert same_start.status == "dropped"
+    assert "identical within the first 3 response tokens" in same_start.reason
+    same_ids = fit_lengths(P6, [7, 1], [7, 1], max_length=16, max_prompt_length=8, policy="drop")
+    assert (same_ids.status, same_ids.reason) == ("dropped", "chosen and rejected tokenize to the same ids")
+
+
+def test_texts_that_tokenize_identically_are_dropped(tok):
+    pair = normalize_row({"prompt": "describe", "chosen": "zebra", "rejected": "yak"})  # both [UNK]
+    result = PairTokenizer(tok, data_config())(pair, source="u.jsonl", line=2)
+    assert result.status == "dropped"
+    assert result.reason == "u.jsonl:2: chosen and rejected tokenize to the same ids"
+
+
+def test_truncated_pair_through_tokenizer(tok):
+    cfg = data_config(max_length=12, max_prompt_length=5, over_length="truncate_prompt")
+    pair = normalize_row({"prompt": "describe " + words(6, ("river", "garden")),
+                          "chosen": words(10), "rejected": "dull grim"})
+    result = PairTokenizer(tok, cfg)(pair, source="x", line=1)
+    r = result.row
+    assert result.status == "truncated" and r["truncated"] is True
+    # prompt 1 BOS + 7 words -> BOS + last 4; responses get 12 - 5 = 7 of 11 (10 words + EOS)
+    assert r["prompt_ids"] == [tok.bos_token_id] + ids(tok, "river garden river garden")
+    assert r["chosen_ids"] == ids(tok, words(7))  # cut: no EOS
+    assert r["rejected_ids"] == ids(tok, "dull grim") + [tok.eos_token_id]
+    assert "prompt cut from 8 to 5" in result.reason and "chosen cut from 11 to 7" in result.reason
+
+
+def test_dropped_pair_through_tokenizer(tok):
+    cfg = data_config(max_length=6, max_prompt_length=4, over_length="drop")
+    result = PairTokenizer(tok, cfg)(normalize_row({"prompt": "describe", "chosen": words(8),
+                                                    "rejected": "dull"}), source="x", line=4)
+    assert result == TokenizeResult(None, "dropped", result.reason)
+    assert result.reason.startswith("x:4: prompt 2 + longest response 9 tokens exceeds")
+
+
+# --------------------------------------------------------------------------- bad rows and counters
+
+
+def test_on_bad_row_error_raises_with_location(tok):
+    pt = PairTokenizer(tok, data_config(on_bad_row="error"))
+    with pytest.raises(BadRowError, match=r"^train-00001\.jsonl:12: missing field 'chosen'"):
+        pt.tokenize_raw_row({"prompt": "p", "rejected": "r"}, source="train-00001.jsonl", line=12)
+
+
+def test_on_bad_row_skip_counts_instead_of_raising(tok):
+    cfg = data_config(max_length=10, max_prompt_length=4, on_bad_row="skip")
+    pt = PairTokenizer(tok, cfg)
+    rows = [
+        {"prompt": "describe", "chosen": "bright", "rejected": "dull"},          # ok
+        {"prompt": "describe", "chosen": words(12), "rejected": "dull"},         # truncated
+        {"prompt": "describe", "chosen": "bright"},                              # skipped
+        {"prompt": "describe", "chosen": "", "rejected": "dull"},                # skipped
+        {"prompt": "describe", "chosen": "same", "rejected": "same"},            # skipped
+        {"prompt": "describe the river", "chosen": "calm kind", "rejected": "x"},  # ok
+    ]
+    results = [pt.tokenize_raw_row(row, source="f.jsonl", line=i + 1) for i, row in enumerate(rows)]
+    assert [r.status for r in results] == ["ok", "truncated", "skipped", "skipped", "skipped", "ok"]
+    assert results[2].reason.startswith("f.jsonl:3: missing field 'rejected'")
+    assert results[2].row is None
+
+    counters = DataCounters()
+    for result in results:
+        counters.add(result)
+    assert (counters.read, counters.ok, counters.truncated, counters.dropped, counters.skipped) == (6, 2, 1, 0, 3)
+    assert counters.read == counters.ok + counters.truncated + counters.dropped + counters.skipped
+    assert counters.kept == 3
+    assert counters.skip_reasons == [results[i].reason for i in (2, 3, 4)]
+
+
+def test_counters_merge_equals_counting_all_and_keeps_few_examples():
+    statuses = ["ok", "truncated", "dropped", "skipped"] * 5 + ["ok"] * 3
+    results = [TokenizeResult(None, s, f"{s} {i}") for i, s in enumerate(statuses)]
+    whole = DataCounters(max_examples=3)
+    for result in results:
+        whole.add(result)
+    parts = [DataCounters(max_examples=3) for _ in range(3)]
+    for i, result in enumerate(results):
+        parts[i % 3].add(result)
+    merged = functools.reduce(DataCounters.merge, parts, DataCounters(max_examples=3))
+    counts = lambda c: (c.read, c.ok, c.truncated, c.dropped, c.skipped)  # noqa: E731
+    assert counts(merged) == counts(whole) == (23, 8, 5, 5, 5)
+    assert len(merged.skip_reasons) == len(merged.drop_reasons) == 3
+    assert whole.skip_reasons == ["skipped 3", "skipped 7", "skipped 11"]
+    assert DataCounters.from_dict(whole.as_dict()) == whole
+    with pytest.raises(ValueError, match="unknown status 'weird'"):
+        whole.add(TokenizeResult(None, "weird"))
+
+
+def test_invalid_config_is_rejected_listing_valid_values(tok):
+    with pytest.raises(ValueError, match=r"over_length='cut' \(valid: truncate_prompt, truncate_response, drop\)"):
+        PairTokenizer(tok, data_config(over_length="cut"))
+    with pytest.raises(ValueError, match=r"max_length=0 \(a positive integer\)"):
+        PairTokenizer(tok, data_config(max_length=0))
+
+
+def test_works_with_the_real_data_config(tok):
+    from ray_dpo.config import DataConfig
+
+    pt = PairTokenizer(tok, DataConfig())
+    result = pt.tokenize_raw_row({"prompt": "describe", "chosen": "bright", "rejected": "dull"},
+                                 source="f", line=1)
+    assert result.status == "ok"
+
+
+@pytest.mark.parametrize("fmt", ["standard", "conversational"])
+def test_whole_tiny_dataset_tokenizes_without_unknown_words(tok, fmt):
+    from ray_dpo.testing.assets import make_preference_rows
+
+    pt = PairTokenizer(tok, data_config())
+    counters = DataCounters()
+    for i, row in enumerate(make_preference_rows(200, seed=1, fmt=fmt)):
+        result = pt.tokenize_raw_row(row, source="tiny", line=i + 1)
+        counters.add(result)
+        r = result.row
+        assert tok.unk_token_id not in r["prompt_ids"] + r["chosen_ids"] + r["rejected_ids"]
+        assert r["chosen_ids"][-1] == r["rejected_ids"][-1] == tok.eos_token_id
+    assert counters.ok == counters.read == 200
