@@ -97,6 +97,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-eval", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_make_assets)
+
+    from ray_dpo import k8s  # pure (yaml + config): keeps `ray-dpo validate` fast
+
+    p = sub.add_parser("k8s", help="print a KubeRay RayJob (or RayCluster) + ConfigMap for a config")
+    _add_config_args(p)
+    k8s.add_arguments(p)
+    p.set_defaults(func=k8s.main)
     return parser
 
 
