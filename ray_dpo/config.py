@@ -572,3 +572,33 @@ def flatten(cfg: RunConfig) -> dict[str, str]:
 
     walk(to_dict(cfg), "")
     return out
+
+
+def with_absolute_paths(cfg: RunConfig) -> RunConfig:
+    """A copy whose local paths are absolute, resolved against the current directory.
+
+    Ray workers and actors do not share the driver's working directory (under
+    ``ray job submit`` each runs in its own unpacked working_dir), so a relative model path
+    that the driver sees would not resolve there. Hub ids and object-store URIs stay as is.
+    """
+
+    def local(path: Optional[str]) -> Optional[str]:  # always a path or a URI
+        return path if not path or _is_remote(path) else os.path.abspath(os.path.expanduser(path))
+
+    def fix(path: Optional[str]) -> Optional[str]:  # a path, a URI or a hub id
+        return local(path) if path and _looks_local(path) else path
+
+    def fix_all(paths: list[str]) -> list[str]:
+        return [local(p) for p in paths]
+
+    return dataclasses.replace(
+        cfg,
+        run=dataclasses.replace(cfg.run, storage_path=local(cfg.run.storage_path)),
+        model=dataclasses.replace(cfg.model, name_or_path=fix(cfg.model.name_or_path),
+                                  tokenizer=fix(cfg.model.tokenizer), chat_template=local(cfg.model.chat_template)),
+        data=dataclasses.replace(cfg.data, train_files=fix_all(cfg.data.train_files),
+                                 eval_files=fix_all(cfg.data.eval_files)),
+        reference=dataclasses.replace(cfg.reference, model=fix(cfg.reference.model),
+                                      cache_dir=local(cfg.reference.cache_dir)),
+        eval=dataclasses.replace(cfg.eval, prompts_file=local(cfg.eval.prompts_file)),
+    )

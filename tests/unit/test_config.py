@@ -188,3 +188,19 @@ def test_cli_validate_prints_resolved_config(tmp_path, data_file):
     proc = run_cli("validate", str(path), "--set", "loss.beta=0.3")
     assert proc.returncode == 0, proc.stderr
     assert "beta: 0.3" in proc.stdout and "zero_stage: 0" in proc.stdout
+
+
+def test_local_paths_become_absolute_for_workers(tmp_path, data_file, monkeypatch):
+    from ray_dpo.config import with_absolute_paths
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "model").mkdir()
+    cfg = from_dict(minimal(data_file, model={"name_or_path": "./model"},
+                            data={"train_files": ["train.jsonl", "s3://b/x.jsonl"]},
+                            run={"storage_path": "runs"}))
+    fixed = with_absolute_paths(cfg)
+    assert fixed.model.name_or_path == str(tmp_path / "model")
+    assert fixed.data.train_files == [str(tmp_path / "train.jsonl"), "s3://b/x.jsonl"]
+    assert fixed.run.storage_path == str(tmp_path / "runs")
+    hub = with_absolute_paths(from_dict(minimal(data_file)))
+    assert hub.model.name_or_path == "some-org/some-model"  # a hub id is not a path

@@ -1,0 +1,391 @@
+"""The policy worker: one DeepSpeed engine per Ray Train worker, DPO steps fed by the BatchFeeder.
+
+    train_loop_per_worker(spec)        run by ray.train.torch.TorchTrainer on every worker
+      setup_engine                     model (partitioned at load under ZeRO-3), AdamW, LambdaLR
+      load_checkpoint                  resume from ray.train.get_checkpoint()
+      for each optimizer step:
+        run_step                       feeder micro-batches -> forward/backward -> engine.step
+        evaluate                       every spec["eval_every"] steps and at the end
+        save_checkpoint / report       every rank reports, every step (Ray Train V2 needs it)
+      export_hf                        the final policy in Hugging Face format, under hf_model/
+
+Step numbering: the feeder's steps are 0-based indices; the reported "step" is the number
+of optimizer steps completed (1 after the first update), which is also what a checkpoint's
+client_state stores, so resuming from a checkpoint at step k asks the feeder for index k.
+
+Checkpoint layout (one Ray checkpoint directory per save):
+
+    deepspeed/latest, deepspeed/step<k>/...   a standard DeepSpeed checkpoint
+    hf_model/                                 final checkpoint only: config, weights, tokenizer
+
+Every rank saves into its own local temp dir and reports it; Ray 2.60 gives all ranks one
+checkpoint_dir_name (broadcast from rank 0) and copies every rank's files into it. DeepSpeed
+names each rank's files uniquely (zero_pp_rank_<r>_..., model states and 'latest' from rank 0
+only under ZeRO 0-2), so the merged directory is exactly what DeepSpeed writes on shared
+storage, and every rank can load from it. Per-rank subdirectories (rank0/, rank1/) would not
+work: under ZeRO 0-2 only rank 0 writes the model states, which every rank needs to load.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import shutil
+import tempfile
+import time
+from typing import Any, Optional
+
+import deepspeed
+import ray
+import ray.train
+import torch
+import torch.distributed as dist
+
+from ray_dpo.logprobs import batch_token_counts, concat_pairs, mean_nll, sequence_logps, split_pairs
+from ray_dpo.losses import dpo_loss
+from ray_dpo.policy.ds_config import build_ds_config, lr_lambda
+
+DS_DIR = "deepspeed"
+HF_DIR = "hf_model"
+_TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# Tokenizer files copied next to the exported weights (whatever the tokenizer type).
+_TOKENIZER_FILE_PREFIXES = ("tokenizer", "special_tokens_map", "added_tokens", "vocab", "merges",
+                            "chat_template", "spiece", "sentencepiece")
+# Order of the per-rank sums that one all_reduce turns into step metrics.
+_SUMS = ("loss", "chosen_rewards", "rejected_rewards", "accuracies", "logps_chosen",
+         "logps_rejected", "pairs", "tokens", "step_time_s")
+
+
+@dataclasses.dataclass
+class Worker:
+    """What the loop carries between steps on one rank."""
+
+    engine: Any  # deepspeed.DeepSpeedEngine
+    feeder: Any  # ActorHandle of a BatchFeeder
+    loss: Any  # LossConfig
+    rank: int
+    world_size: int
+    device: torch.device
+    pad_token_id: int
+    grad_accum: int
+    total_steps: int
+    steps_per_epoch: Optional[int] = None  # None when the feeder does not say
+    # transformers reads ZeRO-3 settings through a weak reference to this object: it must
+    # outlive the model, or transformers silently stops treating parameters as partitioned.
+    hf_ds_config: Optional[Any] = None
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def train_loop_per_worker(spec: dict) -> None:
+    """Ray Train worker loop; spec keys: model, policy, loss (config dataclasses), eval_every,
+    feeder (BatchFeeder handle), log_every (unused here: the driver's callback filters),
+    device ("cpu" | "cuda" | None = cuda if available)."""
+    policy = spec["policy"]
+    worker = _make_worker(spec)
+    step = load_checkpoint(worker.engine)
+    if step >= worker.total_steps:
+        return  # a finished run started again: its last checkpoint is already final
+    eval_every = spec.get("eval_every") or 0
+    every = policy.checkpoint_every_steps
+    while step < worker.total_steps:
+        metrics = run_step(worker, step)
+        step += 1
+        last = step == worker.total_steps
+        if last or (eval_every and step % eval_every == 0):
+            metrics.update(evaluate(worker))
+        if last or (every and step % every == 0):
+            export = spec["model"] if last and policy.save_hf_model else None
+            save_checkpoint(worker, step, metrics, model=export)
+        else:
+            ray.train.report(metrics)
+
+
+def _make_worker(spec: dict) -> Worker:
+    ctx = ray.train.get_context()
+    rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
+    policy, feeder = spec["policy"], spec["feeder"]
+    device = _pick_device(spec.get("device"))
+    total_steps = ray.get(feeder.total_steps.remote())
+    # Optional feeder method (BatchFeeder has it): only the "epoch" metric needs it.
+    steps_per_epoch = ray.get(feeder.steps_per_epoch.remote()) if hasattr(feeder, "steps_per_epoch") else None
+    if policy.max_steps:
+        total_steps = min(total_steps, policy.max_steps)
+    engine, hf_ds_config = setup_engine(spec["model"], policy, device=device, world_size=world_size,
+                                        total_steps=total_steps)
+    return Worker(engine=engine, feeder=feeder, loss=spec["loss"], rank=rank, world_size=world_size,
+                  device=device, pad_token_id=_pad_token_id(engine.module.config),
+                  grad_accum=policy.gradient_accumulation_steps, total_steps=total_steps,
+                  steps_per_epoch=steps_per_epoch, hf_ds_config=hf_ds_config)
+
+
+def _pick_device(name: Optional[str]) -> torch.device:
+    if name is None:
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        import ray.train.torch
+
+        # Ray Train assigns this worker's GPU; TorchTrainer already set up NCCL on it.
+        device = ray.train.torch.get_device()
+        torch.cuda.set_device(device)
+        return device
+    return torch.device("cpu")
+
+
+def _pad_token_id(config) -> int:
+    # Padding positions are masked out of attention and loss, so any valid id works.
+    for value in (config.pad_token_id, config.eos_token_id, 0):
+        if isinstance(value, (list, tuple)):
+            value = value[0] if value else None
+        if value is not None:
+            return int(value)
+    return 0
+
+
+# --------------------------------------------------------------------------- engine
+
+
+def setup_engine(model_cfg, policy, *, device: torch.device, world_size: int, total_steps: int):
+    """(DeepSpeedEngine, HfDeepSpeedConfig or None) for this rank.
+
+    TorchTrainer has already created the process group (gloo on CPU, NCCL on GPU);
+    deepspeed.comm only wraps it (dist_init_required=False).
+    """
+    from transformers import AutoModelForCausalLM
+    from transformers.integrations import HfDeepSpeedConfig
+
+    deepspeed.init_distributed(dist_backend=dist.get_backend(), dist_init_required=False)
+    ds_config = build_ds_config(policy, dtype=model_cfg.dtype, world_size=world_size)
+    # Under ZeRO-3, from_pretrained must see the DeepSpeed config so that every rank loads
+    # only its partition of the weights (deepspeed.zero.Init) instead of a full copy.
+    hf_ds_config = HfDeepSpeedConfig(ds_config) if policy.zero_stage == 3 else None
+    extra = {"attn_implementation": model_cfg.attn_implementation} if model_cfg.attn_implementation else {}
+    model = AutoModelForCausalLM.from_pretrained(model_cfg.name_or_path, dtype=_TORCH_DTYPES[model_cfg.dtype],
+                                                 trust_remote_code=model_cfg.trust_remote_code, **extra)
+    if model_cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    _disable_dropout(model)
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=policy.learning_rate,
+                                  betas=tuple(policy.adam_betas), weight_decay=policy.weight_decay)
+    schedule = {"warmup_steps": policy.warmup_steps, "total_steps": total_steps,
+                "schedule": policy.lr_scheduler}
+    engine, *_ = deepspeed.initialize(
+        model=model, optimizer=optimizer, config=ds_config, dist_init_required=False,
+        # A callable: DeepSpeed builds the scheduler on the optimizer as it configured it,
+        # steps it in engine.step() at each boundary and saves it in checkpoints.
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_lambda(s, **schedule)),
+    )
+    return engine, hf_ds_config
+
+
+def _disable_dropout(model: torch.nn.Module) -> None:
+    """DPO compares the policy with a reference scored without dropout; dropout in the policy
+    would make step-0 logits differ from the reference's (loss != ln 2) and add noise to the
+    implicit rewards. TRL disables it for the same reason."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0  # HF attention layers apply this functionally
+
+
+# --------------------------------------------------------------------------- forward / loss
+
+
+def _pair_terms(worker: Worker, pairs: list[dict]):
+    """One concatenated chosen+rejected forward over `pairs`: (LossOutput, chosen_logps [B],
+    rejected_logps [B], real tokens in the batch)."""
+    batch = concat_pairs(pairs, worker.pad_token_id)
+    input_ids = batch["input_ids"].to(worker.device)
+    loss_mask = batch["loss_mask"].to(worker.device)
+    logits = worker.engine(input_ids=input_ids, attention_mask=batch["attention_mask"].to(worker.device),
+                           use_cache=False).logits
+    logps, n_tokens = sequence_logps(logits, input_ids, loss_mask)
+    chosen, rejected = split_pairs(logps)
+    chosen_n, rejected_n = split_pairs(n_tokens)
+    ref = torch.tensor([[p["ref_chosen_logp"], p["ref_rejected_logp"]] for p in pairs],
+                       dtype=torch.float32, device=worker.device)
+    out = dpo_loss(
+        policy_chosen_logps=chosen, policy_rejected_logps=rejected,
+        ref_chosen_logps=ref[:, 0], ref_rejected_logps=ref[:, 1], config=worker.loss,
+        chosen_n_tokens=chosen_n, rejected_n_tokens=rejected_n,
+        policy_chosen_nll=mean_nll(chosen, chosen_n) if worker.loss.sft_weight > 0 else None,
+    )
+    return out, chosen.detach(), rejected.detach(), batch_token_counts(batch).real_tokens
+
+
+def _dummy_pair(pad_token_id: int) -> dict:
+    """Stand-in for an empty micro-batch: every rank must run the same number of forward and
+    backward passes, because ZeRO gathers parameters and reduces gradients collectively."""
+    return {"pair_id": "<dummy>", "prompt_ids": [pad_token_id], "chosen_ids": [pad_token_id],
+            "rejected_ids": [pad_token_id], "ref_chosen_logp": 0.0, "ref_rejected_logp": 0.0}
+
+
+def _sums(out, chosen: torch.Tensor, rejected: torch.Tensor, tokens: int) -> torch.Tensor:
+    """This micro-batch's contribution to the metric sums, in _SUMS order."""
+    c, r = out.chosen_rewards.float(), out.rejected_rewards.float()
+    values = [out.losses.detach().float().sum(), c.sum(), r.sum(), (c > r).float().sum(),
+              chosen.float().sum(), rejected.float().sum(), float(len(c)), float(tokens), 0.0]
+    return torch.stack([torch.as_tensor(v, dtype=torch.float64).cpu() for v in values])
+
+
+def _all_reduce_sums(worker: Worker, sums: torch.Tensor) -> dict[str, float]:
+    """One all_reduce of the whole metric vector, so every rank reports the same numbers."""
+    totals = sums.to(worker.device)
+    dist.all_reduce(totals, op=dist.ReduceOp.SUM)
+    return dict(zip(_SUMS, totals.cpu().tolist()))
+
+
+def _metrics(prefix: str, totals: dict[str, float]) -> dict[str, float]:
+    n = max(totals["pairs"], 1.0)
+    chosen, rejected = totals["chosen_rewards"] / n, totals["rejected_rewards"] / n
+    return {
+        f"{prefix}/loss": totals["loss"] / n,
+        f"{prefix}/rewards/chosen": chosen,
+        f"{prefix}/rewards/rejected": rejected,
+        f"{prefix}/rewards/margins": chosen - rejected,
+        f"{prefix}/rewards/accuracies": totals["accuracies"] / n,
+        f"{prefix}/logps/chosen": totals["logps_chosen"] / n,
+        f"{prefix}/logps/rejected": totals["logps_rejected"] / n,
+    }
+
+
+# --------------------------------------------------------------------------- train / eval
+
+
+def run_step(worker: Worker, step: int) -> dict[str, Any]:
+    """Train feeder step `step` (0-based); returns the metrics every rank reports."""
+    t0 = time.perf_counter()
+    feeder = worker.feeder
+    micro_batches, n_global = ray.get([feeder.get_step.remote(step, worker.rank),
+                                       feeder.num_pairs_in_step.remote(step)])
+    if len(micro_batches) != worker.grad_accum:
+        raise RuntimeError(f"feeder step {step}: {len(micro_batches)} micro-batches for rank {worker.rank}, "
+                           f"expected gradient_accumulation_steps={worker.grad_accum}")
+    # DeepSpeed divides the loss by grad_accum and averages gradients over ranks; undo both so
+    # the update is the mean over ALL pairs of the step, however unevenly they are spread.
+    scale = worker.world_size * worker.grad_accum / max(n_global, 1)
+    sums, pair_ids = torch.zeros(len(_SUMS), dtype=torch.float64), []
+    lr = worker.engine.get_lr()[0]  # the rate this step uses (the scheduler steps after it)
+    for pairs in micro_batches:
+        out, chosen, rejected, tokens = _pair_terms(worker, pairs or [_dummy_pair(worker.pad_token_id)])
+        worker.engine.backward(out.losses.sum() * (scale if pairs else 0.0))
+        if pairs:
+            sums += _sums(out, chosen, rejected, tokens)
+            pair_ids += [p["pair_id"] for p in pairs]
+        # DeepSpeed counts micro-steps in step(): call it after every backward; only the
+        # call at the accumulation boundary updates the weights.
+        grad_norm = _step_optimizer(worker.engine)
+    sums[_SUMS.index("step_time_s")] = time.perf_counter() - t0
+    totals = _all_reduce_sums(worker, sums)
+    if int(totals["pairs"]) != n_global:
+        raise RuntimeError(f"feeder step {step}: ranks trained {int(totals['pairs'])} pairs, but "
+                           f"num_pairs_in_step says {n_global}; the loss normalisation would be wrong")
+    step_time = totals["step_time_s"] / worker.world_size
+    epoch = (step + 1) / worker.steps_per_epoch if worker.steps_per_epoch else math.nan
+    return {**_metrics("train", totals), "train/lr": lr, "train/grad_norm": grad_norm,
+            "perf/tokens_per_s": totals["tokens"] / step_time, "perf/step_time_s": step_time,
+            "step": step + 1, "epoch": epoch, "pair_ids": pair_ids}
+
+
+def _step_optimizer(engine) -> float:
+    """engine.step(); at the accumulation boundary returns the global gradient norm (before
+    clipping), else NaN."""
+    if not engine.is_gradient_accumulation_boundary():
+        engine.step()
+        return math.nan
+    norm = None
+    if not hasattr(engine.optimizer, "_global_grad_norm"):
+        # Plain fp32 without ZeRO: DeepSpeed clips but does not keep the norm. Gradients are
+        # already all-reduced here (the boundary backward did it), so the norm is global.
+        grads = [p.grad.detach().float().norm() for p in engine.module.parameters() if p.grad is not None]
+        norm = torch.linalg.vector_norm(torch.stack(grads)).item() if grads else 0.0
+    engine.step()
+    if norm is None:
+        norm = engine.get_global_grad_norm()
+    return float(norm) if norm is not None else math.nan
+
+
+@torch.no_grad()
+def evaluate(worker: Worker) -> dict[str, float]:
+    """eval/... metrics over every rank's eval micro-batches; {} if there is no eval data."""
+    batches = ray.get(worker.feeder.get_eval.remote(worker.rank))
+    # Ranks may hold different numbers of eval batches; under ZeRO-3 each forward gathers
+    # parameters collectively, so all ranks run as many forwards as the busiest one.
+    count = torch.tensor([len(batches)], device=worker.device)
+    dist.all_reduce(count, op=dist.ReduceOp.MAX)
+    if count.item() == 0:
+        return {}
+    sums = torch.zeros(len(_SUMS), dtype=torch.float64)
+    for i in range(int(count.item())):
+        pairs = batches[i] if i < len(batches) else []
+        out, chosen, rejected, tokens = _pair_terms(worker, pairs or [_dummy_pair(worker.pad_token_id)])
+        if pairs:
+            sums += _sums(out, chosen, rejected, tokens)
+    return _metrics("eval", _all_reduce_sums(worker, sums))
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def save_checkpoint(worker: Worker, step: int, metrics: dict, *, model=None) -> None:
+    """Every rank saves its DeepSpeed shard and reports it (see the module docstring);
+    with `model` (ModelConfig) the Hugging Face export goes in too."""
+    with tempfile.TemporaryDirectory(prefix=f"ray_dpo_ckpt_rank{worker.rank}_") as tmp:
+        worker.engine.save_checkpoint(os.path.join(tmp, DS_DIR), tag=f"step{step}",
+                                      client_state={"step": step})
+        if model is not None:
+            export_hf(worker, model, os.path.join(tmp, HF_DIR))
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                         checkpoint_dir_name=f"checkpoint_{step:06d}")
+
+
+def load_checkpoint(engine) -> int:
+    """Restore engine state from the run's latest checkpoint; returns the steps already done."""
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return 0
+    with checkpoint.as_directory() as path:
+        load_path, client_state = engine.load_checkpoint(os.path.join(path, DS_DIR))
+    if load_path is None:
+        raise RuntimeError(f"checkpoint {checkpoint.path} has no DeepSpeed state under {DS_DIR}/; "
+                           "was it written by ray_dpo.policy.worker?")
+    return int(client_state["step"])
+
+
+def export_hf(worker: Worker, model_cfg, out_dir: str) -> None:
+    """Write the policy as a Hugging Face model (rank 0 writes; every rank must call this,
+    since under ZeRO-3 gathering the partitioned weights is collective)."""
+    engine, module = worker.engine, worker.engine.module
+    state_dict = None  # None: save_pretrained takes the module's own (whole) weights
+    if engine.zero_optimization_partition_weights():
+        # save_16bit_model gathers layer by layer onto rank 0 (stage3_gather_16bit_weights_
+        # on_model_save in the config); whole weights never sit on every rank at once.
+        staging = out_dir + ".gathered"
+        engine.save_16bit_model(staging, "weights.pt")
+        if worker.rank == 0:
+            state_dict = torch.load(os.path.join(staging, "weights.pt"), map_location="cpu")
+        shutil.rmtree(staging, ignore_errors=True)
+    if worker.rank == 0:
+        module.save_pretrained(out_dir, state_dict=state_dict)
+        _copy_tokenizer(model_cfg, out_dir)
+    dist.barrier()
+
+
+def _copy_tokenizer(model_cfg, out_dir: str) -> None:
+    """Tokenizer files next to the weights, so hf_model/ alone serves from_pretrained and vLLM."""
+    source = model_cfg.tokenizer or model_cfg.name_or_path
+    if not os.path.isdir(source):  # a hub id: let transformers fetch and re-save it
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=model_cfg.trust_remote_code)
+        tokenizer.save_pretrained(out_dir)
+        return
+    for name in sorted(os.listdir(source)):
+        path = os.path.join(source, name)
+        wanted = name.startswith(_TOKENIZER_FILE_PREFIXES) or name.endswith((".model", ".tiktoken"))
+        if wanted and os.path.isfile(path):
+            shutil.copy2(path, os.path.join(out_dir, name))

@@ -1,0 +1,33 @@
+"""Reference log-probs: a frozen-model actor, the group that streams batches through it, a cache.
+
+    ReferenceActor(model_path, *, dtype, device, ...)    one frozen model (plain class)
+    ReferenceGroup(*, model_path, config, dtype, use_gpu, name_prefix)
+        .score_batches(batches) -> ordered iterator, .score(rows), .kill_actor(i),
+        .num_restarts, .num_retries, .shutdown()
+    cache.cache_key / cache.save / cache.load             <cache_dir>/<key>/ref_logps.parquet
+
+Names load lazily: ``from ray_dpo.reference import cache`` needs neither ray nor torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_LAZY = {
+    "ReferenceActor": "ray_dpo.reference.actor",
+    "ReferenceGroup": "ray_dpo.reference.group",
+    "ReferenceActorLostError": "ray_dpo.reference.group",
+    "REF_COLUMNS": "ray_dpo.reference.group",
+    "cache_key": "ray_dpo.reference.cache",
+}
+
+__all__ = sorted([*_LAZY, "cache"])
+
+
+def __getattr__(name: str) -> Any:
+    if name == "cache":
+        return importlib.import_module("ray_dpo.reference.cache")
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'ray_dpo.reference' has no attribute {name!r}")

@@ -1,0 +1,153 @@
+"""ReferenceActor: one frozen copy of the reference model that scores tokenized pairs.
+
+A plain class (no ray import): `ReferenceGroup` wraps it with ``ray.remote``, and tests
+or a single-process debug run can use it directly.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import uuid
+from typing import Any, Iterator, Mapping, Sequence
+
+import torch
+
+from ray_dpo.logprobs import concat_pairs, sequence_logps, split_pairs
+
+logger = logging.getLogger("ray_dpo.reference")
+
+TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_device(device: str) -> torch.device:
+    """The torch device: cuda when asked for ("cuda" or "auto") and visible, else cpu."""
+    if device not in ("cpu", "cuda", "auto"):
+        raise ValueError(f"device must be 'cpu', 'cuda' or 'auto', got {device!r}")
+    if device in ("cuda", "auto") and torch.cuda.is_available():
+        return torch.device("cuda")  # GPU path: not testable on CPU CI
+    if device == "cuda":
+        logger.warning("reference actor asked for cuda but none is visible; using cpu")
+    return torch.device("cpu")
+
+
+def _looks_local(model_path: str) -> bool:
+    """A filesystem path rather than a hub id ("org/name")."""
+    return os.path.isabs(model_path) or model_path.startswith(("./", "../", "~"))
+
+
+class ReferenceActor:
+    """Holds a frozen causal LM and returns summed response log-probs of pairs.
+
+    model_path: a directory (or hub id) for ``AutoModelForCausalLM.from_pretrained``.
+    dtype: "fp32" | "bf16" | "fp16", the weights' dtype; log-probs are always float32.
+    device: "cpu" | "cuda" | "auto"; cuda only if asked for and visible.
+    micro_batch_size: at most this many pairs per forward (None: no limit).
+    max_tokens_per_forward: at most this many padded positions, 2 * pairs * T, per
+        forward (None: no limit). The logits [2B, T, vocab] are the largest tensor, so
+        this is the knob that bounds memory for long sequences and big vocabularies.
+    A batch bigger than either limit is split; a single pair is never split.
+    """
+
+    def __init__(
+        self,
+        model_path: str,
+        *,
+        dtype: str = "fp32",
+        device: str = "cpu",
+        micro_batch_size: int | None = None,
+        max_tokens_per_forward: int | None = None,
+        trust_remote_code: bool = False,
+        attn_implementation: str | None = None,
+    ):
+        if dtype not in TORCH_DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(TORCH_DTYPES)}, got {dtype!r}")
+        for name, value in (("micro_batch_size", micro_batch_size),
+                            ("max_tokens_per_forward", max_tokens_per_forward)):
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be >= 1 or None, got {value}")
+        if _looks_local(model_path) and not os.path.exists(os.path.expanduser(model_path)):
+            # Before importing transformers, whose message for this ("Repo id must be in
+            # the form ...") hides the real problem: a path missing on this node.
+            raise FileNotFoundError(
+                f"reference model {model_path!r} does not exist on {socket.gethostname()}; "
+                "on a multi-node cluster the model must be on shared storage or on every node"
+            )
+        from transformers import AutoModelForCausalLM  # heavy: only where the model lives
+
+        self.device = resolve_device(device)
+        self.dtype = dtype
+        self.micro_batch_size = micro_batch_size
+        self.max_tokens_per_forward = max_tokens_per_forward
+        kwargs: dict[str, Any] = {"dtype": TORCH_DTYPES[dtype], "trust_remote_code": trust_remote_code}
+        if attn_implementation:
+            kwargs["attn_implementation"] = attn_implementation
+        self.model = AutoModelForCausalLM.from_pretrained(model_path, **kwargs).to(self.device)
+        self.model.eval()
+        self.model.requires_grad_(False)
+        # Padding sits behind the attention mask and outside the loss mask, so its id only
+        # has to be a valid embedding row.
+        pad = getattr(self.model.config, "pad_token_id", None)
+        vocab = self.model.get_input_embeddings().num_embeddings
+        self.pad_token_id = pad if isinstance(pad, int) and 0 <= pad < vocab else 0
+        # A new id per process: the group tells a restarted actor from a slow one by it.
+        self.incarnation = uuid.uuid4().hex
+        logger.info("reference actor ready: %s (%s on %s, pid %d)",
+                    model_path, dtype, self.device, os.getpid())
+
+    def ping(self) -> bool:
+        return True
+
+    def info(self) -> dict:
+        """Who is serving: {"incarnation", "pid", "host", "device", "dtype", "torch_threads"}."""
+        return {"incarnation": self.incarnation, "pid": os.getpid(), "host": socket.gethostname(),
+                "device": str(self.device), "dtype": self.dtype, "torch_threads": torch.get_num_threads()}
+
+    def log_probs(self, rows: Sequence[Mapping[str, Any]]) -> dict[str, list[float]]:
+        """Reference log-probs of B tokenized pairs, in row order.
+
+        rows: B mappings with prompt_ids, chosen_ids, rejected_ids (see CONTRACTS.md).
+        Returns {"ref_chosen_logp": [B floats], "ref_rejected_logp": [B floats]}: summed
+        log-probs (nats) of each response's tokens given the prompt, float32 precision.
+        """
+        chosen: list[float] = []
+        rejected: list[float] = []
+        for chunk in self._chunks(rows):
+            c, r = self._forward(chunk)
+            chosen += c.tolist()
+            rejected += r.tolist()
+        return {"ref_chosen_logp": chosen, "ref_rejected_logp": rejected}
+
+    def log_probs_tagged(self, rows: Sequence[Mapping[str, Any]]) -> tuple[str, dict[str, list[float]]]:
+        """(incarnation, log_probs(rows)): lets the group notice restarts it did not see fail."""
+        return self.incarnation, self.log_probs(rows)
+
+    @torch.inference_mode()
+    def _forward(self, pairs: Sequence[Mapping[str, Any]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """One forward over chosen+rejected of B pairs -> (chosen [B], rejected [B]) float32 cpu."""
+        batch = concat_pairs(pairs, self.pad_token_id)
+        input_ids = batch["input_ids"].to(self.device)
+        logits = self.model(
+            input_ids=input_ids, attention_mask=batch["attention_mask"].to(self.device), use_cache=False
+        ).logits
+        logps, _ = sequence_logps(logits, input_ids, batch["loss_mask"].to(self.device))
+        chosen, rejected = split_pairs(logps.float().cpu())
+        return chosen, rejected
+
+    def _chunks(self, rows: Sequence[Mapping[str, Any]]) -> Iterator[list[Mapping[str, Any]]]:
+        """Consecutive runs of rows that respect micro_batch_size and max_tokens_per_forward."""
+        chunk: list[Mapping[str, Any]] = []
+        longest = 0
+        for row in rows:
+            n = len(row["prompt_ids"]) + max(len(row["chosen_ids"]), len(row["rejected_ids"]))
+            too_many = self.micro_batch_size is not None and len(chunk) >= self.micro_batch_size
+            too_long = (self.max_tokens_per_forward is not None
+                        and 2 * (len(chunk) + 1) * max(longest, n) > self.max_tokens_per_forward)
+            if chunk and (too_many or too_long):
+                yield chunk
+                chunk, longest = [], 0
+            chunk.append(row)
+            longest = max(longest, n)
+        if chunk:
+            yield chunk

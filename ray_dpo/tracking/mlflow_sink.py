@@ -1,0 +1,136 @@
+"""MLflow from the driver's side.
+
+Workers never talk to MLflow: they report through Ray Train, and the driver (plus the Ray
+Train controller, which Ray places on the driver's node) writes here. So an embedded SQLite
+store on the head node serves a whole multi-node cluster, and a remote tracking server
+works the same way.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Mapping
+
+from ray_dpo.config import MLflowConfig
+
+# MLflow refuses batches above these sizes (mlflow/utils/validation.py).
+_MAX_PARAMS_PER_BATCH = 100
+_MAX_METRICS_PER_BATCH = 1000
+_MAX_PARAM_LENGTH = 6000
+
+
+def default_tracking_uri(storage_path: str) -> str:
+    """An embedded SQLite store shared by every run under ``storage_path``.
+
+    Shared (not one per run) so offline and online runs of one storage path can be
+    compared side by side in one MLflow UI.
+    """
+    return "sqlite:///" + os.path.join(os.path.abspath(os.path.expanduser(storage_path)), "mlflow.db")
+
+
+def resolve_tracking_uri(cfg: MLflowConfig, storage_path: str) -> str:
+    return cfg.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(storage_path)
+
+
+def _client(uri: str):
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+class MLflowRun:
+    """One MLflow run: created at start, FINISHED or FAILED at the end."""
+
+    def __init__(self, *, uri: str, run_id: str, resumed: bool = False):
+        self.uri = uri
+        self.client = _client(uri)
+        self.run_id = run_id
+        self.resumed = resumed
+
+    @classmethod
+    def open(cls, *, uri: str, experiment: str, run_name: str, artifact_root: str | None = None,
+             id_file: str | None = None) -> "MLflowRun":
+        """Create a run, or reopen the one a previous attempt of this run name left in ``id_file``.
+
+        Reopening keeps a resumed run's metrics on one MLflow run instead of scattering them.
+        """
+        client = _client(uri)
+        previous = _read(id_file)
+        if previous:
+            try:
+                client.update_run(previous, status="RUNNING")
+                return cls(uri=uri, run_id=previous, resumed=True)
+            except Exception as e:  # deleted run or another store: start a fresh one
+                print(f"[ray_dpo] cannot reopen MLflow run {previous} ({e}); starting a new one", flush=True)
+        exp = client.get_experiment_by_name(experiment)
+        if exp is not None:
+            experiment_id = exp.experiment_id
+        else:
+            # A local artifact root next to the SQLite file, not ./mlruns of whatever
+            # directory the driver happened to start in.
+            location = None
+            if artifact_root and uri.startswith("sqlite:"):
+                location = "file://" + os.path.abspath(artifact_root)
+            experiment_id = client.create_experiment(experiment, artifact_location=location)
+        run_id = client.create_run(experiment_id, run_name=run_name).info.run_id
+        if id_file:
+            os.makedirs(os.path.dirname(id_file), exist_ok=True)
+            with open(id_file, "w", encoding="utf-8") as f:
+                f.write(run_id)
+        return cls(uri=uri, run_id=run_id)
+
+    def log_params(self, params: Mapping[str, str]) -> None:
+        """Log params; on a resumed run, values that changed go to a tag instead.
+
+        MLflow forbids changing a logged param, and a resume may legitimately change some
+        (e.g. policy.max_steps), so the new values are recorded in ``ray_dpo.resume_changes``.
+        """
+        from mlflow.entities import Param
+
+        params = {k: str(v)[:_MAX_PARAM_LENGTH] for k, v in params.items()}
+        if self.resumed:
+            logged = self.client.get_run(self.run_id).data.params
+            changed = {k: v for k, v in params.items() if k in logged and logged[k] != v}
+            if changed:
+                self.set_tags({"ray_dpo.resume_changes": json.dumps(changed, sort_keys=True)})
+            params = {k: v for k, v in params.items() if k not in logged}
+        items = [Param(k, v) for k, v in sorted(params.items())]
+        for i in range(0, len(items), _MAX_PARAMS_PER_BATCH):
+            self.client.log_batch(self.run_id, params=items[i : i + _MAX_PARAMS_PER_BATCH])
+
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        from mlflow.entities import RunTag
+
+        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        log_metrics(self.client, self.run_id, metrics, step)
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        self.client.log_text(self.run_id, text, artifact_file)
+
+    def log_json(self, obj: object, artifact_file: str) -> None:
+        self.log_text(json.dumps(obj, indent=2, sort_keys=True), artifact_file)
+
+    def finish(self, status: str = "FINISHED") -> None:
+        self.client.set_terminated(self.run_id, status=status)
+
+
+def log_metrics(client, run_id: str, metrics: Mapping[str, float], step: int) -> None:
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    items = [Metric(k, float(v), now, int(step)) for k, v in metrics.items()]
+    for i in range(0, len(items), _MAX_METRICS_PER_BATCH):
+        client.log_batch(run_id, metrics=items[i : i + _MAX_METRICS_PER_BATCH])
+
+
+
+def _read(path: str | None) -> str | None:
+    if path and os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            return f.read().strip() or None
+    return None
