@@ -122,6 +122,12 @@ class ReferenceConfig:
     """Where precomputed log-probs go; default: <storage_path>/reference_cache."""
     max_restarts: int = 3
     """How often a dead reference actor is restarted before the run fails."""
+    layout: Literal["padded", "packed", "prefix_shared"] = "padded"
+    """Batch layout of the reference forward (see policy.layout): same log-probs, fewer
+    computed positions. prefix_shared needs model.attn_implementation sdpa or eager."""
+    max_tokens_per_row: Optional[int] = None
+    """packed / prefix_shared: row capacity in tokens (None: one row per forward). A
+    dense 4D mask costs rows x T x T, so keep it near a few thousand tokens."""
 
 
 @dataclass
@@ -155,6 +161,24 @@ class PolicyConfig:
     """Save the final policy in Hugging Face format (loadable by from_pretrained / vLLM)."""
     offload_optimizer: bool = False
     """ZeRO optimizer-state offload to CPU (GPU runs)."""
+    layout: Literal["padded", "packed", "prefix_shared"] = "padded"
+    """How a micro-batch's chosen+rejected sequences become model rows (ray_dpo.packing):
+    padded: prompt+chosen and prompt+rejected rows, right-padded (the classic layout).
+    packed: the same sequences concatenated into rows without padding, position ids
+        restarting per sequence, attention kept inside each sequence (flash varlen on GPU,
+        a 4D mask with sdpa/eager).
+    prefix_shared: prompt, chosen, rejected in one sequence; rejected sees the prompt but
+        not chosen, so the prompt is computed once per pair instead of twice. Needs
+        model.attn_implementation "sdpa" or "eager" (a 4D mask; flash attention takes none).
+    All three give the same log-probs (to float rounding). Only models whose positions come
+    from position_ids (RoPE, learned absolute) can use packed / prefix_shared; a custom mask
+    also bypasses sliding-window attention (see ray_dpo/packing.py)."""
+    max_tokens_per_micro_batch: Optional[int] = None
+    """Token budget per forward (packed / prefix_shared: tokens per row; padded: rows x T).
+    The pairs of each of the gradient_accumulation_steps micro-batches are split into
+    consecutive forwards of at most this many computed positions (a longer pair gets a
+    forward of its own), and their gradients accumulate before the optimizer step, so the
+    update is unchanged. None: one forward per micro-batch."""
 
 
 @dataclass
@@ -458,6 +482,8 @@ def check(cfg: RunConfig, *, check_files: bool = True) -> list[Problem]:
         ("policy.learning_rate", cfg.policy.learning_rate),
         ("policy.num_epochs", cfg.policy.num_epochs),
         ("policy.max_steps", cfg.policy.max_steps),
+        ("policy.max_tokens_per_micro_batch", cfg.policy.max_tokens_per_micro_batch),
+        ("reference.max_tokens_per_row", cfg.reference.max_tokens_per_row),
         ("tracking.log_every_steps", cfg.tracking.log_every_steps),
         ("online.rounds", cfg.online.rounds),
         ("online.prompts_per_round", cfg.online.prompts_per_round),
@@ -497,6 +523,11 @@ def check(cfg: RunConfig, *, check_files: bool = True) -> list[Problem]:
         p.append(Problem("policy.zero_stage", f"must be 0, 1, 2 or 3, got {cfg.policy.zero_stage}"))
     if len(cfg.policy.adam_betas) != 2 or not all(0 <= b < 1 for b in cfg.policy.adam_betas if b is not None):
         p.append(Problem("policy.adam_betas", f"must be two numbers in [0, 1), got {cfg.policy.adam_betas}"))
+    attn = cfg.model.attn_implementation
+    for key, layout in (("policy.layout", cfg.policy.layout), ("reference.layout", cfg.reference.layout)):
+        if layout == "prefix_shared" and attn and attn not in ("sdpa", "eager"):
+            p.append(Problem(key, f"prefix_shared needs a 4D attention mask, which model.attn_implementation="
+                                  f"{attn!r} does not take; set it to 'sdpa' or 'eager', or use layout 'packed'"))
     if not 0 < cfg.online.sampling.top_p <= 1:
         p.append(Problem("online.sampling.top_p", f"must be in (0, 1], got {cfg.online.sampling.top_p}"))
     if cfg.online.enabled and not (cfg.online.judge.function or cfg.online.judge.reward_model):

@@ -19,6 +19,7 @@ import time
 import ray
 
 from ray_dpo.config import RunConfig, flatten, to_yaml, with_absolute_paths
+from ray_dpo.data.pipeline import build_pair_data, data_report, expand_files, format_report
 
 logger = logging.getLogger("ray_dpo")
 
@@ -29,6 +30,9 @@ _ENV_DEFAULTS = {
     "MLFLOW_DISABLE_TELEMETRY": "true",
     "TOKENIZERS_PARALLELISM": "false",
 }
+
+
+DATA_COUNTERS = ("read", "ok", "truncated", "dropped", "skipped")
 
 
 @dataclasses.dataclass
@@ -83,10 +87,11 @@ def run_offline(cfg: RunConfig) -> TrainSummary:
     tracker = _start_tracking(cfg, mode="offline")
     try:
         train, evaluation = _load_data(cfg)
-        report = _data_report(train, evaluation)
+        report = data_report(train, evaluation)
+        print("[ray_dpo] data: " + format_report(report).replace("\n", "\n[ray_dpo] "), flush=True)
         tracker.log_json(report, "data_report.json")
-        tracker.log_metrics({f"data/{k}": v for k, v in train.counters.as_dict().items()
-                             if isinstance(v, (int, float))}, step=0)
+        counters = train.counters.as_dict()
+        tracker.log_metrics({f"data/{k}": counters[k] for k in DATA_COUNTERS}, step=0)
         feeder = _start_feeder(cfg, train, evaluation, gpu=gpu)
         total_steps = ray.get(feeder.total_steps.remote())
         result = _fit_policy(cfg, feeder, tracker, total_steps=total_steps, gpu=gpu)
@@ -122,7 +127,6 @@ def _start_tracking(cfg: RunConfig, *, mode: str):
 
 
 def _load_data(cfg: RunConfig):
-    from ray_dpo.data.pipeline import build_pair_data, expand_files
 
     tokenizer = cfg.model.tokenizer or cfg.model.name_or_path
     train_files = expand_files(cfg.data.train_files, key="data.train_files")
@@ -136,16 +140,7 @@ def _load_data(cfg: RunConfig):
         eval_files = expand_files(cfg.data.eval_files, key="data.eval_files")
         evaluation = build_pair_data(eval_files, tokenizer_path=tokenizer, data=cfg.data,
                                      chat_template=cfg.model.chat_template, name="eval")
-    print(f"[ray_dpo] data: {train.num_pairs} train pairs"
-          + (f", {evaluation.num_pairs} eval pairs" if evaluation else "")
-          + f"; counters {train.counters.as_dict()}", flush=True)
     return train, evaluation
-
-
-def _data_report(train, evaluation) -> dict:
-    from ray_dpo.data.pipeline import data_report
-
-    return data_report(train, evaluation)
 
 
 def _start_feeder(cfg: RunConfig, train, evaluation, *, gpu: bool):

@@ -40,11 +40,18 @@ def metric_history(summary, key):
     return sorted((m.step, m.value) for m in client.get_metric_history(summary.run_id, key))
 
 
-def test_offline_run_learns_and_logs_everything(ray_cluster, tiny_config):
+SECRET = "s3cr3t-value-that-must-never-be-logged"
+
+
+def test_offline_run_learns_and_logs_everything(ray_cluster, tiny_config, monkeypatch):
     from mlflow.tracking import MlflowClient
 
     from ray_dpo.driver import run_offline
 
+    # Credentials live in the environment (as KubeRay's secretKeyRef puts them there); none
+    # may leak into MLflow params, tags or artifacts.
+    for var in ("MLFLOW_TRACKING_PASSWORD", "AWS_SECRET_ACCESS_KEY", "HF_TOKEN"):
+        monkeypatch.setenv(var, SECRET)
     cfg = tiny_config("learns", **{"policy.num_epochs": 2, "eval.every_steps": 16})
     summary = run_offline(cfg)
 
@@ -61,6 +68,8 @@ def test_offline_run_learns_and_logs_everything(ray_cluster, tiny_config):
     assert run.data.params["loss.beta"] == "0.1"
     missing = [k for k in EXPECTED_METRICS if k not in run.data.metrics]
     assert not missing, f"metrics not in MLflow: {missing}"
+
+    assert_no_secret(MlflowClient(summary.tracking_uri), summary.run_id)
 
     # Every pair of each epoch trained exactly once (the ledger records trained pair ids).
     counts = collections.Counter(pid for entry in ledger(cfg) for pid in entry["pair_ids"])
@@ -126,3 +135,18 @@ def test_killed_reference_actor_loses_no_pair(ray_cluster, tiny_config):
     counts = collections.Counter(pid for entry in ledger(cfg) for pid in entry["pair_ids"])
     assert len(counts) == outcome["summary"].data_report["train"]["num_pairs"]
     assert set(counts.values()) == {1}
+
+
+def assert_no_secret(client, run_id):
+    import tempfile
+
+    run = client.get_run(run_id)
+    logged = list(run.data.params.items()) + list(run.data.tags.items())
+    assert not [kv for kv in logged if SECRET in kv[0] or SECRET in kv[1]]
+    out = tempfile.mkdtemp()
+    client.download_artifacts(run_id, "", out)
+    files = [os.path.join(d, f) for d, _, fs in os.walk(out) for f in fs]
+    assert any(f.endswith("resolved.yaml") for f in files) and any(f.endswith("data_report.json") for f in files)
+    for path in files:
+        with open(path, "rb") as f:
+            assert SECRET.encode() not in f.read(), f"secret leaked into artifact {path}"

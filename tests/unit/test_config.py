@@ -204,3 +204,39 @@ def test_local_paths_become_absolute_for_workers(tmp_path, data_file, monkeypatc
     assert fixed.run.storage_path == str(tmp_path / "runs")
     hub = with_absolute_paths(from_dict(minimal(data_file)))
     assert hub.model.name_or_path == "some-org/some-model"  # a hub id is not a path
+
+
+def test_layout_and_token_budget_defaults_and_overrides(data_file):
+    cfg = from_dict(minimal(data_file))
+    assert (cfg.policy.layout, cfg.policy.max_tokens_per_micro_batch) == ("padded", None)
+    assert (cfg.reference.layout, cfg.reference.max_tokens_per_row) == ("padded", None)
+    cfg = from_dict(minimal(data_file, policy={"layout": "packed", "max_tokens_per_micro_batch": 4096},
+                            reference={"layout": "prefix_shared", "max_tokens_per_row": 2048},
+                            model={"attn_implementation": "sdpa"}))
+    assert (cfg.policy.layout, cfg.policy.max_tokens_per_micro_batch) == ("packed", 4096)
+    assert (cfg.reference.layout, cfg.reference.max_tokens_per_row) == ("prefix_shared", 2048)
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("policy.max_tokens_per_micro_batch", 0, "policy.max_tokens_per_micro_batch: must be > 0, got 0"),
+    ("reference.max_tokens_per_row", -5, "reference.max_tokens_per_row: must be > 0, got -5"),
+    ("policy.layout", "pakced", "policy.layout: got 'pakced', expected one of 'padded', 'packed', "
+                                "'prefix_shared' (did you mean 'packed'?)"),
+])
+def test_layout_and_token_budget_are_checked(data_file, key, value, message):
+    section, name = key.split(".")
+    with pytest.raises(ConfigError) as err:
+        from_dict(minimal(data_file, **{section: {name: value}}))
+    assert message in str(err.value)
+
+
+def test_prefix_shared_needs_a_4d_mask_attention(data_file):
+    with pytest.raises(ConfigError) as err:
+        from_dict(minimal(data_file, model={"attn_implementation": "flash_attention_2"},
+                          policy={"layout": "prefix_shared"}, reference={"layout": "prefix_shared"}))
+    assert "2 problem(s)" in str(err.value)
+    assert "policy.layout: prefix_shared needs a 4D attention mask" in str(err.value)
+    assert "reference.layout: prefix_shared needs a 4D attention mask" in str(err.value)
+    ok = from_dict(minimal(data_file, model={"attn_implementation": "flash_attention_2"},
+                           policy={"layout": "packed"}))
+    assert ok.policy.layout == "packed"  # packed runs on flash varlen

@@ -10,6 +10,11 @@ PURE = [
     "ray_dpo.data.formats",
     "ray_dpo.data.tokenize",
     "ray_dpo.cli",
+    "ray_dpo.k8s",
+    "ray_dpo.packing",
+    "ray_dpo.policy.ds_config",
+    "ray_dpo.tracking.metrics",
+    "ray_dpo.testing.assets",
 ]
 HEAVY = ["ray", "deepspeed", "vllm"]
 
