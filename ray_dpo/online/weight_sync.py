@@ -1,0 +1,354 @@
+"""Weight sync from the policy to the generation engines, and its verification.
+
+The policy side hands over its full state dict (HF parameter names, CPU tensors,
+gathered under ZeRO-3 by the policy workers) or an ObjectRef to it. A method moves it
+into every engine without restarting the engine:
+
+    object_store  (default, CPU and GPU) ray.put once; every engine reads the same object
+                  and copies it into its model in memory. vLLM: the weights go straight
+                  to ``Worker.reload_weights(weights_iterator=...)``; nothing touches disk.
+    checkpoint    the state dict is saved as safetensors in a directory that every engine
+                  can read (shared storage on a multi-node cluster), or the caller passes
+                  such a directory (e.g. the policy's hf_model/); engines reload from it.
+    nccl          GPU only: policy rank 0 broadcasts tensor by tensor over an NCCL group
+                  that it shares with the engines (vLLM's PyNcclCommunicator).
+
+After every sync the caller verifies: every engine scores a fixed probe (prompt,
+continuation) with its new weights and the largest |engine - policy| difference of the
+summed continuation log-probs must stay within ``online.sync_tolerance``, else
+WeightSyncError. A missing tensor is reported by name before the probe runs.
+
+Typical use (policy side computes the expected values with the same weights it sends):
+
+    probe = random_probe(vocab_size, seed=0)
+    expected = torch_probe_logps(policy_model, probe)
+    report = group.sync_weights(state_dict, probe=probe, expected=expected)
+    metrics.update(report.metrics())   # sync/seconds, sync/max_logprob_diff
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
+
+import torch
+
+from ray_dpo.logprobs import sequence_logps
+
+# (prompt token ids, continuation token ids); the continuation is what gets scored.
+ProbeItem = tuple[Sequence[int], Sequence[int]]
+Probe = Sequence[ProbeItem]
+StateDict = Mapping[str, torch.Tensor]
+
+
+class WeightSyncError(RuntimeError):
+    """An engine's weights do not match the policy's after a sync."""
+
+
+# --------------------------------------------------------------------------- probes
+
+
+def random_probe(
+    vocab_size: int, *, num_sequences: int = 4, prompt_len: int = 8, continuation_len: int = 8,
+    seed: int = 0, first_token: int = 0,
+) -> list[tuple[list[int], list[int]]]:
+    """A fixed, seeded probe: ``num_sequences`` (prompt, continuation) pairs of random ids.
+
+    Token ids are drawn from [first_token, vocab_size). Random tokens are fine for a weight
+    check: any disagreement between two copies of a model shows on any input.
+    """
+    rng = random.Random(seed)
+    draw = lambda n: [rng.randrange(first_token, vocab_size) for _ in range(n)]  # noqa: E731
+    return [(draw(prompt_len), draw(continuation_len)) for _ in range(num_sequences)]
+
+
+def probe_batch(probe: Probe, pad_token_id: int = 0) -> dict[str, torch.Tensor]:
+    """Right-padded batch of prompt+continuation rows.
+
+    Returns input_ids [N, T] long, attention_mask [N, T] long, loss_mask [N, T] bool
+    (True on continuation tokens), as ray_dpo.logprobs.sequence_logps expects.
+    """
+    if not probe:
+        raise ValueError("the probe is empty: pass at least one (prompt_ids, continuation_ids)")
+    rows = []
+    for i, (prompt, cont) in enumerate(probe):
+        if not prompt or not cont:
+            raise ValueError(f"probe item {i}: prompt and continuation must both be non-empty")
+        rows.append((list(prompt), list(cont)))
+    width = max(len(p) + len(c) for p, c in rows)
+    input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    loss_mask = torch.zeros((len(rows), width), dtype=torch.bool)
+    for i, (prompt, cont) in enumerate(rows):
+        n = len(prompt) + len(cont)
+        input_ids[i, :n] = torch.tensor(prompt + cont)
+        attention_mask[i, :n] = 1
+        loss_mask[i, len(prompt):n] = True
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "loss_mask": loss_mask}
+
+
+@torch.inference_mode()
+def torch_probe_logps(model: torch.nn.Module, probe: Probe, *, pad_token_id: int = 0) -> list[float]:
+    """Summed log-probs (nats, float32) of each probe continuation under a HF causal LM.
+
+    The policy side calls this (on every rank under ZeRO-3: the forward is collective)
+    to get the values the engines must reproduce; TransformersEngine uses it too.
+    """
+    device = next(model.parameters()).device
+    batch = {k: v.to(device) for k, v in probe_batch(probe, pad_token_id).items()}
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                   use_cache=False).logits
+    logps, _ = sequence_logps(logits, batch["input_ids"], batch["loss_mask"])
+    return logps.cpu().tolist()
+
+
+# --------------------------------------------------------------------------- reports
+
+
+@dataclass
+class LoadReport:
+    """What one engine did with one weight update."""
+
+    engine: int = -1
+    received: int = 0
+    """Tensors received."""
+    missing: list[str] = field(default_factory=list)
+    """Checkpoint tensor names the engine expected and did not receive (old values kept)."""
+    ignored: list[str] = field(default_factory=list)
+    """Received names that are not in the checkpoint (e.g. a tied lm_head.weight)."""
+    seconds: float = 0.0
+
+
+@dataclass
+class SyncReport:
+    method: str
+    seconds: float
+    """Wall time of the transfer and load on all engines (verification excluded)."""
+    loads: list[LoadReport]
+    engine_diffs: Optional[list[float]] = None
+    """Per engine: max |engine - policy| summed log-prob over the probe (None: not verified)."""
+
+    @property
+    def max_logprob_diff(self) -> Optional[float]:
+        return max(self.engine_diffs) if self.engine_diffs else None
+
+    def metrics(self) -> dict[str, float]:
+        out = {"sync/seconds": self.seconds}
+        if self.engine_diffs:
+            out["sync/max_logprob_diff"] = self.max_logprob_diff
+        return out
+
+
+def checkpoint_shapes(model_path: str) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every tensor in a HF model directory's safetensors files ({} if none).
+
+    Read from the file headers only. Engines check a sync against these before touching
+    their model: a skipped tensor is named in the error instead of surfacing only as a
+    log-prob difference, and a wrong shape never reaches vLLM's loaders (a loader that
+    fails half-way leaves vLLM's in-place reload state behind).
+    """
+    shapes: dict[str, tuple[int, ...]] = {}
+    if not os.path.isdir(model_path):
+        return shapes
+    from safetensors import safe_open
+
+    for fname in sorted(os.listdir(model_path)):
+        if fname.endswith(".safetensors"):
+            with safe_open(os.path.join(model_path, fname), framework="pt") as f:
+                for name in f.keys():
+                    shapes[name] = tuple(f.get_slice(name).get_shape())
+    return shapes
+
+
+def plan_load(weights: StateDict, shapes: Mapping[str, tuple[int, ...]]) -> tuple[dict, list[str]]:
+    """(tensors to load, names ignored) for a state dict checked against checkpoint shapes.
+
+    Names the checkpoint does not hold are ignored (e.g. a tied lm_head.weight); a name
+    that only looks different (a "module." prefix) then shows up as missing. A shape that
+    differs raises ValueError. With no shapes known, everything is loaded unchecked.
+    """
+    not_tensors = [f"{n} ({type(t).__name__})" for n, t in weights.items() if not isinstance(t, torch.Tensor)]
+    if not_tensors:
+        raise ValueError(f"values must be torch tensors, nothing loaded: {', '.join(not_tensors[:5])}")
+    if not shapes:
+        return dict(weights), []
+    bad = [f"{n} {tuple(t.shape)} (checkpoint: {shapes[n]})"
+           for n, t in weights.items() if n in shapes and tuple(t.shape) != shapes[n]]
+    if bad:
+        raise ValueError(f"{len(bad)} tensor(s) with the wrong shape, nothing loaded: {'; '.join(bad[:5])}"
+                         " (a ZeRO-3 parameter that was not gathered has shape (0,))")
+    keep = {n: t for n, t in weights.items() if n in shapes}
+    return keep, sorted(set(weights) - set(keep))
+
+
+def tracked(weights: Iterator[tuple[str, torch.Tensor]], seen: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield the weights unchanged, appending each name to ``seen`` (engines count what they got)."""
+    for name, tensor in weights:
+        seen.append(name)
+        yield name, tensor
+
+
+def save_safetensors(weights: StateDict, directory: str) -> str:
+    """Write a state dict as ``directory/model.safetensors`` (contiguous CPU copies); returns directory.
+
+    Tensors that share storage (tied embeddings) are written once each as separate
+    copies: safetensors refuses shared storage.
+    """
+    from safetensors.torch import save_file
+
+    os.makedirs(directory, exist_ok=True)
+    tensors = {name: t.detach().to("cpu").contiguous().clone() for name, t in weights.items()}
+    tmp = os.path.join(directory, ".model.safetensors.tmp")
+    save_file(tensors, tmp, metadata={"format": "pt"})
+    os.replace(tmp, os.path.join(directory, "model.safetensors"))  # readers never see half a file
+    return directory
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def check_loads(reports: Sequence[LoadReport], *, backend: str) -> None:
+    """Raise WeightSyncError when an engine did not receive every tensor it expected."""
+    for r in reports:
+        if r.missing:
+            shown = ", ".join(r.missing[:5]) + (f" (+{len(r.missing) - 5} more)" if len(r.missing) > 5 else "")
+            raise WeightSyncError(
+                f"weight sync incomplete: generation engine {r.engine} ({backend}) received "
+                f"{r.received} tensors but not {len(r.missing)} it expected: {shown}. It keeps the "
+                "old values of those, so its samples would come from a mix of two policies. Send "
+                "the FULL state dict with Hugging Face names (under ZeRO-3 gather every parameter "
+                "first, e.g. deepspeed.zero.GatheredParameters, on all ranks)."
+            )
+
+
+def max_logprob_diffs(engine_logps: Sequence[Sequence[float]], expected: Sequence[float]) -> list[float]:
+    """Per engine: max over probe sequences of |engine - expected| (inf if a value is not finite)."""
+    diffs = []
+    for i, got in enumerate(engine_logps):
+        if len(got) != len(expected):
+            raise ValueError(f"engine {i} scored {len(got)} probe sequences, expected values "
+                             f"were given for {len(expected)}")
+        d = [abs(g - e) if math.isfinite(g) and math.isfinite(e) else math.inf for g, e in zip(got, expected)]
+        diffs.append(max(d))
+    return diffs
+
+
+def check_diffs(
+    diffs: Sequence[float], engine_logps: Sequence[Sequence[float]], expected: Sequence[float],
+    *, tolerance: float, backend: str, method: str,
+) -> None:
+    """Raise WeightSyncError naming the first engine whose probe log-probs are off by > tolerance."""
+    for i, diff in enumerate(diffs):
+        if diff <= tolerance:
+            continue
+        j = max(range(len(expected)), key=lambda k: abs(engine_logps[i][k] - expected[k])
+                if math.isfinite(engine_logps[i][k]) else math.inf)
+        raise WeightSyncError(
+            f"weight sync check failed: generation engine {i} ({backend}, method={method}) scores the "
+            f"probe differently from the policy: max |log-prob difference| = {diff:.4g} > "
+            f"online.sync_tolerance = {tolerance:g} (probe sequence {j}: engine "
+            f"{engine_logps[i][j]:.6g}, policy {expected[j]:.6g}). Check that every tensor was sent "
+            "with the right Hugging Face name and shape (under ZeRO-3: gathered, not partitioned), "
+            "that the policy computed the expected log-probs with exactly the weights it sent, and "
+            "the dtype: bf16/fp16 engines differ from an fp32 policy by more than fp32 ones, so "
+            "raise online.sync_tolerance for them."
+        )
+
+
+# --------------------------------------------------------------------------- methods
+
+# name -> fn(actors, weights, **options) -> list of ObjectRefs of LoadReports
+SYNC_METHODS: dict[str, Callable[..., list]] = {}
+
+
+def register_sync_method(name: str):
+    def deco(fn):
+        SYNC_METHODS[name] = fn
+        return fn
+    return deco
+
+
+def sync_method(name: str) -> Callable[..., list]:
+    try:
+        return SYNC_METHODS[name]
+    except KeyError:
+        raise ValueError(f"unknown weight sync method {name!r}; valid: {', '.join(sorted(SYNC_METHODS))}") from None
+
+
+@register_sync_method("object_store")
+def _object_store(actors: Sequence[Any], weights: Any, **_: Any) -> list:
+    """One ray.put; every engine resolves the same object (Ray passes the value, not the ref)."""
+    import ray
+
+    ref = weights if isinstance(weights, ray.ObjectRef) else ray.put(dict(weights))
+    return [a.load_weights.remote(ref) for a in actors]
+
+
+@register_sync_method("checkpoint")
+def _checkpoint(actors: Sequence[Any], weights: Any, *, checkpoint_dir: Optional[str] = None, **_: Any) -> list:
+    """Engines reload from a safetensors directory: the one given, or one written here."""
+    import ray
+
+    if isinstance(weights, ray.ObjectRef):
+        weights = ray.get(weights)
+    if isinstance(weights, (str, os.PathLike)):
+        directory = os.fspath(weights)
+    else:
+        if not checkpoint_dir:
+            raise ValueError("weight_sync=checkpoint with a state dict needs checkpoint_dir: a "
+                             "directory every engine can read (shared storage on a cluster)")
+        directory = save_safetensors(weights, checkpoint_dir)
+    return [a.load_weights.remote(path=directory) for a in actors]
+
+
+@register_sync_method("nccl")
+def _nccl(actors: Sequence[Any], weights: Any, *, sender: Optional["NcclWeightSender"] = None, **_: Any) -> list:
+    """GPU path: not testable on CPU CI. Call from the process that owns ``sender`` (policy rank 0)."""
+    if sender is None:
+        raise ValueError("weight_sync=nccl needs sender=NcclWeightSender(...) created on policy rank 0 "
+                         "and GenerationGroup.init_nccl(...) called once before the first sync")
+    meta = [(name, str(t.dtype).removeprefix("torch."), tuple(t.shape)) for name, t in weights.items()]
+    refs = [a.receive_weights_nccl.remote(meta) for a in actors]  # they block in the broadcasts
+    sender.broadcast(weights)
+    return refs
+
+
+# --------------------------------------------------------------------------- NCCL (GPU only)
+
+
+class NcclWeightSender:
+    """Policy rank 0's end of an NCCL group with the engines (rank 0 = sender, engines 1..N).
+
+    GPU path: not testable on CPU CI. Uses vLLM's StatelessProcessGroup + PyNcclCommunicator
+    because policy rank 0 is already in Ray Train's default torch.distributed group and
+    cannot join a second one. Create it while the engines run ``init_nccl`` (the two sides
+    meet at master_address:master_port).
+    """
+
+    def __init__(self, *, master_address: str, master_port: int, world_size: int):
+        self.comm = nccl_communicator(master_address, master_port, rank=0, world_size=world_size)
+
+    def broadcast(self, weights: StateDict) -> None:
+        for _, tensor in weights.items():  # same order as the meta list the engines got
+            self.comm.broadcast(tensor.detach().to("cuda", non_blocking=True).contiguous(), src=0)
+        torch.cuda.synchronize()
+
+
+def nccl_communicator(master_address: str, master_port: int, *, rank: int, world_size: int):
+    """GPU path: not testable on CPU CI."""
+    from vllm.distributed.device_communicators.pynccl import PyNcclCommunicator
+    from vllm.distributed.utils import StatelessProcessGroup
+
+    pg = StatelessProcessGroup.create(host=master_address, port=master_port, rank=rank, world_size=world_size)
+    return PyNcclCommunicator(pg, device=torch.device("cuda", torch.cuda.current_device()))
+
+
+def nccl_receive(comm: Any, meta: Sequence[tuple[str, str, tuple]]) -> Iterator[tuple[str, torch.Tensor]]:
+    """Engine side: yield (name, tensor) as each broadcast arrives. GPU path: not testable on CPU CI."""
+    for name, dtype, shape in meta:
+        buf = torch.empty(shape, dtype=getattr(torch, dtype), device="cuda")
+        comm.broadcast(buf, src=0)
+        yield name, buf
