@@ -1,4 +1,4 @@
-"""ray-dpo command line: train | validate | make-assets.
+"""ray-dpo command line: train | validate | compare | make-assets | k8s.
 
 Exit codes: 0 success, 1 the run failed, 2 the config (or the command line) is wrong.
 Heavy imports (ray, deepspeed, mlflow) happen inside the commands that need them, so
@@ -70,6 +70,31 @@ def _print_summary(s) -> None:
     print(f"[ray_dpo] look at it: mlflow ui --backend-store-uri {s.tracking_uri}")
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    import os
+
+    from ray_dpo.tracking.compare import ExperimentNotFound, compare
+    from ray_dpo.tracking.mlflow_sink import default_tracking_uri
+
+    # The same default as a run whose run.storage_path is the default ./ray_dpo_runs.
+    uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri("./ray_dpo_runs")
+    out = args.out or f"compare-{args.experiment}"
+    try:
+        report = compare(tracking_uri=uri, experiment=args.experiment, out_dir=out)
+    except ExperimentNotFound as e:
+        print(f"[ray_dpo] {e} (tracking URI {uri}; pass --tracking-uri)", file=sys.stderr)
+        return EXIT_BAD_CONFIG
+    print(f"# experiment {args.experiment!r} in {uri}")
+    if report.table:
+        print(report.table)
+    for note in report.notes:
+        print(f"[ray_dpo] note: {note}")
+    for path in report.files:
+        print(f"[ray_dpo] wrote {path}")
+    print(f"[ray_dpo] browse the runs: mlflow ui --backend-store-uri {uri}")
+    return EXIT_OK
+
+
 def cmd_make_assets(args: argparse.Namespace) -> int:
     from ray_dpo.testing.assets import make_tiny_assets
 
@@ -90,6 +115,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("validate", help="check a config; print it resolved (exit 0) or its errors (exit 2)")
     _add_config_args(p)
     p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("compare", help="table + PNG plots of an MLflow experiment's runs (offline vs online)")
+    p.add_argument("--experiment", required=True, help="MLflow experiment name (tracking.mlflow.experiment)")
+    p.add_argument("--tracking-uri", default=None,
+                   help="MLflow store (default: $MLFLOW_TRACKING_URI, else sqlite:///./ray_dpo_runs/mlflow.db)")
+    p.add_argument("--out", default=None, help="directory for the plots and summary.csv "
+                                               "(default: ./compare-<experiment>)")
+    p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("make-assets", help="build the tiny offline model, tokenizer and synthetic data")
     p.add_argument("--out", default=".tiny", help="output directory (default: .tiny)")

@@ -126,8 +126,8 @@ class ReferenceConfig:
     """Batch layout of the reference forward (see policy.layout): same log-probs, fewer
     computed positions. prefix_shared needs model.attn_implementation sdpa or eager."""
     max_tokens_per_row: Optional[int] = None
-    """packed / prefix_shared: row capacity in tokens (None: one row per forward). A
-    dense 4D mask costs rows x T x T, so keep it near a few thousand tokens."""
+    """packed / prefix_shared: row capacity in tokens (None: one row per forward, no padding).
+    sdpa/eager compute dense rows x T x T attention, so keep rows to a few thousand tokens."""
 
 
 @dataclass
@@ -174,11 +174,18 @@ class PolicyConfig:
     from position_ids (RoPE, learned absolute) can use packed / prefix_shared; a custom mask
     also bypasses sliding-window attention (see ray_dpo/packing.py)."""
     max_tokens_per_micro_batch: Optional[int] = None
-    """Token budget per forward (packed / prefix_shared: tokens per row; padded: rows x T).
+    """Token budget per forward (packed / prefix_shared: its tokens, so with one row per
+    forward it also bounds sdpa/eager's dense T x T attention; padded: rows x T).
     The pairs of each of the gradient_accumulation_steps micro-batches are split into
     consecutive forwards of at most this many computed positions (a longer pair gets a
     forward of its own), and their gradients accumulate before the optimizer step, so the
     update is unchanged. None: one forward per micro-batch."""
+    max_tokens_per_row: Optional[int] = None
+    """packed / prefix_shared: row capacity in tokens (first-fit decreasing; a longer
+    sequence gets a row of its own). None: one row per forward, no padding at all: the
+    right choice for flash_attention_2 (varlen kernels skip cross-sequence blocks). sdpa /
+    eager compute the dense T x T attention of each row, so on long data rows of ~1k tokens
+    are faster despite some tail padding (see BENCHMARKS.md)."""
 
 
 @dataclass
@@ -484,6 +491,7 @@ def check(cfg: RunConfig, *, check_files: bool = True) -> list[Problem]:
         ("policy.max_steps", cfg.policy.max_steps),
         ("policy.max_tokens_per_micro_batch", cfg.policy.max_tokens_per_micro_batch),
         ("reference.max_tokens_per_row", cfg.reference.max_tokens_per_row),
+        ("policy.max_tokens_per_row", cfg.policy.max_tokens_per_row),
         ("tracking.log_every_steps", cfg.tracking.log_every_steps),
         ("online.rounds", cfg.online.rounds),
         ("online.prompts_per_round", cfg.online.prompts_per_round),

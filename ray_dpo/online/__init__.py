@@ -6,6 +6,10 @@
         .verify(probe, expected) -> float, .probe_logps(probe), .shutdown()
     generation.VLLMEngine / TransformersEngine       one engine (plain classes)
     weight_sync.WeightSyncError, random_probe, torch_probe_logps, SyncReport
+    judges.build_judge(config: JudgeConfig) -> FunctionJudge | RewardModelJudge
+        .score(prompts, completions) -> list[float]; load_function_judge("pkg.mod:fn")
+    pairs.make_pairs(groups, strategy=) -> (pairs, counters); PromptGroup, Candidate, Pair
+    evaluation: held-out prompt sampling, judge score and KL-to-reference summaries (pure)
 
 Names load lazily, so importing this package costs nothing (no torch, ray or vllm) until
 one is used; vllm is imported only inside a VLLMEngine.
@@ -30,6 +34,27 @@ _LAZY = {
     "random_probe": "ray_dpo.online.weight_sync",
     "save_safetensors": "ray_dpo.online.weight_sync",
     "torch_probe_logps": "ray_dpo.online.weight_sync",
+    "FunctionJudge": "ray_dpo.online.judges",
+    "Judge": "ray_dpo.online.judges",
+    "JudgeError": "ray_dpo.online.judges",
+    "RewardModelJudge": "ray_dpo.online.judges",
+    "build_judge": "ray_dpo.online.judges",
+    "judge_kinds": "ray_dpo.online.judges",
+    "load_function_judge": "ray_dpo.online.judges",
+    "register_judge": "ray_dpo.online.judges",
+    "Candidate": "ray_dpo.online.pairs",
+    "Pair": "ray_dpo.online.pairs",
+    "PromptGroup": "ray_dpo.online.pairs",
+    "group_samples": "ray_dpo.online.pairs",
+    "make_pairs": "ray_dpo.online.pairs",
+    "pair_strategy_names": "ray_dpo.online.pairs",
+    "register_pair_strategy": "ray_dpo.online.pairs",
+    "as_pair_rows": "ray_dpo.online.evaluation",
+    "eval_metrics": "ray_dpo.online.evaluation",
+    "eval_sampling": "ray_dpo.online.evaluation",
+    "kl_estimate": "ray_dpo.online.evaluation",
+    "load_prompts": "ray_dpo.online.evaluation",
+    "select_prompts": "ray_dpo.online.evaluation",
 }
 
 __all__ = sorted(_LAZY)

@@ -42,8 +42,9 @@ import ray.train
 import torch
 import torch.distributed as dist
 
-from ray_dpo.logprobs import batch_token_counts, concat_pairs, mean_nll, sequence_logps, split_pairs
+from ray_dpo.logprobs import mean_nll
 from ray_dpo.losses import dpo_loss
+from ray_dpo.packing import batch_stats, build_batch, model_inputs, pair_logps, token_budget_micro_batches
 from ray_dpo.policy.ds_config import build_ds_config, lr_lambda
 
 DS_DIR = "deepspeed"
@@ -54,7 +55,14 @@ _TOKENIZER_FILE_PREFIXES = ("tokenizer", "special_tokens_map", "added_tokens", "
                             "chat_template", "spiece", "sentencepiece")
 # Order of the per-rank sums that one all_reduce turns into step metrics.
 _SUMS = ("loss", "chosen_rewards", "rejected_rewards", "accuracies", "logps_chosen",
-         "logps_rejected", "pairs", "tokens", "step_time_s")
+         "logps_rejected", "pairs", "tokens", "positions", "step_time_s")
+# Dense bf16 peak FLOP/s per GPU (no sparsity), matched against torch.cuda.get_device_name()
+# by substring, first match wins (so "H100" variants go before a bare "H100"). perf/mfu is
+# logged only when the device is in this table: on CPU there is no meaningful peak, so no mfu.
+_PEAK_BF16_FLOPS = (("H200", 989e12), ("H100 PCIe", 756e12), ("H100", 989e12), ("H800", 989e12),
+                    ("B200", 2250e12), ("GH200", 989e12), ("A100", 312e12), ("A800", 312e12),
+                    ("L40S", 362e12), ("L40", 181e12), ("L4", 121e12), ("A10G", 70e12), ("A10", 125e12),
+                    ("RTX 4090", 165e12), ("RTX 3090", 71e12), ("V100", 125e12), ("T4", 65e12))
 
 
 @dataclasses.dataclass
@@ -71,6 +79,12 @@ class Worker:
     grad_accum: int
     total_steps: int
     steps_per_epoch: Optional[int] = None  # None when the feeder does not say
+    layout: str = "padded"  # PolicyConfig.layout
+    max_tokens: Optional[int] = None  # PolicyConfig.max_tokens_per_micro_batch
+    max_tokens_per_row: Optional[int] = None  # PolicyConfig.max_tokens_per_row
+    attn_implementation: str = "sdpa"  # what the loaded model uses (model_inputs needs it)
+    num_params: int = 0  # for perf/mfu: ~6 * params FLOPs per computed position (fwd + bwd)
+    peak_flops: Optional[float] = None  # per device; None: unknown (CPU), no perf/mfu
     # transformers reads ZeRO-3 settings through a weak reference to this object: it must
     # outlive the model, or transformers silently stops treating parameters as partitioned.
     hf_ds_config: Optional[Any] = None
@@ -118,7 +132,11 @@ def _make_worker(spec: dict) -> Worker:
     return Worker(engine=engine, feeder=feeder, loss=spec["loss"], rank=rank, world_size=world_size,
                   device=device, pad_token_id=_pad_token_id(engine.module.config),
                   grad_accum=policy.gradient_accumulation_steps, total_steps=total_steps,
-                  steps_per_epoch=steps_per_epoch, hf_ds_config=hf_ds_config)
+                  steps_per_epoch=steps_per_epoch, hf_ds_config=hf_ds_config,
+                  layout=policy.layout, max_tokens=policy.max_tokens_per_micro_batch,
+                  max_tokens_per_row=policy.max_tokens_per_row,
+                  attn_implementation=engine.module.config._attn_implementation or "eager",
+                  num_params=_num_params(engine), peak_flops=_peak_flops(device))
 
 
 def _pick_device(name: Optional[str]) -> torch.device:
@@ -132,6 +150,20 @@ def _pick_device(name: Optional[str]) -> torch.device:
         torch.cuda.set_device(device)
         return device
     return torch.device("cpu")
+
+
+def _peak_flops(device: torch.device) -> Optional[float]:
+    """Peak dense bf16 FLOP/s of this rank's GPU from _PEAK_BF16_FLOPS; None on CPU or for an
+    unknown GPU (perf/mfu is then not logged). GPU path: not testable on CPU CI."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((flops for key, flops in _PEAK_BF16_FLOPS if key in name), None)
+
+
+def _num_params(engine) -> int:
+    """Whole-model parameter count (ZeRO-3 partitions hold only a slice: ds_numel is the full size)."""
+    return sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters())
 
 
 def _pad_token_id(config) -> int:
@@ -196,16 +228,17 @@ def _disable_dropout(model: torch.nn.Module) -> None:
 
 
 def _pair_terms(worker: Worker, pairs: list[dict]):
-    """One concatenated chosen+rejected forward over `pairs`: (LossOutput, chosen_logps [B],
-    rejected_logps [B], real tokens in the batch)."""
-    batch = concat_pairs(pairs, worker.pad_token_id)
-    input_ids = batch["input_ids"].to(worker.device)
-    loss_mask = batch["loss_mask"].to(worker.device)
-    logits = worker.engine(input_ids=input_ids, attention_mask=batch["attention_mask"].to(worker.device),
-                           use_cache=False).logits
-    logps, n_tokens = sequence_logps(logits, input_ids, loss_mask)
-    chosen, rejected = split_pairs(logps)
-    chosen_n, rejected_n = split_pairs(n_tokens)
+    """One chosen+rejected forward over `pairs` in worker.layout: (LossOutput, chosen_logps [B],
+    rejected_logps [B], TokenCounts(real tokens, computed positions))."""
+    # packed / prefix_shared: by default ONE row per forward, so every computed position is a
+    # real token; flash varlen (GPU) skips cross-sequence blocks. sdpa/eager compute the dense
+    # T x T scores of a row: max_tokens_per_row (or the token budget, which bounds T) caps it.
+    batch = build_batch(pairs, layout=worker.layout, pad_token_id=worker.pad_token_id,
+                        max_tokens_per_row=worker.max_tokens_per_row).to(worker.device)
+    dtype = next(worker.engine.module.parameters()).dtype
+    logits = worker.engine(**model_inputs(batch, attn_implementation=worker.attn_implementation,
+                                          dtype=dtype)).logits
+    chosen, rejected, chosen_n, rejected_n = pair_logps(logits, batch)
     ref = torch.tensor([[p["ref_chosen_logp"], p["ref_rejected_logp"]] for p in pairs],
                        dtype=torch.float32, device=worker.device)
     out = dpo_loss(
@@ -214,7 +247,7 @@ def _pair_terms(worker: Worker, pairs: list[dict]):
         chosen_n_tokens=chosen_n, rejected_n_tokens=rejected_n,
         policy_chosen_nll=mean_nll(chosen, chosen_n) if worker.loss.sft_weight > 0 else None,
     )
-    return out, chosen.detach(), rejected.detach(), batch_token_counts(batch).real_tokens
+    return out, chosen.detach(), rejected.detach(), batch_stats(batch)
 
 
 def _dummy_pair(pad_token_id: int) -> dict:
@@ -224,11 +257,12 @@ def _dummy_pair(pad_token_id: int) -> dict:
             "rejected_ids": [pad_token_id], "ref_chosen_logp": 0.0, "ref_rejected_logp": 0.0}
 
 
-def _sums(out, chosen: torch.Tensor, rejected: torch.Tensor, tokens: int) -> torch.Tensor:
-    """This micro-batch's contribution to the metric sums, in _SUMS order."""
+def _sums(out, chosen: torch.Tensor, rejected: torch.Tensor, counts) -> torch.Tensor:
+    """This micro-batch's contribution to the metric sums, in _SUMS order; counts: TokenCounts."""
     c, r = out.chosen_rewards.float(), out.rejected_rewards.float()
     values = [out.losses.detach().float().sum(), c.sum(), r.sum(), (c > r).float().sum(),
-              chosen.float().sum(), rejected.float().sum(), float(len(c)), float(tokens), 0.0]
+              chosen.float().sum(), rejected.float().sum(), float(len(c)), float(counts.real_tokens),
+              float(counts.padded_positions), 0.0]
     return torch.stack([torch.as_tensor(v, dtype=torch.float64).cpu() for v in values])
 
 
@@ -270,11 +304,19 @@ def run_step(worker: Worker, step: int) -> dict[str, Any]:
     scale = worker.world_size * worker.grad_accum / max(n_global, 1)
     sums, pair_ids = torch.zeros(len(_SUMS), dtype=torch.float64), []
     lr = worker.engine.get_lr()[0]  # the rate this step uses (the scheduler steps after it)
-    for pairs in micro_batches:
-        out, chosen, rejected, tokens = _pair_terms(worker, pairs or [_dummy_pair(worker.pad_token_id)])
+    budget = worker.max_tokens is not None
+    forwards = _budget_forwards(worker, micro_batches) if budget else micro_batches
+    for i, pairs in enumerate(forwards):
+        if budget:
+            # Forwards per step vary with the data: the boundary (gradient all-reduce, then
+            # the update) is set explicitly, on the last forward only.
+            worker.engine.set_gradient_accumulation_boundary(i == len(forwards) - 1)
+        out, chosen, rejected, counts = _pair_terms(worker, pairs or [_dummy_pair(worker.pad_token_id)])
+        # The loss scale does not depend on the number of forwards: each pair's loss enters
+        # once, divided by n_global, whatever forward it sits in.
         worker.engine.backward(out.losses.sum() * (scale if pairs else 0.0))
         if pairs:
-            sums += _sums(out, chosen, rejected, tokens)
+            sums += _sums(out, chosen, rejected, counts)
             pair_ids += [p["pair_id"] for p in pairs]
         # DeepSpeed counts micro-steps in step(): call it after every backward; only the
         # call at the accumulation boundary updates the weights.
@@ -287,8 +329,38 @@ def run_step(worker: Worker, step: int) -> dict[str, Any]:
     step_time = totals["step_time_s"] / worker.world_size
     epoch = (step + 1) / worker.steps_per_epoch if worker.steps_per_epoch else math.nan
     return {**_metrics("train", totals), "train/lr": lr, "train/grad_norm": grad_norm,
-            "perf/tokens_per_s": totals["tokens"] / step_time, "perf/step_time_s": step_time,
+            **_perf_metrics(worker, totals, step_time),
             "step": step + 1, "epoch": epoch, "pair_ids": pair_ids}
+
+
+def _budget_forwards(worker: Worker, micro_batches: list[list[dict]]) -> list[list[dict]]:
+    """The rank's step re-cut by token budget: each feeder micro-batch split, in order, into
+    forwards of <= worker.max_tokens computed positions (packing.token_budget_micro_batches;
+    a pair over the budget alone gets its own forward). Every pair stays exactly once and the
+    split is a pure function of the feeder's deterministic step, so resume is unchanged.
+
+    Ranks must run the same number of forward/backward passes (ZeRO collectives), so the
+    list is padded with empty forwards (dummy pair, zero loss) up to the busiest rank's count.
+    """
+    forwards = [chunk for pairs in micro_batches if pairs
+                for chunk in token_budget_micro_batches(pairs, max_tokens=worker.max_tokens,
+                                                        layout=worker.layout).micro_batches]
+    count = torch.tensor([max(len(forwards), 1)], device=worker.device)
+    dist.all_reduce(count, op=dist.ReduceOp.MAX)
+    return forwards + [[] for _ in range(int(count.item()) - len(forwards))]
+
+
+def _perf_metrics(worker: Worker, totals: dict[str, float], step_time: float) -> dict[str, float]:
+    """perf/tokens_per_s (real tokens), perf/padding_fraction (1 - real / computed positions,
+    over all ranks) and, when the device's peak is known (GPU), perf/mfu: 6 * params FLOPs per
+    computed position (forward + backward, attention's T^2 term ignored) over the peak of all
+    ranks. The padding fraction is positions the model computed but DPO did not need."""
+    out = {"perf/tokens_per_s": totals["tokens"] / step_time, "perf/step_time_s": step_time,
+           "perf/padding_fraction": 1.0 - totals["tokens"] / max(totals["positions"], 1.0)}
+    if worker.peak_flops:  # GPU path: not testable on CPU CI
+        flops = 6.0 * worker.num_params * totals["positions"]
+        out["perf/mfu"] = flops / (step_time * worker.world_size * worker.peak_flops)
+    return out
 
 
 def _step_optimizer(engine) -> float:
@@ -322,9 +394,9 @@ def evaluate(worker: Worker) -> dict[str, float]:
     sums = torch.zeros(len(_SUMS), dtype=torch.float64)
     for i in range(int(count.item())):
         pairs = batches[i] if i < len(batches) else []
-        out, chosen, rejected, tokens = _pair_terms(worker, pairs or [_dummy_pair(worker.pad_token_id)])
+        out, chosen, rejected, counts = _pair_terms(worker, pairs or [_dummy_pair(worker.pad_token_id)])
         if pairs:
-            sums += _sums(out, chosen, rejected, tokens)
+            sums += _sums(out, chosen, rejected, counts)
     return _metrics("eval", _all_reduce_sums(worker, sums))
 
 

@@ -14,7 +14,7 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 
-from ray_dpo.logprobs import concat_pairs, sequence_logps, split_pairs
+from ray_dpo.packing import build_batch, layout_names, micro_batch_cost, model_inputs, pair_logps
 
 logger = logging.getLogger("ray_dpo.reference")
 
@@ -44,10 +44,16 @@ class ReferenceActor:
     dtype: "fp32" | "bf16" | "fp16", the weights' dtype; log-probs are always float32.
     device: "cpu" | "cuda" | "auto"; cuda only if asked for and visible.
     micro_batch_size: at most this many pairs per forward (None: no limit).
-    max_tokens_per_forward: at most this many padded positions, 2 * pairs * T, per
-        forward (None: no limit). The logits [2B, T, vocab] are the largest tensor, so
-        this is the knob that bounds memory for long sequences and big vocabularies.
+    max_tokens_per_forward: at most this many computed positions per forward (None: no
+        limit): padded 2 * pairs * T; packed / prefix_shared the sequences' tokens. The
+        logits [positions, vocab] are the largest tensor, so this is the knob that bounds
+        memory for long sequences and big vocabularies.
     A batch bigger than either limit is split; a single pair is never split.
+    layout: "padded" | "packed" | "prefix_shared" (ray_dpo.packing): same log-probs, fewer
+        computed positions; prefix_shared needs attn_implementation sdpa or eager.
+    max_tokens_per_row: packed / prefix_shared row capacity (None: one row per forward, no
+        padding at all; with sdpa/eager the dense mask then costs T x T for T = the forward's
+        tokens, which max_tokens_per_forward bounds).
     """
 
     def __init__(
@@ -60,11 +66,16 @@ class ReferenceActor:
         max_tokens_per_forward: int | None = None,
         trust_remote_code: bool = False,
         attn_implementation: str | None = None,
+        layout: str = "padded",
+        max_tokens_per_row: int | None = None,
     ):
+        if layout not in layout_names():
+            raise ValueError(f"layout must be one of {layout_names()}, got {layout!r}")
         if dtype not in TORCH_DTYPES:
             raise ValueError(f"dtype must be one of {sorted(TORCH_DTYPES)}, got {dtype!r}")
         for name, value in (("micro_batch_size", micro_batch_size),
-                            ("max_tokens_per_forward", max_tokens_per_forward)):
+                            ("max_tokens_per_forward", max_tokens_per_forward),
+                            ("max_tokens_per_row", max_tokens_per_row)):
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be >= 1 or None, got {value}")
         if _looks_local(model_path) and not os.path.exists(os.path.expanduser(model_path)):
@@ -80,11 +91,17 @@ class ReferenceActor:
         self.dtype = dtype
         self.micro_batch_size = micro_batch_size
         self.max_tokens_per_forward = max_tokens_per_forward
+        self.layout = layout
+        self.max_tokens_per_row = max_tokens_per_row
         kwargs: dict[str, Any] = {"dtype": TORCH_DTYPES[dtype], "trust_remote_code": trust_remote_code}
         if attn_implementation:
             kwargs["attn_implementation"] = attn_implementation
         self.model = AutoModelForCausalLM.from_pretrained(model_path, **kwargs).to(self.device)
         self.model.eval()
+        self.attn_implementation = self.model.config._attn_implementation or "eager"
+        if layout == "prefix_shared" and self.attn_implementation not in ("sdpa", "eager"):
+            raise ValueError(f"layout 'prefix_shared' needs attn_implementation 'sdpa' or 'eager' (a 4D mask), "
+                             f"the reference model uses {self.attn_implementation!r}; use layout 'packed'")
         self.model.requires_grad_(False)
         # Padding sits behind the attention mask and outside the loss mask, so its id only
         # has to be a valid embedding row.
@@ -126,28 +143,23 @@ class ReferenceActor:
     @torch.inference_mode()
     def _forward(self, pairs: Sequence[Mapping[str, Any]]) -> tuple[torch.Tensor, torch.Tensor]:
         """One forward over chosen+rejected of B pairs -> (chosen [B], rejected [B]) float32 cpu."""
-        batch = concat_pairs(pairs, self.pad_token_id)
-        input_ids = batch["input_ids"].to(self.device)
-        logits = self.model(
-            input_ids=input_ids, attention_mask=batch["attention_mask"].to(self.device), use_cache=False
-        ).logits
-        logps, _ = sequence_logps(logits, input_ids, batch["loss_mask"].to(self.device))
-        chosen, rejected = split_pairs(logps.float().cpu())
-        return chosen, rejected
+        batch = build_batch(pairs, layout=self.layout, pad_token_id=self.pad_token_id,
+                            max_tokens_per_row=self.max_tokens_per_row).to(self.device)
+        logits = self.model(**model_inputs(batch, attn_implementation=self.attn_implementation,
+                                           dtype=self.model.dtype)).logits
+        chosen, rejected, _, _ = pair_logps(logits, batch)
+        return chosen.cpu(), rejected.cpu()
 
     def _chunks(self, rows: Sequence[Mapping[str, Any]]) -> Iterator[list[Mapping[str, Any]]]:
         """Consecutive runs of rows that respect micro_batch_size and max_tokens_per_forward."""
         chunk: list[Mapping[str, Any]] = []
-        longest = 0
         for row in rows:
-            n = len(row["prompt_ids"]) + max(len(row["chosen_ids"]), len(row["rejected_ids"]))
             too_many = self.micro_batch_size is not None and len(chunk) >= self.micro_batch_size
             too_long = (self.max_tokens_per_forward is not None
-                        and 2 * (len(chunk) + 1) * max(longest, n) > self.max_tokens_per_forward)
+                        and micro_batch_cost(chunk + [row], layout=self.layout) > self.max_tokens_per_forward)
             if chunk and (too_many or too_long):
                 yield chunk
-                chunk, longest = [], 0
+                chunk = []
             chunk.append(row)
-            longest = max(longest, n)
         if chunk:
             yield chunk

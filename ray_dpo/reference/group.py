@@ -114,7 +114,8 @@ class ReferenceGroup:
             remote_cls.options(name=name, **options).remote(
                 model_path, dtype=dtype, device="cuda" if use_gpu else "cpu",
                 micro_batch_size=config.batch_size, trust_remote_code=trust_remote_code,
-                attn_implementation=attn_implementation,
+                attn_implementation=attn_implementation, layout=config.layout,
+                max_tokens_per_row=config.max_tokens_per_row,
             )
             for name in self.names
         ]

@@ -330,3 +330,51 @@ def test_resume_continues_at_the_checkpoint_step(stage, ray_cluster, tiny_assets
                                        loss_cfg, eval_steps={2, 4})
     check_against_reference(first, expected)
     check_against_reference(second, expected, first_step=3)
+
+
+# --------------------------------------------------------------------------- layouts and token budget
+
+
+def _layout_run(tmp_path, tiny_assets, pair_rows, name, **policy_kw):
+    from ray_dpo.config import LossConfig
+
+    steps = plan(pair_rows["train"][:24], micro=3, accum=2)  # 2 steps of 12 pairs
+    feeder = make_feeder(steps, pair_rows["eval"])
+    _, reports = fit(tmp_path, name, feeder, model_path=tiny_assets["model"],
+                     policy=policy_config(**policy_kw), loss_cfg=LossConfig(beta=0.1), eval_every=2)
+    return steps, reports
+
+
+def test_packed_prefix_shared_and_token_budget_train_like_padded(ray_cluster, tiny_assets, pair_rows, tmp_path):
+    """Same per-step losses, grad norms and eval loss (fp32, 1e-5) for every layout; packed
+    and prefix_shared (one row per forward) compute no padding, capped rows some.
+    The token-budget run splits each micro-batch into several forwards (a different number
+    per rank, so the worker pads with empty ones) under ZeRO-2, and must not change a thing."""
+    runs = {}
+    for name, kw in [("padded", {}), ("packed", {"layout": "packed"}),
+                     ("prefix", {"layout": "prefix_shared"}),
+                     ("prefix-rows", {"layout": "prefix_shared", "max_tokens_per_row": 48}),
+                     ("budget", {"layout": "packed", "max_tokens_per_micro_batch": 60, "zero_stage": 2})]:
+        steps, runs[name] = _layout_run(tmp_path, tiny_assets, pair_rows, f"layout-{name}", **kw)
+    padded = runs["padded"]
+    assert padded[0][0]["train/loss"] == pytest.approx(math.log(2), abs=1e-4)
+    for name, reports in runs.items():
+        assert [r[0]["step"] for r in reports] == [1, 2], name
+        assert sorted(trained_pair_ids(reports)) == sorted(r["pair_id"] for r in pair_rows["train"][:24]), name
+        for got, want in zip(reports, padded):
+            for key in ("train/loss", "train/logps/chosen", "train/logps/rejected", "train/rewards/margins"):
+                assert got[0][key] == pytest.approx(want[0][key], abs=1e-5), (name, key)
+            assert got[0]["train/grad_norm"] == pytest.approx(want[0]["train/grad_norm"], rel=1e-4), name
+        assert reports[-1][0]["eval/loss"] == pytest.approx(padded[-1][0]["eval/loss"], abs=1e-5), name
+        assert "perf/mfu" not in reports[0][0]  # CPU: no known peak FLOP/s
+    fraction = {name: reports[0][0]["perf/padding_fraction"] for name, reports in runs.items()}
+    assert 0.1 < fraction["padded"] < 1
+    assert fraction["packed"] < fraction["padded"] and fraction["prefix"] < fraction["padded"]
+    assert fraction["packed"] == fraction["prefix"] == 0.0  # one row per forward: no padding at all
+    assert 0 < fraction["prefix-rows"] < 1  # capped rows: tail padding (much, with 48-token rows)
+    # The budget really split the micro-batches, into unequal counts per rank on step 2.
+    from ray_dpo.packing import token_budget_micro_batches
+
+    counts = [[sum(len(token_budget_micro_batches(mb, max_tokens=60, layout="packed").micro_batches)
+                   for mb in rank) for rank in step] for step in steps]
+    assert all(c > 2 for step in counts for c in step) and counts[1][0] != counts[1][1], counts

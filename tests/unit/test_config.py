@@ -220,6 +220,7 @@ def test_layout_and_token_budget_defaults_and_overrides(data_file):
 @pytest.mark.parametrize("key,value,message", [
     ("policy.max_tokens_per_micro_batch", 0, "policy.max_tokens_per_micro_batch: must be > 0, got 0"),
     ("reference.max_tokens_per_row", -5, "reference.max_tokens_per_row: must be > 0, got -5"),
+    ("policy.max_tokens_per_row", 0, "policy.max_tokens_per_row: must be > 0, got 0"),
     ("policy.layout", "pakced", "policy.layout: got 'pakced', expected one of 'padded', 'packed', "
                                 "'prefix_shared' (did you mean 'packed'?)"),
 ])

@@ -1,0 +1,106 @@
+"""Judges on a local Ray cluster: a reward model in its own actors, a function judge in tasks.
+
+The reward model is a tiny random LlamaForSequenceClassification (num_labels=1) built
+offline on the tiny tokenizer; its scores in the actors must match this process's
+unpadded forward of the same texts, in input order.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ray_dpo.config import JudgeConfig
+from ray_dpo.online.judges import FunctionJudge, JudgeError, RewardModelJudge, build_judge, reward_model_text
+
+pytestmark = pytest.mark.ray
+
+PROMPTS = ["describe the river", [{"role": "user", "content": "write about a garden"}], "tell a story",
+           "list the boat", "sketch a tower"]
+COMPLETIONS = ["bright calm kind", "angry", "the river near the bridge and the mountain", "", "witty warm rude"]
+
+
+def _save_reward_model(out, tokenizer, *, num_labels: int, seed: int = 0) -> str:
+    from safetensors.torch import save_file
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256,
+                         num_labels=num_labels, pad_token_id=tokenizer.pad_token_id,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    config.architectures = ["LlamaForSequenceClassification"]
+    torch.manual_seed(seed)
+    model = LlamaForSequenceClassification(config)
+    out.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / "model.safetensors"))
+    config.save_pretrained(str(out))
+    tokenizer.save_pretrained(str(out))
+    return str(out)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_assets):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_assets["tokenizer"])
+
+
+@pytest.fixture(scope="module")
+def reward_model(tmp_path_factory, tokenizer) -> str:
+    return _save_reward_model(tmp_path_factory.mktemp("rm") / "rm", tokenizer, num_labels=1)
+
+
+def _local_scores(path, tokenizer) -> list[float]:
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(path).eval()
+    scores = []
+    with torch.inference_mode():
+        for p, c in zip(PROMPTS, COMPLETIONS):  # one at a time: no padding involved
+            ids = tokenizer(reward_model_text(tokenizer, p, c), return_tensors="pt", add_special_tokens=False)
+            scores.append(model(**ids).logits[0, 0].item())
+    return scores
+
+
+def test_reward_model_judge_matches_a_local_forward_in_order(ray_cluster, reward_model, tokenizer):
+    expected = _local_scores(reward_model, tokenizer)
+    assert len(set(round(s, 5) for s in expected)) == len(expected)  # distinct: order is checked
+    judge = RewardModelJudge(model_path=reward_model, config=JudgeConfig(reward_model=reward_model, num_actors=2),
+                             batch_size=2)
+    try:
+        assert judge.num_actors == 2
+        scores = judge.score(PROMPTS, COMPLETIONS)
+        assert scores == pytest.approx(expected, abs=1e-4)
+        assert judge.score([], []) == []
+    finally:
+        judge.shutdown()
+
+
+def test_build_judge_starts_reward_model_actors(ray_cluster, reward_model):
+    judge = build_judge(JudgeConfig(reward_model=reward_model, num_actors=1))
+    try:
+        assert isinstance(judge, RewardModelJudge)
+        assert len(judge.score(PROMPTS[:2], COMPLETIONS[:2])) == 2
+    finally:
+        judge.shutdown()
+
+
+def test_reward_model_with_several_labels_is_refused(ray_cluster, tmp_path, tokenizer):
+    path = _save_reward_model(tmp_path / "rm2", tokenizer, num_labels=2)
+    with pytest.raises(JudgeError, match=r"online\.judge\.reward_model: .*num_labels=2; a reward model must "
+                                         r"output one score"):
+        RewardModelJudge(model_path=path, config=JudgeConfig(reward_model=path))
+
+
+def test_function_judge_in_ray_tasks_matches_local(ray_cluster):
+    prompts = [f"p{i}" for i in range(10)]
+    completions = ["bright angry kind river"[: 4 + i] for i in range(10)]
+    local = FunctionJudge("ray_dpo.testing.assets:judge_score").score(prompts, completions)
+    remote = FunctionJudge("ray_dpo.testing.assets:judge_score", use_ray=True, chunk_size=3, num_cpus=0.5)
+    assert remote.score(prompts, completions) == local
+
+
+def test_function_judge_error_inside_a_task_is_a_judge_error(ray_cluster):
+    judge = FunctionJudge(lambda p, c: float("nan") if c == "x" else 1.0, use_ray=True, chunk_size=1, num_cpus=0.5)
+    with pytest.raises(JudgeError, match="a score must be a finite number"):
+        judge.score(["a", "b"], ["y", "x"])
