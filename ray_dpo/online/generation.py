@@ -97,6 +97,11 @@ class GenerationEngine:
     def info(self) -> dict:
         return {"backend": self.backend, "pid": os.getpid(), "host": socket.gethostname()}
 
+    def init_nccl(self, master_address: str, master_port: int, rank: int, world_size: int) -> bool:
+        """Join the policy's weight-broadcast group (GPU path: not testable on CPU CI)."""
+        self._nccl = nccl_communicator(master_address, master_port, rank=rank, world_size=world_size)
+        return True
+
     # -- shared helpers
 
     def _report(self, received: Sequence[str], t0: float, ignored: Sequence[str] = ()) -> LoadReport:
@@ -227,10 +232,6 @@ class VLLMEngine(GenerationEngine):
 
     # -- NCCL (GPU path: not testable on CPU CI)
 
-    def init_nccl(self, master_address: str, master_port: int, rank: int, world_size: int) -> bool:
-        self._nccl = nccl_communicator(master_address, master_port, rank=rank, world_size=world_size)
-        return True
-
     def receive_weights_nccl(self, meta) -> LoadReport:
         if self._nccl is None:
             raise RuntimeError("init_nccl was not called on this engine")
@@ -317,10 +318,6 @@ class TransformersEngine(GenerationEngine):
         return self._report(list(weights), t0, ignored)
 
     # -- NCCL (GPU path: not testable on CPU CI)
-
-    def init_nccl(self, master_address: str, master_port: int, rank: int, world_size: int) -> bool:
-        self._nccl = nccl_communicator(master_address, master_port, rank=rank, world_size=world_size)
-        return True
 
     def receive_weights_nccl(self, meta) -> LoadReport:
         if self._nccl is None:
