@@ -21,7 +21,7 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 EXPECTED_METRICS = [
     "train/loss", "train/rewards/chosen", "train/rewards/rejected", "train/rewards/margins",
     "train/rewards/accuracies", "train/logps/chosen", "train/logps/rejected", "train/lr",
-    "train/grad_norm", "perf/tokens_per_s", "perf/step_time_s",
+    "train/grad_norm", "perf/tokens_per_s", "perf/step_time_s", "perf/padding_fraction",
     "eval/loss", "eval/rewards/accuracies", "eval/rewards/margins",
     "data/read", "data/ok",
 ]
