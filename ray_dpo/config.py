@@ -470,6 +470,14 @@ def _positive(problems, key, value, *, allow_zero=False):
 def check(cfg: RunConfig, *, check_files: bool = True) -> list[Problem]:
     """Range and consistency checks on a built config; returns every problem found."""
     p: list[Problem] = []
+    _check_required_and_ranges(cfg, p)
+    _check_consistency(cfg, p)
+    if check_files:
+        _check_local_files(cfg, p)
+    return p
+
+
+def _check_required_and_ranges(cfg: RunConfig, p: list[Problem]) -> None:
     if not cfg.run.name or "/" in cfg.run.name:
         p.append(Problem("run.name", "must be a non-empty name without '/'"))
     if not cfg.model.name_or_path:
@@ -515,6 +523,9 @@ def check(cfg: RunConfig, *, check_files: bool = True) -> list[Problem]:
         ("online.sampling.temperature", cfg.online.sampling.temperature),
     ]:
         _positive(p, key, value, allow_zero=True)
+
+
+def _check_consistency(cfg: RunConfig, p: list[Problem]) -> None:
     if cfg.data.max_prompt_length >= cfg.data.max_length > 0:
         p.append(Problem("data.max_prompt_length",
                          f"must be < data.max_length ({cfg.data.max_length}) to leave room for responses"))
@@ -546,18 +557,19 @@ def check(cfg: RunConfig, *, check_files: bool = True) -> list[Problem]:
     if _is_remote(cfg.run.storage_path) and not cfg.tracking.mlflow.tracking_uri:
         p.append(Problem("tracking.mlflow.tracking_uri", "the default SQLite store needs a local "
                          "run.storage_path; set a tracking URI (e.g. http://mlflow:5000)"))
-    if check_files:
-        _check_files("data.train_files", cfg.data.train_files, p)
-        _check_files("data.eval_files", cfg.data.eval_files, p)
-        for key, path in [("model.name_or_path", cfg.model.name_or_path),
-                          ("model.tokenizer", cfg.model.tokenizer),
-                          ("reference.model", cfg.reference.model),
-                          ("model.chat_template", cfg.model.chat_template),
-                          ("eval.prompts_file", cfg.eval.prompts_file)]:
-            local = key in ("model.chat_template", "eval.prompts_file") or (path and _looks_local(path))
-            if path and local and not _is_remote(path) and not os.path.exists(os.path.expanduser(path)):
-                p.append(Problem(key, f"no such file or directory: {path!r}"))
-    return p
+
+
+def _check_local_files(cfg: RunConfig, p: list[Problem]) -> None:
+    _check_files("data.train_files", cfg.data.train_files, p)
+    _check_files("data.eval_files", cfg.data.eval_files, p)
+    for key, path in [("model.name_or_path", cfg.model.name_or_path),
+                      ("model.tokenizer", cfg.model.tokenizer),
+                      ("reference.model", cfg.reference.model),
+                      ("model.chat_template", cfg.model.chat_template),
+                      ("eval.prompts_file", cfg.eval.prompts_file)]:
+        local = key in ("model.chat_template", "eval.prompts_file") or (path and _looks_local(path))
+        if path and local and not _is_remote(path) and not os.path.exists(os.path.expanduser(path)):
+            p.append(Problem(key, f"no such file or directory: {path!r}"))
 
 
 # --------------------------------------------------------------------------- public API
