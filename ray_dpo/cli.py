@@ -44,10 +44,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = _load(args)
     if cfg is None:
         return EXIT_BAD_CONFIG
-    from ray_dpo.driver import run_offline
+    from ray_dpo.driver import run_dpo
 
     try:
-        summary = run_offline(cfg)
+        summary = run_dpo(cfg)
     except KeyboardInterrupt:
         print("[ray_dpo] interrupted; run the same command again to resume from the last checkpoint",
               file=sys.stderr)

@@ -210,15 +210,21 @@ class OnlineConfig:
     enabled: bool = False
     """Online (iterative) DPO: the policy's own samples become new pairs each round."""
     rounds: int = 2
+    """Rounds in one training run: generate -> judge -> pairs -> train, policy never restarted."""
     prompts_per_round: int = 64
+    """Data set prompts sampled per round; a round trains ceil(prompts_per_round / global
+    batch) * policy.num_epochs steps (fewer pairs than prompts: the rest are empty steps)."""
     samples_per_prompt: int = 4
     backend: Literal["vllm", "transformers"] = "vllm"
+    """Generation engines for online rounds and for eval.prompts_file sampling (offline too)."""
     num_engines: int = 1
     gpus_per_engine: float = 0.0
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     judge: JudgeConfig = field(default_factory=JudgeConfig)
     pair_strategy: Literal["regenerate_rejected", "best_vs_worst"] = "regenerate_rejected"
     weight_sync: Literal["object_store", "nccl", "checkpoint"] = "object_store"
+    """object_store: one ray.put of the gathered state dict (default, any device);
+    checkpoint: a safetensors directory under <storage_path>/<run.name>/weight_sync."""
     sync_tolerance: float = 1e-3
     """Largest allowed |log-prob| difference between engine and policy after a sync."""
     overlap: bool = False
@@ -251,8 +257,11 @@ class EvalConfig:
     max_pairs: Optional[int] = None
     """Cap on eval pairs (default: all)."""
     prompts_file: Optional[str] = None
-    """Held-out prompts sampled from the policy and scored by the judge (online compare)."""
+    """Held-out prompts (JSONL with "prompt", or one per line) sampled from the policy at
+    step 0, every every_steps and at the end; scored by online.judge (eval/judge_score) and
+    KL to the reference (eval/kl). Offline and online runs alike, so they compare."""
     num_prompts: int = 32
+    samples_per_prompt: int = 4
 
 
 @dataclass
@@ -506,6 +515,8 @@ def _check_required_and_ranges(cfg: RunConfig, p: list[Problem]) -> None:
         ("online.samples_per_prompt", cfg.online.samples_per_prompt),
         ("online.sampling.max_new_tokens", cfg.online.sampling.max_new_tokens),
         ("online.sync_tolerance", cfg.online.sync_tolerance),
+        ("eval.num_prompts", cfg.eval.num_prompts),
+        ("eval.samples_per_prompt", cfg.eval.samples_per_prompt),
     ]:
         _positive(p, key, value)
     for key, value in [
@@ -552,6 +563,20 @@ def _check_consistency(cfg: RunConfig, p: list[Problem]) -> None:
     if cfg.online.enabled and not (cfg.online.judge.function or cfg.online.judge.reward_model):
         p.append(Problem("online.judge", "online DPO needs a judge: set online.judge.function "
                                          "(package.module:function) or online.judge.reward_model"))
+    if cfg.eval.prompts_file and not (cfg.online.judge.function or cfg.online.judge.reward_model):
+        p.append(Problem("eval.prompts_file", "held-out samples are scored by online.judge: set "
+                                              "online.judge.function or online.judge.reward_model"))
+    if cfg.online.judge.function and cfg.online.judge.reward_model:
+        p.append(Problem("online.judge", "set only one of online.judge.function and online.judge.reward_model"))
+    if cfg.online.enabled and cfg.online.pair_strategy == "best_vs_worst" and cfg.online.samples_per_prompt < 2:
+        p.append(Problem("online.samples_per_prompt", "best_vs_worst compares samples: needs >= 2"))
+    if cfg.online.enabled and cfg.reference.precompute:
+        p.append(Problem("reference.precompute", "online pairs are new every round, so there is nothing to "
+                                                 "precompute: set it to false (log-probs are streamed)"))
+    if (cfg.online.enabled or cfg.eval.prompts_file) and cfg.online.weight_sync == "nccl":
+        p.append(Problem("online.weight_sync", "nccl is not wired into training runs yet (the broadcast "
+                                               "pieces exist but were never run on GPUs); use object_store "
+                                               "or checkpoint"))
     if cfg.online.judge.function and ":" not in cfg.online.judge.function:
         p.append(Problem("online.judge.function", "must look like 'package.module:function'"))
     if _is_remote(cfg.run.storage_path) and not cfg.tracking.mlflow.tracking_uri:

@@ -1,8 +1,11 @@
-"""The driver: builds the offline DPO pipeline and reads top to bottom like its data flow.
+"""The driver: builds the DPO pipeline and reads top to bottom like its data flow.
 
-    config -> Ray -> MLflow run -> tokenized pairs (Ray Data) -> ReferenceGroup
-           -> (optional) reference cache -> BatchFeeder -> TorchTrainer(DeepSpeed workers)
-           -> final checkpoint + Hugging Face model -> MLflow run FINISHED
+    offline: config -> Ray -> MLflow run -> tokenized pairs (Ray Data) -> ReferenceGroup
+             -> (optional) reference cache -> BatchFeeder -> TorchTrainer(DeepSpeed workers)
+             -> final checkpoint + Hugging Face model -> MLflow run FINISHED
+    online:  the same, with an OnlineCoordinator in the BatchFeeder's place: it owns the
+             generation engines and the judge, and builds each round's pairs from the
+             data set's prompts (ray_dpo/online/coordinator.py)
 
 The driver never touches tensors. It runs on the head node: under ``ray job submit`` it is
 the job's entrypoint and connects to the cluster through RAY_ADDRESS; on a laptop it starts
@@ -78,13 +81,15 @@ def use_gpus(cfg: RunConfig) -> bool:
     return cfg.run.device == "cuda"
 
 
-def run_offline(cfg: RunConfig) -> TrainSummary:
-    """Run offline DPO end to end; the MLflow run is FAILED if anything raises."""
+def run_dpo(cfg: RunConfig) -> TrainSummary:
+    """Run offline DPO, or online DPO when online.enabled, end to end; the MLflow run is
+    FAILED if anything raises."""
     t0 = time.monotonic()
     cfg = with_absolute_paths(cfg)
     init_ray(cfg)
     gpu = use_gpus(cfg)
-    tracker = _start_tracking(cfg, mode="offline")
+    tracker = _start_tracking(cfg, mode="online" if cfg.online.enabled else "offline")
+    coordinator = None
     try:
         train, evaluation = _load_data(cfg)
         report = data_report(train, evaluation)
@@ -92,13 +97,28 @@ def run_offline(cfg: RunConfig) -> TrainSummary:
         tracker.log_json(report, "data_report.json")
         counters = train.counters.as_dict()
         tracker.log_metrics({f"data/{k}": counters[k] for k in DATA_COUNTERS}, step=0)
-        feeder = _start_feeder(cfg, train, evaluation, gpu=gpu)
+        if cfg.online.enabled:
+            # Rounds: the coordinator is the feeder, and it drives the generation engines.
+            coordinator = _start_coordinator(cfg, tracker, train=train, evaluation=evaluation,
+                                             reference=_reference_group(cfg, gpu), gpu=gpu)
+            feeder = coordinator
+        else:
+            feeder = _start_feeder(cfg, train, evaluation, gpu=gpu)
+            if cfg.eval.prompts_file:
+                # Held-out sampling only, so offline runs log eval/judge_score and eval/kl too.
+                coordinator = _start_coordinator(cfg, tracker, train=None, evaluation=None,
+                                                 reference=_reference_group(cfg, gpu), gpu=gpu)
         total_steps = ray.get(feeder.total_steps.remote())
-        result = _fit_policy(cfg, feeder, tracker, total_steps=total_steps, gpu=gpu)
+        if coordinator is not None and coordinator is not feeder:
+            ray.get(coordinator.set_total_steps.remote(total_steps))
+        result = _fit_policy(cfg, feeder, tracker, total_steps=total_steps, gpu=gpu, sync=coordinator)
         summary = _summarize(cfg, tracker, result, total_steps, report, time.monotonic() - t0)
     except BaseException:
         tracker.finish("FAILED")
         raise
+    finally:
+        if coordinator is not None:
+            _close(coordinator)
     tracker.finish("FINISHED")
     return summary
 
@@ -143,13 +163,36 @@ def _load_data(cfg: RunConfig):
     return train, evaluation
 
 
+def _reference_group(cfg: RunConfig, gpu: bool):
+    from ray_dpo.reference import ReferenceGroup
+
+    return ReferenceGroup(model_path=cfg.reference.model or cfg.model.name_or_path, config=cfg.reference,
+                          dtype=cfg.model.dtype, use_gpu=gpu)
+
+
+def _start_coordinator(cfg: RunConfig, tracker, *, train, evaluation, reference, gpu: bool):
+    from ray_dpo.online.coordinator import start_coordinator
+
+    return start_coordinator(cfg, train=train, evaluation=evaluation, reference=reference,
+                             tracking_uri=tracker.uri, run_id=tracker.run_id, use_gpu=gpu)
+
+
+def _close(coordinator) -> None:
+    """Stop the engines, judges and feeders the coordinator owns (best effort: the run's
+    outcome is already decided)."""
+    try:
+        ray.get(coordinator.close.remote(), timeout=60)
+    except Exception as err:  # noqa: BLE001
+        logger.warning("closing the online coordinator failed: %s", err)
+    ray.kill(coordinator)
+
+
 def _start_feeder(cfg: RunConfig, train, evaluation, *, gpu: bool):
     """Reference log-probs come from the cache, a precompute pass, or are streamed."""
     from ray_dpo.feeder import BatchPlan, start_feeder
-    from ray_dpo.reference import ReferenceGroup, cache
 
     ref_model = cfg.reference.model or cfg.model.name_or_path
-    group = ReferenceGroup(model_path=ref_model, config=cfg.reference, dtype=cfg.model.dtype, use_gpu=gpu)
+    group = _reference_group(cfg, gpu)
     ref_cache = None
     if cfg.reference.precompute:
         ref_cache = _precomputed_reference(cfg, group, train, evaluation, ref_model)
@@ -188,7 +231,7 @@ def _precomputed_reference(cfg: RunConfig, group, train, evaluation, ref_model: 
     return cache.load(cache_dir, key)
 
 
-def _fit_policy(cfg: RunConfig, feeder, tracker, *, total_steps: int, gpu: bool):
+def _fit_policy(cfg: RunConfig, feeder, tracker, *, total_steps: int, gpu: bool, sync=None):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig as TrainRunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -205,7 +248,7 @@ def _fit_policy(cfg: RunConfig, feeder, tracker, *, total_steps: int, gpu: bool)
         ledger_path=os.path.join(storage, cfg.run.name, "ledger.jsonl") if "://" not in storage else None,
     )
     spec = {"model": cfg.model, "policy": cfg.policy, "loss": cfg.loss, "eval_every": cfg.eval.every_steps,
-            "feeder": feeder, "log_every": cfg.tracking.log_every_steps, "device": "cuda" if gpu else "cpu"}
+            "feeder": feeder, "sync": sync, "log_every": cfg.tracking.log_every_steps, "device": "cuda" if gpu else "cpu"}
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=spec,

@@ -129,7 +129,10 @@ class PairStore:
 
     @classmethod
     def from_source(cls, source: Any) -> "PairStore":
-        """From PairData (``.dataset``), a Ray Dataset, or an iterable of pair row dicts."""
+        """From PairData (``.dataset``), a Ray Dataset, an iterable of pair row dicts, or a
+        PairStore (returned as is: stores are read-only)."""
+        if isinstance(source, PairStore):
+            return source
         dataset = getattr(source, "dataset", source)
         if hasattr(dataset, "iter_batches"):
             return cls._from_arrow(dataset.iter_batches(batch_format="pyarrow", batch_size=None))

@@ -205,6 +205,22 @@ class PairTokenizer:
                 raise
             return TokenizeResult(None, "skipped", str(err))
 
+    def encode_prompt(self, prompt: Any, *, source: str = "<unknown>", line: int = 0) -> list[int]:
+        """Token ids of a prompt alone, exactly as pair rows start (for sampling from it).
+
+        ``prompt``: a string, or chat messages (rendered with the generation prompt). A prompt
+        over max_prompt_length keeps its last tokens (and a leading BOS), as truncate_prompt does.
+        """
+        if isinstance(prompt, str):
+            ids = self._bos_prefix + self._ids([prompt])[0]
+        else:
+            ids = self._ids([self._render(tuple(prompt), True, source, line)])[0]
+        limit, bos = self.config.max_prompt_length, self.tokenizer.bos_token_id
+        if len(ids) > limit:
+            keep_bos = bos is not None and ids[0] == bos and limit > 1
+            ids = ids[:1] + ids[len(ids) - limit + 1:] if keep_bos else ids[-limit:]
+        return ids
+
     # ---- encoding
 
     def _ids(self, texts: list[str]) -> list[list[int]]:

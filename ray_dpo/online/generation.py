@@ -5,6 +5,7 @@
       TransformersEngine(...)         model.generate, for machines without vLLM
     GenerationGroup(*, model_path, config: OnlineConfig, use_gpu)
         .generate(prompts, n=, sampling=, seed=) -> list[list[Completion]]  (input order)
+        .submit(...) -> refs, .collect(refs)                                (the same, split)
         .sync_weights(weights, method=, probe=, expected=) -> SyncReport    (see weight_sync)
         .verify(probe, expected) -> max |log-prob diff|, .probe_logps(probe), .shutdown()
 
@@ -449,16 +450,29 @@ class GenerationGroup:
         Prompts are split into contiguous, near-equal chunks, one per engine.
         Defaults: n = online.samples_per_prompt, sampling = online.sampling.
         """
-        import ray
+        return self.collect(self.submit(prompts, n=n, sampling=sampling, seed=seed))
 
+    def submit(self, prompts: Sequence[Sequence[int]], *, n: Optional[int] = None,
+               sampling: Optional[SamplingConfig] = None, seed: Optional[int] = None) -> list:
+        """Start generate() on the engines and return at once (ObjectRefs for ``collect``).
+
+        Engines run calls in the order they were submitted, so a weight sync submitted
+        after this never changes the weights these samples come from.
+        """
         n = self.config.samples_per_prompt if n is None else n
         sampling = self.config.sampling if sampling is None else sampling
         if seed is None:
             seed = self._seed + self._calls * 1_000_003
         self._calls += 1
-        refs = [self._actors[i].generate.remote([list(p) for p in prompts[lo:hi]], n=n, sampling=sampling,
+        return [self._actors[i].generate.remote([list(p) for p in prompts[lo:hi]], n=n, sampling=sampling,
                                                 seed=seed + lo * n)
                 for i, (lo, hi) in enumerate(_chunks(len(prompts), self.num_engines)) if hi > lo]
+
+    @staticmethod
+    def collect(refs: list) -> list[list[Completion]]:
+        """The completions of a ``submit``, in prompt order."""
+        import ray
+
         return [comps for chunk in ray.get(refs) for comps in chunk]
 
     def sync_weights(self, weights: Any, *, method: Optional[str] = None, probe: Optional[Probe] = None,

@@ -90,7 +90,8 @@ def probe_batch(probe: Probe, pad_token_id: int = 0) -> dict[str, torch.Tensor]:
     return {"input_ids": input_ids, "attention_mask": attention_mask, "loss_mask": loss_mask}
 
 
-@torch.inference_mode()
+@torch.no_grad()  # not inference_mode: under ZeRO-3 the forward gathers parameters into
+# tensors that training reuses, and inference tensors cannot be saved for backward
 def torch_probe_logps(model: torch.nn.Module, probe: Probe, *, pad_token_id: int = 0) -> list[float]:
     """Summed log-probs (nats, float32) of each probe continuation under a HF causal LM.
 

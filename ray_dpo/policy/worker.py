@@ -6,6 +6,8 @@
       for each optimizer step:
         run_step                       feeder micro-batches -> forward/backward -> engine.step
         evaluate                       every spec["eval_every"] steps and at the end
+        sync_policy                    at the coordinator's sync points (online rounds,
+                                       held-out sampling): weights -> generation engines
         save_checkpoint / report       every rank reports, every step (Ray Train V2 needs it)
       export_hf                        the final policy in Hugging Face format, under hf_model/
 
@@ -95,13 +97,21 @@ class Worker:
 
 def train_loop_per_worker(spec: dict) -> None:
     """Ray Train worker loop; spec keys: model, policy, loss (config dataclasses), eval_every,
-    feeder (BatchFeeder handle), log_every (unused here: the driver's callback filters),
+    feeder (BatchFeeder or OnlineCoordinator handle), sync (OnlineCoordinator handle or None),
+    log_every (unused here: the driver's callback filters),
     device ("cpu" | "cuda" | None = cuda if available)."""
     policy = spec["policy"]
     worker = _make_worker(spec)
     step = load_checkpoint(worker.engine)
     if step >= worker.total_steps:
         return  # a finished run started again: its last checkpoint is already final
+    syncer = spec.get("sync")  # OnlineCoordinator: generation engines that follow the policy
+    sync_points = set(ray.get(syncer.sync_points.remote())) if syncer is not None else set()
+    probe = ray.get(syncer.probe.remote()) if syncer is not None else None
+    if syncer is not None:
+        # Always at the start: step 0 verifies the engines (and is the initial policy's
+        # eval); a resumed run must bring the engines to the checkpoint's weights.
+        sync_policy(worker, syncer, step, probe, send_weights=step > 0)
     eval_every = spec.get("eval_every") or 0
     every = policy.checkpoint_every_steps
     while step < worker.total_steps:
@@ -110,6 +120,8 @@ def train_loop_per_worker(spec: dict) -> None:
         last = step == worker.total_steps
         if last or (eval_every and step % eval_every == 0):
             metrics.update(evaluate(worker))
+        if step in sync_points:
+            sync_policy(worker, syncer, step, probe, send_weights=True)
         if last or (every and step % every == 0):
             export = spec["model"] if last and policy.save_hf_model else None
             save_checkpoint(worker, step, metrics, model=export)
@@ -301,6 +313,11 @@ def run_step(worker: Worker, step: int) -> dict[str, Any]:
                            f"expected gradient_accumulation_steps={worker.grad_accum}")
     # DeepSpeed divides the loss by grad_accum and averages gradients over ranks; undo both so
     # the update is the mean over ALL pairs of the step, however unevenly they are spread.
+    epoch = (step + 1) / worker.steps_per_epoch if worker.steps_per_epoch else math.nan
+    if n_global == 0:
+        # An online round that kept fewer pairs than it has steps: nothing to learn from,
+        # so no forward and no update (zero gradients would still move AdamW's weights).
+        return {"step": step + 1, "epoch": epoch, "pair_ids": []}
     scale = worker.world_size * worker.grad_accum / max(n_global, 1)
     sums, pair_ids = torch.zeros(len(_SUMS), dtype=torch.float64), []
     lr = worker.engine.get_lr()[0]  # the rate this step uses (the scheduler steps after it)
@@ -327,7 +344,6 @@ def run_step(worker: Worker, step: int) -> dict[str, Any]:
         raise RuntimeError(f"feeder step {step}: ranks trained {int(totals['pairs'])} pairs, but "
                            f"num_pairs_in_step says {n_global}; the loss normalisation would be wrong")
     step_time = totals["step_time_s"] / worker.world_size
-    epoch = (step + 1) / worker.steps_per_epoch if worker.steps_per_epoch else math.nan
     return {**_metrics("train", totals), "train/lr": lr, "train/grad_norm": grad_norm,
             **_perf_metrics(worker, totals, step_time),
             "step": step + 1, "epoch": epoch, "pair_ids": pair_ids}
@@ -398,6 +414,52 @@ def evaluate(worker: Worker) -> dict[str, float]:
         if pairs:
             sums += _sums(out, chosen, rejected, counts)
     return _metrics("eval", _all_reduce_sums(worker, sums))
+
+
+# --------------------------------------------------------------------------- weight sync
+
+
+def sync_policy(worker: Worker, syncer, step: int, probe, *, send_weights: bool) -> None:
+    """Hand the current weights to the generation engines (through the coordinator).
+
+    Every rank calls this at the same step: under ZeRO-3 the probe forward and the gather
+    are collective. Rank 0 puts the full state dict (Hugging Face names) in the object
+    store and blocks in the coordinator's sync; no collective waits on that, so a long
+    generation never hits the process group's timeout. The other ranks go on to the next
+    step and wait in get_step until its data exists.
+    """
+    expected = _probe_logps(worker, probe)
+    weights = _gather_weights(worker) if send_weights else None
+    if worker.rank == 0:
+        refs = [ray.put(weights)] if weights is not None else None  # in a list: passed as a reference
+        ray.get(syncer.sync.remote(step, refs, expected))
+
+
+def _probe_logps(worker: Worker, probe) -> Optional[list[float]]:
+    from ray_dpo.online.weight_sync import torch_probe_logps
+
+    if worker.rank != 0 and not worker.engine.zero_optimization_partition_weights():
+        return None
+    return torch_probe_logps(worker.engine.module, probe, pad_token_id=worker.pad_token_id)
+
+
+def _gather_weights(worker: Worker) -> Optional[dict[str, torch.Tensor]]:
+    """The full state dict on rank 0 (CPU copies, Hugging Face names), None elsewhere.
+
+    Parameters only (tied weights once, by their first name; buffers such as rotary
+    tables are not in checkpoints). Under ZeRO-3 each parameter is gathered on all ranks
+    in turn, so whole weights never sit in one rank's device memory at once.
+    """
+    out: Optional[dict[str, torch.Tensor]] = {} if worker.rank == 0 else None
+    zero3 = worker.engine.zero_optimization_partition_weights()
+    for name, param in worker.engine.module.named_parameters():
+        if zero3:
+            with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
+                if out is not None:
+                    out[name] = param.data.detach().to("cpu", copy=True)
+        elif out is not None:
+            out[name] = param.data.detach().to("cpu", copy=True)
+    return out
 
 
 # --------------------------------------------------------------------------- checkpoints

@@ -29,14 +29,14 @@ def test_reference_and_policy_on_separate_nodes(two_nodes, tiny_config):
     import ray
     from ray.util.state import list_actors
 
-    from ray_dpo.driver import run_offline
+    from ray_dpo.driver import run_dpo
 
     cfg = tiny_config("two-nodes", **{
         "reference.resources": "{reference_node: 0.5}",
         "policy.resources": "{policy_node: 1}",
         "policy.max_steps": 4,
     })
-    summary = run_offline(cfg)
+    summary = run_dpo(cfg)
     assert summary.steps == 4
 
     nodes = {n["NodeID"]: n["Resources"] for n in ray.nodes()}

@@ -46,14 +46,14 @@ SECRET = "s3cr3t-value-that-must-never-be-logged"
 def test_offline_run_learns_and_logs_everything(ray_cluster, tiny_config, monkeypatch):
     from mlflow.tracking import MlflowClient
 
-    from ray_dpo.driver import run_offline
+    from ray_dpo.driver import run_dpo
 
     # Credentials live in the environment (as KubeRay's secretKeyRef puts them there); none
     # may leak into MLflow params, tags or artifacts.
     for var in ("MLFLOW_TRACKING_PASSWORD", "AWS_SECRET_ACCESS_KEY", "HF_TOKEN"):
         monkeypatch.setenv(var, SECRET)
     cfg = tiny_config("learns", **{"policy.num_epochs": 2, "eval.every_steps": 16})
-    summary = run_offline(cfg)
+    summary = run_dpo(cfg)
 
     # Reference = initial policy, so the first step's loss is ln 2.
     first_step, first_loss = metric_history(summary, "train/loss")[0]
@@ -83,15 +83,15 @@ def test_offline_run_learns_and_logs_everything(ray_cluster, tiny_config, monkey
 
 
 def test_resume_continues_at_the_checkpoint_step(ray_cluster, tiny_config):
-    from ray_dpo.driver import run_offline
+    from ray_dpo.driver import run_dpo
 
     first = tiny_config("resume", **{"policy.checkpoint_every_steps": 4,
                                                              "policy.max_steps": 4})
-    run_offline(first)
+    run_dpo(first)
     assert [e["step"] for e in ledger(first)] == [1, 2, 3, 4]
 
     second = tiny_config("resume", **{"policy.checkpoint_every_steps": 4})
-    summary = run_offline(second)
+    summary = run_dpo(second)
     steps = [e["step"] for e in ledger(second)]
     assert steps[:5] == [1, 2, 3, 4, 5], "the second run must start right after the checkpoint"
     assert steps == list(range(1, summary.steps + 1))
@@ -103,7 +103,7 @@ def test_resume_continues_at_the_checkpoint_step(ray_cluster, tiny_config):
 def test_killed_reference_actor_loses_no_pair(ray_cluster, tiny_config):
     import ray
 
-    from ray_dpo.driver import run_offline
+    from ray_dpo.driver import run_dpo
 
     cfg = tiny_config("kill-ref", **{"reference.batch_size": 4,
                                                              "reference.max_in_flight": 1})
@@ -111,7 +111,7 @@ def test_killed_reference_actor_loses_no_pair(ray_cluster, tiny_config):
 
     def train():
         try:
-            outcome["summary"] = run_offline(cfg)
+            outcome["summary"] = run_dpo(cfg)
         except BaseException as e:  # surfaced by the assert below
             outcome["error"] = e
 
