@@ -103,11 +103,14 @@ def run_dpo(cfg: RunConfig) -> TrainSummary:
                                              reference=_reference_group(cfg, gpu), gpu=gpu)
             feeder = coordinator
         else:
-            feeder = _start_feeder(cfg, train, evaluation, gpu=gpu)
+            group = _reference_group(cfg, gpu)
+            feeder = _start_feeder(cfg, train, evaluation, group)
             if cfg.eval.prompts_file:
-                # Held-out sampling only, so offline runs log eval/judge_score and eval/kl too.
+                # Held-out sampling only, so offline runs log eval/judge_score and eval/kl too;
+                # it scores through the feeder's reference actors unless precompute freed them.
+                reference = _reference_group(cfg, gpu) if cfg.reference.precompute else group
                 coordinator = _start_coordinator(cfg, tracker, train=None, evaluation=None,
-                                                 reference=_reference_group(cfg, gpu), gpu=gpu)
+                                                 reference=reference, gpu=gpu)
         total_steps = ray.get(feeder.total_steps.remote())
         if coordinator is not None and coordinator is not feeder:
             ray.get(coordinator.set_total_steps.remote(total_steps))
@@ -187,12 +190,12 @@ def _close(coordinator) -> None:
     ray.kill(coordinator)
 
 
-def _start_feeder(cfg: RunConfig, train, evaluation, *, gpu: bool):
-    """Reference log-probs come from the cache, a precompute pass, or are streamed."""
+def _start_feeder(cfg: RunConfig, train, evaluation, group):
+    """Reference log-probs come from the cache, a precompute pass (which then shuts
+    ``group`` down), or are streamed through ``group``."""
     from ray_dpo.feeder import BatchPlan, start_feeder
 
     ref_model = cfg.reference.model or cfg.model.name_or_path
-    group = _reference_group(cfg, gpu)
     ref_cache = None
     if cfg.reference.precompute:
         ref_cache = _precomputed_reference(cfg, group, train, evaluation, ref_model)

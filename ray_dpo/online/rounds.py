@@ -87,17 +87,28 @@ def round_prompt_indices(num_prompts: int, *, per_round: int, round_index: int, 
     """The data set rows whose prompts round ``round_index`` samples from.
 
     The rows are walked in a seeded order, a fresh permutation per pass, ``per_round`` at a
-    time: no prompt repeats before every prompt was used once, and a rerun picks the same.
+    time, so a rerun picks the same prompts and every prompt is used before one repeats.
+    A round never holds a prompt twice (when per_round <= num_prompts): a round that
+    straddles two passes skips the next pass's copies of prompts it already has and takes
+    the following ones instead.
     """
     if num_prompts < 1:
         raise ValueError("no prompts to generate from")
-    start = round_index * per_round
     out: list[int] = []
+    seen: set[int] = set()
+    position = round_index * per_round
+    orders: dict[int, list[int]] = {}
     while len(out) < per_round:
-        epoch, offset = divmod(start + len(out), num_prompts)
-        order = list(range(num_prompts))
-        random.Random(f"ray_dpo.online.{seed}.{epoch}").shuffle(order)
-        out.extend(order[offset:offset + per_round - len(out)])
+        epoch, offset = divmod(position, num_prompts)
+        if epoch not in orders:
+            orders[epoch] = list(range(num_prompts))
+            random.Random(f"ray_dpo.online.{seed}.{epoch}").shuffle(orders[epoch])
+        index = orders[epoch][offset]
+        position += 1
+        if index in seen and per_round <= num_prompts:
+            continue
+        seen.add(index)
+        out.append(index)
     return out
 
 

@@ -101,6 +101,8 @@ def _fmt(value: Optional[float]) -> str:
         return "-"
     if float(value).is_integer() and 2 <= abs(value) < 1e9:  # counts; 0 and 1 are often rates
         return str(int(value))
+    if value and abs(value) < 1e-3:
+        return f"{value:.2e}"  # e.g. sync/max_logprob_diff: 0.0000 would hide it
     return f"{value:.4g}" if abs(value) >= 1e4 else f"{value:.4f}"
 
 

@@ -241,3 +241,84 @@ def test_prefix_shared_needs_a_4d_mask_attention(data_file):
     ok = from_dict(minimal(data_file, model={"attn_implementation": "flash_attention_2"},
                            policy={"layout": "packed"}))
     assert ok.policy.layout == "packed"  # packed runs on flash varlen
+
+
+# --------------------------------------------------------------------------- online / held-out eval checks
+
+JUDGE = {"judge": {"function": "ray_dpo.testing.assets:judge_score"}}
+
+
+def problems_of(data):
+    """{key: message} of every problem from_dict reports (fails if it reports none)."""
+    with pytest.raises(ConfigError) as info:
+        from_dict(data)
+    return {p.key: p.message for p in info.value.problems}
+
+
+@pytest.fixture
+def prompts_file(tmp_path):
+    path = tmp_path / "prompts.jsonl"
+    path.write_text('{"prompt": "describe the river"}\n')
+    return path
+
+
+def test_eval_prompts_file_needs_a_judge(data_file, prompts_file):
+    problems = problems_of(minimal(data_file, eval={"prompts_file": str(prompts_file)}))
+    assert set(problems) == {"eval.prompts_file"}
+    assert "scored by online.judge" in problems["eval.prompts_file"]
+    cfg = from_dict(minimal(data_file, eval={"prompts_file": str(prompts_file)}, online=JUDGE))
+    assert cfg.eval.prompts_file == str(prompts_file) and not cfg.online.enabled  # offline run, judged eval
+
+
+def test_only_one_judge_may_be_set(data_file):
+    both = {"judge": {"function": "pkg.mod:fn", "reward_model": "org/reward-model"}}
+    problems = problems_of(minimal(data_file, online={"enabled": True, **both}))
+    assert set(problems) == {"online.judge"}
+    assert "only one of online.judge.function and online.judge.reward_model" in problems["online.judge"]
+    assert from_dict(minimal(data_file, online={"enabled": True, "judge": {"reward_model": "org/rm"}}))
+
+
+def test_best_vs_worst_needs_two_samples(data_file):
+    online = {"enabled": True, "pair_strategy": "best_vs_worst", **JUDGE}
+    problems = problems_of(minimal(data_file, online={**online, "samples_per_prompt": 1}))
+    assert set(problems) == {"online.samples_per_prompt"}
+    assert "best_vs_worst" in problems["online.samples_per_prompt"]
+    assert from_dict(minimal(data_file, online={**online, "samples_per_prompt": 2}))
+    # regenerate_rejected compares against the data set's chosen: one sample is enough
+    assert from_dict(minimal(data_file, online={"enabled": True, "samples_per_prompt": 1, **JUDGE}))
+
+
+def test_online_cannot_precompute_reference_logprobs(data_file):
+    problems = problems_of(minimal(data_file, online={"enabled": True, **JUDGE}, reference={"precompute": True}))
+    assert set(problems) == {"reference.precompute"}
+    assert from_dict(minimal(data_file, reference={"precompute": True}))  # offline: fine
+
+
+def test_nccl_weight_sync_is_refused_wherever_weights_are_synced(data_file, prompts_file):
+    online = minimal(data_file, online={"enabled": True, "weight_sync": "nccl", **JUDGE})
+    assert set(problems_of(online)) == {"online.weight_sync"}
+    held_out = minimal(data_file, online={"weight_sync": "nccl", **JUDGE}, eval={"prompts_file": str(prompts_file)})
+    problems = problems_of(held_out)
+    assert set(problems) == {"online.weight_sync"}
+    assert "object_store" in problems["online.weight_sync"]
+    # an offline run without held-out sampling never syncs: the setting is unused
+    assert from_dict(minimal(data_file, online={"weight_sync": "nccl"}))
+
+
+@pytest.mark.parametrize("key,value", [
+    ("eval.num_prompts", 0), ("eval.num_prompts", -3), ("eval.samples_per_prompt", 0),
+])
+def test_eval_sampling_sizes_must_be_positive(data_file, key, value):
+    section, name = key.split(".")
+    problems = problems_of(minimal(data_file, **{section: {name: value}}))
+    assert problems == {key: f"must be > 0, got {value}"}
+
+
+def test_all_new_online_problems_are_reported_together(data_file, prompts_file):
+    data = minimal(data_file,
+                   online={"enabled": True, "pair_strategy": "best_vs_worst", "samples_per_prompt": 1,
+                           "weight_sync": "nccl", "judge": {"function": "a.b:c", "reward_model": "org/rm"}},
+                   reference={"precompute": True},
+                   eval={"prompts_file": str(prompts_file), "num_prompts": 0})
+    assert set(problems_of(data)) == {"online.judge", "online.samples_per_prompt", "reference.precompute",
+                                      "online.weight_sync", "eval.num_prompts"}

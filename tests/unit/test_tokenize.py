@@ -351,3 +351,66 @@ def test_whole_tiny_dataset_tokenizes_without_unknown_words(tok, fmt):
         assert tok.unk_token_id not in r["prompt_ids"] + r["chosen_ids"] + r["rejected_ids"]
         assert r["chosen_ids"][-1] == r["rejected_ids"][-1] == tok.eos_token_id
     assert counters.ok == counters.read == 200
+
+
+# --------------------------------------------------------------------------- encode_prompt
+
+
+def test_encode_prompt_text_equals_the_pair_rows_prompt(tok):
+    pt = PairTokenizer(tok, data_config())
+    prompt = "describe the river near the village"
+    row = pt(normalize_row({"prompt": prompt, "chosen": "bright calm", "rejected": "dull grim"})).row
+    assert pt.encode_prompt(prompt) == row["prompt_ids"]
+    assert pt.encode_prompt(prompt) == [tok.bos_token_id] + ids(tok, prompt)
+
+
+@pytest.mark.parametrize("messages", [
+    [{"role": "user", "content": "describe the river"}],
+    [{"role": "system", "content": "be kind"},
+     {"role": "user", "content": "describe the river"},
+     {"role": "assistant", "content": "calm river"},
+     {"role": "user", "content": "tell about the forest"}],
+])
+def test_encode_prompt_chat_equals_the_pair_rows_prompt(tok, messages):
+    pt = PairTokenizer(tok, data_config(max_length=128, max_prompt_length=64))
+    row = pt.tokenize_raw_row({"prompt": messages,
+                               "chosen": [{"role": "assistant", "content": "bright calm"}],
+                               "rejected": [{"role": "assistant", "content": "dull grim"}]},
+                              source="c", line=1).row
+    got = pt.encode_prompt(messages)
+    assert got == row["prompt_ids"]
+    assert got[0] == tok.bos_token_id and got.count(tok.bos_token_id) == 1  # the template's BOS, once
+    assert tok.decode(got[-1:]) == "<|assistant|>"  # ends with the generation prompt
+
+
+def test_encode_prompt_chat_without_template_raises(tok):
+    no_template = copy.deepcopy(tok)
+    no_template.chat_template = None
+    with pytest.raises(ChatTemplateError, match="no chat template"):
+        PairTokenizer(no_template, data_config()).encode_prompt([{"role": "user", "content": "hi"}])
+
+
+def test_encode_prompt_over_long_keeps_bos_and_the_last_tokens(tok):
+    cfg = data_config(max_length=64, max_prompt_length=5)
+    pt = PairTokenizer(tok, cfg)
+    prompt = "describe " + words(9, ("river", "garden", "stone"))  # BOS + 10 words = 11 tokens
+    got = pt.encode_prompt(prompt)
+    assert len(got) == 5
+    assert got == [tok.bos_token_id] + ids(tok, "stone river garden stone")  # words 6..9 of the 9
+    row = pt(normalize_row({"prompt": prompt, "chosen": "bright", "rejected": "dull"})).row
+    assert got == row["prompt_ids"]  # same cut as truncate_prompt
+
+
+def test_encode_prompt_over_long_chat_keeps_bos_and_the_last_tokens(tok):
+    pt = PairTokenizer(tok, data_config(max_length=64, max_prompt_length=4))
+    messages = [{"role": "user", "content": "describe the river"}]
+    # <|bos|> <|user|> describe the river <|assistant|> = 6 tokens -> BOS + last 3
+    assert pt.encode_prompt(messages) == [tok.bos_token_id] + ids(tok, "the river") + \
+        [tok.convert_tokens_to_ids("<|assistant|>")]
+
+
+def test_encode_prompt_over_long_without_bos_keeps_the_last_tokens():
+    ctok = _char_level_tokenizer()
+    pt = PairTokenizer(ctok, data_config(max_length=64, max_prompt_length=3))
+    assert pt.encode_prompt("abcdef") == ctok.convert_tokens_to_ids(["d", "e", "f"])
+    assert pt.encode_prompt("ab") == ctok.convert_tokens_to_ids(["a", "b"])  # short: untouched
