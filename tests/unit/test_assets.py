@@ -122,6 +122,9 @@ def test_model_loads_with_all_weights(tiny_assets):
     assert cfg.model_type == "llama" and cfg.vocab_size == len(tok)
     assert (cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id) == (1, 2, 0)
     assert cfg.max_position_embeddings == 512
+    # 2 heads of 32: vLLM's CPU attention needs head_dim >= 32 (tests/ray/test_generation.py)
+    assert (cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads) == (64, 2, 2)
+    assert cfg.head_dim == 32
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()  # tied
     saved = load_file(str(Path(tiny_assets["model"]) / "model.safetensors"))
     state = model.state_dict()
@@ -169,6 +172,19 @@ def test_make_tiny_assets_rebuilds_when_parameters_change(tmp_path):
     assert second["root"] == first["root"]
     assert sum(len(Path(p).read_text().splitlines()) for p in second["train_files"]) == 6
     assert [p.name for p in tmp_path.iterdir()] == ["t"]  # no build leftovers
+
+
+def test_make_tiny_assets_rebuilds_a_build_from_an_older_version(tmp_path):
+    """A cached build from before head_dim 32 (manifest version 1, 4 heads of 16) is replaced."""
+    first = make_tiny_assets(tmp_path / "t", n_train=4, n_eval=2)
+    manifest = Path(first["root"]) / "assets.json"
+    old = {"version": 1, "n_train": 4, "n_eval": 2, "seed": 0, "fmt": "standard", "shards": 2}
+    manifest.write_text(json.dumps({"params": old}))
+    config_path = Path(first["model"]) / "config.json"
+    config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "num_attention_heads": 4}))
+    assert make_tiny_assets(tmp_path / "t", n_train=4, n_eval=2) == first
+    assert json.loads(config_path.read_text())["num_attention_heads"] == 2
+    assert json.loads(manifest.read_text())["params"] != old
 
 
 def test_importing_assets_and_judge_stays_light():
