@@ -34,6 +34,11 @@ PLOT_METRICS = (
     "eval/loss", "eval/rewards/accuracies", "eval/judge_score", "eval/kl", "online/judge_score_mean",
 )
 JUDGE_KEY, KL_KEY = "eval/judge_score", "eval/kl"
+# Params that define the held-out measurement: runs differing in one of them do not give
+# comparable eval/judge_score or eval/kl (e.g. KL is summed over sampled tokens, so longer
+# max_new_tokens alone raises it).
+EVAL_PARAMS = ("eval.prompts_file", "eval.num_prompts", "eval.samples_per_prompt",
+               "online.sampling.max_new_tokens", "online.judge.function", "online.judge.reward_model")
 
 
 @dataclass
@@ -46,6 +51,8 @@ class RunData:
     """Last logged value of every metric."""
     history: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
     """(step, value) sorted by step, for the metrics that are tabled or plotted."""
+    params: dict[str, str] = field(default_factory=dict)
+    """The run's EVAL_PARAMS (as logged; absent keys left out)."""
 
     @property
     def steps(self) -> int:
@@ -89,8 +96,21 @@ def load_runs(client, experiment: str) -> list[RunData]:
             history[key] = points
         out.append(RunData(run_id=run.info.run_id, name=run.info.run_name or run.info.run_id[:8],
                            mode=run.data.tags.get(MODE_TAG, "?"), status=run.info.status,
-                           final=final, history=history))
+                           final=final, history=history,
+                           params={k: run.data.params[k] for k in EVAL_PARAMS if k in run.data.params}))
     return out
+
+
+def comparability_notes(runs: Sequence[RunData]) -> list[str]:
+    """A note per EVAL_PARAM that differs among the runs with held-out metrics."""
+    measured = [r for r in runs if r.history.get(JUDGE_KEY) or r.history.get(KL_KEY)]
+    notes = []
+    for key in EVAL_PARAMS:
+        values = {r.name: r.params.get(key, "None") for r in measured}
+        if len(set(values.values())) > 1:
+            shown = ", ".join(f"{name}={value}" for name, value in values.items())
+            notes.append(f"{JUDGE_KEY} / {KL_KEY} are not comparable across these runs: {key} differs ({shown})")
+    return notes
 
 
 # --------------------------------------------------------------------------- table (pure)
@@ -169,6 +189,7 @@ def plot_metrics(runs: Sequence[RunData], path: str, metrics: Sequence[str] = PL
                 ax.plot(steps, values, color=color, label=run.label, linestyle="-" if run.mode != "online" else "--",
                         marker="o" if len(points) < 30 else None, markersize=3)
         ax.set_title(key, fontsize=10)
+        ax.set_xlim(-1, max(r.steps for r in runs) + 1)  # one step axis for every panel
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
     for j in range(len(present), nrows * ncols):
@@ -194,8 +215,8 @@ def frontier_points(run: RunData) -> list[tuple[int, float, float]]:
 
 
 def plot_frontier(runs: Sequence[RunData], path: str) -> Optional[str]:
-    """Write eval/judge_score against eval/kl, a line per run through its eval steps (the
-    last one annotated). Returns a note instead of writing when no run has both metrics."""
+    """Write eval/judge_score against eval/kl, a line per run through its eval steps (each
+    point annotated with its step). Returns a note instead of writing when no run has both metrics."""
     series = [(run, frontier_points(run)) for run in runs]
     series = [(run, pts) for run, pts in series if pts]
     if not series:
@@ -208,8 +229,9 @@ def plot_frontier(runs: Sequence[RunData], path: str) -> Optional[str]:
         steps, kls, scores = zip(*pts)
         ax.plot(kls, scores, color=colors[run.run_id], marker="o", markersize=4, label=run.label,
                 linestyle="-" if run.mode != "online" else "--")
-        ax.annotate(f"step {steps[-1]}", (kls[-1], scores[-1]), textcoords="offset points", xytext=(5, 5),
-                    fontsize=8, color=colors[run.run_id])
+        for i, (step, kl, score) in enumerate(pts):  # every point: the order along a line shows
+            ax.annotate(f"step {step}" if i == len(pts) - 1 else str(step), (kl, score),
+                        textcoords="offset points", xytext=(4, 4), fontsize=7, color=colors[run.run_id])
     ax.margins(x=0.12, y=0.08)  # room for the step annotations at the right end
     ax.set_xlabel(f"{KL_KEY} (nats, KL to the reference on held-out samples)")
     ax.set_ylabel(JUDGE_KEY)
@@ -254,4 +276,5 @@ def compare(*, tracking_uri: str, experiment: str, out_dir: str) -> CompareRepor
             files.append(path)
         if note:
             notes.append(note)
+    notes += comparability_notes(runs)
     return CompareReport(table=format_table(runs), files=files, notes=notes)

@@ -103,3 +103,18 @@ def test_compare_defaults_to_mlflow_tracking_uri(store, tmp_path, capsys, monkey
     out = capsys.readouterr().out
     assert f"in {store}" in out
     assert (tmp_path / "compare-bare" / "metrics_vs_step.png").exists()
+
+
+def test_comparability_notes_name_the_param_that_differs():
+    from ray_dpo.tracking.compare import RunData, comparability_notes
+
+    def run(name, tokens, judged=True):
+        history = {"eval/judge_score": [(0, 0.3)], "eval/kl": [(0, 0.0)]} if judged else {}
+        return RunData(run_id=name, name=name, mode="offline", status="FINISHED", history=history,
+                       params={"eval.prompts_file": "/p/eval.jsonl", "online.sampling.max_new_tokens": tokens})
+
+    assert comparability_notes([run("a", "16"), run("b", "16")]) == []
+    # A run without held-out metrics does not count.
+    assert comparability_notes([run("a", "16"), run("c", "128", judged=False)]) == []
+    (note,) = comparability_notes([run("a", "16"), run("b", "128")])
+    assert "online.sampling.max_new_tokens differs (a=16, b=128)" in note
