@@ -202,7 +202,11 @@ class JudgeConfig:
     reward_model: Optional[str] = None
     """Sequence-classification reward model directory, served by its own actors."""
     num_actors: int = 1
+    """Reward-model actors (online.judge.reward_model only; a function judge has none)."""
+    num_cpus_per_actor: float = 1.0
     num_gpus_per_actor: float = 0.0
+    resources: dict[str, float] = field(default_factory=dict)
+    """Extra Ray resources per reward-model actor, e.g. {judge_node: 0.01} to pin them to nodes."""
 
 
 @dataclass
@@ -218,7 +222,10 @@ class OnlineConfig:
     backend: Literal["vllm", "transformers"] = "vllm"
     """Generation engines for online rounds and for eval.prompts_file sampling (offline too)."""
     num_engines: int = 1
+    num_cpus_per_engine: float = 1.0
     gpus_per_engine: float = 0.0
+    resources: dict[str, float] = field(default_factory=dict)
+    """Extra Ray resources per generation engine, e.g. {generation_node: 0.01} to pin them to nodes."""
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     judge: JudgeConfig = field(default_factory=JudgeConfig)
     pair_strategy: Literal["regenerate_rejected", "best_vs_worst"] = "regenerate_rejected"
@@ -532,8 +539,20 @@ def _check_required_and_ranges(cfg: RunConfig, p: list[Problem]) -> None:
         ("policy.gpus_per_worker", cfg.policy.gpus_per_worker),
         ("eval.every_steps", cfg.eval.every_steps),
         ("online.sampling.temperature", cfg.online.sampling.temperature),
+        ("online.num_cpus_per_engine", cfg.online.num_cpus_per_engine),
+        ("online.judge.num_cpus_per_actor", cfg.online.judge.num_cpus_per_actor),
     ]:
         _positive(p, key, value, allow_zero=True)
+    for section, resources, own_keys in (
+        ("online", cfg.online.resources, {"CPU": "num_cpus_per_engine", "GPU": "gpus_per_engine"}),
+        ("online.judge", cfg.online.judge.resources, {"CPU": "num_cpus_per_actor", "GPU": "num_gpus_per_actor"}),
+    ):
+        for name, amount in (resources or {}).items():
+            key = f"{section}.resources.{name}"
+            if name in own_keys:  # Ray refuses CPU / GPU in resources=
+                p.append(Problem(key, f"set {section}.{own_keys[name]} instead; resources holds custom "
+                                      "Ray resources only (e.g. {generation_node: 0.01})"))
+            _positive(p, key, amount, allow_zero=True)
 
 
 def _check_consistency(cfg: RunConfig, p: list[Problem]) -> None:

@@ -12,10 +12,18 @@ run cannot disagree:
     policy      policy.num_workers x policy.gpus_per_worker     (+ policy.resources labels)
     reference   reference.num_actors x num_gpus_per_actor       (+ reference.resources labels)
                 (1 GPU per actor when that is 0 on a GPU run, as ReferenceGroup does;
-                 no group of its own with reference.precompute and no resources: the
-                 actors score the data before training on the policy GPUs, then exit)
-    generation  online.num_engines x online.gpus_per_engine     (online.enabled only)
-    judge       online.judge.num_actors x num_gpus_per_actor    (reward-model judge only)
+                 no group of its own with reference.precompute, no resources and no
+                 eval.prompts_file: the actors score the data before training on the
+                 policy GPUs, then exit)
+    generation  online.num_engines x online.gpus_per_engine     (+ online.resources labels)
+    judge       online.judge.num_actors x num_gpus_per_actor    (+ online.judge.resources labels)
+                (both: 1 GPU per actor when that is 0 on a GPU run, as GenerationGroup and
+                 RewardModelJudge do; generation when online.enabled or eval.prompts_file,
+                 judge when that judge is a reward model)
+
+A GPU group whose actors request no custom resource is not pinned: its actors may take a
+free GPU of another group's pods. With more than one GPU group, the render warns about each
+such group and names the resources key that pins it.
 
 Each group packs its actors into identical pods of at most ``--gpus-per-node`` GPUs, choosing
 the largest pod size that divides the actor count, so no pod holds an idle GPU.
@@ -233,7 +241,7 @@ def uses_gpu(cfg: RunConfig) -> bool:
     """Whether the rendered cluster has GPUs (what the driver's run.device=auto then sees)."""
     if cfg.run.device != "auto":
         return cfg.run.device == "cuda"
-    online = cfg.online.enabled and (cfg.online.gpus_per_engine > 0 or cfg.online.judge.num_gpus_per_actor > 0)
+    online = _runs_engines(cfg) and (cfg.online.gpus_per_engine > 0 or cfg.online.judge.num_gpus_per_actor > 0)
     return cfg.policy.gpus_per_worker > 0 or cfg.reference.num_gpus_per_actor > 0 or online
 
 
@@ -254,26 +262,47 @@ def plan_groups(cfg: RunConfig, shape: ClusterShape) -> tuple[list[GroupPlan], l
     # ReferenceGroup gives each actor num_gpus_per_actor GPUs, or 1 when that is 0, on a GPU run.
     ref_gpus = (ref.num_gpus_per_actor or 1.0) if gpu else 0.0
     sizing = f"reference.num_actors={ref.num_actors} x {ref_gpus:g} GPU"
-    if ref.precompute and not ref.resources:
+    if _reference_time_shared(cfg):
         _check_time_shared(groups[0], ref.num_actors, ref_gpus, ref.num_cpus_per_actor)
     else:
         add(pack_group("reference", sizing, count=ref.num_actors, gpus_each=ref_gpus,
                        cpus_each=ref.num_cpus_per_actor, resources_each=ref.resources, shape=shape))
-    if onl.enabled:
-        gen_gpus = onl.gpus_per_engine if gpu else 0.0
-        add(pack_group("generation", f"online.num_engines={onl.num_engines} x online.gpus_per_engine={gen_gpus:g}",
-                       count=onl.num_engines, gpus_each=gen_gpus, cpus_each=1.0, resources_each={}, shape=shape))
+    if _runs_engines(cfg):
+        # GenerationGroup and RewardModelJudge give each actor its GPUs, or 1 when that is 0, on a GPU run.
+        gen_gpus = (onl.gpus_per_engine or 1.0) if gpu else 0.0
+        add(pack_group("generation", f"online.num_engines={onl.num_engines} x {gen_gpus:g} GPU",
+                       count=onl.num_engines, gpus_each=gen_gpus, cpus_each=onl.num_cpus_per_engine,
+                       resources_each=onl.resources, shape=shape))
         if onl.judge.reward_model:
-            judge_gpus = onl.judge.num_gpus_per_actor if gpu else 0.0
+            judge_gpus = (onl.judge.num_gpus_per_actor or 1.0) if gpu else 0.0
             add(pack_group("judge", f"online.judge.num_actors={onl.judge.num_actors} x {judge_gpus:g} GPU",
-                           count=onl.judge.num_actors, gpus_each=judge_gpus, cpus_each=1.0,
-                           resources_each={}, shape=shape))
-        loose = [g.name for g in groups if g.gpus_per_pod and not g.ray_resources]
-        if loose and sum(1 for g in groups if g.gpus_per_pod) > 1:
-            warnings.append(f"GPU group(s) {', '.join(loose)} are not pinned by Ray resources (online and "
-                            f"online.judge have no resources key): their actors can take any free GPU, "
-                            f"another group's included, if they start before that group's actors")
+                           count=onl.judge.num_actors, gpus_each=judge_gpus, cpus_each=onl.judge.num_cpus_per_actor,
+                           resources_each=onl.judge.resources, shape=shape))
+    loose = [g.name for g in groups if g.gpus_per_pod and not g.ray_resources]
+    if loose and sum(1 for g in groups if g.gpus_per_pod) > 1:
+        keys = ", ".join(f"{RESOURCES_KEYS[name]} (e.g. {{{name}_node: 0.01}})" for name in loose)
+        warnings.append(f"GPU group(s) {', '.join(loose)} are not pinned by Ray resources: their actors can "
+                        f"take any free GPU, another group's included, if they start before that group's "
+                        f"actors; set {keys}")
     return groups, warnings
+
+
+RESOURCES_KEYS = {"policy": "policy.resources", "reference": "reference.resources",
+                  "generation": "online.resources", "judge": "online.judge.resources"}
+"""The config key whose custom Ray resources pin each worker group's actors to its pods."""
+
+
+def _reference_time_shared(cfg: RunConfig) -> bool:
+    """reference.precompute, no reference.resources and no held-out sampling: the reference
+    actors score the data on the policy pods before training, then exit. (eval.prompts_file
+    starts a second reference group that lives through training, so it needs pods of its own.)"""
+    ref = cfg.reference
+    return ref.precompute and not ref.resources and not cfg.eval.prompts_file
+
+
+def _runs_engines(cfg: RunConfig) -> bool:
+    """Whether the run starts generation engines (and a judge): online rounds or held-out sampling."""
+    return cfg.online.enabled or bool(cfg.eval.prompts_file)
 
 
 def _check_time_shared(policy: GroupPlan, count: int, gpus_each: float, cpus_each: float) -> None:

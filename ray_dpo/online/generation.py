@@ -400,15 +400,16 @@ class GenerationGroup:
     """``config.num_engines`` long-lived engine actors behind one ordered generate().
 
     model_path: the policy's initial HF model directory. config: OnlineConfig (backend,
-    num_engines, gpus_per_engine, samples_per_prompt, sampling, weight_sync,
-    sync_tolerance). use_gpu: engines on cuda with gpus_per_engine GPUs each (1 if 0).
-    dtype: engine weights' dtype. seed: base seed; call k of generate() without a seed
-    uses seed + k * 1_000_003 so rounds differ but reruns repeat.
+    num_engines, num_cpus_per_engine, gpus_per_engine, resources, samples_per_prompt,
+    sampling, weight_sync, sync_tolerance). use_gpu: engines on cuda with gpus_per_engine
+    GPUs each (1 if 0). dtype: engine weights' dtype. seed: base seed; call k of generate()
+    without a seed uses seed + k * 1_000_003 so rounds differ but reruns repeat.
+    num_cpus_per_engine: overrides online.num_cpus_per_engine (None: the config's).
     engine_options: extra keyword arguments for the engine class (e.g. max_model_len).
     """
 
     def __init__(self, *, model_path: str, config: OnlineConfig, use_gpu: bool, dtype: str = "fp32",
-                 seed: int = 0, num_cpus_per_engine: float = 1.0, start_timeout_s: float = 600.0,
+                 seed: int = 0, num_cpus_per_engine: Optional[float] = None, start_timeout_s: float = 600.0,
                  engine_options: Optional[dict] = None):
         import ray
 
@@ -421,15 +422,8 @@ class GenerationGroup:
         self._seed = seed
         self._calls = 0
         device = "cuda" if use_gpu else "cpu"
-        num_gpus = (config.gpus_per_engine or 1.0) if use_gpu else 0
-        env = {"TOKENIZERS_PARALLELISM": "false"}
-        if config.backend == "vllm":
-            env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-            if not use_gpu:
-                env.update(VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
-                           VLLM_CPU_OMP_THREADS_BIND=os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "nobind"))
         remote_cls = ray.remote(ENGINES[config.backend]).options(
-            num_cpus=num_cpus_per_engine, num_gpus=num_gpus, runtime_env={"env_vars": env})
+            **engine_actor_options(config, use_gpu=use_gpu, num_cpus_per_engine=num_cpus_per_engine))
         self._actors = [
             remote_cls.remote(model_path, seed=seed, dtype=dtype, device=device, **(engine_options or {}))
             for _ in range(config.num_engines)
@@ -550,6 +544,27 @@ class GenerationGroup:
         check_diffs(diffs, engine_logps, list(expected), tolerance=tolerance, backend=self.config.backend,
                     method=method)
         return diffs
+
+
+def engine_actor_options(config: OnlineConfig, *, use_gpu: bool,
+                         num_cpus_per_engine: Optional[float] = None) -> dict[str, Any]:
+    """The ``.options()`` of each generation engine actor: CPUs, GPUs, custom resources, env.
+
+    num_cpus_per_engine: None takes online.num_cpus_per_engine. online.resources (e.g.
+    {generation_node: 0.01}) pins the engines to the nodes that advertise them.
+    """
+    env = {"TOKENIZERS_PARALLELISM": "false"}
+    if config.backend == "vllm":
+        env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        if not use_gpu:
+            env.update(VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
+                       VLLM_CPU_OMP_THREADS_BIND=os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "nobind"))
+    return {
+        "num_cpus": config.num_cpus_per_engine if num_cpus_per_engine is None else num_cpus_per_engine,
+        "num_gpus": (config.gpus_per_engine or 1.0) if use_gpu else 0,
+        "resources": dict(config.resources),
+        "runtime_env": {"env_vars": env},
+    }
 
 
 def _chunks(total: int, parts: int) -> list[tuple[int, int]]:

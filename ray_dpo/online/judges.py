@@ -252,25 +252,41 @@ class RewardModelActor:
         return True
 
 
+def reward_model_actor_options(config: JudgeConfig, *, use_gpu: bool,
+                               num_cpus_per_actor: float | None = None) -> dict[str, Any]:
+    """The ``.options()`` of each reward-model actor: CPUs, GPUs, custom resources, env.
+
+    num_cpus_per_actor: None takes online.judge.num_cpus_per_actor. online.judge.resources
+    (e.g. {judge_node: 0.01}) pins the actors to the nodes that advertise them.
+    """
+    return {
+        "num_cpus": config.num_cpus_per_actor if num_cpus_per_actor is None else num_cpus_per_actor,
+        "num_gpus": (config.num_gpus_per_actor or 1.0) if use_gpu else 0,
+        "resources": dict(config.resources),
+        "runtime_env": {"env_vars": {"TOKENIZERS_PARALLELISM": "false"}},
+    }
+
+
 class RewardModelJudge:
     """``config.num_actors`` RewardModelActors behind one ordered score().
 
     model_path: the reward model directory (online.judge.reward_model). config: JudgeConfig
-    (num_actors, num_gpus_per_actor). use_gpu: actors on cuda with num_gpus_per_actor GPUs
-    each (1 if 0); else CPU. Pairs are split into contiguous near-equal chunks, one per actor.
+    (num_actors, num_cpus_per_actor, num_gpus_per_actor, resources). use_gpu: actors on cuda
+    with num_gpus_per_actor GPUs each (1 if 0); else CPU. num_cpus_per_actor: overrides the
+    config's (None: online.judge.num_cpus_per_actor). Pairs are split into contiguous
+    near-equal chunks, one per actor.
     """
 
     def __init__(self, *, model_path: str, config: JudgeConfig, use_gpu: bool = False, dtype: str = "fp32",
-                 num_cpus_per_actor: float = 1.0, batch_size: int = 16, max_length: int = 2048,
+                 num_cpus_per_actor: float | None = None, batch_size: int = 16, max_length: int = 2048,
                  start_timeout_s: float = 600.0):
         import ray
 
         if config.num_actors < 1:
             raise JudgeError(f"online.judge.num_actors must be >= 1, got {config.num_actors}")
         self.name = f"reward_model:{model_path}"
-        num_gpus = (config.num_gpus_per_actor or 1.0) if use_gpu else 0
-        cls = ray.remote(RewardModelActor).options(num_cpus=num_cpus_per_actor, num_gpus=num_gpus,
-                                                   runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
+        cls = ray.remote(RewardModelActor).options(
+            **reward_model_actor_options(config, use_gpu=use_gpu, num_cpus_per_actor=num_cpus_per_actor))
         self._actors = [cls.remote(model_path, dtype=dtype, device="cuda" if use_gpu else "cpu",
                                    batch_size=batch_size, max_length=max_length)
                         for _ in range(config.num_actors)]

@@ -322,3 +322,30 @@ def test_all_new_online_problems_are_reported_together(data_file, prompts_file):
                    eval={"prompts_file": str(prompts_file), "num_prompts": 0})
     assert set(problems_of(data)) == {"online.judge", "online.samples_per_prompt", "reference.precompute",
                                       "online.weight_sync", "eval.num_prompts"}
+
+
+def test_engine_and_judge_placement_keys_default_and_parse(data_file):
+    cfg = from_dict(minimal(data_file))
+    assert (cfg.online.num_cpus_per_engine, cfg.online.resources) == (1.0, {})
+    assert (cfg.online.judge.num_cpus_per_actor, cfg.online.judge.resources) == (1.0, {})
+    cfg = from_dict(minimal(data_file, online={"num_cpus_per_engine": 4, "resources": {"generation_node": 0.01},
+                                               "judge": {"num_cpus_per_actor": 2, "resources": {"judge_node": 1}}}))
+    assert (cfg.online.num_cpus_per_engine, cfg.online.resources) == (4.0, {"generation_node": 0.01})
+    assert (cfg.online.judge.num_cpus_per_actor, cfg.online.judge.resources) == (2.0, {"judge_node": 1.0})
+    assert isinstance(cfg.online.judge.resources["judge_node"], float)
+    assert from_dict(minimal(data_file, online={"num_cpus_per_engine": 0, "judge": {"num_cpus_per_actor": 0}}))
+
+
+@pytest.mark.parametrize("online,key,message", [
+    ({"num_cpus_per_engine": -1}, "online.num_cpus_per_engine", "must be >= 0, got -1.0"),
+    ({"judge": {"num_cpus_per_actor": -0.5}}, "online.judge.num_cpus_per_actor", "must be >= 0, got -0.5"),
+    ({"resources": {"generation_node": -0.01}}, "online.resources.generation_node", "must be >= 0, got -0.01"),
+    ({"judge": {"resources": {"judge_node": -1}}}, "online.judge.resources.judge_node", "must be >= 0, got -1.0"),
+    ({"resources": {"GPU": 1}}, "online.resources.GPU", "set online.gpus_per_engine instead"),
+    ({"judge": {"resources": {"CPU": 1}}}, "online.judge.resources.CPU", "set online.judge.num_cpus_per_actor"),
+    ({"resources": {"generation_node": "lots"}}, "online.resources.generation_node", "expected a number"),
+    ({"resources": [1]}, "online.resources", "expected a mapping of a string to a number"),
+])
+def test_engine_and_judge_placement_keys_are_checked(data_file, online, key, message):
+    problems = problems_of(minimal(data_file, online=online))
+    assert set(problems) == {key} and message in problems[key]

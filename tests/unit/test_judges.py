@@ -136,3 +136,19 @@ def test_reward_model_text_uses_the_chat_template_or_plain_lines():
     conv = [{"role": "system", "content": "s"}, {"role": "user", "content": "u"}]
     assert reward_model_text(_Tok("t"), conv, "yo") == "system:s|user:u|assistant:yo"
     assert reward_model_text(_Tok(None), "hi", "yo") == "hi\nyo"
+
+
+def test_reward_model_actors_request_the_configured_cpus_gpus_and_resources():
+    from ray_dpo.online.judges import reward_model_actor_options
+
+    config = JudgeConfig(reward_model="/rm", num_cpus_per_actor=3, num_gpus_per_actor=0.5,
+                         resources={"judge_node": 0.01})
+    opts = reward_model_actor_options(config, use_gpu=True)
+    assert (opts["num_cpus"], opts["num_gpus"], opts["resources"]) == (3, 0.5, {"judge_node": 0.01})
+    opts["resources"]["judge_node"] = 9  # a copy: the config is not changed through it
+    assert config.resources == {"judge_node": 0.01}
+    # CPU runs take no GPU; a GPU run with num_gpus_per_actor 0 takes one; an explicit argument wins.
+    assert reward_model_actor_options(config, use_gpu=False)["num_gpus"] == 0
+    assert reward_model_actor_options(JudgeConfig(reward_model="/rm"), use_gpu=True)["num_gpus"] == 1.0
+    assert reward_model_actor_options(config, use_gpu=False, num_cpus_per_actor=0.5)["num_cpus"] == 0.5
+    assert reward_model_actor_options(JudgeConfig(), use_gpu=False)["resources"] == {}

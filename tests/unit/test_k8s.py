@@ -218,16 +218,32 @@ def test_the_schemas_catch_wrong_fields():
 
 def expected_gpus(path: str) -> dict[str, float]:
     """Each role's GPUs computed straight from the config (independently of ray_dpo.k8s)."""
-    cfg = load_config(path, [f"run.storage_path={k8s.DEFAULT_STORAGE_MOUNT}/runs"], check_files=False)
+    return expected_gpus_of(load_config(path, [f"run.storage_path={k8s.DEFAULT_STORAGE_MOUNT}/runs"],
+                                        check_files=False))
+
+
+def expected_gpus_of(cfg) -> dict[str, float]:
     gpu = cfg.run.device == "cuda" or (cfg.run.device == "auto" and cfg.policy.gpus_per_worker > 0)
     out = {"policy": cfg.policy.num_workers * cfg.policy.gpus_per_worker if gpu else 0}
-    if not (cfg.reference.precompute and not cfg.reference.resources):
+    if not (cfg.reference.precompute and not cfg.reference.resources and not cfg.eval.prompts_file):
         out["reference"] = cfg.reference.num_actors * ((cfg.reference.num_gpus_per_actor or 1) if gpu else 0)
-    if cfg.online.enabled:
-        out["generation"] = cfg.online.num_engines * cfg.online.gpus_per_engine if gpu else 0
+    if cfg.online.enabled or cfg.eval.prompts_file:  # engines and judge sample held-out prompts too
+        out["generation"] = cfg.online.num_engines * ((cfg.online.gpus_per_engine or 1) if gpu else 0)
         if cfg.online.judge.reward_model:
-            out["judge"] = cfg.online.judge.num_actors * cfg.online.judge.num_gpus_per_actor if gpu else 0
+            out["judge"] = cfg.online.judge.num_actors * ((cfg.online.judge.num_gpus_per_actor or 1) if gpu else 0)
     return out
+
+
+RESOURCES = {"policy": lambda c: c.policy.resources, "reference": lambda c: c.reference.resources,
+             "generation": lambda c: c.online.resources, "judge": lambda c: c.online.judge.resources}
+COUNTS = {"policy": lambda c: c.policy.num_workers, "reference": lambda c: c.reference.num_actors,
+          "generation": lambda c: c.online.num_engines, "judge": lambda c: c.online.judge.num_actors}
+
+
+def advertised(group: dict) -> dict:
+    """The custom Ray resources a rendered worker group's pods advertise (KubeRay quoting undone)."""
+    raw = group["rayStartParams"].get("resources")
+    return json.loads(json.loads(raw)) if raw else {}
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
@@ -246,21 +262,18 @@ def test_replicas_and_gpu_requests_match_the_config(path):
         assert group["rayStartParams"]["num-cpus"] == limits["limits"]["cpu"]
         assert group["replicas"] * gpus_of(template) == math.ceil(want[name]), name
     assert gpus_of(pod_templates(job)["head"]) == 0
-    # Every policy worker gets its own CPUs, and each pod advertises the custom resources
-    # its workers request (policy.resources per worker x workers per pod).
+    # Every policy worker gets its own CPUs, and each pod of every group advertises the custom
+    # resources its actors request (<section>.resources per actor x actors per pod).
     policy = groups["policy"]
     per_pod = cfg.policy.num_workers // policy["replicas"]
     assert per_pod * policy["replicas"] == cfg.policy.num_workers
     assert int(policy["rayStartParams"]["num-cpus"]) >= per_pod * cfg.policy.cpus_per_worker
-    advertised = json.loads(json.loads(policy["rayStartParams"]["resources"])) if cfg.policy.resources else {}
-    assert set(advertised) == set(cfg.policy.resources)
-    for key, amount in cfg.policy.resources.items():
-        assert advertised[key] >= per_pod * amount
-    if "reference" in groups and cfg.reference.resources:
-        ref = groups["reference"]
-        per_ref_pod = cfg.reference.num_actors // ref["replicas"]
-        ref_adv = json.loads(json.loads(ref["rayStartParams"]["resources"]))
-        assert all(ref_adv[k] >= per_ref_pod * v for k, v in cfg.reference.resources.items())
+    for name, group in groups.items():
+        per_pod = COUNTS[name](cfg) // group["replicas"]
+        assert per_pod * group["replicas"] == COUNTS[name](cfg), name
+        have, want = advertised(group), RESOURCES[name](cfg)
+        assert set(have) == set(want), name
+        assert all(have[k] >= per_pod * v for k, v in want.items()), name
 
 
 def test_the_2x8_config_is_two_full_nodes():
@@ -274,6 +287,92 @@ def test_the_online_config_fills_a_second_node():
     job = ray_object(render_config(str(ROOT / "configs" / "llama3-8b-online.yaml")))
     sizes = {name: (g["replicas"], gpus_of(g["template"])) for name, g in worker_groups(job).items()}
     assert sizes == {"policy": (1, 8), "reference": (1, 2), "generation": (1, 4), "judge": (1, 2)}
+
+
+ONLINE = str(ROOT / "configs" / "llama3-8b-online.yaml")
+# object_store: the online config must render whatever its weight_sync (checked by config tests).
+ONLINE_SETS = ["online.weight_sync=object_store"]
+PINNED = ["online.resources={generation_node: 0.01}", "online.judge.resources={judge_node: 0.01}",
+          "reference.resources={reference_node: 0.01}", "policy.resources={policy_node: 0.01}"]
+UNPINNED = ["online.resources={}", "online.judge.resources={}"]
+
+
+def render_online(sets: list[str]) -> k8s.Rendered:
+    storage = k8s.Storage.parse(STORAGE)
+    return k8s.render(k8s.load_for_cluster(ONLINE, [*ONLINE_SETS, *sets], storage), k8s.K8sOptions(storage=storage))
+
+
+def test_online_groups_with_resources_advertise_them_and_are_not_warned_about():
+    rendered = render_online([*PINNED, "online.num_cpus_per_engine=6", "online.judge.num_cpus_per_actor=5"])
+    assert not [w for w in rendered.warnings if "pinned" in w]
+    groups = worker_groups(ray_object(rendered.documents))
+    cfg = rendered.config
+    assert advertised(groups["generation"]) == {"generation_node": math.ceil(cfg.online.num_engines * 0.01)}
+    assert advertised(groups["judge"]) == {"judge_node": 1}
+    # every group advertises its own key only, so no actor can start on another group's pods
+    assert [set(advertised(g)) for g in groups.values()] == [{"policy_node"}, {"reference_node"},
+                                                              {"generation_node"}, {"judge_node"}]
+    # CPUs per pod cover the configured CPUs of every actor on it
+    plans = {g.name: g for g in rendered.groups}
+    assert plans["generation"].cpus_per_pod >= plans["generation"].per_pod * 6
+    assert plans["judge"].cpus_per_pod >= plans["judge"].per_pod * 5
+    for doc in rendered.documents:
+        validate_object(doc)
+
+
+def test_unpinned_gpu_groups_are_warned_about_with_the_key_to_set(capsys):
+    rendered = render_online(UNPINNED)
+    (warning,) = [w for w in rendered.warnings if "pinned" in w]
+    assert warning.startswith("GPU group(s) generation, judge are not pinned")
+    assert "online.resources" in warning and "online.judge.resources" in warning
+    assert "reference.resources" not in warning and "policy.resources" not in warning  # those are pinned
+    (warning,) = [w for w in render_online([*UNPINNED, "online.resources={generation_node: 1}"]).warnings
+                  if "pinned" in w]
+    assert warning.startswith("GPU group(s) judge are not pinned") and "online.judge.resources" in warning
+    # the CLI prints it on stderr and as a comment in the manifest
+    code, out, err = render_cli([ONLINE, "--storage", STORAGE, *[a for s in [*ONLINE_SETS, *UNPINNED]
+                                                                 for a in ("--set", s)]], capsys)
+    assert code == 0 and "not pinned" in err and "# warning: GPU group(s) generation, judge" in out
+
+
+def test_engine_and_judge_actors_request_what_their_pods_advertise():
+    """The options GenerationGroup / RewardModelJudge give ray's .options() fit the rendered pods."""
+    import ray
+
+    from ray_dpo.online.generation import engine_actor_options
+    from ray_dpo.online.judges import reward_model_actor_options
+
+    rendered = render_online([*PINNED, "online.num_cpus_per_engine=3", "online.judge.num_cpus_per_actor=2"])
+    cfg = rendered.config
+    plans = {g.name: g for g in rendered.groups}
+    for name, opts in [("generation", engine_actor_options(cfg.online, use_gpu=True)),
+                       ("judge", reward_model_actor_options(cfg.online.judge, use_gpu=True))]:
+        ray.remote(type(name, (), {})).options(**opts)  # ray accepts them (validated without a cluster)
+        plan = plans[name]
+        assert opts["resources"] == RESOURCES[name](cfg) and opts["resources"]
+        assert all(plan.ray_resources[k] >= plan.per_pod * v for k, v in opts["resources"].items()), name
+        assert plan.gpus_per_pod >= plan.per_pod * opts["num_gpus"] > 0, name
+        assert plan.cpus_per_pod >= plan.per_pod * opts["num_cpus"], name
+    assert engine_actor_options(cfg.online, use_gpu=True)["num_cpus"] == 3
+    assert engine_actor_options(cfg.online, use_gpu=False, num_cpus_per_engine=0.5)["num_cpus"] == 0.5
+    assert engine_actor_options(cfg.online, use_gpu=False)["num_gpus"] == 0
+
+
+def test_held_out_sampling_gets_engine_judge_and_reference_groups():
+    """An offline run with eval.prompts_file starts engines, a judge and (precompute or not)
+    reference actors that live through training: each gets pods of its own."""
+    path = str(ROOT / "configs" / "llama3-8b-offline-2x8.yaml")
+    storage = k8s.Storage.parse(STORAGE)
+    cfg = k8s.load_for_cluster(path, ["eval.prompts_file=s3://b/heldout.jsonl", "online.judge.reward_model=org/rm",
+                                      "online.resources={generation_node: 0.01}"], storage)
+    assert not cfg.online.enabled and cfg.reference.precompute
+    rendered = k8s.render(cfg, k8s.K8sOptions(storage=storage))
+    sizes = {g.name: g.total_gpus for g in rendered.groups}
+    assert sizes == {k: math.ceil(v) for k, v in expected_gpus_of(cfg).items()}
+    assert sizes == {"policy": 16, "reference": cfg.reference.num_actors * (cfg.reference.num_gpus_per_actor or 1),
+                     "generation": cfg.online.num_engines, "judge": cfg.online.judge.num_actors}
+    (warning,) = [w for w in rendered.warnings if "pinned" in w]
+    assert "GPU group(s) reference, judge" in warning  # generation and policy are pinned
 
 
 @pytest.mark.parametrize("count, per_node, pods, gpus", [(16, 8, 2, 8), (12, 8, 2, 6), (4, 8, 1, 4), (7, 8, 1, 7),
