@@ -537,8 +537,9 @@ class BatchFeeder:
 # --------------------------------------------------------------------------- actor
 
 
-class _FeederActor(BatchFeeder):
-    """BatchFeeder that keeps a constructor error for ``ping`` to raise.
+class KeepsInitError:
+    """Mixin for actor classes (list it first): a constructor error is kept for ``ping``
+    to raise.
 
     An exception in an actor's __init__ reaches the caller as ActorDiedError with the
     original error flattened into text; raised from a method it arrives as
@@ -556,6 +557,10 @@ class _FeederActor(BatchFeeder):
         if self._init_error is not None:
             raise self._init_error
         return True
+
+
+class _FeederActor(KeepsInitError, BatchFeeder):
+    """BatchFeeder as an actor whose constructor errors reach start_feeder intact."""
 
 
 def start_feeder(

@@ -42,7 +42,7 @@ from typing import Any, Optional
 import numpy as np
 
 from ray_dpo.config import RunConfig
-from ray_dpo.feeder import BatchFeeder, BatchPlan, FeederError, PairStore
+from ray_dpo.feeder import BatchFeeder, BatchPlan, FeederError, KeepsInitError, PairStore
 from ray_dpo.online import rounds as rounds_lib
 
 logger = logging.getLogger("ray_dpo.online")
@@ -415,20 +415,8 @@ class OnlineCoordinator:
         self.generation.shutdown()
 
 
-class _CoordinatorActor(OnlineCoordinator):
-    """Keeps a constructor error for ``ping`` to raise (see feeder._FeederActor)."""
-
-    def __init__(self, *args: Any, **kwargs: Any):
-        self._init_error: Optional[BaseException] = None
-        try:
-            super().__init__(*args, **kwargs)
-        except Exception as err:  # noqa: BLE001 - re-raised by ping()
-            self._init_error = err
-
-    def ping(self) -> bool:
-        if self._init_error is not None:
-            raise self._init_error
-        return True
+class _CoordinatorActor(KeepsInitError, OnlineCoordinator):
+    """OnlineCoordinator as an actor whose constructor errors reach start_coordinator intact."""
 
 
 def start_coordinator(cfg: RunConfig, *, train: Any, evaluation: Any, reference: Any,
