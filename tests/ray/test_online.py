@@ -110,12 +110,12 @@ def test_offline_run_logs_the_same_held_out_metrics_and_compares(ray_cluster, ti
     from ray_dpo.driver import run_dpo
 
     cfg = tiny_config("offline-with-eval", **store, **{
-        "eval.prompts_file": tiny_assets["eval_file"], "eval.num_prompts": 32, "eval.every_steps": 8,
-        "online.judge.function": JUDGE, "online.sampling.max_new_tokens": 16, "policy.max_steps": 16})
+        "eval.prompts_file": tiny_assets["eval_file"], "eval.num_prompts": 32, "eval.every_steps": 4,
+        "online.judge.function": JUDGE, "online.sampling.max_new_tokens": 16, "policy.max_steps": 8})
     summary = run_dpo(cfg)
     scores = history(summary, "eval/judge_score")
-    assert [s for s, _ in scores] == [0, 8, 16]
-    assert [s for s, _ in history(summary, "eval/kl")] == [0, 8, 16]
+    assert [s for s, _ in scores] == [0, 4, 8]
+    assert [s for s, _ in history(summary, "eval/kl")] == [0, 4, 8]
     assert not history(summary, "online/round"), "an offline run has no rounds"
 
     # `ray-dpo compare` on the experiment that holds this run and the online one.
@@ -131,7 +131,8 @@ def test_offline_run_logs_the_same_held_out_metrics_and_compares(ray_cluster, ti
     assert "online-vllm" in header, "the online test (same module) runs first"
     mode = next(line for line in printed.splitlines() if line.startswith("mode "))
     assert sorted(mode.split()[1:]) == ["offline", "online"]
-    assert "note:" not in printed, printed  # a note means a plot lacks a run or a metric
+    # A note would mean a plot lacks a run or a metric, or the held-out sampling differs.
+    assert "note:" not in printed, printed
     assert sorted(p.name for p in out.glob("*.png")) == ["judge_vs_kl.png", "metrics_vs_step.png"]
 
 
@@ -160,8 +161,9 @@ def test_online_overlap_with_transformers_engines_under_zero3(ray_cluster, tiny_
 def test_a_broken_sync_stops_with_a_clear_error(ray_cluster, tiny_config, tiny_assets, store):
     """The sync loses the training update on purpose: the engine gets the old weights while
     the policy's probe log-probs are the new ones. The coordinator must refuse, naming the
-    tolerance, and release the workers waiting for the next round with the same error."""
-    needs_vllm()
+    tolerance, and release the workers waiting for the next round with the same error.
+    (transformers engine: starts in seconds; the same failure with vLLM engines is in
+    test_generation.py::test_sync_wrong_tensor_fails_the_probe_check.)"""
     import ray
     import torch
     from transformers import AutoModelForCausalLM
@@ -173,7 +175,8 @@ def test_a_broken_sync_stops_with_a_clear_error(ray_cluster, tiny_config, tiny_a
     from ray_dpo.reference import ReferenceGroup
 
     cfg = with_absolute_paths(online_config(tiny_config, tiny_assets, store, "broken-sync",
-                                            **{"eval.every_steps": 0}))
+                                            **{"eval.every_steps": 0, "online.backend": "transformers",
+                                               "online.prompts_per_round": 16}))
     train = build_pair_data(expand_files(cfg.data.train_files, key="data.train_files"),
                             tokenizer_path=cfg.model.name_or_path, data=cfg.data)
     reference = ReferenceGroup(model_path=cfg.model.name_or_path, config=cfg.reference, dtype="fp32", use_gpu=False)
@@ -191,7 +194,7 @@ def test_a_broken_sync_stops_with_a_clear_error(ray_cluster, tiny_config, tiny_a
             for p in model.parameters():
                 p.add_(0.05 * torch.randn(p.shape, generator=gen))
         steps_per_round = ray.get(coordinator.steps_per_epoch.remote())
-        with pytest.raises(WeightSyncError, match=r"engine 0 \(vllm.*online\.sync_tolerance = 0\.001"):
+        with pytest.raises(WeightSyncError, match=r"engine 0 \(transformers.*online\.sync_tolerance = 0\.001"):
             ray.get(coordinator.sync.remote(steps_per_round, [ray.put(stale)], torch_probe_logps(model, probe)))
         with pytest.raises(WeightSyncError):  # a worker asking for round 1 does not hang
             ray.get(coordinator.get_step.remote(steps_per_round, 0), timeout=120)
