@@ -93,7 +93,8 @@ def measure(backend: str, path: str, args) -> dict:
                     verifies.append(time.perf_counter() - t0)
                     assert not any(r.missing for r in report.loads)
             out[method] = (statistics.median(loads), statistics.median(verifies), max(diffs))
-        prompts = [[1] + [7 + (i * 13 + j) % 150 for j in range(8)] for i in range(args.prompts)]
+        vocab = model.config.vocab_size
+        prompts = [[1] + [7 + (i * 13 + j) % (vocab - 7) for j in range(8)] for i in range(args.prompts)]
         sampling = SamplingConfig(temperature=1.0, max_new_tokens=args.new_tokens)
         rates = []
         for call in range(2):
