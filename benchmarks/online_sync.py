@@ -139,7 +139,7 @@ def main() -> None:
                 print(rows[-1], flush=True)
     ray.shutdown()
     body = table(["model (hidden x layers)", "params", "fp32 MiB", "engine", "engine start s",
-                  "sync object_store s", "sync checkpoint s", "probe verify s", "max |logp diff|",
+                  "sync object_store s", "sync checkpoint s", "probe verify s", "max logp diff",
                   "gen tokens/s"], rows)
     notes = (f"One engine actor (1 CPU) per backend; sync = transfer + in-place load of a perturbed full "
              f"state dict, median of {args.repeats}; checkpoint includes writing the safetensors file; "
