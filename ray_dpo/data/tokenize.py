@@ -116,11 +116,7 @@ def fit_lengths(
                 "and over_length=truncate_response never cuts prompts (use truncate_prompt)"
             ))
         notes.append(f"prompt cut from {len(prompt)} to {max_prompt_length}")
-        # Keep the end: it is closest to the answer.
-        if bos_id is not None and prompt[0] == bos_id and max_prompt_length > 1:
-            prompt = prompt[:1] + prompt[len(prompt) - max_prompt_length + 1:]
-        else:
-            prompt = prompt[-max_prompt_length:]
+        prompt = prompt_tail(prompt, max_prompt_length, bos_id)
     budget = max_length - len(prompt)
     if budget <= 0:
         return _Fitted([], [], [], "dropped", (
@@ -136,6 +132,16 @@ def fit_lengths(
             f"chosen and rejected are identical within the first {budget} response tokens"
         ))
     return _Fitted(prompt, chosen, rejected, "truncated" if notes else "ok", "; ".join(notes))
+
+
+def prompt_tail(prompt: list[int], limit: int, bos_id: Optional[int]) -> list[int]:
+    """The last ``limit`` tokens of a prompt (the end is closest to the answer); a leading BOS
+    stays in front, in place of the oldest kept token. Shorter prompts come back as they are."""
+    if len(prompt) <= limit:
+        return prompt
+    if bos_id is not None and prompt[0] == bos_id and limit > 1:
+        return prompt[:1] + prompt[len(prompt) - limit + 1:]
+    return prompt[-limit:]
 
 
 # --------------------------------------------------------------------------- tokenizer
@@ -215,11 +221,7 @@ class PairTokenizer:
             ids = self._bos_prefix + self._ids([prompt])[0]
         else:
             ids = self._ids([self._render(tuple(prompt), True, source, line)])[0]
-        limit, bos = self.config.max_prompt_length, self.tokenizer.bos_token_id
-        if len(ids) > limit:
-            keep_bos = bos is not None and ids[0] == bos and limit > 1
-            ids = ids[:1] + ids[len(ids) - limit + 1:] if keep_bos else ids[-limit:]
-        return ids
+        return prompt_tail(ids, self.config.max_prompt_length, self.tokenizer.bos_token_id)
 
     # ---- encoding
 

@@ -52,11 +52,10 @@ EVAL_SEED_OFFSET = 7919  # every eval samples with the same seed: differences co
 
 
 class _Round:
-    """One round's pairs (feeder None: the round kept no pair) and what it measured."""
+    """One round's pairs (feeder None: the round kept no pair)."""
 
-    def __init__(self, feeder: Optional[BatchFeeder], metrics: dict[str, float]):
+    def __init__(self, feeder: Optional[BatchFeeder]):
         self.feeder = feeder
-        self.metrics = metrics
 
     def total_steps(self) -> int:
         return self.feeder.total_steps() if self.feeder is not None else 0
@@ -114,7 +113,7 @@ class OnlineCoordinator:
 
         self._cond = threading.Condition()
         self._rounds: dict[int, _Round] = {}
-        self._pending: dict[int, threading.Thread] = {}
+        self._pending: set[int] = set()  # rounds being built in a background thread
         self._eval_ref_cache: dict[str, tuple[float, float]] = {}
         self._error: Optional[BaseException] = None
         self._closed = False
@@ -133,10 +132,9 @@ class OnlineCoordinator:
                 for i, p in enumerate(prompts, start=1)]
 
     def _make_probe(self) -> list[tuple[list[int], list[int]]]:
-        """A fixed probe from real data: the first pairs' prompt + chosen (else eval prompts)."""
-        source = self.store if self.store is not None else self.evaluation
-        if source is not None and len(source):
-            rows = [source.row(i) for i in range(min(PROBE_SIZE, len(source)))]
+        """A fixed probe: the first train pairs' prompt + chosen; random tokens when eval-only."""
+        if self.store is not None:
+            rows = [self.store.row(i) for i in range(min(PROBE_SIZE, len(self.store)))]
             return [(r["prompt_ids"], r["chosen_ids"]) for r in rows]
         from ray_dpo.online.weight_sync import random_probe
 
@@ -232,15 +230,14 @@ class OnlineCoordinator:
                 self._fail(err)
             finally:
                 with self._cond:
-                    self._pending.pop(r, None)
+                    self._pending.discard(r)
                     self._cond.notify_all()
 
-        thread = threading.Thread(target=work, name=f"online-round-{r}", daemon=True)
         with self._cond:
-            self._pending[r] = thread
-        thread.start()
+            self._pending.add(r)
+        threading.Thread(target=work, name=f"online-round-{r}", daemon=True).start()
 
-    def _produce_round(self, r: int, submitted: tuple[list[int], list]) -> dict[str, float]:
+    def _produce_round(self, r: int, submitted: tuple[list[int], list]) -> None:
         """generate (already submitted) -> judge -> pairs -> rows -> round r's feeder."""
         from ray_dpo.online.pairs import Candidate, group_samples, make_pairs
 
@@ -253,7 +250,7 @@ class OnlineCoordinator:
         flat = [c for comps in completions for c in comps]
         t1 = time.perf_counter()
         scores = self.judge.score([p for p, comps in zip(prompt_texts, completions) for _ in comps],
-                                  [c.text if c.text is not None else self._text(c.token_ids) for c in flat])
+                                  self._texts(flat))
         chosen = None
         if self.cfg.online.pair_strategy == "regenerate_rejected":
             chosen_scores = self.judge.score(prompt_texts, [self._text(row["chosen_ids"]) for row in rows])
@@ -290,7 +287,7 @@ class OnlineCoordinator:
             logger.warning("online round %d kept no pair (all %d prompts lacked a margin): its %d steps "
                            "train nothing", r, len(groups), self.rounds.steps_per_round)
         with self._cond:
-            self._rounds[r] = _Round(feeder, metrics)
+            self._rounds[r] = _Round(feeder)
             self._retire(r)
             self._cond.notify_all()
         print(f"[ray_dpo] online round {r + 1}/{self.rounds.rounds_run}: {len(flat)} samples "
@@ -298,7 +295,6 @@ class OnlineCoordinator:
               f"{len(train_rows)} pairs kept, {counters['dropped_no_margin']} without margin, "
               f"{fitted['dropped_length']} over length", flush=True)
         self._log(metrics, self.rounds.round_start(r))
-        return metrics
 
     def _retire(self, newest: int) -> None:
         """Close feeders two rounds back (holding self._cond); keep their eval log-probs."""
@@ -319,6 +315,10 @@ class OnlineCoordinator:
     def _text(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
+    def _texts(self, completions: list) -> list[str]:
+        """What the judge reads: each completion's text (decoded here if the engine had no tokenizer)."""
+        return [c.text if c.text is not None else self._text(c.token_ids) for c in completions]
+
     # ------------------------------------------------------------------ held-out eval
 
     def _evaluate(self) -> dict[str, float]:
@@ -331,8 +331,7 @@ class OnlineCoordinator:
                                                seed=self.cfg.run.seed + EVAL_SEED_OFFSET)
         flat = [c for comps in completions for c in comps]
         prompts = [p for p, _ in self.eval_prompts for _ in range(n)]
-        scores = self.judge.score(prompts, [c.text if c.text is not None else self._text(c.token_ids)
-                                            for c in flat])
+        scores = self.judge.score(prompts, self._texts(flat))
         rows = as_pair_rows([p for p in ids for _ in range(n)], [c.token_ids for c in flat])
         size = self.cfg.reference.batch_size
         scored = [r for batch in self.reference.score_batches(rows[i:i + size] for i in range(0, len(rows), size))
@@ -399,10 +398,6 @@ class OnlineCoordinator:
         if self._client is None:
             self._client = _client(uri)
         log_metrics(self._client, run_id, {k: v for k, v in metrics.items() if math.isfinite(v)}, step)
-
-    def stats(self) -> dict:
-        with self._cond:
-            return {"rounds_built": sorted(self._rounds), "pending": sorted(self._pending)}
 
     def close(self) -> None:
         with self._cond:

@@ -30,6 +30,7 @@ work: under ZeRO 0-2 only rank 0 writes the model states, which every rank needs
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -106,9 +107,9 @@ def train_loop_per_worker(spec: dict) -> None:
     if step >= worker.total_steps:
         return  # a finished run started again: its last checkpoint is already final
     syncer = spec.get("sync")  # OnlineCoordinator: generation engines that follow the policy
-    sync_points = set(ray.get(syncer.sync_points.remote())) if syncer is not None else set()
-    probe = ray.get(syncer.probe.remote()) if syncer is not None else None
+    sync_points, probe = set(), None
     if syncer is not None:
+        sync_points, probe = set(ray.get(syncer.sync_points.remote())), ray.get(syncer.probe.remote())
         # Always at the start: step 0 verifies the engines (and is the initial policy's
         # eval); a resumed run must bring the engines to the checkpoint's weights.
         sync_policy(worker, syncer, step, probe, send_weights=step > 0)
@@ -311,13 +312,13 @@ def run_step(worker: Worker, step: int) -> dict[str, Any]:
     if len(micro_batches) != worker.grad_accum:
         raise RuntimeError(f"feeder step {step}: {len(micro_batches)} micro-batches for rank {worker.rank}, "
                            f"expected gradient_accumulation_steps={worker.grad_accum}")
-    # DeepSpeed divides the loss by grad_accum and averages gradients over ranks; undo both so
-    # the update is the mean over ALL pairs of the step, however unevenly they are spread.
     epoch = (step + 1) / worker.steps_per_epoch if worker.steps_per_epoch else math.nan
     if n_global == 0:
         # An online round that kept fewer pairs than it has steps: nothing to learn from,
         # so no forward and no update (zero gradients would still move AdamW's weights).
         return {"step": step + 1, "epoch": epoch, "pair_ids": []}
+    # DeepSpeed divides the loss by grad_accum and averages gradients over ranks; undo both so
+    # the update is the mean over ALL pairs of the step, however unevenly they are spread.
     scale = worker.world_size * worker.grad_accum / max(n_global, 1)
     sums, pair_ids = torch.zeros(len(_SUMS), dtype=torch.float64), []
     lr = worker.engine.get_lr()[0]  # the rate this step uses (the scheduler steps after it)
@@ -453,12 +454,10 @@ def _gather_weights(worker: Worker) -> Optional[dict[str, torch.Tensor]]:
     out: Optional[dict[str, torch.Tensor]] = {} if worker.rank == 0 else None
     zero3 = worker.engine.zero_optimization_partition_weights()
     for name, param in worker.engine.module.named_parameters():
-        if zero3:
-            with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
-                if out is not None:
-                    out[name] = param.data.detach().to("cpu", copy=True)
-        elif out is not None:
-            out[name] = param.data.detach().to("cpu", copy=True)
+        whole = deepspeed.zero.GatheredParameters([param], modifier_rank=None) if zero3 else contextlib.nullcontext()
+        with whole:
+            if out is not None:
+                out[name] = param.data.detach().to("cpu", copy=True)
     return out
 
 

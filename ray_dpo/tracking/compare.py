@@ -180,6 +180,7 @@ def plot_metrics(runs: Sequence[RunData], path: str, metrics: Sequence[str] = PL
     nrows = math.ceil(len(present) / ncols)
     fig, axes = _figure(nrows, ncols, width=4.2 * ncols, height=3.2 * nrows)
     colors = _colors(len(runs))
+    last_step = max(r.steps for r in runs)
     for i, key in enumerate(present):
         ax = axes[i // ncols][i % ncols]
         for run, color in zip(runs, colors):
@@ -189,7 +190,7 @@ def plot_metrics(runs: Sequence[RunData], path: str, metrics: Sequence[str] = PL
                 ax.plot(steps, values, color=color, label=run.label, linestyle="-" if run.mode != "online" else "--",
                         marker="o" if len(points) < 30 else None, markersize=3)
         ax.set_title(key, fontsize=10)
-        ax.set_xlim(-1, max(r.steps for r in runs) + 1)  # one step axis for every panel
+        ax.set_xlim(-1, last_step + 1)  # one step axis for every panel
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
     for j in range(len(present), nrows * ncols):
