@@ -1,4 +1,4 @@
-"""ray-dpo command line: train | validate | compare | make-assets | k8s.
+"""ray-dpo command line: train | validate | compare | make-assets | import-gguf | k8s.
 
 Exit codes: 0 success, 1 the run failed, 2 the config (or the command line) is wrong.
 Heavy imports (ray, deepspeed, mlflow) happen inside the commands that need them, so
@@ -104,6 +104,17 @@ def cmd_make_assets(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_import_gguf(args: argparse.Namespace) -> int:
+    from ray_dpo.gguf_import import GGUFImportError, import_gguf
+
+    try:
+        import_gguf(args.gguf_file, args.out, dtype=args.dtype, overwrite=args.overwrite)
+    except GGUFImportError as e:
+        print(f"[ray_dpo] {e}", file=sys.stderr)
+        return EXIT_BAD_CONFIG
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ray-dpo", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -130,6 +141,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-eval", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_make_assets)
+
+    p = sub.add_parser("import-gguf", help="convert a local GGUF file (llama.cpp) into a Hugging Face "
+                                           "model directory that ray_dpo can train")
+    p.add_argument("gguf_file", help="path of the .gguf file (quantized files are dequantized)")
+    p.add_argument("--out", required=True, help="output directory (model + tokenizer + chat template)")
+    p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "fp16"))
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
+    p.set_defaults(func=cmd_import_gguf)
 
     from ray_dpo import k8s  # pure (yaml + config): keeps `ray-dpo validate` fast
 
