@@ -64,6 +64,10 @@ def _print_summary(s) -> None:
     for key in ("train/loss", "train/rewards/accuracies", "eval/loss", "eval/rewards/accuracies"):
         if key in s.final_metrics:
             print(f"[ray_dpo]   {key} = {s.final_metrics[key]:.4f}")
+    for key, ((first_step, first), (last_step, last)) in s.heldout.items():
+        unit = " nats/sequence" if key == "eval/kl" else ""
+        print(f"[ray_dpo]   held-out {key} = {first:.4f} at step {first_step} -> {last:.4f} at step "
+              f"{last_step} ({last - first:+.4f}){unit}")
     if s.hf_model_path:
         print(f"[ray_dpo] final model (Hugging Face format): {s.hf_model_path}")
     print(f"[ray_dpo] MLflow run id: {s.run_id} (experiment {s.experiment!r})")

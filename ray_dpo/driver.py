@@ -36,6 +36,8 @@ _ENV_DEFAULTS = {
 
 
 DATA_COUNTERS = ("read", "ok", "truncated", "dropped", "skipped")
+# Printed before -> after at the end of a run that sampled held-out prompts.
+HELDOUT_METRICS = ("eval/judge_score", "eval/kl")
 
 
 @dataclasses.dataclass
@@ -51,6 +53,9 @@ class TrainSummary:
     final_metrics: dict
     data_report: dict
     seconds: float
+    heldout: dict = dataclasses.field(default_factory=dict)
+    """{"eval/judge_score": ((step, value), (step, value)), "eval/kl": ...}: the held-out
+    evaluation at its first and last step, for the metrics the run logged."""
 
 
 def init_ray(cfg: RunConfig) -> None:
@@ -277,7 +282,8 @@ def _summarize(cfg: RunConfig, tracker, result, total_steps: int, report: dict, 
     metrics = {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))}
     if hf:
         tracker.set_tags({"ray_dpo.hf_model": hf})
+    heldout = {key: span for key in HELDOUT_METRICS if (span := tracker.first_and_last(key))}
     return TrainSummary(run_id=tracker.run_id, tracking_uri=tracker.uri,
                         experiment=cfg.tracking.mlflow.experiment, steps=total_steps,
                         checkpoint_path=ckpt, hf_model_path=hf, final_metrics=metrics,
-                        data_report=report, seconds=seconds)
+                        data_report=report, seconds=seconds, heldout=heldout)

@@ -115,6 +115,16 @@ class MLflowRun:
     def log_json(self, obj: object, artifact_file: str) -> None:
         self.log_text(json.dumps(obj, indent=2, sort_keys=True), artifact_file)
 
+    def first_and_last(self, key: str) -> tuple[tuple[int, float], tuple[int, float]] | None:
+        """((step, value) at the lowest step, (step, value) at the highest) of a metric, or
+        None if it was never logged. A step logged twice (a resumed run) counts its last value."""
+        history = self.client.get_metric_history(self.run_id, key)
+        if not history:
+            return None
+        by_step = {m.step: m.value for m in sorted(history, key=lambda m: m.timestamp)}
+        lo, hi = min(by_step), max(by_step)
+        return (lo, by_step[lo]), (hi, by_step[hi])
+
     def finish(self, status: str = "FINISHED") -> None:
         self.client.set_terminated(self.run_id, status=status)
 
