@@ -52,6 +52,7 @@ import pyarrow.compute as pc
 import ray
 import ray.data
 
+from ray_dpo.data.chat_template import ChatTemplateSourceError, resolve_chat_template
 from ray_dpo.data.formats import BadRowError
 from ray_dpo.data.tokenize import ChatTemplateError, DataCounters, TokenizeResult
 
@@ -404,18 +405,11 @@ def load_tokenizer(tokenizer_path: str, chat_template: Optional[str] = None) -> 
 
 
 def _read_template(chat_template: Optional[str]) -> Optional[str]:
-    """model.chat_template is a file path; inline Jinja is accepted as well."""
-    if chat_template is None:
-        return None
-    if os.path.isfile(os.path.expanduser(chat_template)):
-        with open(os.path.expanduser(chat_template), encoding="utf-8") as f:
-            return f.read()
-    if "{{" in chat_template or "{%" in chat_template:
-        return chat_template
-    raise DataError(
-        f"model.chat_template: {chat_template!r} is not a file; give the path of a Jinja "
-        "chat template file"
-    )
+    """Template text of a model.chat_template value (a file path or inline Jinja)."""
+    try:
+        return resolve_chat_template(chat_template)
+    except ChatTemplateSourceError as err:
+        raise DataError(str(err)) from None
 
 
 def _row_hash(pair_id: str, prompt: list[int], chosen: list[int], rejected: list[int]) -> bytes:
@@ -592,7 +586,8 @@ def build_pair_data(
         files: data files, e.g. from ``expand_files``; they are read in this order.
         tokenizer_path: Hugging Face tokenizer directory.
         data: the run's DataConfig (format, lengths, over_length, on_bad_row).
-        chat_template: path of a Jinja chat template file replacing the tokenizer's own.
+        chat_template: model.chat_template: the path of a Jinja chat template file, or the
+            template itself (inline Jinja), replacing the tokenizer's own.
         name: "train" / "eval", for reports.
         max_tokenize_tasks: cap on concurrent tokenize tasks (None: as many as CPUs).
             Every new worker process pays the transformers import (~3 CPU-seconds, it
