@@ -84,8 +84,13 @@ class DataConfig:
     max_prompt_length: int = 512
     """Maximum prompt tokens."""
     over_length: Literal["truncate_prompt", "truncate_response", "drop"] = "truncate_prompt"
-    """A pair over the limits is counted and: truncate_prompt keeps the prompt's last
-    max_prompt_length tokens (BOS kept), then cuts responses from the right;
+    """A pair over the limits is counted (per cause, in the data report) and:
+    truncate_prompt shortens the prompt, then cuts responses from the right. Chat prompts
+    lose whole earliest turns first (a leading system message stays, the kept part starts
+    at a user turn, every message keeps its role header); only when the last user turn
+    alone is too long is that message cut inside its content, keeping its end; a pair whose
+    system prompt + headers cannot fit is dropped. Text prompts keep their last
+    max_prompt_length tokens (a BOS the tokenizer adds stays in front).
     truncate_response never cuts the prompt (a prompt over max_prompt_length drops the
     pair) and cuts responses to fit; drop drops the pair."""
     on_bad_row: Literal["error", "skip"] = "error"
