@@ -419,7 +419,11 @@ class PairTokenizer:
             self._response_text(prompt_messages, response, prompt_text, source, line)
             for response in (pair.chosen, pair.rejected)
         ]
-        prompt, chosen, rejected = self._ids([prompt_text, *responses])
+        if fit is not None and not fit.dropped:  # fit.ids are the ids of prompt_text already
+            prompt = fit.ids
+            chosen, rejected = self._ids(responses)
+        else:
+            prompt, chosen, rejected = self._ids([prompt_text, *responses])
         return fit, prompt, self._end_with_eos(chosen), self._end_with_eos(rejected)
 
     def _fit_chat(self, messages: Messages, source: str, line: int) -> ChatFit:
