@@ -24,6 +24,7 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
+from ray_dpo.data.chat_template import is_inline_template, template_problem
 from ray_dpo.losses import loss_names
 
 DATA_FORMATS = ("auto", "standard", "conversational", "sharegpt", "implicit")
@@ -58,7 +59,12 @@ class ModelConfig:
     dtype: Literal["fp32", "bf16", "fp16"] = "bf16"
     """Training dtype of the policy (and of the reference unless it says otherwise)."""
     chat_template: Optional[str] = None
-    """Path to a Jinja chat template file that replaces the tokenizer's own."""
+    """Chat template replacing the tokenizer's own: the path of a Jinja file, or the template
+    itself inline (any value containing "{%" or "{{", e.g. a YAML block scalar or
+    --set "model.chat_template={% for m in messages %}..."). Used to build the pairs, to
+    sample online / held-out prompts, and written into the exported hf_model/ tokenizer
+    (chat_template.jinja and tokenizer_config.json), so the model serves with the template
+    it was trained with."""
     trust_remote_code: bool = False
     gradient_checkpointing: bool = False
     attn_implementation: Optional[str] = None
@@ -78,8 +84,13 @@ class DataConfig:
     max_prompt_length: int = 512
     """Maximum prompt tokens."""
     over_length: Literal["truncate_prompt", "truncate_response", "drop"] = "truncate_prompt"
-    """A pair over the limits is counted and: truncate_prompt keeps the prompt's last
-    max_prompt_length tokens (BOS kept), then cuts responses from the right;
+    """A pair over the limits is counted (per cause, in the data report) and:
+    truncate_prompt shortens the prompt, then cuts responses from the right. Chat prompts
+    lose whole earliest turns first (a leading system message stays, the kept part starts
+    at a user turn, every message keeps its role header); only when the last user turn
+    alone is too long is that message cut inside its content, keeping its end; a pair whose
+    system prompt + headers cannot fit is dropped. Text prompts keep their last
+    max_prompt_length tokens (a BOS the tokenizer adds stays in front).
     truncate_response never cuts the prompt (a prompt over max_prompt_length drops the
     pair) and cuts responses to fit; drop drops the pair."""
     on_bad_row: Literal["error", "skip"] = "error"
@@ -421,8 +432,21 @@ def _is_optional(tp: Any) -> bool:
 # --------------------------------------------------------------------------- overrides
 
 
+def _override_value(raw: str) -> Any:
+    """A ``--set`` value: YAML (numbers, booleans, null, lists) when it parses as YAML,
+    else the text itself, so inline Jinja ("{% if x %}...") or other text with YAML syntax
+    characters arrives as a string instead of a parser traceback."""
+    if not raw.strip():
+        return ""
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return raw
+
+
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
-    """Apply ``section.key=value`` overrides; values are parsed as YAML scalars/lists."""
+    """Apply ``section.key=value`` overrides; values are parsed as YAML scalars/lists, and a
+    value that is not valid YAML is taken as a plain string."""
     problems = []
     for item in overrides:
         if "=" not in item:
@@ -439,7 +463,7 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
                 problems.append(Problem(dotted, f"{part!r} is not a section"))
                 break
         else:
-            node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+            node[parts[-1]] = _override_value(raw)
     if problems:
         raise ConfigError(problems, source="--set")
     return data
@@ -488,6 +512,9 @@ def check(cfg: RunConfig, *, check_files: bool = True) -> list[Problem]:
     p: list[Problem] = []
     _check_required_and_ranges(cfg, p)
     _check_consistency(cfg, p)
+    problem = template_problem(cfg.model.chat_template, check_files=check_files)
+    if problem is not None:
+        p.append(Problem("model.chat_template", problem))
     if check_files:
         _check_local_files(cfg, p)
     return p
@@ -609,9 +636,8 @@ def _check_local_files(cfg: RunConfig, p: list[Problem]) -> None:
     for key, path in [("model.name_or_path", cfg.model.name_or_path),
                       ("model.tokenizer", cfg.model.tokenizer),
                       ("reference.model", cfg.reference.model),
-                      ("model.chat_template", cfg.model.chat_template),
                       ("eval.prompts_file", cfg.eval.prompts_file)]:
-        local = key in ("model.chat_template", "eval.prompts_file") or (path and _looks_local(path))
+        local = key == "eval.prompts_file" or (path and _looks_local(path))
         if path and local and not _is_remote(path) and not os.path.exists(os.path.expanduser(path)):
             p.append(Problem(key, f"no such file or directory: {path!r}"))
 
@@ -686,11 +712,14 @@ def with_absolute_paths(cfg: RunConfig) -> RunConfig:
     def fix_all(paths: list[str]) -> list[str]:
         return [local(p) for p in paths]
 
+    def template(value: Optional[str]) -> Optional[str]:  # a path or the template itself
+        return value if not value or is_inline_template(value) else local(value)
+
     return dataclasses.replace(
         cfg,
         run=dataclasses.replace(cfg.run, storage_path=local(cfg.run.storage_path)),
         model=dataclasses.replace(cfg.model, name_or_path=fix(cfg.model.name_or_path),
-                                  tokenizer=fix(cfg.model.tokenizer), chat_template=local(cfg.model.chat_template)),
+                                  tokenizer=fix(cfg.model.tokenizer), chat_template=template(cfg.model.chat_template)),
         data=dataclasses.replace(cfg.data, train_files=fix_all(cfg.data.train_files),
                                  eval_files=fix_all(cfg.data.eval_files)),
         reference=dataclasses.replace(cfg.reference, model=fix(cfg.reference.model),

@@ -22,7 +22,7 @@ import time
 import ray
 
 from ray_dpo.config import RunConfig, flatten, to_yaml, with_absolute_paths
-from ray_dpo.data.pipeline import build_pair_data, data_report, expand_files, format_report
+from ray_dpo.data.pipeline import build_pair_data, data_metrics, data_report, expand_files, format_report
 
 logger = logging.getLogger("ray_dpo")
 
@@ -35,7 +35,6 @@ _ENV_DEFAULTS = {
 }
 
 
-DATA_COUNTERS = ("read", "ok", "truncated", "dropped", "skipped")
 # Printed before -> after at the end of a run that sampled held-out prompts.
 HELDOUT_METRICS = ("eval/judge_score", "eval/kl")
 
@@ -100,8 +99,7 @@ def run_dpo(cfg: RunConfig) -> TrainSummary:
         report = data_report(train, evaluation)
         print("[ray_dpo] data: " + format_report(report).replace("\n", "\n[ray_dpo] "), flush=True)
         tracker.log_json(report, "data_report.json")
-        counters = train.counters.as_dict()
-        tracker.log_metrics({f"data/{k}": counters[k] for k in DATA_COUNTERS}, step=0)
+        tracker.log_metrics(data_metrics(train.counters), step=0)
         if cfg.online.enabled:
             # Rounds: the coordinator is the feeder, and it drives the generation engines.
             coordinator = _start_coordinator(cfg, tracker, train=train, evaluation=evaluation,

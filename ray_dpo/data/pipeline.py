@@ -52,7 +52,9 @@ import pyarrow.compute as pc
 import ray
 import ray.data
 
+from ray_dpo.data.chat_template import ChatTemplateSourceError, resolve_chat_template
 from ray_dpo.data.formats import BadRowError
+from ray_dpo.data.report import data_metrics, format_report  # noqa: F401 - re-exported for the driver
 from ray_dpo.data.tokenize import ChatTemplateError, DataCounters, TokenizeResult
 
 if TYPE_CHECKING:  # ray_dpo.config imports torch (via losses); data tasks need neither
@@ -95,6 +97,9 @@ _STAGE_SCHEMA = pa.schema(list(PAIR_SCHEMA) + [
     ("file_index", pa.int32()),
     ("line", pa.int64()),
     ("row_hash", pa.binary()),  # sha256 of one kept row; b"" for dropped / skipped rows
+    ("causes", pa.string()),  # TokenizeResult.causes joined by ","; "" when ok
+    ("raw_prompt", pa.int32()),  # prompt tokens before fitting; -1 when never tokenized
+    ("raw_response", pa.int32()),  # longer response's tokens before fitting; -1 likewise
 ])
 _HELPER_COLUMNS = [f.name for f in _STAGE_SCHEMA if f.name not in PAIR_SCHEMA.names]
 
@@ -404,18 +409,11 @@ def load_tokenizer(tokenizer_path: str, chat_template: Optional[str] = None) -> 
 
 
 def _read_template(chat_template: Optional[str]) -> Optional[str]:
-    """model.chat_template is a file path; inline Jinja is accepted as well."""
-    if chat_template is None:
-        return None
-    if os.path.isfile(os.path.expanduser(chat_template)):
-        with open(os.path.expanduser(chat_template), encoding="utf-8") as f:
-            return f.read()
-    if "{{" in chat_template or "{%" in chat_template:
-        return chat_template
-    raise DataError(
-        f"model.chat_template: {chat_template!r} is not a file; give the path of a Jinja "
-        "chat template file"
-    )
+    """Template text of a model.chat_template value (a file path or inline Jinja)."""
+    try:
+        return resolve_chat_template(chat_template)
+    except ChatTemplateSourceError as err:
+        raise DataError(str(err)) from None
 
 
 def _row_hash(pair_id: str, prompt: list[int], chosen: list[int], rejected: list[int]) -> bytes:
@@ -471,8 +469,10 @@ class _TokenizeRows:
 
     def _one(self, raw: Optional[str], read_error: Optional[str], source: str, line: int) -> TokenizeResult:
         try:
+            cause = "unreadable"
             if raw is None:
                 raise BadRowError(source, line, read_error or "the row could not be read")
+            cause = "malformed_json"
             try:
                 record = json.loads(raw)
             except ValueError as err:
@@ -480,6 +480,7 @@ class _TokenizeRows:
                     source, line,
                     f"malformed JSON ({err}); fix the line so it holds one JSON object",
                 ) from None
+            cause = "bad_row"
             return self.tokenizer.tokenize_raw_row(record, source=source, line=line)
         except BadRowError as err:
             if self.data.on_bad_row == "error":
@@ -487,7 +488,7 @@ class _TokenizeRows:
                     f"{err} (data.on_bad_row=error; set data.on_bad_row=skip to count and "
                     "skip bad rows instead)"
                 ) from None
-            return TokenizeResult(None, "skipped", str(err))
+            return TokenizeResult(None, "skipped", str(err), (cause,))
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         cols = {name: batch.column(name).to_pylist() for name in READ_SCHEMA.names}
@@ -508,6 +509,10 @@ class _TokenizeRows:
             out["line"].append(line)
             kept = result.status in KEPT_STATUSES
             out["row_hash"].append(_row_hash(pair_id, *ids) if kept else b"")
+            out["causes"].append(",".join(result.causes))
+            raw_prompt, raw_response = result.lengths if result.lengths is not None else (-1, -1)
+            out["raw_prompt"].append(raw_prompt)
+            out["raw_response"].append(raw_response)
         arrays = [
             _ids_column(out[f.name]) if f.type == _IDS else pa.array(out[f.name], f.type)
             for f in _STAGE_SCHEMA
@@ -528,6 +533,9 @@ def _summary_columns(batch: pa.Table) -> pa.Table:
         "status": batch.column("status"),
         "reason": batch.column("reason"),
         "row_hash": batch.column("row_hash"),
+        "causes": batch.column("causes"),
+        "raw_prompt": batch.column("raw_prompt"),
+        "raw_response": batch.column("raw_response"),
         "n_prompt": pc.list_value_length(batch.column("prompt_ids")),
         "n_chosen": pc.list_value_length(batch.column("chosen_ids")),
         "n_rejected": pc.list_value_length(batch.column("rejected_ids")),
@@ -592,7 +600,8 @@ def build_pair_data(
         files: data files, e.g. from ``expand_files``; they are read in this order.
         tokenizer_path: Hugging Face tokenizer directory.
         data: the run's DataConfig (format, lengths, over_length, on_bad_row).
-        chat_template: path of a Jinja chat template file replacing the tokenizer's own.
+        chat_template: model.chat_template: the path of a Jinja chat template file, or the
+            template itself (inline Jinja), replacing the tokenizer's own.
         name: "train" / "eval", for reports.
         max_tokenize_tasks: cap on concurrent tokenize tasks (None: as many as CPUs).
             Every new worker process pays the transformers import (~3 CPU-seconds, it
@@ -651,8 +660,11 @@ def _summarize(staged: Any) -> tuple[DataCounters, str, dict]:
     table = table.take(pa.array(order, pa.int64()))
 
     counters = DataCounters()
-    for status, reason in zip(table.column("status").to_pylist(), table.column("reason").to_pylist()):
-        counters.add(TokenizeResult(None, status, reason))
+    for status, reason, causes, raw_prompt, raw_response in zip(
+        *(table.column(name).to_pylist() for name in ("status", "reason", "causes", "raw_prompt", "raw_response"))
+    ):
+        lengths = (raw_prompt, raw_response) if raw_prompt >= 0 else None
+        counters.add(TokenizeResult(None, status, reason, tuple(c for c in causes.split(",") if c), lengths))
     kept = table.filter(pc.is_in(table.column("status"), value_set=pa.array(KEPT_STATUSES)))
     digest = hashlib.sha256()
     for row_hash in kept.column("row_hash").to_pylist():
@@ -711,27 +723,14 @@ def _find_original(exc: BaseException) -> Optional[BaseException]:
 
 
 def data_report(train: PairData, eval: Optional[PairData] = None) -> dict:  # noqa: A002
-    """JSON-able data report (MLflow artifact, console): per split the counters, pair
-    count, fingerprint, token stats and files."""
+    """JSON-able data report (MLflow artifact, console): per split the counters (with
+    per-cause counts and length histograms), pair count, fingerprint, token stats, files
+    and ``lengths``: p50 / p90 / p99 / max tokens of prompt, longer response and their
+    total before fitting."""
     report = {"train": train.summary(), "eval": eval.summary() if eval is not None else None}
+    for split, data in (("train", train), ("eval", eval)):
+        if data is not None:
+            report[split]["lengths"] = data.counters.length_summary()
     kept = train.counters.kept
     report["train"]["kept_fraction"] = round(kept / train.counters.read, 4) if train.counters.read else 0.0
     return report
-
-
-def format_report(report: dict) -> str:
-    """One line per split, for the console."""
-    lines = []
-    for split in ("train", "eval"):
-        part = report.get(split)
-        if not part:
-            continue
-        c = part["counters"]
-        lines.append(
-            f"{split}: {part['num_pairs']} pairs from {part['num_files']} file(s); read {c['read']}, "
-            f"ok {c['ok']}, truncated {c['truncated']}, dropped {c['dropped']}, "
-            f"skipped {c['skipped']}; fingerprint {part['fingerprint'][:12]}"
-        )
-        for reason in (c.get("skip_reasons") or [])[:3] + (c.get("drop_reasons") or [])[:3]:
-            lines.append(f"    e.g. {reason}")
-    return "\n".join(lines)

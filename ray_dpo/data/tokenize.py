@@ -12,17 +12,27 @@ prompt+response must start with the rendered prompt. Templates that rewrite hist
 (e.g. strip reasoning from earlier turns) or whose generation prompt differs from the
 assistant header they render raise ``ChatTemplateError``.
 
-Text pairs: prompt tokens (with BOS when the tokenizer adds one), response tokens + EOS.
+Text pairs: prompt tokens (with BOS when the tokenizer adds one), response tokens + EOS
+(not added again when the response text already ends with the EOS token).
 
 Every response ends with exactly one EOS unless it was truncated. Templates that emit
 whitespace after their end-of-turn token (``"<|im_end|>\\n"``) get that tail cut, since
 generation stops at EOS and never produces it.
 
 Length policy (``data.over_length``); both limits count tokens:
-    truncate_prompt    prompt longer than max_prompt_length keeps its last
-                       max_prompt_length tokens (a leading BOS stays in front, in place
-                       of the oldest kept token: models degrade without it); then
+    truncate_prompt    a prompt longer than max_prompt_length is shortened, then
                        responses are cut from the right to max_length - len(prompt).
+                       Chat prompts are shortened turn by turn (``fit_chat_prompt``): a
+                       leading system message always stays; the earliest turns go first,
+                       so the kept conversation starts with a user turn; the prompt is
+                       re-rendered, so every kept message has its full role header. Only
+                       when the last user turn (and what follows it) alone is too long is
+                       that oldest kept message cut inside its content, from the left
+                       (its end, closest to the answer, stays). If even the system prompt,
+                       the role headers and one token of that message do not fit, the pair
+                       is dropped ("prompt_no_room"). Text prompts keep their last
+                       max_prompt_length tokens (a BOS the tokenizer adds stays in front,
+                       in place of the oldest kept token: models degrade without it).
     truncate_response  the prompt is never cut: a prompt longer than max_prompt_length
                        drops the pair; responses are cut from the right to
                        max_length - len(prompt).
@@ -30,13 +40,17 @@ Length policy (``data.over_length``); both limits count tokens:
 A pair whose responses tokenize identically, become identical after cutting, or have no
 room left is dropped: identical responses give the DPO loss no gradient.
 
+Every result says why it is not "ok" with stable short keys (``TokenizeResult.causes``,
+described in CAUSES) and carries the pair's token lengths before fitting, so
+``DataCounters`` can report per-reason counts and length percentiles.
+
 This module is pure: it imports neither ray, deepspeed nor vllm.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import jinja2
 
@@ -45,6 +59,28 @@ from ray_dpo.data.formats import FORMATS, BadRowError, Messages, Pair, normalize
 OVER_LENGTH_POLICIES = ("truncate_prompt", "truncate_response", "drop")
 BAD_ROW_POLICIES = ("error", "skip")
 STATUSES = ("ok", "truncated", "dropped", "skipped")
+
+
+CAUSES = {
+    # truncated (a pair counts once under each kind of cut it got)
+    "prompt_turns_dropped": "lost the start of the conversation (earliest turns dropped)",
+    "prompt_message_cut": "had the oldest kept prompt message cut inside (its start removed)",
+    "prompt_text_cut": "had a text prompt cut from the left",
+    "response_cut": "had a response cut at max_length",
+    # dropped (exactly one each)
+    "over_length": "over max_prompt_length / max_length with over_length=drop",
+    "prompt_over_limit": "prompt over max_prompt_length with over_length=truncate_response",
+    "prompt_no_room": "system prompt + role headers + last user turn alone exceed max_prompt_length",
+    "no_response_room": "prompt leaves no room for responses under max_length",
+    "identical_responses": "chosen and rejected tokenize to the same ids",
+    "identical_after_cut": "chosen and rejected became identical after cutting",
+    # skipped (exactly one each)
+    "bad_row": "malformed row (on_bad_row=skip)",
+    "malformed_json": "line is not valid JSON (on_bad_row=skip)",
+    "unreadable": "line could not be read, e.g. invalid UTF-8 (on_bad_row=skip)",
+}
+"""Stable short keys of why a pair was truncated / dropped / skipped -> what they mean.
+They name the data/* metrics and the data report's per-reason counts."""
 
 
 class ChatTemplateError(ValueError):
@@ -60,12 +96,17 @@ class TokenizeResult:
     """Outcome of tokenizing one row.
 
     row: the tokenized pair row (CONTRACTS.md), or None when dropped / skipped.
-    status: one of STATUSES. reason: why it was truncated / dropped / skipped ("" if ok).
+    status: one of STATUSES. reason: why it was truncated / dropped / skipped ("" if ok),
+    for people. causes: the same as stable keys of CAUSES (one for dropped / skipped, one
+    per kind of cut for truncated). lengths: (prompt, longest response) tokens before
+    fitting; None when the row never got tokenized (skipped).
     """
 
     row: Optional[dict]
     status: str
     reason: str = ""
+    causes: tuple[str, ...] = ()
+    lengths: Optional[tuple[int, int]] = None
 
 
 # --------------------------------------------------------------------------- length policy
@@ -78,6 +119,11 @@ class _Fitted:
     rejected: list[int]
     status: str  # "ok" | "truncated" | "dropped"
     reason: str = ""
+    causes: tuple[str, ...] = ()  # keys of CAUSES
+
+
+def _dropped(cause: str, reason: str) -> _Fitted:
+    return _Fitted([], [], [], "dropped", reason, (cause,))
 
 
 def fit_lengths(
@@ -90,7 +136,9 @@ def fit_lengths(
     policy: str,
     bos_id: Optional[int] = None,
 ) -> _Fitted:
-    """Apply the over-length policy (module docstring) to one tokenized pair.
+    """Apply the over-length policy (module docstring) to one tokenized pair, cutting a
+    too-long prompt as a text prompt (``prompt_tail``); chat prompts are fitted before
+    (``PairTokenizer`` uses ``fit_chat_prompt``), so they arrive within max_prompt_length.
 
     ``bos_id``: when the prompt starts with it, left truncation keeps it as token 0.
     """
@@ -99,39 +147,43 @@ def fit_lengths(
     prompt_over = len(prompt) > max_prompt_length
     total_over = len(prompt) + longest > max_length
     if chosen == rejected:  # e.g. texts that differ only in unknown words or whitespace
-        return _Fitted([], [], [], "dropped", "chosen and rejected tokenize to the same ids")
+        return _dropped("identical_responses", "chosen and rejected tokenize to the same ids")
     if not prompt_over and not total_over:
         return _Fitted(prompt, chosen, rejected, "ok")
     sizes = f"prompt {len(prompt)} + longest response {longest} tokens"
     if policy == "drop":
-        return _Fitted([], [], [], "dropped", (
+        return _dropped("over_length", (
             f"{sizes} exceeds max_prompt_length={max_prompt_length} / "
             f"max_length={max_length} (over_length=drop)"
         ))
-    notes = []
+    notes, causes = [], []
     if prompt_over:
         if policy == "truncate_response":
-            return _Fitted([], [], [], "dropped", (
+            return _dropped("prompt_over_limit", (
                 f"prompt has {len(prompt)} tokens > max_prompt_length={max_prompt_length} "
                 "and over_length=truncate_response never cuts prompts (use truncate_prompt)"
             ))
         notes.append(f"prompt cut from {len(prompt)} to {max_prompt_length}")
+        causes.append("prompt_text_cut")
         prompt = prompt_tail(prompt, max_prompt_length, bos_id)
     budget = max_length - len(prompt)
     if budget <= 0:
-        return _Fitted([], [], [], "dropped", (
+        return _dropped("no_response_room", (
             f"prompt of {len(prompt)} tokens leaves no room for responses "
             f"under max_length={max_length}"
         ))
     for name, ids in (("chosen", chosen), ("rejected", rejected)):
         if len(ids) > budget:
             notes.append(f"{name} cut from {len(ids)} to {budget}")
+    if longest > budget:
+        causes.append("response_cut")
     chosen, rejected = chosen[:budget], rejected[:budget]
     if chosen == rejected:
-        return _Fitted([], [], [], "dropped", (
+        return _dropped("identical_after_cut", (
             f"chosen and rejected are identical within the first {budget} response tokens"
         ))
-    return _Fitted(prompt, chosen, rejected, "truncated" if notes else "ok", "; ".join(notes))
+    return _Fitted(prompt, chosen, rejected, "truncated" if notes else "ok", "; ".join(notes),
+                   tuple(causes))
 
 
 def prompt_tail(prompt: list[int], limit: int, bos_id: Optional[int]) -> list[int]:
@@ -142,6 +194,106 @@ def prompt_tail(prompt: list[int], limit: int, bos_id: Optional[int]) -> list[in
     if bos_id is not None and prompt[0] == bos_id and limit > 1:
         return prompt[:1] + prompt[len(prompt) - limit + 1:]
     return prompt[-limit:]
+
+
+@dataclass(frozen=True)
+class ChatFit:
+    """A chat prompt fitted to max_prompt_length (``fit_chat_prompt``).
+
+    messages / ids: the kept messages and their rendered token ids (empty when dropped).
+    causes: () when it fit as it was; "prompt_turns_dropped" and / or "prompt_message_cut";
+    ("prompt_no_room",) when it cannot fit at all. note: what happened, for people.
+    """
+
+    messages: Messages
+    ids: list[int]
+    causes: tuple[str, ...] = ()
+    note: str = ""
+    raw_length: int = 0  # tokens of the prompt as given, before fitting
+
+    @property
+    def dropped(self) -> bool:
+        return self.causes == ("prompt_no_room",)
+
+
+def fit_chat_prompt(
+    messages: Messages,
+    limit: int,
+    encode: Callable[[Messages], list[int]],
+    token_starts: Callable[[str], list[int]],
+) -> ChatFit:
+    """Shorten a chat prompt to at most ``limit`` tokens without breaking its structure.
+
+    1. A leading system message always stays.
+    2. Whole earliest turns are dropped, the kept conversation starting at a user turn
+       (templates that require user/assistant alternation still render it); the fewest
+       turns that make the prompt fit are dropped.
+    3. If it still does not fit from the last user turn on, the oldest kept message
+       after the system message is cut inside its content, from the left: the end of
+       the message stays and the template renders its role header as usual.
+    4. If not even one token of that content fits, the prompt cannot fit: ("prompt_no_room",).
+
+    ``encode(messages)``: token ids of the rendered prompt (with the generation prompt).
+    ``token_starts(text)``: character offset where each token of ``text`` starts.
+    Lengths are measured on the re-rendered prompt, so tokens merging across a cut
+    never make it overflow.
+    """
+    messages = tuple(messages)
+    ids = encode(messages)
+    if len(ids) <= limit:
+        return ChatFit(messages, ids, raw_length=len(ids))
+    head = messages[:1] if messages and messages[0]["role"] == "system" else ()
+    body = messages[len(head):]
+    total = len(ids)
+    starts = [i for i, m in enumerate(body) if i > 0 and m["role"] == "user"]
+    # Dropping more turns never makes the prompt longer: binary search the fewest.
+    lo, hi, best = 0, len(starts) - 1, None
+    while lo <= hi:
+        mid = (lo + hi) // 2
+        candidate = encode(head + body[starts[mid]:])
+        if len(candidate) <= limit:
+            best, hi = (starts[mid], candidate), mid - 1
+        else:
+            lo = mid + 1
+    if best is not None:
+        start, kept_ids = best
+        after = " after the system prompt" if head else ""
+        return ChatFit(head + body[start:], kept_ids, ("prompt_turns_dropped",),
+                       f"prompt: dropped the first {start} of {len(body)} turns{after} "
+                       f"({total} -> {len(kept_ids)} tokens)", total)
+    start = starts[-1] if starts else 0
+    causes = ("prompt_turns_dropped",) if start else ()
+    if not body:  # a system message alone: nothing may be cut
+        return ChatFit((), [], ("prompt_no_room",), (
+            f"the system prompt alone renders to {total} tokens > max_prompt_length={limit}; "
+            "shorten it or raise data.max_prompt_length"), total)
+    oldest = body[start]
+    content = oldest["content"]
+    offsets = token_starts(content)
+
+    def with_tail(n: int) -> Messages:  # the oldest kept message keeps its last n tokens
+        tail = content[offsets[len(offsets) - n]:].lstrip() if n < len(offsets) else content
+        return head + ({**oldest, "content": tail},) + body[start + 1:]
+
+    lo, hi, best = 1, len(offsets) - 1, None
+    while lo <= hi:
+        mid = (lo + hi) // 2
+        candidate = encode(with_tail(mid))
+        if len(candidate) <= limit:
+            best, lo = (mid, candidate), mid + 1
+        else:
+            hi = mid - 1
+    if best is None:
+        return ChatFit((), [], ("prompt_no_room",), (
+            f"prompt of {total} tokens cannot fit max_prompt_length={limit}: the system prompt, "
+            f"role headers and one token of the last {oldest['role']} turn"
+            + (" (and what follows it)" if start + 1 < len(body) else "")
+            + " already exceed it; shorten the system prompt or raise data.max_prompt_length"), total)
+    n, kept_ids = best
+    dropped = f"dropped the first {start} turns, " if start else ""
+    return ChatFit(with_tail(n), kept_ids, causes + ("prompt_message_cut",),
+                   f"prompt: {dropped}cut the {oldest['role']} message to its last {n} of "
+                   f"{len(offsets)} tokens ({total} -> {len(kept_ids)} tokens)", total)
 
 
 # --------------------------------------------------------------------------- tokenizer
@@ -175,27 +327,39 @@ class PairTokenizer:
         system turn the template does not support) and ChatTemplateError when the
         template is not prefix-stable.
         """
+        where = f"{source}:{line}"
+        chat_fit = None
         if pair.is_chat:
-            prompt, chosen, rejected = self._encode_chat(pair, source, line)
+            chat_fit, prompt, chosen, rejected = self._encode_chat(pair, source, line)
+            raw_prompt = chat_fit.raw_length if chat_fit is not None else len(prompt)
         else:
             prompt, chosen, rejected = self._encode_text(pair)
+            raw_prompt = len(prompt)
+        lengths = (raw_prompt, max(len(chosen), len(rejected)))
+        if chat_fit is not None and chat_fit.dropped:
+            return TokenizeResult(None, "dropped", f"{where}: {chat_fit.note}", chat_fit.causes, lengths)
         fitted = fit_lengths(
             prompt, chosen, rejected,
             max_length=self.config.max_length,
             max_prompt_length=self.config.max_prompt_length,
             policy=self.config.over_length,
-            bos_id=self.tokenizer.bos_token_id,
+            bos_id=self._bos_prefix[0] if self._bos_prefix else None,
         )
         if fitted.status == "dropped":
-            return TokenizeResult(None, "dropped", f"{source}:{line}: {fitted.reason}")
+            return TokenizeResult(None, "dropped", f"{where}: {fitted.reason}", fitted.causes, lengths)
+        status, reason, causes = fitted.status, fitted.reason, fitted.causes
+        if chat_fit is not None and chat_fit.causes:
+            status = "truncated"
+            reason = "; ".join(r for r in (chat_fit.note, reason) if r)
+            causes = chat_fit.causes + causes
         row = {
-            "pair_id": f"{source}:{line}",
+            "pair_id": where,
             "prompt_ids": fitted.prompt,
             "chosen_ids": fitted.chosen,
             "rejected_ids": fitted.rejected,
-            "truncated": fitted.status == "truncated",
+            "truncated": status == "truncated",
         }
-        return TokenizeResult(row, fitted.status, fitted.reason)
+        return TokenizeResult(row, status, reason, causes, lengths)
 
     def tokenize_raw_row(self, raw_row: Any, *, source: str, line: int) -> TokenizeResult:
         """Normalise (``config.format``) and tokenize one raw row.
@@ -209,19 +373,26 @@ class PairTokenizer:
         except BadRowError as err:
             if self.config.on_bad_row == "error":
                 raise
-            return TokenizeResult(None, "skipped", str(err))
+            return TokenizeResult(None, "skipped", str(err), ("bad_row",))
 
     def encode_prompt(self, prompt: Any, *, source: str = "<unknown>", line: int = 0) -> list[int]:
         """Token ids of a prompt alone, exactly as pair rows start (for sampling from it).
 
         ``prompt``: a string, or chat messages (rendered with the generation prompt). A prompt
-        over max_prompt_length keeps its last tokens (and a leading BOS), as truncate_prompt does.
+        over max_prompt_length is shortened as truncate_prompt does (whatever
+        data.over_length says: a sampling prompt has to fit): chat prompts turn by turn
+        (``fit_chat_prompt``), text prompts keep their last tokens (and a leading BOS).
+
+        Raises BadRowError when a chat prompt cannot fit at all ("prompt_no_room").
         """
+        limit = self.config.max_prompt_length
         if isinstance(prompt, str):
             ids = self._bos_prefix + self._ids([prompt])[0]
-        else:
-            ids = self._ids([self._render(tuple(prompt), True, source, line)])[0]
-        return prompt_tail(ids, self.config.max_prompt_length, self.tokenizer.bos_token_id)
+            return prompt_tail(ids, limit, self._bos_prefix[0] if self._bos_prefix else None)
+        fit = self._fit_chat(tuple(prompt), source, line)
+        if fit.dropped:
+            raise BadRowError(source, line, fit.note)
+        return fit.ids
 
     # ---- encoding
 
@@ -231,16 +402,50 @@ class PairTokenizer:
 
     def _encode_text(self, pair: Pair) -> tuple[list[int], list[int], list[int]]:
         prompt, chosen, rejected = self._ids([pair.prompt, pair.chosen, pair.rejected])
-        return self._bos_prefix + prompt, chosen + [self.eos_id], rejected + [self.eos_id]
+        # A response that already ends with the EOS token keeps it, without a second one.
+        return self._bos_prefix + prompt, self._end_with_eos(chosen), self._end_with_eos(rejected)
 
     def _encode_chat(self, pair: Pair, source: str, line: int):
-        prompt_text = self._render(pair.prompt, True, source, line)
+        """(ChatFit or None, prompt, chosen, rejected); the prompt is fitted (truncate_prompt)."""
+        prompt_messages = tuple(pair.prompt)
+        if self.config.over_length == "truncate_prompt":
+            fit = self._fit_chat(prompt_messages, source, line)
+            if not fit.dropped:  # a dropped prompt still measures its responses (the report)
+                prompt_messages = fit.messages
+        else:
+            fit = None
+        prompt_text = self._render(prompt_messages, True, source, line)
         responses = [
-            self._response_text(pair.prompt, response, prompt_text, source, line)
+            self._response_text(prompt_messages, response, prompt_text, source, line)
             for response in (pair.chosen, pair.rejected)
         ]
-        prompt, chosen, rejected = self._ids([prompt_text, *responses])
-        return prompt, self._end_with_eos(chosen), self._end_with_eos(rejected)
+        if fit is not None and not fit.dropped:  # fit.ids are the ids of prompt_text already
+            prompt = fit.ids
+            chosen, rejected = self._ids(responses)
+        else:
+            prompt, chosen, rejected = self._ids([prompt_text, *responses])
+        return fit, prompt, self._end_with_eos(chosen), self._end_with_eos(rejected)
+
+    def _fit_chat(self, messages: Messages, source: str, line: int) -> ChatFit:
+        """``fit_chat_prompt`` with this tokenizer and template."""
+
+        def encode(msgs: Messages) -> list[int]:
+            return self._ids([self._render(msgs, True, source, line)])[0]
+
+        return fit_chat_prompt(messages, self.config.max_prompt_length, encode, self._token_starts)
+
+    def _token_starts(self, text: str) -> list[int]:
+        """Character offset where each token of ``text`` starts."""
+        if getattr(self.tokenizer, "is_fast", False):
+            enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+            return [start for start, _ in enc["offset_mapping"]]
+        # Slow tokenizers have no offsets: approximate them with decoded token lengths (the
+        # cut is re-rendered and measured anyway, so a shifted cut never overflows).
+        starts, at = [], 0
+        for token in self._ids([text])[0]:
+            starts.append(min(at, len(text)))
+            at += len(self.tokenizer.decode([token]))
+        return starts
 
     def _render(self, messages: Messages, add_generation_prompt: bool, source: str, line: int) -> str:
         if getattr(self.tokenizer, "chat_template", None) is None:
@@ -312,11 +517,91 @@ def _check_config(config: Any) -> None:
 # --------------------------------------------------------------------------- counters
 
 
+_EXACT_BELOW = 128
+_SUB_BUCKETS = 16  # per power of two above _EXACT_BELOW: values within 1/16 (6.25%)
+
+
+def _bucket(value: int) -> int:
+    if value < _EXACT_BELOW:
+        return max(value, 0)
+    exp = value.bit_length() - 1
+    shift = exp - 4
+    sub = (value >> shift) - _SUB_BUCKETS
+    return _EXACT_BELOW + (exp - 7) * _SUB_BUCKETS + sub
+
+
+def _bucket_upper(index: int) -> int:
+    if index < _EXACT_BELOW:
+        return index
+    exp, sub = divmod(index - _EXACT_BELOW, _SUB_BUCKETS)
+    shift = exp + 7 - 4
+    return ((_SUB_BUCKETS + sub + 1) << shift) - 1
+
+
+@dataclass
+class LengthHistogram:
+    """Token lengths in bounded, mergeable buckets: exact below 128, then 16 buckets per
+    power of two (a bucket spans at most 6.25% of its values). Percentiles report the
+    bucket's upper bound (never above the exact max), so they may overstate a length
+    above 128 by at most 6.25%. A few hundred buckets at most, whatever the data size.
+
+    counts: bucket index (a string, so JSON round-trips it) -> count.
+    """
+
+    counts: dict[str, int] = field(default_factory=dict)
+    n: int = 0
+    max: int = 0
+
+    def add(self, value: int) -> None:
+        key = str(_bucket(int(value)))
+        self.counts[key] = self.counts.get(key, 0) + 1
+        self.n += 1
+        self.max = max(self.max, int(value))
+
+    def merge(self, other: "LengthHistogram") -> "LengthHistogram":
+        for key, count in other.counts.items():
+            self.counts[key] = self.counts.get(key, 0) + count
+        self.n += other.n
+        self.max = max(self.max, other.max)
+        return self
+
+    def percentile(self, q: float) -> int:
+        """Nearest-rank q-th percentile (q in [0, 100]); 0 when empty."""
+        if not self.n:
+            return 0
+        rank = max(1, -(-self.n * q // 100))  # ceil(n * q / 100)
+        seen = 0
+        for index in sorted(int(k) for k in self.counts):
+            seen += self.counts[str(index)]
+            if seen >= rank:
+                return min(_bucket_upper(index), self.max)
+        return self.max
+
+    def summary(self) -> dict[str, int]:
+        return {"p50": self.percentile(50), "p90": self.percentile(90),
+                "p99": self.percentile(99), "max": self.max, "n": self.n}
+
+
+LENGTHS = ("prompt", "response", "total")
+"""Length histograms of DataCounters, before fitting: prompt tokens, the longer
+response's tokens, and their sum (what max_length is compared with)."""
+
+
+def _by_cause() -> dict[str, int]:
+    return {}
+
+
 @dataclass
 class DataCounters:
     """What happened to the rows of a data stage. Pure: per-block counters are summed
     with ``merge``, so ``read == ok + truncated + dropped + skipped`` always holds.
 
+    ``truncated_by`` / ``dropped_by`` / ``skipped_by``: rows per cause (keys of CAUSES).
+    Each dropped / skipped row has exactly one cause, so ``sum(dropped_by.values()) ==
+    dropped``; a truncated pair counts once under each kind of cut it got (prompt and
+    response cut: both), so ``truncated_by`` may sum to more than ``truncated``.
+    ``lengths``: LengthHistogram per LENGTHS entry, over every tokenized row (kept or
+    dropped; skipped rows never got tokenized).
     ``skip_reasons`` / ``drop_reasons`` keep at most ``max_examples`` messages each.
     """
 
@@ -328,6 +613,11 @@ class DataCounters:
     skip_reasons: list[str] = field(default_factory=list)
     drop_reasons: list[str] = field(default_factory=list)
     max_examples: int = 5
+    truncated_by: dict[str, int] = field(default_factory=_by_cause)
+    dropped_by: dict[str, int] = field(default_factory=_by_cause)
+    skipped_by: dict[str, int] = field(default_factory=_by_cause)
+    lengths: dict[str, LengthHistogram] = field(
+        default_factory=lambda: {name: LengthHistogram() for name in LENGTHS})
 
     @property
     def kept(self) -> int:
@@ -344,6 +634,18 @@ class DataCounters:
             self._keep(self.skip_reasons, [result.reason])
         elif result.status == "dropped":
             self._keep(self.drop_reasons, [result.reason])
+        by = {"truncated": self.truncated_by, "dropped": self.dropped_by,
+              "skipped": self.skipped_by}.get(result.status)
+        if by is not None:
+            causes = result.causes or ("unspecified",)
+            if result.status != "truncated":
+                causes = causes[:1]  # exactly one cause per dropped / skipped row
+            for cause in dict.fromkeys(causes):
+                by[cause] = by.get(cause, 0) + 1
+        if result.lengths is not None:
+            prompt, response = result.lengths
+            for name, value in zip(LENGTHS, (prompt, response, prompt + response)):
+                self.lengths[name].add(value)
         return self
 
     def merge(self, other: "DataCounters") -> "DataCounters":
@@ -352,13 +654,28 @@ class DataCounters:
             setattr(self, name, getattr(self, name) + getattr(other, name))
         self._keep(self.skip_reasons, other.skip_reasons)
         self._keep(self.drop_reasons, other.drop_reasons)
+        for name in ("truncated_by", "dropped_by", "skipped_by"):
+            mine = getattr(self, name)
+            for cause, count in getattr(other, name).items():
+                mine[cause] = mine.get(cause, 0) + count
+        for name, histogram in other.lengths.items():
+            self.lengths.setdefault(name, LengthHistogram()).merge(histogram)
         return self
+
+    def length_summary(self) -> dict[str, dict[str, int]]:
+        """{"prompt" | "response" | "total": {"p50", "p90", "p99", "max", "n"}} in tokens,
+        before fitting."""
+        return {name: self.lengths[name].summary() for name in LENGTHS if name in self.lengths}
 
     def as_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict) -> "DataCounters":
+        data = dict(data)
+        if "lengths" in data:
+            data["lengths"] = {name: h if isinstance(h, LengthHistogram) else LengthHistogram(**h)
+                               for name, h in data["lengths"].items()}
         return cls(**data)
 
     def _keep(self, examples: list[str], new: list[str]) -> None:

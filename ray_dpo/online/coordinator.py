@@ -73,7 +73,8 @@ class OnlineCoordinator:
 
     def __init__(self, cfg: RunConfig, *, train: Any, evaluation: Any, reference: Any,
                  tracking_uri: Optional[str], run_id: Optional[str], use_gpu: bool):
-        from ray_dpo.data.pipeline import _read_template, load_tokenizer
+        from ray_dpo.data.chat_template import resolve_chat_template
+        from ray_dpo.data.pipeline import load_tokenizer
         from ray_dpo.data.tokenize import PairTokenizer
         from ray_dpo.online.generation import GenerationGroup
         from ray_dpo.online.judges import build_judge
@@ -81,7 +82,7 @@ class OnlineCoordinator:
         self.cfg = cfg
         self.reference = reference
         self.tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.name_or_path,
-                                        _read_template(cfg.model.chat_template))
+                                        resolve_chat_template(cfg.model.chat_template))
         self._prompt_tokenizer = PairTokenizer(self.tokenizer, cfg.data)
         self.plan = BatchPlan(
             num_workers=cfg.policy.num_workers, micro_batch_size=cfg.policy.micro_batch_size,

@@ -45,6 +45,7 @@ import ray.train
 import torch
 import torch.distributed as dist
 
+from ray_dpo.data.chat_template import export_tokenizer
 from ray_dpo.logprobs import mean_nll
 from ray_dpo.losses import dpo_loss
 from ray_dpo.packing import batch_stats, build_batch, model_inputs, pair_logps, token_budget_micro_batches
@@ -53,9 +54,6 @@ from ray_dpo.policy.ds_config import build_ds_config, lr_lambda
 DS_DIR = "deepspeed"
 HF_DIR = "hf_model"
 _TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-# Tokenizer files copied next to the exported weights (whatever the tokenizer type).
-_TOKENIZER_FILE_PREFIXES = ("tokenizer", "special_tokens_map", "added_tokens", "vocab", "merges",
-                            "chat_template", "spiece", "sentencepiece")
 # Order of the per-rank sums that one all_reduce turns into step metrics.
 _SUMS = ("loss", "chosen_rewards", "rejected_rewards", "accuracies", "logps_chosen",
          "logps_rejected", "pairs", "tokens", "positions", "step_time_s")
@@ -509,16 +507,8 @@ def export_hf(worker: Worker, model_cfg, out_dir: str) -> None:
 
 
 def _copy_tokenizer(model_cfg, out_dir: str) -> None:
-    """Tokenizer files next to the weights, so hf_model/ alone serves from_pretrained and vLLM."""
-    source = model_cfg.tokenizer or model_cfg.name_or_path
-    if not os.path.isdir(source):  # a hub id: let transformers fetch and re-save it
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=model_cfg.trust_remote_code)
-        tokenizer.save_pretrained(out_dir)
-        return
-    for name in sorted(os.listdir(source)):
-        path = os.path.join(source, name)
-        wanted = name.startswith(_TOKENIZER_FILE_PREFIXES) or name.endswith((".model", ".tiktoken"))
-        if wanted and os.path.isfile(path):
-            shutil.copy2(path, os.path.join(out_dir, name))
+    """Tokenizer files next to the weights, so hf_model/ alone serves from_pretrained and vLLM,
+    with model.chat_template (when set) as its chat template: the one the pairs were built with."""
+    export_tokenizer(model_cfg.tokenizer or model_cfg.name_or_path, out_dir,
+                     chat_template=model_cfg.chat_template,
+                     trust_remote_code=model_cfg.trust_remote_code)

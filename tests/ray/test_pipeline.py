@@ -187,6 +187,10 @@ def test_dropped_truncated_skipped_and_empty_files_are_counted(ray_cluster, tiny
     assert c.skip_reasons[1].startswith("mixed.jsonl:4: missing field 'rejected'")
     assert [r.split(":")[0] for r in c.skip_reasons[2:]] == ["all_bad.jsonl", "all_bad.jsonl"]
     assert c.drop_reasons == [c.drop_reasons[0]] and c.drop_reasons[0].startswith("mixed.jsonl:5:")
+    # Why, per cause, merged across blocks (files are separate blocks).
+    assert c.truncated_by == {"response_cut": 1} and c.dropped_by == {"prompt_over_limit": 1}
+    assert c.skipped_by == {"malformed_json": 1, "bad_row": 3}
+    assert c.lengths["prompt"].n == 3 and c.lengths["prompt"].max == 41  # BOS + 40 words, before fitting
     rows = all_rows(data)
     assert [(r["pair_id"], r["truncated"]) for r in rows] == [
         ("mixed.jsonl:1", False), ("mixed.jsonl:6", True)]
@@ -269,6 +273,11 @@ def test_chat_template_file_and_report(ray_cluster, tiny_assets, tmp_path):
     assert report["train"]["num_pairs"] == 6 and report["eval"]["fingerprint"] == data.fingerprint
     assert report["train"]["counters"]["read"] == 6
     assert "6 pairs from 1 file(s)" in format_report(report)
+
+    # The same template inline (e.g. --set "model.chat_template={{ bos_token }}...") gives the same pairs.
+    assert build([conv], tiny_assets["tokenizer"], chat_template=CHAT_TEMPLATE).fingerprint == data.fingerprint
+    assert report["train"]["lengths"]["prompt"]["n"] == 6
+    assert "tokens before fitting, p50/p90/p99/max: prompt " in format_report(report)
 
     with pytest.raises(DataError, match="model.chat_template: 'no-such-template.jinja' is not a file"):
         build_pair_data([conv], tokenizer_path=tiny_assets["tokenizer"], data=data_config(),

@@ -349,3 +349,57 @@ def test_engine_and_judge_placement_keys_default_and_parse(data_file):
 def test_engine_and_judge_placement_keys_are_checked(data_file, online, key, message):
     problems = problems_of(minimal(data_file, online=online))
     assert set(problems) == {key} and message in problems[key]
+
+
+# --------------------------------------------------------------------------- chat template, --set
+
+INLINE = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+
+
+def test_chat_template_is_a_file_or_inline_jinja(tmp_path, data_file):
+    from ray_dpo.config import with_absolute_paths
+
+    assert from_dict(minimal(data_file, model={"chat_template": INLINE})).model.chat_template == INLINE
+    template_file = tmp_path / "t.jinja"
+    template_file.write_text(INLINE)
+    assert from_dict(minimal(data_file, model={"chat_template": str(template_file)})).model.chat_template
+    with pytest.raises(ConfigError, match=r"model\.chat_template: 'chatml' is not a file nor an inline Jinja"):
+        from_dict(minimal(data_file, model={"chat_template": "chatml"}))
+    with pytest.raises(ConfigError, match=r"model\.chat_template: inline Jinja template does not compile"):
+        from_dict(minimal(data_file, model={"chat_template": "{% for m in messages %}"}), check_files=False)
+    # Inline templates are not paths: with_absolute_paths leaves them alone.
+    cfg = with_absolute_paths(from_dict(minimal(data_file, model={"chat_template": INLINE})))
+    assert cfg.model.chat_template == INLINE
+
+
+def test_set_value_that_is_not_yaml_becomes_a_string():
+    data = apply_overrides({}, ["model.chat_template={% if x %}a{% endif %}", "loss.beta=0.2",
+                                "data.train_files=[a.jsonl, b.jsonl]", "run.name={{ x }}"])
+    assert data["model"]["chat_template"] == "{% if x %}a{% endif %}"
+    assert data["loss"]["beta"] == 0.2 and data["data"]["train_files"] == ["a.jsonl", "b.jsonl"]
+    assert data["run"]["name"] == "{{ x }}"
+
+
+@pytest.fixture
+def tiny_cpu_overrides(tiny_assets):
+    import json
+
+    return ["--set", f"model.name_or_path={tiny_assets['model']}",
+            "--set", f"data.train_files={json.dumps([str(tiny_assets['train_glob'])])}",
+            "--set", f"data.eval_files={json.dumps([str(tiny_assets['eval_file'])])}"]
+
+
+def test_cli_set_inline_template_never_tracebacks(tiny_cpu_overrides, capsys):
+    from pathlib import Path
+
+    from ray_dpo.cli import main
+
+    config = str(Path(__file__).resolve().parents[2] / "configs" / "tiny-cpu.yaml")
+    template = "{% if x %}a{% endif %}"
+    assert main(["validate", config, *tiny_cpu_overrides, "--set", f"model.chat_template={template}"]) == 0
+    assert template in capsys.readouterr().out
+    # Not YAML and not a usable value for the key: a config error (exit 2), not a traceback.
+    assert main(["validate", config, *tiny_cpu_overrides, "--set", "model.chat_template={% if x %}a"]) == 2
+    assert "model.chat_template: inline Jinja template does not compile" in capsys.readouterr().err
+    assert main(["validate", config, *tiny_cpu_overrides, "--set", "data.max_length=[64"]) == 2
+    assert "data.max_length" in capsys.readouterr().err

@@ -9,6 +9,8 @@ PURE = [
     "ray_dpo.logprobs",
     "ray_dpo.data.formats",
     "ray_dpo.data.tokenize",
+    "ray_dpo.data.chat_template",
+    "ray_dpo.data.report",
     "ray_dpo.cli",
     "ray_dpo.k8s",
     "ray_dpo.packing",

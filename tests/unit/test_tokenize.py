@@ -2,6 +2,7 @@
 
 import copy
 import functools
+import json
 from types import SimpleNamespace
 
 import pytest
@@ -12,8 +13,10 @@ from ray_dpo.data.formats import BadRowError, normalize_row
 from ray_dpo.data.tokenize import (
     ChatTemplateError,
     DataCounters,
+    LengthHistogram,
     PairTokenizer,
     TokenizeResult,
+    fit_chat_prompt,
     fit_lengths,
 )
 
@@ -265,7 +268,7 @@ def test_dropped_pair_through_tokenizer(tok):
     cfg = data_config(max_length=6, max_prompt_length=4, over_length="drop")
     result = PairTokenizer(tok, cfg)(normalize_row({"prompt": "describe", "chosen": words(8),
                                                     "rejected": "dull"}), source="x", line=4)
-    assert result == TokenizeResult(None, "dropped", result.reason)
+    assert result == TokenizeResult(None, "dropped", result.reason, ("over_length",), (2, 9))
     assert result.reason.startswith("x:4: prompt 2 + longest response 9 tokens exceeds")
 
 
@@ -401,12 +404,13 @@ def test_encode_prompt_over_long_keeps_bos_and_the_last_tokens(tok):
     assert got == row["prompt_ids"]  # same cut as truncate_prompt
 
 
-def test_encode_prompt_over_long_chat_keeps_bos_and_the_last_tokens(tok):
+def test_encode_prompt_over_long_chat_cuts_inside_the_message_not_the_header(tok):
     pt = PairTokenizer(tok, data_config(max_length=64, max_prompt_length=4))
     messages = [{"role": "user", "content": "describe the river"}]
-    # <|bos|> <|user|> describe the river <|assistant|> = 6 tokens -> BOS + last 3
-    assert pt.encode_prompt(messages) == [tok.bos_token_id] + ids(tok, "the river") + \
-        [tok.convert_tokens_to_ids("<|assistant|>")]
+    # <|bos|> <|user|> describe the river <|assistant|> = 6 tokens: the user message keeps
+    # its header and the last word of its content (a token-level tail would lose <|user|>).
+    assert pt.encode_prompt(messages) == [tok.bos_token_id, tok.convert_tokens_to_ids("<|user|>")] + \
+        ids(tok, "river") + [tok.convert_tokens_to_ids("<|assistant|>")]
 
 
 def test_encode_prompt_over_long_without_bos_keeps_the_last_tokens():
@@ -414,3 +418,229 @@ def test_encode_prompt_over_long_without_bos_keeps_the_last_tokens():
     pt = PairTokenizer(ctok, data_config(max_length=64, max_prompt_length=3))
     assert pt.encode_prompt("abcdef") == ctok.convert_tokens_to_ids(["d", "e", "f"])
     assert pt.encode_prompt("ab") == ctok.convert_tokens_to_ids(["a", "b"])  # short: untouched
+
+
+# --------------------------------------------------------------------------- chat-aware truncation
+
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+CHAT_WORDS = ("system", "user", "assistant", "be", "kind", "and", "brief", "how", "to", "use",
+              "those", "tools", "river", "garden", "stone", "lamp", "bright", "calm", "dull", "grim")
+
+
+@functools.lru_cache(maxsize=None)
+def _chatml_tokenizer():
+    """SmolLM2-like: BOS is "<|im_start|>" (the template writes it before every message),
+    EOS and pad are "<|im_end|>"; the tokenizer adds no BOS by itself."""
+    specials = ["<|im_start|>", "<|im_end|>", "[UNK]"]
+    vocab = {t: i for i, t in enumerate(specials + list(CHAT_WORDS))}
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    core.add_special_tokens(specials)
+    return PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<|im_start|>", eos_token="<|im_end|>",
+                                   pad_token="<|im_end|>", unk_token="[UNK]", chat_template=CHATML)
+
+
+def _long_conversation(turns=8, words_per_turn=8):
+    pool = CHAT_WORDS[7:]
+    messages = [{"role": "system", "content": "be kind and brief"}]
+    for t in range(turns):
+        role = "user" if t % 2 == 0 else "assistant"
+        text = " ".join(pool[(t * 3 + i) % len(pool)] for i in range(words_per_turn))
+        messages.append({"role": role, "content": text})
+    return messages  # odd turns: ends with a user turn
+
+
+def _chat_row(prompt):
+    return {"prompt": prompt, "chosen": [{"role": "assistant", "content": "bright calm"}],
+            "rejected": [{"role": "assistant", "content": "dull grim"}]}
+
+
+def _assert_well_formed(ctok, prompt_ids):
+    """Every message starts with a full header: <|im_start|> then a role, never doubled."""
+    start = ctok.bos_token_id
+    roles = set(ctok.convert_tokens_to_ids(["system", "user", "assistant"]))
+    assert prompt_ids[0] == start
+    for i, token in enumerate(prompt_ids):
+        if token == start:
+            assert prompt_ids[i + 1] in roles, ctok.convert_ids_to_tokens(prompt_ids[i:i + 3])
+    text = ctok.decode(prompt_ids).replace(" ", "")
+    assert "<|im_start|><|im_start|>" not in text
+
+
+def test_long_chat_drops_earliest_turns_keeps_system_prompt_and_headers():
+    ctok = _chatml_tokenizer()
+    limit = 40
+    messages = _long_conversation(turns=9)  # system + 9 turns, user first and last: ~110 tokens
+    assert messages[-1]["role"] == "user"
+    pt = PairTokenizer(ctok, data_config(max_length=64, max_prompt_length=limit))
+    full = ids(ctok, ctok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False))
+    assert len(full) > 2 * limit
+    result = pt.tokenize_raw_row(_chat_row(messages), source="long.jsonl", line=3)
+    prompt = result.row["prompt_ids"]
+    assert result.status == "truncated" and result.causes == ("prompt_turns_dropped",)
+    assert result.lengths == (len(full), 3)  # before fitting: whole prompt, "bright calm <|im_end|>"
+    assert len(prompt) <= limit
+    _assert_well_formed(ctok, prompt)
+    # It is exactly the rendering of the system prompt + the last turns, starting at a user turn.
+    kept = [m for m in messages[1:] if m["content"] in ctok.decode(prompt)]
+    assert kept == messages[len(messages) - len(kept):] and kept[0]["role"] == "user"
+    assert prompt == ids(ctok, ctok.apply_chat_template([messages[0]] + kept, add_generation_prompt=True,
+                                                        tokenize=False))
+    # The fewest turns were dropped: one more user turn (and its answer) would not fit.
+    longer = [messages[0]] + messages[len(messages) - len(kept) - 2:]
+    assert len(ids(ctok, ctok.apply_chat_template(longer, add_generation_prompt=True, tokenize=False))) > limit
+    assert "dropped the first" in result.reason and "long.jsonl:3" not in result.reason
+    # Held-out / online prompts are fitted the same way.
+    assert pt.encode_prompt(messages) == prompt
+    # truncate_response never cuts: the same row is dropped, with its own cause.
+    dropped = PairTokenizer(ctok, data_config(max_length=64, max_prompt_length=limit,
+                                              over_length="truncate_response")).tokenize_raw_row(
+        _chat_row(messages), source="long.jsonl", line=3)
+    assert (dropped.status, dropped.causes) == ("dropped", ("prompt_over_limit",))
+
+
+def test_long_last_message_is_cut_inside_its_content_from_the_left():
+    ctok = _chatml_tokenizer()
+    words_ = " ".join(CHAT_WORDS[7 + i % 13] for i in range(60))
+    messages = [{"role": "system", "content": "be kind and brief"},
+                {"role": "user", "content": "how to use those tools"},
+                {"role": "assistant", "content": "calm river"},
+                {"role": "user", "content": words_}]
+    pt = PairTokenizer(ctok, data_config(max_length=64, max_prompt_length=30))
+    result = pt.tokenize_raw_row(_chat_row(messages), source="s", line=1)
+    prompt = result.row["prompt_ids"]
+    assert result.status == "truncated"
+    assert result.causes == ("prompt_turns_dropped", "prompt_message_cut")
+    assert len(prompt) == 30  # the cut takes as much of the message as fits
+    _assert_well_formed(ctok, prompt)
+    tokens = ctok.convert_ids_to_tokens(prompt)
+    assert tokens[:7] == ["<|im_start|>", "system", "be", "kind", "and", "brief", "<|im_end|>"]
+    assert tokens[7:9] == ["<|im_start|>", "user"] and tokens[-2:] == ["<|im_start|>", "assistant"]
+    kept_words = tokens[9:-3]  # ... <|im_end|> <|im_start|> assistant
+    assert tokens[-3] == "<|im_end|>"
+    assert kept_words == words_.split()[-len(kept_words):]  # the end of the message, closest to the answer
+    assert "cut the user message to its last" in result.reason
+
+
+def test_prompt_that_cannot_fit_is_dropped_with_a_reason():
+    ctok = _chatml_tokenizer()
+    messages = [{"role": "system", "content": " ".join(["kind"] * 40)},
+                {"role": "user", "content": "how to use those tools"}]
+    pt = PairTokenizer(ctok, data_config(max_length=64, max_prompt_length=20))
+    result = pt.tokenize_raw_row(_chat_row(messages), source="n.jsonl", line=5)
+    assert (result.row, result.status, result.causes) == (None, "dropped", ("prompt_no_room",))
+    assert result.lengths == (53, 3)  # system 43 + user 8 + generation prompt 2
+    assert result.reason.startswith("n.jsonl:5: prompt of 53 tokens cannot fit max_prompt_length=20")
+    assert "shorten the system prompt or raise data.max_prompt_length" in result.reason
+    with pytest.raises(BadRowError, match=r"^held\.jsonl:2: prompt of 53 tokens cannot fit"):
+        pt.encode_prompt(messages, source="held.jsonl", line=2)
+
+
+def test_fit_chat_prompt_never_starts_with_an_assistant_turn():
+    def encode(msgs):  # one token per message: easy to count
+        return [0] * len(msgs)
+
+    msgs = ({"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
+            {"role": "user", "content": "c"}, {"role": "assistant", "content": "d"},
+            {"role": "user", "content": "e"})
+    # 4 tokens allowed: dropping only "a" would start at an assistant turn; drop a, b.
+    fit = fit_chat_prompt(msgs, 4, encode, lambda text: [0])
+    assert fit.messages == msgs[2:] and fit.causes == ("prompt_turns_dropped",) and fit.raw_length == 5
+    assert fit_chat_prompt(msgs, 5, encode, lambda text: [0]).messages == msgs  # fits: untouched
+
+
+def test_text_prompt_cut_keeps_todays_tail_and_names_its_cause(tok):
+    cfg = data_config(max_length=12, max_prompt_length=5)
+    pair = normalize_row({"prompt": "describe " + words(6, ("river", "garden")), "chosen": words(10),
+                          "rejected": "dull grim"})
+    result = PairTokenizer(tok, cfg)(pair, source="x", line=1)
+    assert result.row["prompt_ids"] == [tok.bos_token_id] + ids(tok, "river garden river garden")
+    assert result.causes == ("prompt_text_cut", "response_cut") and result.lengths == (8, 11)
+
+
+def test_text_prompt_cut_never_keeps_a_template_token_the_tokenizer_did_not_add():
+    ctok = _chatml_tokenizer()  # BOS "<|im_start|>" is never added to plain text
+    pt = PairTokenizer(ctok, data_config(max_length=64, max_prompt_length=3))
+    got = pt.encode_prompt("<|im_start|> user how to use those tools")
+    assert ctok.convert_ids_to_tokens(got) == ["use", "those", "tools"]
+
+
+# --------------------------------------------------------------------------- exactly one EOS
+
+
+def test_text_response_already_ending_with_eos_gets_no_second_one(tok):
+    pt = PairTokenizer(tok, data_config())
+    r = pt(normalize_row({"prompt": "describe", "chosen": "bright calm <|eos|>", "rejected": "dull grim"})).row
+    assert r["chosen_ids"] == ids(tok, "bright calm") + [tok.eos_token_id]
+    assert r["rejected_ids"] == ids(tok, "dull grim") + [tok.eos_token_id]
+    ctok = _char_level_tokenizer()
+    r = PairTokenizer(ctok, data_config())(normalize_row({"prompt": "a", "chosen": "yo<|im_end|>",
+                                                          "rejected": "no"})).row
+    assert r["chosen_ids"] == ctok.convert_tokens_to_ids(["y", "o", "<|im_end|>"])
+    assert r["rejected_ids"] == ctok.convert_tokens_to_ids(["n", "o", "<|im_end|>"])
+
+
+# --------------------------------------------------------------------------- per-reason counters
+
+
+def test_counters_count_each_cause_and_length_percentiles_merge():
+    ctok = _chatml_tokenizer()
+    pt = PairTokenizer(ctok, data_config(max_length=48, max_prompt_length=30, on_bad_row="skip"))
+    long_turns = _long_conversation(turns=9)
+    rows = [
+        _chat_row([{"role": "user", "content": "how to use those tools"}]),            # ok
+        _chat_row(long_turns),                                                       # turns dropped
+        _chat_row(long_turns[:2] + [{"role": "user", "content": " ".join(["river"] * 40)}]),  # + message cut
+        _chat_row([{"role": "system", "content": " ".join(["kind"] * 40)},
+                   {"role": "user", "content": "how"}]),                             # no room
+        {"prompt": "how to use", "chosen": " ".join(["calm"] * 60), "rejected": "dull"},  # response cut
+        {"prompt": "how to use", "chosen": "zebra", "rejected": "yak"},             # identical ids
+        {"prompt": "how to use", "chosen": "bright"},                               # bad row
+    ]
+    results = [pt.tokenize_raw_row(row, source="f", line=i + 1) for i, row in enumerate(rows)]
+    assert [r.status for r in results] == ["ok", "truncated", "truncated", "dropped", "truncated",
+                                           "dropped", "skipped"]
+    whole = DataCounters()
+    for r in results:
+        whole.add(r)
+    assert (whole.read, whole.ok, whole.truncated, whole.dropped, whole.skipped) == (7, 1, 3, 2, 1)
+    assert whole.truncated_by == {"prompt_turns_dropped": 2, "prompt_message_cut": 1, "response_cut": 1}
+    assert whole.dropped_by == {"prompt_no_room": 1, "identical_responses": 1}
+    assert whole.skipped_by == {"bad_row": 1}
+    assert sum(whole.dropped_by.values()) == whole.dropped and sum(whole.skipped_by.values()) == whole.skipped
+    # Merged per-block counters equal counting everything at once, histograms included.
+    parts = [DataCounters(), DataCounters(), DataCounters()]
+    for i, r in enumerate(results):
+        parts[i % 3].add(r)
+    merged = functools.reduce(DataCounters.merge, parts, DataCounters())
+    assert merged == whole
+    assert DataCounters.from_dict(json.loads(json.dumps(whole.as_dict()))) == whole
+    lengths = [r.lengths for r in results if r.lengths is not None]
+    prompts = sorted(p for p, _ in lengths)
+    summary = whole.length_summary()
+    assert summary["prompt"] == {"p50": prompts[2], "p90": prompts[-1], "p99": prompts[-1],
+                                 "max": prompts[-1], "n": 6}
+    assert summary["total"]["max"] == max(p + r for p, r in lengths)
+
+
+def test_length_histogram_is_bounded_and_close():
+    h = LengthHistogram()
+    for value in range(1, 100_001):
+        h.add(value)
+    assert len(h.counts) < 400
+    assert h.percentile(50) == pytest.approx(50_000, rel=0.0625) and h.percentile(50) >= 50_000
+    assert h.percentile(100) == h.max == 100_000
+    small = LengthHistogram()
+    for value in (3, 1, 2, 100, 7):
+        small.add(value)
+    assert [small.percentile(q) for q in (20, 50, 90)] == [1, 3, 100]  # exact below 128
+    assert LengthHistogram().percentile(50) == 0
+
+
+def test_counters_from_results_without_causes_stay_consistent():
+    counters = DataCounters()
+    counters.add(TokenizeResult(None, "dropped", "old-style result"))
+    assert counters.dropped_by == {"unspecified": 1} and counters.lengths["prompt"].n == 0

@@ -1,0 +1,78 @@
+"""The data report for people and for MLflow: what happened to the rows read and why.
+
+``format_report`` turns ``ray_dpo.data.pipeline.data_report``'s dict into console lines,
+e.g.
+
+    train: 960 pairs from 1 file(s); read 1000, ok 600, truncated 360, dropped 40, skipped 0; ...
+        truncated 360 (36.0% of read): 330 (33.0%) lost the start of the conversation
+            (earliest turns dropped) [prompt_turns_dropped]; 45 (4.5%) had a response cut ...
+        dropped 40 (4.0% of read): 40 (4.0%) system prompt + role headers + last user ...
+        tokens before fitting, p50/p90/p99/max: prompt 610/1490/2380/2950, response ...
+
+(A truncated pair counts under each kind of cut it got, so the truncated causes may add
+up to more than the truncated count.)
+
+``data_metrics`` gives the data/* metrics logged at step 0. Cause keys are
+``ray_dpo.data.tokenize.CAUSES``.
+
+This module is pure: it imports neither ray, deepspeed nor vllm.
+"""
+
+from __future__ import annotations
+
+from ray_dpo.data.tokenize import CAUSES, DataCounters
+
+
+def data_metrics(counters: DataCounters) -> dict[str, float]:
+    """data/* metrics of one split's counters: data/<status>, data/<status>/<cause> (keys of
+    ray_dpo.data.tokenize.CAUSES) and data/tokens/<prompt|response|total>_<p50|p90|p99|max>."""
+    metrics = {f"data/{name}": float(getattr(counters, name))
+               for name in ("read", "ok", "truncated", "dropped", "skipped")}
+    for status in ("truncated", "dropped", "skipped"):
+        for cause, count in getattr(counters, f"{status}_by").items():
+            metrics[f"data/{status}/{cause}"] = float(count)
+    for part, summary in counters.length_summary().items():
+        for stat in ("p50", "p90", "p99", "max"):
+            metrics[f"data/tokens/{part}_{stat}"] = float(summary[stat])
+    return metrics
+
+
+def _share(count: int, read: int) -> str:
+    return f"{100.0 * count / read:.1f}%" if read else "0%"
+
+
+def _by_cause_line(status: str, total: int, by: dict, read: int) -> str:
+    parts = [f"{count} ({_share(count, read)}) {CAUSES.get(cause, cause)} [{cause}]"
+             for cause, count in sorted(by.items(), key=lambda kv: (-kv[1], kv[0]))]
+    return f"    {status} {total} ({_share(total, read)} of read): " + "; ".join(parts)
+
+
+def format_report(report: dict) -> str:
+    """Per split: one summary line, why pairs were truncated / dropped / skipped (with the
+    share of the rows read), token length percentiles before fitting, a few examples."""
+    lines = []
+    for split in ("train", "eval"):
+        part = report.get(split)
+        if not part:
+            continue
+        c = part["counters"]
+        read = c["read"]
+        lines.append(
+            f"{split}: {part['num_pairs']} pairs from {part['num_files']} file(s); read {read}, "
+            f"ok {c['ok']}, truncated {c['truncated']}, dropped {c['dropped']}, "
+            f"skipped {c['skipped']}; fingerprint {part['fingerprint'][:12]}"
+        )
+        for status in ("truncated", "dropped", "skipped"):
+            by = c.get(f"{status}_by") or {}
+            if c[status] and by:
+                lines.append(_by_cause_line(status, c[status], by, read))
+        lengths = part.get("lengths") or {}
+        if any(v.get("n") for v in lengths.values()):
+            shown = ", ".join(
+                f"{name} {v['p50']}/{v['p90']}/{v['p99']}/{v['max']}"
+                for name, v in lengths.items()
+            )
+            lines.append(f"    tokens before fitting, p50/p90/p99/max: {shown}")
+        for reason in (c.get("skip_reasons") or [])[:3] + (c.get("drop_reasons") or [])[:3]:
+            lines.append(f"    e.g. {reason}")
+    return "\n".join(lines)

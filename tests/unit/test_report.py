@@ -1,0 +1,52 @@
+"""The data report: per-cause counts and length percentiles reach the console and MLflow."""
+
+import json
+
+from ray_dpo.data.report import data_metrics, format_report
+from ray_dpo.data.tokenize import DataCounters, TokenizeResult
+
+
+def _report(counters):
+    part = {"num_pairs": counters.kept, "num_files": 1, "fingerprint": "ab" * 32,
+            "counters": counters.as_dict(), "lengths": counters.length_summary()}
+    return json.loads(json.dumps({"train": part, "eval": None}))  # as logged: JSON
+
+
+def _counters():
+    counters = DataCounters()
+    for i in range(3):
+        counters.add(TokenizeResult({}, "truncated", "prompt: dropped", ("prompt_turns_dropped",), (900 + i, 40)))
+    counters.add(TokenizeResult({}, "truncated", "both", ("prompt_turns_dropped", "response_cut"), (700, 500)))
+    for i in range(4):
+        counters.add(TokenizeResult({}, "ok", "", (), (20 + i, 30)))
+    counters.add(TokenizeResult(None, "dropped", "f:9: no room", ("prompt_no_room",), (3000, 10)))
+    counters.add(TokenizeResult(None, "skipped", "f:10: missing field", ("bad_row",)))
+    return counters
+
+
+def test_console_report_says_why_with_shares_of_the_rows_read():
+    text = format_report(_report(_counters()))
+    lines = text.splitlines()
+    assert lines[0].startswith("train: 8 pairs from 1 file(s); read 10, ok 4, truncated 4, dropped 1, skipped 1")
+    assert lines[1] == (
+        "    truncated 4 (40.0% of read): 4 (40.0%) lost the start of the conversation (earliest turns "
+        "dropped) [prompt_turns_dropped]; 1 (10.0%) had a response cut at max_length [response_cut]")
+    assert lines[2].startswith("    dropped 1 (10.0% of read): 1 (10.0%) system prompt + role headers")
+    assert lines[2].endswith("[prompt_no_room]")
+    assert lines[3].startswith("    skipped 1 (10.0% of read): 1 (10.0%) malformed row")
+    # Before fitting, 9 tokenized rows: prompts 20..23, 700, 900..902, 3000 -> median 700, reported
+    # as its histogram bucket's upper bound 703 (buckets 32 wide in 512..1023); responses 10, 30 x4,
+    # 40 x3, 500 -> 30 (exact below 128); totals 50..53, 940..942, 1200, 3010 -> 940 -> 959.
+    assert lines[4] == ("    tokens before fitting, p50/p90/p99/max: prompt 703/3000/3000/3000, "
+                        "response 30/500/500/500, total 959/3010/3010/3010")
+    assert "    e.g. f:10: missing field" in lines and "    e.g. f:9: no room" in lines
+
+
+def test_data_metrics_name_each_cause_and_percentile():
+    metrics = data_metrics(_counters())
+    assert metrics["data/read"] == 10 and metrics["data/truncated"] == 4
+    assert metrics["data/truncated/prompt_turns_dropped"] == 4
+    assert metrics["data/truncated/response_cut"] == 1
+    assert metrics["data/dropped/prompt_no_room"] == 1 and metrics["data/skipped/bad_row"] == 1
+    assert metrics["data/tokens/prompt_p50"] == 703 and metrics["data/tokens/total_max"] == 3010
+    assert all(isinstance(v, float) for v in metrics.values())
