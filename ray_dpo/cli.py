@@ -12,6 +12,7 @@ import logging
 import sys
 
 from ray_dpo.config import ConfigError, load_config, to_yaml
+from ray_dpo.console import LOG_FORMAT
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_CONFIG = 0, 1, 2
 
@@ -54,6 +55,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         return EXIT_FAILED
     except Exception as e:  # the MLflow run is already marked FAILED by the driver
         print(f"[ray_dpo] run failed: {type(e).__name__}: {e}", file=sys.stderr)
+        from ray_dpo.console import ray_log_dir
+
+        if where := ray_log_dir():
+            print(f"[ray_dpo] every process's full output: {where}", file=sys.stderr)
         return EXIT_FAILED
     _print_summary(summary)
     return EXIT_OK
@@ -165,7 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="[%(name)s] %(message)s")
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)  # the prefix the console keeps
     return args.func(args)
 
 

@@ -21,12 +21,13 @@ import time
 
 import ray
 
+from ray_dpo import console
 from ray_dpo.config import RunConfig, flatten, local_cpus_needed, to_yaml, with_absolute_paths
 from ray_dpo.data.pipeline import build_pair_data, data_metrics, data_report, expand_files, format_report
 
 logger = logging.getLogger("ray_dpo")
 
-# Ray Train blocks ~2 s per report at its default health-check interval (ENV-FACTS).
+# Ray Train blocks ~2 s per report at its default health-check interval.
 _ENV_DEFAULTS = {
     "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1",
     "RAY_USAGE_STATS_ENABLED": "0",
@@ -58,12 +59,23 @@ class TrainSummary:
 
 
 def init_ray(cfg: RunConfig) -> None:
-    """Join the cluster named by RAY_ADDRESS (ray job submit, KubeRay) or start a local one."""
+    """Join the cluster named by RAY_ADDRESS (ray job submit, KubeRay) or start a local one.
+
+    The console then shows ray_dpo's lines only; Ray's output stays in its session logs,
+    whose folder is printed once (ray_dpo/console.py; RAY_DPO_CONSOLE=all turns it off).
+    """
     for key, value in _ENV_DEFAULTS.items():
         os.environ.setdefault(key, value)
     if ray.is_initialized():
         return
-    runtime_env = {"env_vars": {k: os.environ[k] for k in _ENV_DEFAULTS}}
+    quiet = console.filtering_enabled()
+    runtime_env: dict = {"env_vars": {k: os.environ[k] for k in _ENV_DEFAULTS}}
+    # A job submitted with its own setup hook keeps it (Ray refuses two); ray_dpo's records
+    # in workers then print without the prefix the console filter passes.
+    if quiet and "__RAY_WORKER_PROCESS_SETUP_HOOK_ENV_VAR" not in os.environ:
+        runtime_env["worker_process_setup_hook"] = console.SETUP_HOOK
+    if quiet:
+        console.quiet_driver_loggers()
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"], runtime_env=runtime_env, log_to_driver=True)
     else:
@@ -72,6 +84,11 @@ def init_ray(cfg: RunConfig) -> None:
         # tokens as cores, two workers on two cores deadlock a Ray Data stage).
         num_cpus = cfg.run.local_num_cpus or max(4, os.cpu_count() or 1, local_cpus_needed(cfg))
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, runtime_env=runtime_env)
+    if quiet and console.install_console_filter():
+        where = console.ray_log_dir()
+        print(f"[ray_dpo] Ray's own output (workers, Ray Train, Ray Data) goes to its logs"
+              f"{f' in {where}' if where else ''}, not here; RAY_DPO_CONSOLE=all shows it here",
+              flush=True)
 
 
 def storage_root(cfg: RunConfig) -> str:
@@ -239,7 +256,7 @@ def _precomputed_reference(cfg: RunConfig, group, train, evaluation, ref_model: 
 
 
 def _fit_policy(cfg: RunConfig, feeder, tracker, *, total_steps: int, gpu: bool, sync=None):
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig as TrainRunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig as TrainRunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from ray_dpo.policy.worker import train_loop_per_worker
@@ -265,6 +282,9 @@ def _fit_policy(cfg: RunConfig, feeder, tracker, *, total_steps: int, gpu: bool,
             name=cfg.run.name, storage_path=storage, callbacks=[callback],
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.policy.num_checkpoints_to_keep),
             failure_config=FailureConfig(max_failures=0),
+            # Ray Train's INFO lines (one "Reporting training result" dict per step and
+            # worker, with the pair ids) stay in its logs/train files, off the console.
+            logging_config=LoggingConfig(log_level="WARNING" if console.filtering_enabled() else "INFO"),
         ),
     )
     print(f"[ray_dpo] training: {total_steps} steps on {cfg.policy.num_workers} worker(s), "

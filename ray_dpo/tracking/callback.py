@@ -14,7 +14,7 @@ from typing import Any
 
 from ray.train import UserCallback
 
-from ray_dpo.tracking.metrics import loggable, progress_line
+from ray_dpo.tracking.metrics import StepClock, loggable, progress_line
 from ray_dpo.tracking.mlflow_sink import _client, log_metrics
 
 
@@ -39,8 +39,7 @@ class TrackingCallback(UserCallback):
         self.ledger_path = ledger_path
         self.progress = progress
         self._client = None
-        self._t0 = None
-        self._first_step = None
+        self._clock = StepClock()
 
     def __getstate__(self):
         state = dict(self.__dict__)
@@ -51,8 +50,9 @@ class TrackingCallback(UserCallback):
         if not metrics or "step" not in metrics[0]:
             return
         step = int(metrics[0]["step"])
-        if self._t0 is None:
-            self._t0, self._first_step = time.monotonic(), step - 1
+        # Every step's report moves the clock, printed or not, so eval and checkpoint time
+        # between reports is spread over the steps.
+        eta_s = self._clock.eta_s(step=step, total=self.total_steps, now=time.monotonic())
         values = loggable(metrics[0])
         if step % self.log_every != 0 and step != self.total_steps:
             values = {k: v for k, v in values.items() if k.startswith("eval/")}
@@ -62,8 +62,7 @@ class TrackingCallback(UserCallback):
             log_metrics(self._client, self.run_id, values, step)
         self._write_ledger(step, metrics)
         if self.progress and "train/loss" in metrics[0]:
-            line = progress_line(step=step, total=self.total_steps, metrics=loggable(metrics[0]),
-                                 elapsed_s=time.monotonic() - self._t0, start_step=self._first_step)
+            line = progress_line(step=step, total=self.total_steps, metrics=loggable(metrics[0]), eta_s=eta_s)
             print(f"[ray_dpo] {line}", file=sys.stdout, flush=True)
 
     def _write_ledger(self, step: int, metrics: list[dict[str, Any]]) -> None:

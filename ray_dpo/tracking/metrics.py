@@ -36,12 +36,40 @@ def format_duration(seconds: float) -> str:
     return f"{s}s"
 
 
-def progress_line(*, step: int, total: int, metrics: Mapping[str, float], elapsed_s: float,
-                  start_step: int = 0) -> str:
+class StepClock:
+    """Time per optimizer step, measured between reports, for the progress line's ETA.
+
+    The first report of a session is the origin (its time and its step); the ETA at a later
+    report is (time since the origin) / (steps since the origin) * (steps left). The first
+    report has no ETA: one report gives no interval to measure, and the time before it is
+    start-up (Ray, the worker group, model loading), not steps. Whatever runs between two
+    reports -- an eval pass, a checkpoint, an online round's generation -- is part of that
+    interval, so it is amortized over the steps. A resumed run's first report is its
+    origin too, so the steps it skipped do not count.
+
+    Times are passed in (``now``), so the arithmetic is testable without sleeping.
+    """
+
+    def __init__(self) -> None:
+        self._origin: tuple[float, int] | None = None
+
+    def eta_s(self, *, step: int, total: int, now: float) -> float | None:
+        """Seconds left after ``step`` of ``total``; None when not measurable yet."""
+        if self._origin is None:
+            self._origin = (now, step)
+            return None
+        t0, s0 = self._origin
+        done = step - s0
+        if done <= 0:
+            return None
+        return max(now - t0, 0.0) / done * max(total - step, 0)
+
+
+def progress_line(*, step: int, total: int, metrics: Mapping[str, float], eta_s: float | None) -> str:
     """``step 12/40 (30%) | loss 0.6712 | acc 0.62 | 1,234 tok/s | ETA 1m05s``.
 
-    ETA extrapolates the mean step time of this session (steps since ``start_step``, so a
-    resumed run does not count the steps it skipped).
+    ``eta_s`` comes from :class:`StepClock`; None shows ``ETA ?`` (nothing measured yet).
+    The last step shows no ETA.
     """
     parts = [f"step {step}/{total} ({100 * step / max(total, 1):.0f}%)"]
     if "train/loss" in metrics:
@@ -52,7 +80,6 @@ def progress_line(*, step: int, total: int, metrics: Mapping[str, float], elapse
         parts.append(f"eval acc {metrics['eval/rewards/accuracies']:.2f}")
     if "perf/tokens_per_s" in metrics:
         parts.append(f"{metrics['perf/tokens_per_s']:,.0f} tok/s")
-    done = step - start_step
-    if done > 0 and total > step:
-        parts.append(f"ETA {format_duration(elapsed_s / done * (total - step))}")
+    if step < total:
+        parts.append("ETA ?" if eta_s is None else f"ETA {format_duration(eta_s)}")
     return " | ".join(parts)

@@ -11,6 +11,8 @@ import collections
 import json
 import math
 import os
+import subprocess
+import sys
 import threading
 import time
 
@@ -82,12 +84,32 @@ def test_offline_run_learns_and_logs_everything(ray_cluster, tiny_config, monkey
     assert AutoModelForCausalLM.from_pretrained(summary.hf_model_path) is not None
 
 
-def test_resume_continues_at_the_checkpoint_step(ray_cluster, tiny_config):
+def run_cli(cfg, tmp_path, ray):
+    """``ray-dpo train`` on ``cfg`` in a subprocess that joins this module's cluster (no second
+    cluster to start); returns the process with its stdout and stderr."""
+    from ray_dpo.config import to_yaml
+
+    path = tmp_path / f"{cfg.run.name}.yaml"
+    path.write_text(to_yaml(cfg), encoding="utf-8")
+    env = dict(os.environ, RAY_ADDRESS=ray.get_runtime_context().gcs_address)
+    return subprocess.run([sys.executable, "-m", "ray_dpo.cli", "train", str(path)], env=env,
+                          capture_output=True, text=True, timeout=900)
+
+
+def test_resume_continues_at_the_checkpoint_step(ray_cluster, tiny_config, tmp_path):
     from ray_dpo.driver import run_dpo
+    from ray_dpo.testing.console import console_problems, foreign_lines
 
     first = tiny_config("resume", **{"policy.checkpoint_every_steps": 4,
                                                              "policy.max_steps": 4})
-    run_dpo(first)
+    # The first run goes through the CLI, so its console is what a user sees: ray_dpo's
+    # lines, not Ray's (this cluster has no dashboard, so without the console filter Ray
+    # Train's PlacementGroupCleaner warns once a second; every step's report has pair ids).
+    proc = run_cli(first, tmp_path, ray_cluster)
+    console = proc.stdout + proc.stderr
+    assert proc.returncode == 0, console[-6000:]
+    assert not console_problems(console, steps=4), "\n".join(console_problems(console, steps=4))
+    assert len(foreign_lines(console)) <= 5, "\n".join(foreign_lines(console))
     assert [e["step"] for e in ledger(first)] == [1, 2, 3, 4]
 
     second = tiny_config("resume", **{"policy.checkpoint_every_steps": 4})

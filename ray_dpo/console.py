@@ -1,0 +1,119 @@
+"""What a run prints: ray_dpo's own lines on the console, everything else in Ray's log files.
+
+Ray forwards every line that any worker process of the job writes to stdout/stderr to the
+driver's console (``log_to_driver``). In a run that is mostly Ray's chatter: Ray Train's
+``Reporting training result`` dict for every step on every worker (with the step's pair
+ids), the PlacementGroupCleaner's ``Failed to query Ray Train Controller actor state`` once
+a second whenever Ray's state API is unreachable (a local cluster without a dashboard),
+Ray Data's progress bars, model-loading bars, library warnings. Ray already writes each
+process's output to its session log folder, so nothing is lost by keeping it off the
+console:
+
+* forwarded lines: only those that start with ``[ray_dpo`` reach the console -- the progress
+  lines the tracking callback prints in the Ray Train controller, and ray_dpo's log records
+  in any actor or worker (``setup_worker_logging``, run in every worker process, formats
+  them with that prefix);
+* the driver's own Ray loggers (``ray``, ``ray.data``) print warnings and errors only; Ray
+  Data keeps writing its INFO lines to ``logs/ray-data`` in the session folder;
+* errors still reach the console: a failure in a worker or actor comes back to the driver
+  as an exception, which the CLI prints.
+
+``RAY_DPO_CONSOLE=all`` turns all of this off (Ray's default console) for debugging.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+OWN_PREFIX = "[ray_dpo"
+LOG_FORMAT = "[%(name)s] %(message)s"
+ENV_CONSOLE = "RAY_DPO_CONSOLE"
+SETUP_HOOK = "ray_dpo.console.setup_worker_logging"
+
+# The driver-side handler Ray registers for forwarded worker output (ray._private.worker);
+# ray.shutdown() removes it by this name, so the filtered one keeps it.
+_RAY_PRINT_HANDLER = "ray_print_logs"
+
+
+def filtering_enabled() -> bool:
+    return os.environ.get(ENV_CONSOLE, "").lower() != "all"
+
+
+def is_own_line(line: str) -> bool:
+    """A line ray_dpo printed: progress, its report lines and its log records."""
+    return line.lstrip().startswith(OWN_PREFIX)
+
+
+def own_lines(batch: dict) -> list[str]:
+    """The lines of one forwarded batch (Ray's ``{"lines": [...], "is_err", "pid", ...}``)
+    that are ray_dpo's."""
+    return [line for line in batch.get("lines") or () if is_own_line(line)]
+
+
+def _print_own_lines(batch: dict) -> None:
+    lines = own_lines(batch)
+    if not lines:
+        return
+    sink = sys.stderr if batch.get("is_err") else sys.stdout
+    # Without Ray's "(TrainController pid=...)" prefix: the line names its source already.
+    sink.write("".join(line + "\n" for line in lines))
+    sink.flush()
+
+
+def install_console_filter() -> bool:
+    """Replace Ray's printer of forwarded worker output (in this driver, after ray.init) by
+    one that prints ray_dpo's lines only. False if Ray's internals are not as expected, in
+    which case the console stays as Ray makes it."""
+    try:
+        from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+    except ImportError:
+        return False
+    names = [name for name, _ in getattr(dispatcher, "handlers", ())]
+    if _RAY_PRINT_HANDLER not in names:
+        return False  # log_to_driver=False, or Ray renamed it
+    dispatcher.remove_handler(_RAY_PRINT_HANDLER)
+    dispatcher.add_handler(_RAY_PRINT_HANDLER, _print_own_lines)
+    return True
+
+
+def quiet_driver_loggers() -> None:
+    """Ray's loggers in this process print warnings and errors only; their files (Ray Data's
+    ``ray-data.log``) keep everything."""
+    for name in ("ray", "ray.data"):
+        for handler in logging.getLogger(name).handlers:
+            if type(handler) is logging.StreamHandler or type(handler).__name__ == "PlainRayHandler":
+                handler.setLevel(max(handler.level, logging.WARNING))
+    # MLflow's "Creating initial MLflow database tables..." on a new SQLite store: MLflow sets
+    # its logger's level from this variable when imported, and the driver imports it later.
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    if "mlflow" in sys.modules:
+        logging.getLogger("mlflow").setLevel(os.environ["MLFLOW_LOGGING_LEVEL"].upper())
+
+
+def setup_worker_logging() -> None:
+    """worker_process_setup_hook: in each Ray worker process, ray_dpo's log records go to
+    stderr as ``[ray_dpo.<part>] message`` -- the prefix the driver's filter lets through
+    (Ray's default worker logging prints bare messages). Not propagated, so Ray Train's
+    root handler does not print them a second time."""
+    log = logging.getLogger("ray_dpo")
+    if any(getattr(h, "_ray_dpo", False) for h in log.handlers):
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    handler._ray_dpo = True  # type: ignore[attr-defined]
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
+
+
+def ray_log_dir() -> str | None:
+    """This node's folder of Ray session logs (every worker's output, Ray Train, Ray Data)."""
+    try:
+        import ray
+
+        node = ray._private.worker._global_node
+        return os.path.join(node.get_session_dir_path(), "logs") if node is not None else None
+    except Exception:  # noqa: BLE001 -- only for a hint to the user
+        return None

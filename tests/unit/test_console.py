@@ -1,0 +1,62 @@
+"""The console filter (ray_dpo.console) on batches shaped like the ones Ray forwards."""
+
+import logging
+
+from ray_dpo import console
+
+PG_CLEANER = ("Failed to query Ray Train Controller actor state. State API may be temporarily "
+              "unavailable. Continuing to monitor.")
+REPORT = ("Reporting training result 1: TrainingReport(checkpoint=None, metrics={'train/loss': 0.69, "
+          "'pair_ids': ['p1', 'p2']}) from rank 0")
+
+
+def batch(lines, is_err=False, actor="TrainController"):
+    return {"lines": lines, "is_err": is_err, "pid": 4242, "actor_name": actor, "ip": "10.0.0.1"}
+
+
+def test_only_ray_dpo_lines_of_a_batch_are_kept():
+    lines = [PG_CLEANER, REPORT, "[ray_dpo] step 1/6 (17%) | loss 0.6931 | ETA ?",
+             "[ray_dpo.reference] reference actor 0 failed on batch 3: boom",
+             "Loading weights: 100%|##########| 20/20", "", "ray_dpo without brackets"]
+    assert console.own_lines(batch(lines)) == lines[2:4]
+    assert console.own_lines(batch([])) == []
+    assert console.own_lines({"lines": None}) == []
+
+
+def test_printer_writes_own_lines_to_the_stream_the_worker_used(capsys):
+    console._print_own_lines(batch([PG_CLEANER, "[ray_dpo] step 2/6"]))
+    console._print_own_lines(batch([REPORT, "[ray_dpo.feeder] reference scoring failed: x"], is_err=True))
+    console._print_own_lines(batch([PG_CLEANER] * 3))
+    out, err = capsys.readouterr()
+    assert out == "[ray_dpo] step 2/6\n"
+    assert err == "[ray_dpo.feeder] reference scoring failed: x\n"
+
+
+def test_installed_filter_replaces_rays_printer_under_its_name(monkeypatch):
+    from ray._private import ray_logging
+
+    dispatcher = ray_logging.WorkerStandardStreamDispatcher()
+    monkeypatch.setattr(ray_logging, "global_worker_stdstream_dispatcher", dispatcher)
+    assert console.install_console_filter() is False  # nothing to replace: log_to_driver off
+    seen = []
+    dispatcher.add_handler("ray_print_logs", seen.append)
+    assert console.install_console_filter() is True
+    assert [name for name, _ in dispatcher.handlers] == ["ray_print_logs"]
+    dispatcher.emit(batch([PG_CLEANER]))
+    assert seen == []
+
+
+def test_worker_logging_prefixes_ray_dpo_records_once(capsys):
+    log = logging.getLogger("ray_dpo")
+    saved = (list(log.handlers), log.level, log.propagate)
+    try:
+        console.setup_worker_logging()
+        console.setup_worker_logging()  # a second hook call adds no second handler
+        logging.getLogger("ray_dpo.reference").warning("actor %d restarted", 1)
+        err = capsys.readouterr().err
+        assert err == "[ray_dpo.reference] actor 1 restarted\n"
+        assert console.is_own_line(err)
+    finally:
+        log.handlers[:] = saved[0]
+        log.setLevel(saved[1])
+        log.propagate = saved[2]

@@ -1,0 +1,59 @@
+"""The progress line and its ETA (ray_dpo.tracking.metrics): times are injected, no sleeps."""
+
+import pytest
+
+from ray_dpo.tracking.metrics import StepClock, format_duration, progress_line
+
+
+def etas(reports, total):
+    """ETA at each (step, time) report of one session."""
+    clock = StepClock()
+    return [clock.eta_s(step=step, total=total, now=now) for step, now in reports]
+
+
+def test_first_report_has_no_eta_then_steps_left_times_time_per_step():
+    # Start-up took 100 s before step 1; then 10 s per step.
+    reports = [(1, 100.0), (2, 110.0), (3, 120.0), (4, 130.0)]
+    assert etas(reports, total=10) == [None, 80.0, 70.0, 60.0]
+
+
+def test_eta_is_right_from_step_2_even_after_a_slow_start():
+    # The bug this replaces: the clock started at the first report but counted step 1 as
+    # done, so at step k it was low by (k-1)/k -- 21 s shown with 11 min left.
+    # 60 s per step, 12 steps left at step 2 -> 12 min.
+    reports = [(1, 500.0), (2, 560.0)]
+    assert etas(reports, total=14)[1] == pytest.approx(12 * 60)
+
+
+def test_eval_and_checkpoint_time_between_reports_is_amortized():
+    # 10 s steps, but the report after step 4 came 40 s late (an eval pass + a checkpoint).
+    reports = [(1, 0.0), (2, 10.0), (3, 20.0), (4, 30.0), (5, 80.0)]
+    # (80 - 0) s over 4 steps = 20 s per step, 5 steps left.
+    assert etas(reports, total=10)[-1] == pytest.approx(100.0)
+
+
+def test_resumed_run_measures_from_its_own_first_report():
+    # Resumed after a checkpoint at step 40: the first report is step 41.
+    reports = [(41, 1000.0), (42, 1004.0), (43, 1008.0)]
+    assert etas(reports, total=50) == [None, pytest.approx(32.0), pytest.approx(28.0)]
+
+
+def test_last_step_has_nothing_left():
+    assert etas([(1, 0.0), (2, 5.0)], total=2) == [None, 0.0]
+
+
+def test_a_repeated_step_does_not_divide_by_zero():
+    assert etas([(3, 0.0), (3, 1.0)], total=10) == [None, None]
+
+
+def test_progress_line_shows_eta_unknown_at_first_report_and_none_at_the_end():
+    metrics = {"train/loss": 0.69314, "train/rewards/accuracies": 0.5, "perf/tokens_per_s": 1234.4}
+    first = progress_line(step=1, total=40, metrics=metrics, eta_s=None)
+    assert first == "step 1/40 (2%) | loss 0.6931 | acc 0.50 | 1,234 tok/s | ETA ?"
+    assert progress_line(step=12, total=40, metrics=metrics, eta_s=65.0).endswith("| ETA 1m05s")
+    last = progress_line(step=40, total=40, metrics=metrics, eta_s=0.0)
+    assert "ETA" not in last and last.startswith("step 40/40 (100%)")
+
+
+def test_format_duration():
+    assert [format_duration(s) for s in (0, 42.4, 185, 3720)] == ["0s", "42s", "3m05s", "1h02m"]
