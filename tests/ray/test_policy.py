@@ -23,7 +23,7 @@ import os
 
 import pytest
 
-# Ray Train blocks ~2 s per report at the default health-check interval (ENV-FACTS); the
+# Ray Train blocks ~2 s per report at the default health-check interval (measured); the
 # driver's environment must carry this before ray.init (the ray_cluster fixture).
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
