@@ -423,7 +423,7 @@ def _notes(cfg, args, trl: dict | None, ray: dict | None, evals: dict, extra: li
              f"max_new_tokens {cfg.online.sampling.max_new_tokens}, judge {cfg.online.judge.function}; KL in nats "
              "per sequence (transformers fp32 log-probs, reference = initial model). s/step: mean interval between "
              "step ends, steps 2..N (step 1 = warm-up, excluded); ray_dpo also excludes steps whose report waited "
-             f"for an eval or the checkpoint. torch threads {torch.get_num_threads()}."]
+             f"for an eval or the checkpoint. TRL's torch threads {args.threads}."]
     if trl:
         lines.append(f"TRL: trainer ready {trl['ready_s']:.0f} s after process start (reference precompute "
                      f"{trl['ref_s']:.0f} s of it), step 1 {trl['step1_s']:.1f} s; train loss step 1 "
