@@ -41,12 +41,10 @@ def import_gguf(gguf_file: str, out_dir: str, *, dtype: str = "fp32", overwrite:
                 log=print) -> str:
     """Write ``gguf_file`` as a Hugging Face model + tokenizer directory at ``out_dir``.
 
-    Returns ``out_dir``. A complete earlier import of the same file (same size and mtime)
+    Returns ``out_dir``. A complete earlier import of the same file (same name and SHA-256)
     is kept as is unless ``overwrite``. Raises GGUFImportError on a missing file, a missing
     ``gguf`` package or an architecture transformers cannot read from GGUF.
     """
-    import torch
-
     if dtype not in _DTYPES:
         raise GGUFImportError(f"dtype={dtype!r}: valid values are {', '.join(_DTYPES)}")
     gguf_file = os.path.abspath(os.path.expanduser(gguf_file))
@@ -67,18 +65,29 @@ def import_gguf(gguf_file: str, out_dir: str, *, dtype: str = "fp32", overwrite:
         raise GGUFImportError("reading GGUF files needs the `gguf` package: "
                               "pip install gguf (ray_dpo[real] installs it)") from err
 
+    t0 = time.monotonic()
+    log(f"[ray_dpo] reading {os.path.basename(gguf_file)} (dequantizing every tensor to {dtype}) ...")
+    model, tokenizer = _load_plain(gguf_file, dtype)
+    _write_atomically(out_dir, model, tokenizer, source)
+    params = sum(p.numel() for p in model.parameters())
+    log(f"[ray_dpo] wrote {out_dir}: {model.config.model_type}, {params / 1e6:.0f}M parameters, {dtype}, "
+        f"vocab {len(tokenizer)}, chat template: {'yes' if tokenizer.chat_template else 'no'} "
+        f"({time.monotonic() - t0:.0f}s)")
+    return out_dir
+
+
+def _load_plain(gguf_file: str, dtype: str):
+    """(model without the GGUF quantization_config, tokenizer) read from ``gguf_file``."""
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    t0 = time.monotonic()
     folder, name = os.path.split(gguf_file)
     torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
-    log(f"[ray_dpo] reading {name} (dequantizing every tensor to {dtype}) ...")
     try:
         loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch_dtype)
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     except (ValueError, KeyError) as err:  # e.g. "GGUF model with architecture X is not supported"
         raise GGUFImportError(f"{gguf_file}: transformers cannot import it: {err}") from err
-
     config = loaded.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config
@@ -90,22 +99,20 @@ def import_gguf(gguf_file: str, out_dir: str, *, dtype: str = "fp32", overwrite:
     if missing or unexpected:
         raise GGUFImportError(f"{gguf_file}: weights do not match the architecture "
                               f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
-    del loaded
+    return plain, tokenizer
 
+
+def _write_atomically(out_dir: str, model, tokenizer, source: dict) -> None:
+    """Model, tokenizer and the import marker under a temporary name, then renamed."""
     tmp = out_dir + ".partial"
     shutil.rmtree(tmp, ignore_errors=True)
-    plain.save_pretrained(tmp)
+    model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     with open(os.path.join(tmp, MARKER), "w", encoding="utf-8") as f:
         json.dump(source, f, indent=1)
     if os.path.exists(out_dir):
         shutil.rmtree(out_dir)
     os.replace(tmp, out_dir)
-    params = sum(p.numel() for p in plain.parameters())
-    log(f"[ray_dpo] wrote {out_dir}: {config.model_type}, {params / 1e6:.0f}M parameters, {dtype}, "
-        f"vocab {len(tokenizer)}, chat template: {'yes' if tokenizer.chat_template else 'no'} "
-        f"({time.monotonic() - t0:.0f}s)")
-    return out_dir
 
 
 def _sha256(path: str) -> str:

@@ -246,27 +246,27 @@ def fit_chat_prompt(
     body = messages[len(head):]
     total = len(ids)
     starts = [i for i, m in enumerate(body) if i > 0 and m["role"] == "user"]
-    # Dropping more turns never makes the prompt longer: binary search the fewest.
-    lo, hi, best = 0, len(starts) - 1, None
-    while lo <= hi:
-        mid = (lo + hi) // 2
-        candidate = encode(head + body[starts[mid]:])
-        if len(candidate) <= limit:
-            best, hi = (starts[mid], candidate), mid - 1
-        else:
-            lo = mid + 1
+    # Dropping more turns never makes the prompt longer: the fewest that make it fit.
+    best = _fitting_extreme(0, len(starts) - 1, lambda k: encode(head + body[starts[k]:]), limit, lowest=True)
     if best is not None:
-        start, kept_ids = best
+        start, kept_ids = starts[best[0]], best[1]
         after = " after the system prompt" if head else ""
         return ChatFit(head + body[start:], kept_ids, ("prompt_turns_dropped",),
                        f"prompt: dropped the first {start} of {len(body)} turns{after} "
                        f"({total} -> {len(kept_ids)} tokens)", total)
-    start = starts[-1] if starts else 0
-    causes = ("prompt_turns_dropped",) if start else ()
     if not body:  # a system message alone: nothing may be cut
         return ChatFit((), [], ("prompt_no_room",), (
             f"the system prompt alone renders to {total} tokens > max_prompt_length={limit}; "
             "shorten it or raise data.max_prompt_length"), total)
+    return _cut_oldest_message(head, body, starts[-1] if starts else 0, limit, encode, token_starts, total)
+
+
+def _cut_oldest_message(head: Messages, body: Messages, start: int, limit: int,
+                        encode: Callable[[Messages], list[int]], token_starts: Callable[[str], list[int]],
+                        total: int) -> ChatFit:
+    """Step 3-4 of fit_chat_prompt: keep the conversation from ``body[start]`` on and cut that
+    message's content from the left to the most tokens that fit."""
+    causes = ("prompt_turns_dropped",) if start else ()
     oldest = body[start]
     content = oldest["content"]
     offsets = token_starts(content)
@@ -275,14 +275,7 @@ def fit_chat_prompt(
         tail = content[offsets[len(offsets) - n]:].lstrip() if n < len(offsets) else content
         return head + ({**oldest, "content": tail},) + body[start + 1:]
 
-    lo, hi, best = 1, len(offsets) - 1, None
-    while lo <= hi:
-        mid = (lo + hi) // 2
-        candidate = encode(with_tail(mid))
-        if len(candidate) <= limit:
-            best, lo = (mid, candidate), mid + 1
-        else:
-            hi = mid - 1
+    best = _fitting_extreme(1, len(offsets) - 1, lambda n: encode(with_tail(n)), limit, lowest=False)
     if best is None:
         return ChatFit((), [], ("prompt_no_room",), (
             f"prompt of {total} tokens cannot fit max_prompt_length={limit}: the system prompt, "
@@ -294,6 +287,24 @@ def fit_chat_prompt(
     return ChatFit(with_tail(n), kept_ids, causes + ("prompt_message_cut",),
                    f"prompt: {dropped}cut the {oldest['role']} message to its last {n} of "
                    f"{len(offsets)} tokens ({total} -> {len(kept_ids)} tokens)", total)
+
+
+def _fitting_extreme(lo: int, hi: int, encode_at: Callable[[int], list[int]], limit: int, *,
+                     lowest: bool) -> Optional[tuple[int, list[int]]]:
+    """Binary search of lo..hi for the lowest (``lowest``) or highest index whose encoding has
+    at most ``limit`` tokens, fitting being monotone in the index: (index, ids) or None."""
+    best = None
+    while lo <= hi:
+        mid = (lo + hi) // 2
+        ids = encode_at(mid)
+        fits = len(ids) <= limit
+        if fits:
+            best = (mid, ids)
+        if fits == lowest:
+            hi = mid - 1
+        else:
+            lo = mid + 1
+    return best
 
 
 # --------------------------------------------------------------------------- tokenizer
