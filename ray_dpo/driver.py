@@ -24,6 +24,7 @@ import ray
 from ray_dpo import console
 from ray_dpo.config import RunConfig, flatten, local_cpus_needed, to_yaml, with_absolute_paths
 from ray_dpo.data.pipeline import build_pair_data, data_metrics, data_report, expand_files, format_report
+from ray_dpo.tracking.metrics import CountProgress
 
 logger = logging.getLogger("ray_dpo")
 
@@ -247,8 +248,9 @@ def _precomputed_reference(cfg: RunConfig, group, train, evaluation, ref_model: 
         print(f"[ray_dpo] reference log-probs: cache hit {key[:12]} ({len(found)} pairs)", flush=True)
         return found
     t0 = time.monotonic()
-    scored = cache.score_datasets(group, [d for d in (train, evaluation) if d is not None],
-                                  batch_size=cfg.reference.batch_size)
+    datasets = [d for d in (train, evaluation) if d is not None]
+    progress = CountProgress("[ray_dpo] reference log-probs", sum(d.num_pairs for d in datasets), unit="pairs")
+    scored = cache.score_datasets(group, datasets, batch_size=cfg.reference.batch_size, progress=progress.update)
     cache.save(cache_dir, key, *scored)
     print(f"[ray_dpo] reference log-probs: computed {len(scored[0])} pairs in "
           f"{time.monotonic() - t0:.1f}s, cached as {key[:12]} under {cache_dir}", flush=True)

@@ -154,6 +154,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    # vLLM and transformers report every engine setting at INFO/WARNING; this script's own
+    # progress lines are what a user needs (set these to INFO to see theirs).
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
     files = fetch(args.out)
     from ray_dpo.gguf_import import import_gguf

@@ -17,7 +17,7 @@ import logging
 import os
 import time
 import uuid
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -156,11 +156,13 @@ def load(cache_dir: str, key: str) -> dict[str, tuple[float, float]] | None:
 # --------------------------------------------------------------------------- scoring
 
 
-def score_datasets(group: Any, datasets: Iterable[Any], *, batch_size: int) -> tuple[list, list, list]:
+def score_datasets(group: Any, datasets: Iterable[Any], *, batch_size: int,
+                   progress: Callable[[int], None] | None = None) -> tuple[list, list, list]:
     """Score every pair of some PairData (``.dataset`` rows) once -> (pair_ids, chosen, rejected).
 
     group: a ReferenceGroup (anything with ``score_batches``). A pair id seen in an
     earlier dataset (the same file used for train and eval) is scored once.
+    progress: called with the number of pairs scored so far after each batch.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -172,6 +174,8 @@ def score_datasets(group: Any, datasets: Iterable[Any], *, batch_size: int) -> t
             pair_ids.append(row["pair_id"])
             chosen.append(row["ref_chosen_logp"])
             rejected.append(row["ref_rejected_logp"])
+        if progress is not None:
+            progress(len(pair_ids))
     return pair_ids, chosen, rejected
 
 

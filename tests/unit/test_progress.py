@@ -2,7 +2,7 @@
 
 import pytest
 
-from ray_dpo.tracking.metrics import StepClock, format_duration, progress_line
+from ray_dpo.tracking.metrics import CountProgress, StepClock, format_duration, progress_line
 
 
 def etas(reports, total):
@@ -57,3 +57,29 @@ def test_progress_line_shows_eta_unknown_at_first_report_and_none_at_the_end():
 
 def test_format_duration():
     assert [format_duration(s) for s in (0, 42.4, 185, 3720)] == ["0s", "42s", "3m05s", "1h02m"]
+
+
+def counted(updates, total, every_s=10.0):
+    """Lines a CountProgress prints for (done, time) updates, the clock starting at 0."""
+    times = iter([0.0] + [t for _, t in updates])
+    lines = []
+    progress = CountProgress("reference log-probs", total, unit="pairs", every_s=every_s,
+                             now=lambda: next(times), emit=lines.append)
+    for done, _ in updates:
+        progress.update(done)
+    return lines
+
+
+def test_count_progress_rate_and_eta_from_the_start_and_throttled():
+    # 32 pairs every 4 s; a line at most every 10 s, and always the last one.
+    updates = [(32 * i, 4.0 * i) for i in range(1, 5)] + [(150, 19.0)]
+    lines = counted(updates, total=150)
+    assert lines == [
+        # at 12 s: 96 pairs, 8 pairs/s, 54 pairs left -> 6.75 s
+        "reference log-probs: 96/150 pairs (64%) | 8.0 pairs/s | ETA 7s",
+        "reference log-probs: 150/150 pairs (100%) | 7.9 pairs/s | took 19s",
+    ]
+
+
+def test_count_progress_without_anything_done_has_no_eta():
+    assert counted([(0, 30.0)], total=10) == ["reference log-probs: 0/10 pairs (0%) | 0.0 pairs/s | ETA ?"]
