@@ -266,9 +266,15 @@ def _find_run(client, experiment: str, run_name: str):
     return runs[0]
 
 
-def _ref_cache_note(cfg, start: float, first_step: float) -> tuple[str, str]:
-    """(short, long) note on whether the run computed its reference log-probs (cache files' mtimes)."""
-    cache_dir = cfg.reference.cache_dir or os.path.join(cfg.run.storage_path, "reference_cache")
+def _ref_cache_note(cfg, params: dict, start: float, first_step: float) -> tuple[str, str]:
+    """(short, long) note on whether the run computed its reference log-probs (cache files' mtimes).
+
+    The cache directory is the run's own (its logged params: a `--set reference.cache_dir=`
+    on the run's command line counts), else the config's default."""
+    cache_dir = params.get("reference.cache_dir")
+    if cache_dir in (None, "", "None"):
+        cache_dir = cfg.reference.cache_dir or os.path.join(params.get("run.storage_path") or cfg.run.storage_path,
+                                                            "reference_cache")
     written = [os.path.getmtime(os.path.join(d, f)) for d, _, files in os.walk(cache_dir) for f in files]
     if any(start <= t <= first_step for t in written):
         return "ref precompute", "the reference precompute ran in this run"
@@ -308,7 +314,7 @@ def read_ray_dpo_run(cfg, run_name: str) -> dict:
         "kl": (kl[first_eval][0], kl[last_eval][0]) if kl else None, "eval_last_step": last_eval,
         "loss_first": loss[steps[0]][0], "loss_last": loss[last][0],
         "hf_model": run.data.tags.get("ray_dpo.hf_model"),
-        **dict(zip(("cache_short", "cache_note"), _ref_cache_note(cfg, start, ts[steps[0]]))),
+        **dict(zip(("cache_short", "cache_note"), _ref_cache_note(cfg, run.data.params, start, ts[steps[0]]))),
     }
 
 
@@ -401,7 +407,7 @@ def _rows(trl: dict | None, ray: dict | None, evals: dict, base: dict, others: l
                      f"{before} -> {_fmt(e and e['eval/judge_score'])}", _fmt(e and e["eval/kl"])])
     if ray:
         j, k = ray["judge"] or (None, None), ray["kl"] or (None, None)
-        rows.append([f"ray_dpo {ray['name']} ({ray['steps']} steps, its in-run eval)", _fmt(ray["s_per_step"], ".2f"),
+        rows.append([f"ray_dpo {ray['name']} ({ray['steps']} steps" + (", its in-run eval)" if ray["eval_steps"] else ")"), _fmt(ray["s_per_step"], ".2f"),
                      _fmt(ray["wall_s"], ".0f"),
                      f"MLflow run start (after ray.init) -> last step: tokenize, {ray['cache_short']}, startup, "
                      f"{len(ray['eval_steps'])} held-out evals and the final checkpoint (those after step 1: "
@@ -430,7 +436,7 @@ def _notes(cfg, args, trl: dict | None, ray: dict | None, evals: dict, extra: li
                      f"{trl['loss_first']:.4f} -> last {trl['loss_last']:.4f}.")
     if ray:
         lines.append(f"ray_dpo {ray['name']} ({ray['status']}): first step logged {ray['setup_s']:.0f} s after run start "
-                     f"(incl. the step-0 eval; {ray['cache_note']}); worker compute perf/step_time_s mean "
+                     f"({'incl. the step-0 eval; ' if ray['eval_steps'] else ''}{ray['cache_note']}); worker compute perf/step_time_s mean "
                      f"{_fmt(ray['compute_s_per_step'], '.2f')} s; held-out evals at steps {ray['eval_steps']}; "
                      f"whole run {_fmt(ray['run_s'], '.0f')} s; train loss step 1 {ray['loss_first']:.4f} -> last "
                      f"{ray['loss_last']:.4f}.")
