@@ -36,7 +36,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Union
 
-FORMATS = ("auto", "standard", "conversational", "sharegpt", "implicit")
+PAIRED_FORMATS = ("standard", "conversational", "sharegpt", "implicit")
+UNPAIRED_FORMATS = ("unpaired", "sharegpt_kto")  # ray_dpo/data/unpaired.py
+FORMATS = ("auto",) + PAIRED_FORMATS + UNPAIRED_FORMATS
 ROLES = ("system", "user", "assistant", "tool")
 # ShareGPT speaker names -> chat roles. user/assistant appear in many "sharegpt" exports.
 SHAREGPT_ROLES = {
