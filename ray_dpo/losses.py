@@ -50,7 +50,9 @@ class LossSpec:
     needs_reference: False for SimPO / ORPO: no reference actor is started, nothing is scored.
     data: "pairs" (prompt, chosen, rejected) or "unpaired" (prompt, completion, label).
     reads: the OPTIONAL_KEYS of `loss.*` this loss uses (setting another one is a config error).
-    metrics: extra per-example metrics (LossOutput.extras keys), logged as <split>/<name>.
+    metrics: extra per-example metrics (LossOutput.extras keys), logged as <split>/<name>;
+        named <loss>/<metric> (e.g. kto/kl), so none collides with a shared metric such as
+        the held-out eval/kl.
     """
 
     name: str
@@ -349,16 +351,16 @@ def _simpo_terms(terms: LossTerms, config: Any) -> LossOutput:
 
 
 @register_loss("orpo", kind="terms", needs_reference=False, reads=(),
-               metrics=("log_odds_ratio", "log_odds_chosen", "nll_loss"))
+               metrics=("orpo/log_odds_ratio", "orpo/log_odds_chosen", "orpo/nll_loss"))
 def _orpo_terms(terms: LossTerms, config: Any) -> LossOutput:
     mc, mr = terms.mean_logps()
     log_odds = orpo_log_odds(mc, mr)
-    extras = {"log_odds_ratio": F.logsigmoid(log_odds), "log_odds_chosen": log_odds, "nll_loss": -mc}
+    extras = {"orpo/log_odds_ratio": F.logsigmoid(log_odds), "orpo/log_odds_chosen": log_odds, "orpo/nll_loss": -mc}
     return _pair_output(orpo_loss(mc, mr, lam=config.beta), terms, config.beta * mc, config.beta * mr, extras)
 
 
 @register_loss("kto", kind="terms", data="unpaired", reads=("desirable_weight", "undesirable_weight"),
-               metrics=("kl",))
+               metrics=("kto/kl",))
 def _kto_terms(terms: LossTerms, config: Any) -> LossOutput:
     if terms.labels is None:
         raise ValueError("loss.type=kto needs labels (True = desirable) for every example")
@@ -374,7 +376,7 @@ def _kto_terms(terms: LossTerms, config: Any) -> LossOutput:
     correct = torch.where(labels, logratios > kl, logratios < kl).float().detach()
     return LossOutput(losses=losses, chosen_rewards=rewards, rejected_rewards=rewards, correct=correct,
                       chosen_logps=logps, rejected_logps=logps, chosen_mask=labels, rejected_mask=~labels,
-                      extras={"kl": kl.expand_as(logratios)})
+                      extras={"kto/kl": kl.expand_as(logratios)})
 
 
 # ---------------------------------------------------------------------------------------

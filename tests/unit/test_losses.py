@@ -252,7 +252,7 @@ def test_registry_entries_carry_their_facts():
                      "ipo": (True, "pairs"), "simpo": (False, "pairs"), "orpo": (False, "pairs"),
                      "kto": (True, "unpaired")}
     assert "gamma" in losses.loss_spec("simpo").reads and "gamma" not in losses.loss_spec("sigmoid").reads
-    assert losses.loss_spec("kto").metrics == ("kl",)
+    assert losses.loss_spec("kto").metrics == ("kto/kl",)
 
 
 def test_reference_losses_refuse_missing_reference_logps():
@@ -318,9 +318,9 @@ def test_orpo_value_and_metrics():
     out = orpo(t(-1.5), t(-4.0), [3], [4])
     assert out.losses.item() == pytest.approx(0.5 + 0.1 * math.log1p(math.exp(-d)), abs=1e-6)
     assert out.losses.item() == pytest.approx(0.532030, abs=1e-6)
-    assert out.extras["log_odds_chosen"].item() == pytest.approx(d, abs=1e-6)
-    assert out.extras["log_odds_ratio"].item() == pytest.approx(log_sigmoid(d), abs=1e-6)
-    assert out.extras["nll_loss"].item() == pytest.approx(0.5)
+    assert out.extras["orpo/log_odds_chosen"].item() == pytest.approx(d, abs=1e-6)
+    assert out.extras["orpo/log_odds_ratio"].item() == pytest.approx(log_sigmoid(d), abs=1e-6)
+    assert out.extras["orpo/nll_loss"].item() == pytest.approx(0.5)
     assert out.chosen_rewards.item() == pytest.approx(-0.05) and out.rejected_rewards.item() == pytest.approx(-0.1)
 
 
@@ -362,7 +362,7 @@ def test_kto_policy_equals_reference_and_zero_kl_is_half_lambda(wd, wu):
     out = kto(pc, pr, pc.clone(), pr.clone(), [True, False, True], beta=0.3,
               desirable_weight=wd, undesirable_weight=wu)
     torch.testing.assert_close(out.losses, t(wd / 2, wu / 2, wd / 2))
-    assert torch.all(out.extras["kl"] == 0)
+    assert torch.all(out.extras["kto/kl"] == 0)
 
 
 def test_kto_value_with_batch_kl_estimate():
@@ -374,7 +374,7 @@ def test_kto_value_with_batch_kl_estimate():
     sig = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
     torch.testing.assert_close(out.losses, t(sig(-0.85), sig(-0.65)))
     assert sig(-0.85) == pytest.approx(0.299432, abs=1e-6) and sig(-0.65) == pytest.approx(0.342990, abs=1e-6)
-    torch.testing.assert_close(out.extras["kl"], t(0.3, 0.3))
+    torch.testing.assert_close(out.extras["kto/kl"], t(0.3, 0.3))
     torch.testing.assert_close(out.chosen_rewards, t(1.0, -0.5))  # β r, read through the masks
     assert out.chosen_mask.tolist() == [True, False] and out.rejected_mask.tolist() == [False, True]
     assert out.correct.tolist() == [1.0, 1.0]
@@ -382,7 +382,7 @@ def test_kto_value_with_batch_kl_estimate():
 
 def test_kto_kl_is_clamped_at_zero_and_can_be_given():
     out = kto(t(-8.0), t(-4.0), t(-8.0), t(-3.0), [True], beta=0.5)  # batch estimate −1 → 0
-    assert out.extras["kl"].item() == 0.0 and out.losses.item() == pytest.approx(0.5)
+    assert out.extras["kto/kl"].item() == 0.0 and out.losses.item() == pytest.approx(0.5)
     given = kto(t(-8.0), t(-4.0), t(-8.0), t(-3.0), [True], kl=torch.tensor(2.0), beta=0.5)
     assert given.losses.item() == pytest.approx(1 - 1 / (1 + math.exp(1.0)), abs=1e-6)  # 1 − σ(−1)
 
