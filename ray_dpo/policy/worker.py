@@ -50,14 +50,11 @@ from ray_dpo.logprobs import mean_nll
 from ray_dpo.losses import LossSpec, dpo_loss, loss_spec
 from ray_dpo.packing import batch_stats, build_batch, model_inputs, pair_logps, token_budget_micro_batches
 from ray_dpo.policy.ds_config import build_ds_config, lr_lambda
+from ray_dpo.policy.step_metrics import SUMS, all_reduce_sums, global_kl, loss_metrics, metric_sums, sum_names
 
 DS_DIR = "deepspeed"
 HF_DIR = "hf_model"
 _TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-# Order of the per-rank sums that one all_reduce turns into step metrics; the loss's own
-# metrics (LossSpec.metrics, e.g. KTO's kl) follow them.
-_SUMS = ("loss", "chosen_rewards", "rejected_rewards", "n_chosen", "n_rejected", "accuracies",
-         "logps_chosen", "logps_rejected", "pairs", "tokens", "positions", "step_time_s")
 # Dense bf16 peak FLOP/s per GPU (no sparsity), matched against torch.cuda.get_device_name()
 # by substring, first match wins (so "H100" variants go before a bare "H100"). perf/mfu is
 # logged only when the device is in this table: on CPU there is no meaningful peak, so no mfu.
@@ -263,7 +260,7 @@ def _pair_terms(worker: Worker, pairs: list[dict]):
     if worker.spec.data == "unpaired":
         labels = torch.tensor([bool(p.get("label", True)) for p in pairs], device=worker.device)
         real = torch.tensor([p["pair_id"] != _DUMMY_ID for p in pairs], device=worker.device)
-        kl = _global_kl(worker, (rejected.detach() - ref[1])[real])
+        kl = global_kl((rejected.detach() - ref[1])[real], device=worker.device)
     out = dpo_loss(
         policy_chosen_logps=chosen, policy_rejected_logps=rejected,
         ref_chosen_logps=ref[0], ref_rejected_logps=ref[1], config=worker.loss,
@@ -274,17 +271,6 @@ def _pair_terms(worker: Worker, pairs: list[dict]):
     return out, batch_stats(batch)
 
 
-def _global_kl(worker: Worker, kl_logratios: torch.Tensor) -> torch.Tensor:
-    """KTO's z_ref over this forward's mismatched pairs on ALL ranks (as TRL gathers it):
-    max(0, mean log-ratio), no gradient. Every rank runs the same number of forwards (empty
-    micro-batches run a dummy), so this all_reduce is always matched."""
-    totals = torch.stack([kl_logratios.double().sum(), torch.tensor(float(kl_logratios.numel()),
-                                                                     dtype=torch.float64, device=worker.device)])
-    dist.all_reduce(totals, op=dist.ReduceOp.SUM)
-    total, count = totals.tolist()
-    return torch.tensor(max(total / count, 0.0) if count else 0.0, device=worker.device)
-
-
 _DUMMY_ID = "<dummy>"
 
 
@@ -293,47 +279,6 @@ def _dummy_pair(pad_token_id: int) -> dict:
     backward passes, because ZeRO gathers parameters and reduces gradients collectively."""
     return {"pair_id": _DUMMY_ID, "prompt_ids": [pad_token_id], "chosen_ids": [pad_token_id],
             "rejected_ids": [pad_token_id], "ref_chosen_logp": 0.0, "ref_rejected_logp": 0.0, "label": True}
-
-
-def _sum_names(worker: Worker) -> tuple[str, ...]:
-    return _SUMS + worker.spec.metrics
-
-
-def _sums(worker: Worker, out, counts) -> torch.Tensor:
-    """This micro-batch's contribution to the metric sums, in _sum_names order; counts: TokenCounts.
-    Chosen / rejected means are over LossOutput's masks (KTO: desirable / undesirable examples)."""
-    cm, rm = out.chosen_mask.float(), out.rejected_mask.float()
-    values = [out.losses.detach().float().sum(), (out.chosen_rewards.float() * cm).sum(),
-              (out.rejected_rewards.float() * rm).sum(), cm.sum(), rm.sum(), out.correct.float().sum(),
-              (out.chosen_logps.float() * cm).sum(), (out.rejected_logps.float() * rm).sum(),
-              float(len(cm)), float(counts.real_tokens), float(counts.padded_positions), 0.0]
-    values += [out.extras[name].float().sum() for name in worker.spec.metrics]
-    return torch.stack([torch.as_tensor(v, dtype=torch.float64).cpu() for v in values])
-
-
-def _all_reduce_sums(worker: Worker, sums: torch.Tensor) -> dict[str, float]:
-    """One all_reduce of the whole metric vector, so every rank reports the same numbers."""
-    totals = sums.to(worker.device)
-    dist.all_reduce(totals, op=dist.ReduceOp.SUM)
-    return dict(zip(_sum_names(worker), totals.cpu().tolist()))
-
-
-def _metrics(worker: Worker, prefix: str, totals: dict[str, float]) -> dict[str, float]:
-    """Same names for every loss, so runs of different losses compare side by side; what a
-    reward is depends on the loss (LossOutput). Plus the loss's own metrics (<prefix>/<name>)."""
-    n = max(totals["pairs"], 1.0)
-    n_c, n_r = max(totals["n_chosen"], 1.0), max(totals["n_rejected"], 1.0)
-    chosen, rejected = totals["chosen_rewards"] / n_c, totals["rejected_rewards"] / n_r
-    return {
-        f"{prefix}/loss": totals["loss"] / n,
-        f"{prefix}/rewards/chosen": chosen,
-        f"{prefix}/rewards/rejected": rejected,
-        f"{prefix}/rewards/margins": chosen - rejected,
-        f"{prefix}/rewards/accuracies": totals["accuracies"] / n,
-        f"{prefix}/logps/chosen": totals["logps_chosen"] / n_c,
-        f"{prefix}/logps/rejected": totals["logps_rejected"] / n_r,
-        **{f"{prefix}/{name}": totals[name] / n for name in worker.spec.metrics},
-    }
 
 
 # --------------------------------------------------------------------------- train / eval
@@ -356,7 +301,7 @@ def run_step(worker: Worker, step: int) -> dict[str, Any]:
     # DeepSpeed divides the loss by grad_accum and averages gradients over ranks; undo both so
     # the update is the mean over ALL pairs of the step, however unevenly they are spread.
     scale = worker.world_size * worker.grad_accum / max(n_global, 1)
-    sums, pair_ids = torch.zeros(len(_sum_names(worker)), dtype=torch.float64), []
+    sums, pair_ids = torch.zeros(len(sum_names(worker.spec)), dtype=torch.float64), []
     lr = worker.engine.get_lr()[0]  # the rate this step uses (the scheduler steps after it)
     budget = worker.max_tokens is not None
     forwards = _budget_forwards(worker, micro_batches) if budget else micro_batches
@@ -370,18 +315,18 @@ def run_step(worker: Worker, step: int) -> dict[str, Any]:
         # once, divided by n_global, whatever forward it sits in.
         worker.engine.backward(out.losses.sum() * (scale if pairs else 0.0))
         if pairs:
-            sums += _sums(worker, out, counts)
+            sums += metric_sums(worker.spec, out, counts)
             pair_ids += [p["pair_id"] for p in pairs]
         # DeepSpeed counts micro-steps in step(): call it after every backward; only the
         # call at the accumulation boundary updates the weights.
         grad_norm = _step_optimizer(worker.engine)
-    sums[_SUMS.index("step_time_s")] = time.perf_counter() - t0
-    totals = _all_reduce_sums(worker, sums)
+    sums[SUMS.index("step_time_s")] = time.perf_counter() - t0
+    totals = all_reduce_sums(worker.spec, sums, device=worker.device)
     if int(totals["pairs"]) != n_global:
         raise RuntimeError(f"feeder step {step}: ranks trained {int(totals['pairs'])} pairs, but "
                            f"num_pairs_in_step says {n_global}; the loss normalisation would be wrong")
     step_time = totals["step_time_s"] / worker.world_size
-    return {**_metrics(worker, "train", totals), "train/lr": lr, "train/grad_norm": grad_norm,
+    return {**loss_metrics(worker.spec, "train", totals), "train/lr": lr, "train/grad_norm": grad_norm,
             **_perf_metrics(worker, totals, step_time),
             "step": step + 1, "epoch": epoch, "pair_ids": pair_ids}
 
@@ -444,13 +389,13 @@ def evaluate(worker: Worker) -> dict[str, float]:
     dist.all_reduce(count, op=dist.ReduceOp.MAX)
     if count.item() == 0:
         return {}
-    sums = torch.zeros(len(_sum_names(worker)), dtype=torch.float64)
+    sums = torch.zeros(len(sum_names(worker.spec)), dtype=torch.float64)
     for i in range(int(count.item())):
         pairs = batches[i] if i < len(batches) else []
         out, counts = _pair_terms(worker, pairs or [_dummy_pair(worker.pad_token_id)])
         if pairs:
-            sums += _sums(worker, out, counts)
-    return _metrics(worker, "eval", _all_reduce_sums(worker, sums))
+            sums += metric_sums(worker.spec, out, counts)
+    return loss_metrics(worker.spec, "eval", all_reduce_sums(worker.spec, sums, device=worker.device))
 
 
 # --------------------------------------------------------------------------- weight sync
