@@ -49,13 +49,20 @@ def unpair(result: TokenizeResult) -> list[TokenizeResult]:
 
 
 def mismatched_index(prompts: list[list[int]], j: int) -> int:
-    """The first row after j (cyclically, at most _LOOKAHEAD on) whose prompt differs from
-    row j's; j itself when there is none."""
+    """A row after j (cyclically, at most _LOOKAHEAD on) whose prompt differs from row j's;
+    j itself when there is none. Within a run of rows sharing a prompt (an unpaired pair:
+    chosen, then rejected) the i-th row takes the i-th row of the next run when it has one,
+    so desirable and undesirable completions both serve as KL samples."""
     n = len(prompts)
+    offset = 0
+    while offset < min(j, _LOOKAHEAD) and prompts[j - offset - 1] == prompts[j]:
+        offset += 1
     for step in range(1, min(n, _LOOKAHEAD + 1)):
         k = (j + step) % n
         if prompts[k] != prompts[j]:
-            return k
+            shifted = (k + offset) % n
+            same_run = all(prompts[(k + i) % n] == prompts[k] for i in range(1, offset + 1))
+            return shifted if same_run and shifted != j else k
     return j
 
 

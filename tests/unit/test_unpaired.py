@@ -137,8 +137,9 @@ def test_unpairing_makes_two_examples_and_counts_dropped_pairs_twice():
     assert [(r["pair_id"], r["label"], r["chosen_ids"]) for r in rows] == [
         ("f:1/chosen", True, [5, 9]), ("f:1/rejected", False, [6, 9]),
         ("f:4/chosen", True, [7, 9]), ("f:4/rejected", False, [8, 9])]
-    # Each example's KL completion comes from the next example with ANOTHER prompt.
-    assert [r["rejected_ids"] for r in rows] == [[7, 9], [7, 9], [5, 9], [5, 9]]
+    # Each example's KL completion is a completion of ANOTHER prompt: chosen takes the next
+    # prompt's chosen, rejected its rejected.
+    assert [r["rejected_ids"] for r in rows] == [[7, 9], [8, 9], [5, 9], [6, 9]]
 
 
 def test_kl_completions_fit_max_length_and_fall_back_to_their_own():
@@ -150,6 +151,7 @@ def test_kl_completions_fit_max_length_and_fall_back_to_their_own():
     assign_kl_completions(alone, max_length=64)  # one prompt only: nothing to mismatch with
     assert [r["rejected_ids"] for r in alone] == [[5, 9], [6, 9]]
     assert mismatched_index([[1], [1], [2]], 0) == 2 and mismatched_index([[1]], 0) == 0
+    assert mismatched_index([[1], [1], [2], [3]], 1) == 2  # the next run has one row only
 
 
 @pytest.mark.parametrize("fmt", ["unpaired", "sharegpt_kto"])
