@@ -26,9 +26,9 @@ from typing import Any, Literal, Optional, Union
 import yaml
 
 from ray_dpo.data.chat_template import is_inline_template, template_problem
+from ray_dpo.loss_rules import loss_problems, needs_reference
 from ray_dpo.losses import loss_names
 
-DATA_FORMATS = ("auto", "standard", "conversational", "sharegpt", "implicit")
 REMOTE_PREFIXES = ("s3://", "gs://", "gcs://", "hf://", "http://", "https://", "abfs://")
 
 
@@ -79,8 +79,13 @@ class DataConfig:
     """JSONL / Parquet shards: files, directories or globs; local or s3:// / gs://."""
     eval_files: list[str] = field(default_factory=list)
     """Optional held-out preference pairs, same formats."""
-    format: Literal["auto", "standard", "conversational", "sharegpt", "implicit"] = "auto"
-    """Row format; auto detects it per row."""
+    format: Literal["auto", "standard", "conversational", "sharegpt", "implicit", "unpaired",
+                    "sharegpt_kto"] = "auto"
+    """Row format; auto detects it per row. unpaired (TRL: prompt, completion, label) and
+    sharegpt_kto (LLaMA-Factory: messages + kto_tag) are labelled examples for loss.type=kto."""
+    unpair: bool = False
+    """Unpaired losses (kto) only: each preference pair becomes two examples, chosen
+    desirable and rejected undesirable (counted as two rows in the data report)."""
     max_length: int = 1024
     """Maximum tokens of prompt + one response."""
     max_prompt_length: int = 512
@@ -104,15 +109,26 @@ class DataConfig:
 @dataclass
 class LossConfig:
     type: str = "sigmoid"
-    """Loss variant from ray_dpo.losses (sigmoid, ipo, hinge, robust, ...)."""
+    """Loss from ray_dpo.losses: sigmoid, robust, hinge, ipo (pairs + reference), simpo, orpo
+    (pairs, no reference: none is started) or kto (unpaired examples + reference); the
+    README's loss table lists what each needs and reads."""
     beta: float = 0.1
-    """Strength of the KL constraint to the reference (> 0)."""
+    """Strength of the KL constraint to the reference (> 0); SimPO: reward scale of the mean
+    token log-prob (the paper uses 2-10); ORPO: the weight λ of the odds-ratio term (as TRL)."""
     label_smoothing: float = 0.0
-    """Assumed label-noise rate for cDPO / robust DPO, in [0, 0.5)."""
+    """Assumed label-noise rate for cDPO (sigmoid), robust DPO and SimPO, in [0, 0.5)."""
     sft_weight: float = 0.0
-    """Weight of an extra NLL term on the chosen response (0 disables)."""
+    """Weight of an extra NLL term on the chosen response (0 disables; ORPO has its own)."""
     length_normalize: bool = False
-    """Divide sequence log-probs by response length before forming the DPO logits."""
+    """DPO family: divide sequence log-probs by response length before forming the logits."""
+    gamma: Optional[float] = None
+    """SimPO only: target reward margin γ, absolute (the paper's γ/β ratio times beta);
+    unset: 0.5, TRL's simpo_gamma."""
+    desirable_weight: Optional[float] = None
+    """KTO only: λ_D, weight of desirable examples (unset: 1.0)."""
+    undesirable_weight: Optional[float] = None
+    """KTO only: λ_U, weight of undesirable examples (unset: 1.0). The KTO paper advises
+    λ_D n_D / (λ_U n_U) in [1, 4/3] for n_D desirable and n_U undesirable examples."""
 
 
 @dataclass
@@ -594,9 +610,7 @@ def _check_consistency(cfg: RunConfig, p: list[Problem]) -> None:
         p.append(Problem("loss.type", f"unknown loss {cfg.loss.type!r}{extra}; valid: {', '.join(loss_names())}"))
     if not 0.0 <= cfg.loss.label_smoothing < 0.5:
         p.append(Problem("loss.label_smoothing", f"must be in [0, 0.5), got {cfg.loss.label_smoothing}"))
-    if cfg.loss.label_smoothing and cfg.loss.type in ("hinge", "ipo"):
-        p.append(Problem("loss.label_smoothing", f"is ignored by loss.type={cfg.loss.type!r}; "
-                                                 "set it to 0 or use sigmoid / robust"))
+    p.extend(Problem(key, message) for key, message in loss_problems(cfg))
     if cfg.policy.zero_stage not in (0, 1, 2, 3):
         p.append(Problem("policy.zero_stage", f"must be 0, 1, 2 or 3, got {cfg.policy.zero_stage}"))
     if len(cfg.policy.adam_betas) != 2 or not all(0 <= b < 1 for b in cfg.policy.adam_betas if b is not None):
@@ -668,7 +682,8 @@ def local_cpus_needed(cfg: RunConfig) -> int:
     coordinator take no CPU.
     """
     need = cfg.policy.num_workers * cfg.policy.cpus_per_worker
-    need += cfg.reference.num_actors * cfg.reference.num_cpus_per_actor
+    if needs_reference(cfg):  # SimPO / ORPO start no reference group
+        need += cfg.reference.num_actors * cfg.reference.num_cpus_per_actor
     if cfg.online.enabled or cfg.eval.prompts_file:
         need += cfg.online.num_engines * cfg.online.num_cpus_per_engine
         if cfg.online.judge.reward_model:

@@ -24,6 +24,7 @@ import ray
 from ray_dpo import console
 from ray_dpo.config import RunConfig, flatten, local_cpus_needed, to_yaml, with_absolute_paths
 from ray_dpo.data.pipeline import build_pair_data, data_metrics, data_report, expand_files, format_report
+from ray_dpo.loss_rules import needs_reference, trains_unpaired
 from ray_dpo.tracking.metrics import CountProgress
 
 logger = logging.getLogger("ray_dpo")
@@ -115,7 +116,7 @@ def run_dpo(cfg: RunConfig) -> TrainSummary:
     coordinator = None
     try:
         train, evaluation = _load_data(cfg)
-        report = data_report(train, evaluation)
+        report = {**data_report(train, evaluation), "loss": _loss_facts(cfg)}
         print("[ray_dpo] data: " + format_report(report).replace("\n", "\n[ray_dpo] "), flush=True)
         tracker.log_json(report, "data_report.json")
         tracker.log_metrics(data_metrics(train.counters), step=0)
@@ -125,7 +126,8 @@ def run_dpo(cfg: RunConfig) -> TrainSummary:
                                              reference=_reference_group(cfg, gpu), gpu=gpu)
             feeder = coordinator
         else:
-            group = _reference_group(cfg, gpu)
+            # A reference-free loss (SimPO, ORPO) starts no reference actor at all.
+            group = _reference_group(cfg, gpu) if needs_reference(cfg) else None
             feeder = _start_feeder(cfg, train, evaluation, group)
             if cfg.eval.prompts_file:
                 # Held-out sampling only, so offline runs log eval/judge_score and eval/kl too;
@@ -164,19 +166,39 @@ def _start_tracking(cfg: RunConfig, *, mode: str):
         # Reopening the same MLflow run on resume needs the id on a local disk.
         id_file=os.path.join(storage, cfg.run.name, "mlflow_run_id") if local else None,
     )
-    tracker.set_tags({"ray_dpo.mode": mode, "ray_dpo.run_name": cfg.run.name, **cfg.tracking.mlflow.tags})
+    tracker.set_tags({"ray_dpo.mode": mode, "ray_dpo.run_name": cfg.run.name, "ray_dpo.loss": cfg.loss.type,
+                      "ray_dpo.reference": _reference_mode(cfg), **cfg.tracking.mlflow.tags})
     tracker.log_params(flatten(cfg))
     tracker.log_text(to_yaml(cfg), "config/resolved.yaml")
     print(f"[ray_dpo] MLflow run {tracker.run_id} in {tracker.uri}", flush=True)
     return tracker
 
 
+def _reference_mode(cfg: RunConfig) -> str:
+    """The ray_dpo.reference tag: none (reference-free loss), precomputed or streamed."""
+    if not needs_reference(cfg):
+        return "none"
+    return "precomputed" if cfg.reference.precompute else "streamed"
+
+
+def _loss_facts(cfg: RunConfig) -> dict:
+    """The data report's "loss" entry: what the loss trains on and whether a reference runs."""
+    unpaired, reference = trains_unpaired(cfg), _reference_mode(cfg)
+    rows = "unpaired examples" + (" (pairs unpaired: data.unpair)" if cfg.data.unpair else "") if unpaired \
+        else "preference pairs"
+    ref = ("none: reference-free, no reference actors, no reference forward" if reference == "none"
+           else f"{reference} by {cfg.reference.num_actors} reference actor(s)")
+    return {"type": cfg.loss.type, "rows": "examples" if unpaired else "pairs", "reference": reference,
+            "summary": f"loss.type={cfg.loss.type} on {rows}; reference: {ref}"}
+
+
 def _load_data(cfg: RunConfig):
 
     tokenizer = cfg.model.tokenizer or cfg.model.name_or_path
     train_files = expand_files(cfg.data.train_files, key="data.train_files")
+    unpaired = trains_unpaired(cfg)  # KTO: labelled examples, each with its KL completion
     train = build_pair_data(train_files, tokenizer_path=tokenizer, data=cfg.data,
-                            chat_template=cfg.model.chat_template, name="train")
+                            chat_template=cfg.model.chat_template, name="train", unpaired=unpaired)
     if train.num_pairs == 0:
         raise ValueError(f"data.train_files: no usable pair in {len(train_files)} file(s); "
                          f"counters: {train.counters.as_dict()}")
@@ -184,7 +206,7 @@ def _load_data(cfg: RunConfig):
     if cfg.data.eval_files:
         eval_files = expand_files(cfg.data.eval_files, key="data.eval_files")
         evaluation = build_pair_data(eval_files, tokenizer_path=tokenizer, data=cfg.data,
-                                     chat_template=cfg.model.chat_template, name="eval")
+                                     chat_template=cfg.model.chat_template, name="eval", unpaired=unpaired)
     return train, evaluation
 
 
@@ -233,7 +255,8 @@ def _start_feeder(cfg: RunConfig, train, evaluation, group):
         shuffle=cfg.data.shuffle,
     )
     return start_feeder(train=train, plan=plan, reference=group, ref_cache=ref_cache,
-                        evaluation=evaluation, eval_max_pairs=cfg.eval.max_pairs)
+                        evaluation=evaluation, eval_max_pairs=cfg.eval.max_pairs,
+                        reference_free=not needs_reference(cfg))
 
 
 def _precomputed_reference(cfg: RunConfig, group, train, evaluation, ref_model: str) -> dict:

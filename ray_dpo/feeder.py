@@ -91,16 +91,18 @@ class PairStore:
 
     Memory per pair: 4 bytes per token (prompt + chosen + rejected, one int32 buffer)
     + 24 bytes of offsets (three int64 arrays of N + 1) + the pair id (fixed-width bytes:
-    the longest id's UTF-8 length) + 1 byte (truncated). Roughly 4 * tokens + 60 bytes,
-    versus ~100 bytes per token as Python lists of ints.
+    the longest id's UTF-8 length) + 1 byte (truncated) + 1 byte (label, unpaired rows only).
+    Roughly 4 * tokens + 60 bytes, versus ~100 bytes per token as Python lists of ints.
+    Unpaired rows (KTO) carry a "label" (True = desirable); pair rows have no labels.
     """
 
     def __init__(self, tokens: np.ndarray, offsets: dict[str, np.ndarray], pair_ids: np.ndarray,
-                 truncated: np.ndarray):
+                 truncated: np.ndarray, labels: Optional[np.ndarray] = None):
         self.tokens = tokens
         self.offsets = offsets  # column -> int64 [N + 1], positions in self.tokens
         self.pair_ids = pair_ids  # bytes, dtype "S<width>"
         self.truncated = truncated
+        self.labels = labels  # bool [N] or None
 
     def __len__(self) -> int:
         return len(self.pair_ids)
@@ -108,7 +110,7 @@ class PairStore:
     @property
     def nbytes(self) -> int:
         return (self.tokens.nbytes + sum(o.nbytes for o in self.offsets.values())
-                + self.pair_ids.nbytes + self.truncated.nbytes)
+                + self.pair_ids.nbytes + self.truncated.nbytes + (0 if self.labels is None else self.labels.nbytes))
 
     def pair_id(self, i: int) -> str:
         return self.pair_ids[i].decode("utf-8")
@@ -119,13 +121,15 @@ class PairStore:
             start, end = self.offsets[column][i], self.offsets[column][i + 1]
             out[column] = self.tokens[start:end].tolist()
         out["truncated"] = bool(self.truncated[i])
+        if self.labels is not None:
+            out["label"] = bool(self.labels[i])
         return out
 
     def limit(self, n: int) -> "PairStore":
         """The first n pairs (views, no copy of the token buffer)."""
         n = min(n, len(self))
         return PairStore(self.tokens, {k: v[: n + 1] for k, v in self.offsets.items()},
-                         self.pair_ids[:n], self.truncated[:n])
+                         self.pair_ids[:n], self.truncated[:n], None if self.labels is None else self.labels[:n])
 
     @classmethod
     def from_source(cls, source: Any) -> "PairStore":
@@ -146,16 +150,19 @@ class PairStore:
         lengths: dict[str, list[np.ndarray]] = {c: [] for c in _ID_COLUMNS}
         ids: list[str] = []
         truncated: list[np.ndarray] = []
+        labels: list[np.ndarray] = []
         for table in tables:
             if table.num_rows == 0:
                 continue
+            if "label" in table.column_names:
+                labels.append(table.column("label").to_numpy(zero_copy_only=False).astype(bool))
             for column in _ID_COLUMNS:
                 col = table.column(column)
                 parts[column].append(pc.list_flatten(col).to_numpy(zero_copy_only=False).astype(np.int32))
                 lengths[column].append(pc.list_value_length(col).to_numpy(zero_copy_only=False))
             ids += table.column("pair_id").to_pylist()
             truncated.append(table.column("truncated").to_numpy(zero_copy_only=False).astype(bool))
-        return cls._assemble(parts, lengths, ids, truncated)
+        return cls._assemble(parts, lengths, ids, truncated, labels)
 
     @classmethod
     def _from_rows(cls, rows: Iterable[Mapping[str, Any]]) -> "PairStore":
@@ -163,17 +170,21 @@ class PairStore:
         lengths: dict[str, list[np.ndarray]] = {c: [] for c in _ID_COLUMNS}
         ids: list[str] = []
         truncated: list[bool] = []
+        labels: list[bool] = []
         for row in rows:
+            if "label" in row:
+                labels.append(bool(row["label"]))
             for column in _ID_COLUMNS:
                 values = np.asarray(row[column], dtype=np.int32)
                 parts[column].append(values)
                 lengths[column].append(np.array([len(values)]))
             ids.append(row["pair_id"])
             truncated.append(bool(row.get("truncated", False)))
-        return cls._assemble(parts, lengths, ids, [np.asarray(truncated, dtype=bool)])
+        return cls._assemble(parts, lengths, ids, [np.asarray(truncated, dtype=bool)],
+                             [np.asarray(labels, dtype=bool)] if labels else [])
 
     @classmethod
-    def _assemble(cls, parts, lengths, ids, truncated) -> "PairStore":
+    def _assemble(cls, parts, lengths, ids, truncated, labels=()) -> "PairStore":
         flat = {c: np.concatenate(parts[c]) if parts[c] else np.zeros(0, np.int32) for c in _ID_COLUMNS}
         tokens = np.concatenate([flat[c] for c in _ID_COLUMNS])
         offsets, base = {}, 0
@@ -183,12 +194,16 @@ class PairStore:
             base += len(flat[column])
         pair_ids = np.array([i.encode("utf-8") for i in ids], dtype="S") if ids else np.zeros(0, "S1")
         trunc = np.concatenate(truncated) if truncated else np.zeros(0, bool)
-        return cls(tokens, offsets, pair_ids, trunc)
+        label = np.concatenate(labels) if labels else None
+        if label is not None and len(label) != len(trunc):
+            raise ValueError(f"{len(label)} of {len(trunc)} rows have a label; unpaired rows all need one")
+        return cls(tokens, offsets, pair_ids, trunc, label)
 
 
-def _ref_array(store: PairStore, ref_cache: Optional[Mapping[str, Any]]) -> np.ndarray:
-    """[N, 2] float64 reference log-probs (chosen, rejected); NaN where unknown."""
-    ref = np.full((len(store), 2), np.nan, dtype=np.float64)
+def _ref_array(store: PairStore, ref_cache: Optional[Mapping[str, Any]], reference_free: bool = False) -> np.ndarray:
+    """[N, 2] float64 reference log-probs (chosen, rejected); NaN where unknown; 0 (never
+    scored, never served) for a reference-free loss."""
+    ref = np.full((len(store), 2), 0.0 if reference_free else np.nan, dtype=np.float64)
     if ref_cache:
         for i in range(len(store)):
             value = ref_cache.get(store.pair_id(i))
@@ -225,7 +240,7 @@ class BatchFeeder:
         train: PairData, a Ray Dataset of tokenized pair rows, or a list of row dicts.
         plan: BatchPlan.
         reference: ReferenceGroup (anything with ``score_batches``) for pairs missing from
-            ``ref_cache``; None when the cache covers every pair.
+            ``ref_cache``; None when the cache covers every pair, or for a reference-free loss.
         ref_cache: {pair_id: (ref_chosen_logp, ref_rejected_logp)} for train and eval.
         evaluation: eval pairs (same kinds as ``train``) or None.
         eval_max_pairs: use only the first this-many eval pairs.
@@ -233,6 +248,8 @@ class BatchFeeder:
         ref_batch_size: pairs per reference call (default: reference.config.batch_size,
             else micro_batch_size).
         start_step: where prefetching starts (the resume step, when known).
+        reference_free: the loss needs no reference (SimPO, ORPO): rows carry no ref_*
+            columns, nothing is ever scored, and reference / ref_cache must be None.
 
     Memory: see PairStore (≈ 4 bytes per token + 60 bytes per pair) + 16 bytes per pair
     of reference log-probs + 8 bytes per pair per cached epoch order (at most 3).
@@ -251,7 +268,11 @@ class BatchFeeder:
         prefetch_steps: int = 2,
         ref_batch_size: Optional[int] = None,
         start_step: int = 0,
+        reference_free: bool = False,
     ):
+        if reference_free and (reference is not None or ref_cache):
+            raise ValueError("reference_free=True takes no reference group and no ref_cache")
+        self.reference_free = reference_free
         if prefetch_steps < 0:
             raise ValueError(f"prefetch_steps must be >= 0, got {prefetch_steps}")
         self.plan = plan
@@ -268,8 +289,8 @@ class BatchFeeder:
         self.ref_batch_size = ref_batch_size or int(
             getattr(getattr(reference, "config", None), "batch_size", 0) or plan.micro_batch_size
         )
-        self._ref = _ref_array(self.train, ref_cache)
-        self._eval_ref = _ref_array(self.eval, ref_cache) if self.eval is not None else None
+        self._ref = _ref_array(self.train, ref_cache, reference_free)
+        self._eval_ref = _ref_array(self.eval, ref_cache, reference_free) if self.eval is not None else None
         missing = int(np.isnan(self._ref[:, 0]).sum())
         if self._eval_ref is not None:
             missing += int(np.isnan(self._eval_ref[:, 0]).sum())
@@ -341,7 +362,7 @@ class BatchFeeder:
             self._record_fetch(step, waited)
         mine = indices[np.arange(len(indices)) % self.plan.num_workers == rank]
         gas = self.plan.gradient_accumulation_steps
-        return [self._rows(self.train, self._ref, mine[m::gas]) for m in range(gas)]
+        return [self._rows(self.train, None if self.reference_free else self._ref, mine[m::gas]) for m in range(gas)]
 
     def get_eval(self, rank: int) -> list[list[dict]]:
         """Eval micro-batches of ``rank`` (micro_batch_size pairs, round-robin over ranks).
@@ -362,7 +383,8 @@ class BatchFeeder:
         w, mbs = self.plan.num_workers, self.plan.micro_batch_size
         count = math.ceil(math.ceil(len(self.eval) / w) / mbs)
         mine = everything[rank::w]
-        return [self._rows(self.eval, self._eval_ref, mine[m * mbs:(m + 1) * mbs]) for m in range(count)]
+        ref = None if self.reference_free else self._eval_ref
+        return [self._rows(self.eval, ref, mine[m * mbs:(m + 1) * mbs]) for m in range(count)]
 
     def stats(self) -> dict:
         """Counters for perf metrics: steps_served (fetched by every rank), get_step_calls,
@@ -379,6 +401,8 @@ class BatchFeeder:
         ids: list[str] = []
         chosen: list[float] = []
         rejected: list[float] = []
+        if self.reference_free:
+            return ids, chosen, rejected
         with self._cond:
             for store, ref in ((self.train, self._ref), (self.eval, self._eval_ref)):
                 if store is None:
@@ -462,12 +486,13 @@ class BatchFeeder:
             self._stats["steps_served"] += 1
 
     @staticmethod
-    def _rows(store: PairStore, ref: np.ndarray, indices: np.ndarray) -> list[dict]:
+    def _rows(store: PairStore, ref: Optional[np.ndarray], indices: np.ndarray) -> list[dict]:
         rows = []
         for i in indices:
             row = store.row(int(i))
-            row[REF_COLUMNS[0]] = float(ref[i, 0])
-            row[REF_COLUMNS[1]] = float(ref[i, 1])
+            if ref is not None:
+                row[REF_COLUMNS[0]] = float(ref[i, 0])
+                row[REF_COLUMNS[1]] = float(ref[i, 1])
             rows.append(row)
         return rows
 
@@ -574,6 +599,7 @@ def start_feeder(
     prefetch_steps: int = 2,
     start_step: int = 0,
     name: Optional[str] = None,
+    reference_free: bool = False,
 ) -> Any:
     """Start a BatchFeeder actor on this (the driver's) node and wait until it is ready.
 
@@ -597,6 +623,7 @@ def start_feeder(
     handle = ray.remote(_FeederActor).options(**options).remote(
         train, plan, reference=reference, ref_cache=ref_cache, evaluation=evaluation,
         eval_max_pairs=eval_max_pairs, prefetch_steps=prefetch_steps, start_step=start_step,
+        reference_free=reference_free,
     )
     try:
         ray.get(handle.ping.remote())

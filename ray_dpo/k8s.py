@@ -14,7 +14,8 @@ run cannot disagree:
                 (1 GPU per actor when that is 0 on a GPU run, as ReferenceGroup does;
                  no group of its own with reference.precompute, no resources and no
                  eval.prompts_file: the actors score the data before training on the
-                 policy GPUs, then exit)
+                 policy GPUs, then exit; none at all for a reference-free loss, SimPO or
+                 ORPO, which starts no reference actor)
     generation  online.num_engines x online.gpus_per_engine     (+ online.resources labels)
     judge       online.judge.num_actors x num_gpus_per_actor    (+ online.judge.resources labels)
                 (both: 1 GPU per actor when that is 0 on a GPU run, as GenerationGroup and
@@ -52,6 +53,7 @@ from typing import Any, Optional
 import yaml
 
 from ray_dpo.config import REMOTE_PREFIXES, ConfigError, RunConfig, load_config, to_yaml
+from ray_dpo.loss_rules import needs_reference
 
 RAY_VERSION = "2.60.0"
 """Ray in the image (deploy/Dockerfile) and pyproject.toml; KubeRay needs it >= 2.52 for token auth."""
@@ -242,7 +244,8 @@ def uses_gpu(cfg: RunConfig) -> bool:
     if cfg.run.device != "auto":
         return cfg.run.device == "cuda"
     online = _runs_engines(cfg) and (cfg.online.gpus_per_engine > 0 or cfg.online.judge.num_gpus_per_actor > 0)
-    return cfg.policy.gpus_per_worker > 0 or cfg.reference.num_gpus_per_actor > 0 or online
+    reference = needs_reference(cfg) and cfg.reference.num_gpus_per_actor > 0
+    return cfg.policy.gpus_per_worker > 0 or reference or online
 
 
 def plan_groups(cfg: RunConfig, shape: ClusterShape) -> tuple[list[GroupPlan], list[str]]:
@@ -262,7 +265,9 @@ def plan_groups(cfg: RunConfig, shape: ClusterShape) -> tuple[list[GroupPlan], l
     # ReferenceGroup gives each actor num_gpus_per_actor GPUs, or 1 when that is 0, on a GPU run.
     ref_gpus = (ref.num_gpus_per_actor or 1.0) if gpu else 0.0
     sizing = f"reference.num_actors={ref.num_actors} x {ref_gpus:g} GPU"
-    if _reference_time_shared(cfg):
+    if not needs_reference(cfg):
+        pass  # SimPO / ORPO: the run starts no reference actor, so it gets no pods
+    elif _reference_time_shared(cfg):
         _check_time_shared(groups[0], ref.num_actors, ref_gpus, ref.num_cpus_per_actor)
     else:
         add(pack_group("reference", sizing, count=ref.num_actors, gpus_each=ref_gpus,
@@ -475,7 +480,10 @@ class Rendered:
         for g in self.groups:
             lines.append(f"# worker group {g.name}: {g.sizing} -> {g.replicas} pod(s) of {g.per_pod}, "
                          f"each {g.gpus_per_pod} GPU / {g.cpus_per_pod} CPU / {g.memory_gi}Gi")
-        if not any(g.name == "reference" for g in self.groups):
+        if not needs_reference(self.config):
+            lines.append(f"# reference: none, loss.type={self.config.loss.type} is reference-free "
+                         f"(no reference actors, no worker group)")
+        elif not any(g.name == "reference" for g in self.groups):
             ref = self.config.reference
             lines.append(f"# reference: reference.precompute, {ref.num_actors} actor(s) score the data on the "
                          f"policy pods before training, then exit (no worker group of its own)")

@@ -11,6 +11,13 @@ sharegpt        ``conversations``: list of ``{"from", "value"}`` with ``from`` i
                 human / gpt / system (mapped to user / assistant / system; ``user`` and
                 ``assistant`` are accepted as well), plus ``chosen`` and ``rejected``, each
                 one ``{"from": "gpt", "value": ...}`` message or a list of them.
+unpaired        TRL "unpaired preference" (for KTO): ``{"prompt", "completion", "label"}``,
+                prompt / completion text or messages as in standard / conversational,
+                label a boolean (true = desirable).
+sharegpt_kto    LLaMA-Factory's KTO rows (for KTO): ``conversations`` of ``{from, value}``
+                (or ``messages`` of ``{role, content}``) ending with the assistant's
+                completion, a boolean ``kto_tag`` (``label`` is accepted too), optional
+                ``system`` string.
 implicit        no ``prompt``: ``chosen`` and ``rejected`` are whole conversations (lists
                 of messages). The prompt is their longest common message prefix and the
                 responses are the rest, which must be assistant turns only. Plain strings
@@ -34,9 +41,11 @@ This module is pure: it imports neither ray, deepspeed nor vllm.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Union
+from typing import Any, Callable, Optional, Union
 
-FORMATS = ("auto", "standard", "conversational", "sharegpt", "implicit")
+PAIRED_FORMATS = ("standard", "conversational", "sharegpt", "implicit")
+UNPAIRED_FORMATS = ("unpaired", "sharegpt_kto")  # ray_dpo/data/unpaired.py
+FORMATS = ("auto",) + PAIRED_FORMATS + UNPAIRED_FORMATS
 ROLES = ("system", "user", "assistant", "tool")
 # ShareGPT speaker names -> chat roles. user/assistant appear in many "sharegpt" exports.
 SHAREGPT_ROLES = {
@@ -74,12 +83,15 @@ class Pair:
     Chat pairs (``is_chat=True``): ``prompt`` is a tuple of messages ending where the
     assistant should answer; ``chosen`` / ``rejected`` are tuples of assistant messages.
     Text pairs: all three are plain strings, concatenated as prompt + response.
+    An unpaired example (``label`` not None: True = desirable) has its completion as both
+    ``chosen`` and ``rejected``.
     """
 
     prompt: Union[str, Messages]
     chosen: Union[str, Messages]
     rejected: Union[str, Messages]
     is_chat: bool
+    label: Optional[bool] = None
 
 
 @dataclass(frozen=True)
@@ -112,6 +124,10 @@ def detect_format(row: Any, *, source: str = "<unknown>", line: int = 0) -> str:
         raise where.error(
             f"a row must be a JSON object with preference fields, got {_type_name(row)}"
         )
+    if "kto_tag" in row or (("conversations" in row or "messages" in row) and "label" in row):
+        return "sharegpt_kto"
+    if "completion" in row:
+        return "unpaired"
     if "conversations" in row:
         return "sharegpt"
     if "prompt" in row:
@@ -122,9 +138,10 @@ def detect_format(row: Any, *, source: str = "<unknown>", line: int = 0) -> str:
         return "implicit"
     raise where.error(
         f"unknown row format (keys: {sorted(row)}); expected prompt+chosen+rejected "
-        "(standard or conversational), conversations+chosen+rejected (sharegpt), or "
-        "chosen+rejected whole conversations (implicit). Rename the fields or set "
-        "data.format explicitly."
+        "(standard or conversational), conversations+chosen+rejected (sharegpt), "
+        "chosen+rejected whole conversations (implicit), prompt+completion+label (unpaired) or "
+        "conversations/messages+kto_tag (sharegpt_kto). Rename the fields or set data.format "
+        "explicitly."
     )
 
 
@@ -150,7 +167,7 @@ def normalize_row(
     elif not isinstance(row, dict):
         raise where.error(f"a row must be a JSON object, got {_type_name(row)}")
     pair = _NORMALISERS[fmt](row, where)
-    if pair.chosen == pair.rejected:
+    if pair.label is None and pair.chosen == pair.rejected:
         raise where.error(
             "chosen and rejected are identical; a preference pair needs two different "
             "responses (fix one side or remove the row)"
@@ -326,3 +343,57 @@ _NORMALISERS: dict[str, Callable[[dict, _Where], Pair]] = {
     "sharegpt": _sharegpt,
     "implicit": _implicit,
 }
+
+
+# --------------------------------------------------------------------------- unpaired (KTO)
+
+
+_UNPAIRED_NEEDS = "'prompt', 'completion' and a boolean 'label' (true = desirable)"
+_KTO_NEEDS = "'conversations' (or 'messages') ending with the assistant's completion and a boolean 'kto_tag'"
+
+
+def _label(row: dict, key: str, where: _Where, fmt: str, needs: str) -> bool:
+    value = _field(row, key, where, fmt, needs)
+    if not isinstance(value, bool):
+        raise where.error(f"{key} must be true or false (a JSON boolean: true = desirable, false = "
+                          f"undesirable), got {value!r}")
+    return value
+
+
+def _unpaired(row: dict, where: _Where) -> Pair:
+    prompt = _field(row, "prompt", where, "unpaired", _UNPAIRED_NEEDS)
+    completion = _field(row, "completion", where, "unpaired", _UNPAIRED_NEEDS)
+    label = _label(row, "label", where, "unpaired", _UNPAIRED_NEEDS)
+    if isinstance(prompt, str) and isinstance(completion, str):
+        return Pair(prompt=_text(prompt, "prompt", where), chosen=_text(completion, "completion", where),
+                    rejected=completion, is_chat=False, label=label)
+    if isinstance(prompt, str):
+        prompt_messages: Messages = ({"role": "user", "content": _text(prompt, "prompt", where)},)
+    else:
+        prompt_messages = _messages(prompt, "prompt", where)
+    if isinstance(completion, str):
+        response: Messages = ({"role": "assistant", "content": _text(completion, "completion", where)},)
+    else:
+        response = _assistant_only(_messages(completion, "completion", where, allow_single=True), "completion", where)
+    return Pair(prompt=prompt_messages, chosen=response, rejected=response, is_chat=True, label=label)
+
+
+def _sharegpt_kto(row: dict, where: _Where) -> Pair:
+    key = "conversations" if "conversations" in row else "messages"
+    value = _field(row, key, where, "sharegpt_kto", _KTO_NEEDS)
+    tag = "kto_tag" if "kto_tag" in row or "label" not in row else "label"
+    label = _label(row, tag, where, "sharegpt_kto", _KTO_NEEDS)
+    first = value[0] if isinstance(value, list) and value else None
+    keys = ("role", "content") if isinstance(first, dict) and "role" in first else ("from", "value")
+    messages = _messages(value, key, where, keys=keys, roles=SHAREGPT_ROLES)
+    if row.get("system") is not None:
+        messages = ({"role": "system", "content": _text(row["system"], "system", where)},) + messages
+    if messages[-1]["role"] != "assistant" or len(messages) < 2:
+        raise where.error(f"{key} must end with the assistant's completion after at least one prompt "
+                          f"message (the last message is the one {tag} judges); got a last "
+                          f"{messages[-1]['role']!r} message of {len(messages)}")
+    return Pair(prompt=messages[:-1], chosen=messages[-1:], rejected=messages[-1:], is_chat=True, label=label)
+
+
+_NORMALISERS["unpaired"] = _unpaired
+_NORMALISERS["sharegpt_kto"] = _sharegpt_kto

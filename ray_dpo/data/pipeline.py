@@ -56,6 +56,7 @@ from ray_dpo.data.chat_template import ChatTemplateSourceError, resolve_chat_tem
 from ray_dpo.data.formats import BadRowError
 from ray_dpo.data.report import data_metrics, format_report  # noqa: F401 - re-exported for the driver
 from ray_dpo.data.tokenize import ChatTemplateError, DataCounters, TokenizeResult
+from ray_dpo.data.unpaired import example_results
 
 if TYPE_CHECKING:  # ray_dpo.config imports torch (via losses); data tasks need neither
     from ray_dpo.config import DataConfig
@@ -67,7 +68,7 @@ READ_NUM_CPUS = 0.5
 """Read tasks are I/O-bound. A resource request different from the tokenize stage's also
 keeps Ray Data from fusing the two stages, so read blocks of one big file are tokenized
 by several tasks in parallel instead of by the single task that reads the file."""
-_DATA_FIELDS = ("format", "max_length", "max_prompt_length", "over_length", "on_bad_row")
+_DATA_FIELDS = ("format", "max_length", "max_prompt_length", "over_length", "on_bad_row", "unpair")
 """Rows per block emitted by the read stage (bounds the memory of one tokenize call)."""
 
 _GLOB_CHARS = re.compile(r"[*?\[]")
@@ -102,6 +103,8 @@ _STAGE_SCHEMA = pa.schema(list(PAIR_SCHEMA) + [
     ("raw_response", pa.int32()),  # longer response's tokens before fitting; -1 likewise
 ])
 _HELPER_COLUMNS = [f.name for f in _STAGE_SCHEMA if f.name not in PAIR_SCHEMA.names]
+_EXAMPLE_STAGE_SCHEMA = _STAGE_SCHEMA.append(pa.field("label", pa.bool_()))
+"""Unpaired losses (KTO): the stage rows carry "label" (ray_dpo/data/unpaired.py)."""
 
 
 class DataError(ValueError):
@@ -490,11 +493,21 @@ class _TokenizeRows:
                 ) from None
             return TokenizeResult(None, "skipped", str(err), (cause,))
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
+    def _results(self, batch: pa.Table) -> list[tuple[int, int, str, TokenizeResult]]:
         cols = {name: batch.column(name).to_pylist() for name in READ_SCHEMA.names}
-        out: dict[str, list] = {name: [] for name in _STAGE_SCHEMA.names}
+        out = []
         for file_index, line, source, raw, read_error in zip(*(cols[n] for n in READ_SCHEMA.names)):
-            result = self._one(raw, read_error, source, line)
+            out.append((file_index, line, source, self._one(raw, read_error, source, line)))
+        if getattr(self.data, "unpaired", False):  # KTO: examples, each with a mismatched completion
+            examples = example_results([r for *_, r in out], unpair_pairs=self.data.unpair,
+                                       max_length=self.data.max_length)
+            out = [(*out[i][:3], r) for i, r in examples]
+        return out
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        schema = _EXAMPLE_STAGE_SCHEMA if getattr(self.data, "unpaired", False) else _STAGE_SCHEMA
+        out: dict[str, list] = {name: [] for name in schema.names}
+        for file_index, line, source, result in self._results(batch):
             row = result.row or {}
             pair_id = row.get("pair_id", f"{source}:{line}")
             ids = [list(row.get(k, ())) for k in ("prompt_ids", "chosen_ids", "rejected_ids")]
@@ -513,11 +526,13 @@ class _TokenizeRows:
             raw_prompt, raw_response = result.lengths if result.lengths is not None else (-1, -1)
             out["raw_prompt"].append(raw_prompt)
             out["raw_response"].append(raw_response)
+            if "label" in out:
+                out["label"].append(bool(row.get("label", True)))
         arrays = [
             _ids_column(out[f.name]) if f.type == _IDS else pa.array(out[f.name], f.type)
-            for f in _STAGE_SCHEMA
+            for f in schema
         ]
-        return pa.Table.from_arrays(arrays, schema=_STAGE_SCHEMA)
+        return pa.Table.from_arrays(arrays, schema=schema)
 
 
 def _tokenize_batch(batch: pa.Table, *, tokenizer_path: str, chat_template: Optional[str],
@@ -593,6 +608,7 @@ def build_pair_data(
     chat_template: Optional[str] = None,
     name: str = "train",
     max_tokenize_tasks: Optional[int] = None,
+    unpaired: bool = False,
 ) -> PairData:
     """Read, normalise and tokenize ``files`` with Ray Data (module docstring).
 
@@ -603,6 +619,9 @@ def build_pair_data(
         chat_template: model.chat_template: the path of a Jinja chat template file, or the
             template itself (inline Jinja), replacing the tokenizer's own.
         name: "train" / "eval", for reports.
+        unpaired: the loss trains on unpaired examples (KTO): rows are examples with a
+            "label" column and a mismatched completion as rejected_ids (data/unpaired.py);
+            pairs are an error unless data.unpair splits them.
         max_tokenize_tasks: cap on concurrent tokenize tasks (None: as many as CPUs).
             Every new worker process pays the transformers import (~3 CPU-seconds, it
             pulls in torch) once; later builds on the same cluster reuse warm workers.
@@ -624,7 +643,7 @@ def build_pair_data(
 
     # A plain namespace: unpickling a DataConfig in a data task would import
     # ray_dpo.config, hence torch, in every worker process.
-    settings = SimpleNamespace(**{k: getattr(data, k) for k in _DATA_FIELDS})
+    settings = SimpleNamespace(**{k: getattr(data, k) for k in _DATA_FIELDS}, unpaired=unpaired)
     names = source_names(files)
     items = [{"path": f, "source": s, "file_index": i} for i, (f, s) in enumerate(zip(files, names))]
     ds = ray.data.from_items(items, override_num_blocks=len(items))

@@ -49,8 +49,11 @@ def _by_cause_line(status: str, total: int, by: dict, read: int) -> str:
 
 def format_report(report: dict) -> str:
     """Per split: one summary line, why pairs were truncated / dropped / skipped (with the
-    share of the rows read), token length percentiles before fitting, a few examples."""
+    share of the rows read), token length percentiles before fitting, a few examples; then
+    the loss line when the report has one (what it trains on, whether a reference runs)."""
     lines = []
+    loss = report.get("loss") or {}  # the driver adds what the loss trains on and its reference
+    unit = loss.get("rows", "pairs")
     for split in ("train", "eval"):
         part = report.get(split)
         if not part:
@@ -58,7 +61,7 @@ def format_report(report: dict) -> str:
         c = part["counters"]
         read = c["read"]
         lines.append(
-            f"{split}: {part['num_pairs']} pairs from {part['num_files']} file(s); read {read}, "
+            f"{split}: {part['num_pairs']} {unit} from {part['num_files']} file(s); read {read}, "
             f"ok {c['ok']}, truncated {c['truncated']}, dropped {c['dropped']}, "
             f"skipped {c['skipped']}; fingerprint {part['fingerprint'][:12]}"
         )
@@ -75,4 +78,6 @@ def format_report(report: dict) -> str:
             lines.append(f"    tokens before fitting, p50/p90/p99/max: {shown}")
         for reason in (c.get("skip_reasons") or [])[:3] + (c.get("drop_reasons") or [])[:3]:
             lines.append(f"    e.g. {reason}")
+    if loss.get("summary"):
+        lines.append(f"loss: {loss['summary']}")
     return "\n".join(lines)

@@ -49,6 +49,7 @@ This module is pure: it imports neither ray, deepspeed nor vllm.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Optional, Sequence
 
@@ -99,7 +100,8 @@ class TokenizeResult:
     status: one of STATUSES. reason: why it was truncated / dropped / skipped ("" if ok),
     for people. causes: the same as stable keys of CAUSES (one for dropped / skipped, one
     per kind of cut for truncated). lengths: (prompt, longest response) tokens before
-    fitting; None when the row never got tokenized (skipped).
+    fitting; None when the row never got tokenized (skipped). example: the row was an
+    unpaired example (KTO), not a pair, even when it was dropped.
     """
 
     row: Optional[dict]
@@ -107,6 +109,7 @@ class TokenizeResult:
     reason: str = ""
     causes: tuple[str, ...] = ()
     lengths: Optional[tuple[int, int]] = None
+    example: bool = False
 
 
 # --------------------------------------------------------------------------- length policy
@@ -135,18 +138,20 @@ def fit_lengths(
     max_prompt_length: int,
     policy: str,
     bos_id: Optional[int] = None,
+    same_response_ok: bool = False,
 ) -> _Fitted:
     """Apply the over-length policy (module docstring) to one tokenized pair, cutting a
     too-long prompt as a text prompt (``prompt_tail``); chat prompts are fitted before
     (``PairTokenizer`` uses ``fit_chat_prompt``), so they arrive within max_prompt_length.
 
     ``bos_id``: when the prompt starts with it, left truncation keeps it as token 0.
+    ``same_response_ok``: an unpaired example (its completion given as both responses).
     """
     prompt, chosen, rejected = list(prompt), list(chosen), list(rejected)
     longest = max(len(chosen), len(rejected))
     prompt_over = len(prompt) > max_prompt_length
     total_over = len(prompt) + longest > max_length
-    if chosen == rejected:  # e.g. texts that differ only in unknown words or whitespace
+    if chosen == rejected and not same_response_ok:  # e.g. texts that differ only in unknown words
         return _dropped("identical_responses", "chosen and rejected tokenize to the same ids")
     if not prompt_over and not total_over:
         return _Fitted(prompt, chosen, rejected, "ok")
@@ -178,7 +183,7 @@ def fit_lengths(
     if longest > budget:
         causes.append("response_cut")
     chosen, rejected = chosen[:budget], rejected[:budget]
-    if chosen == rejected:
+    if chosen == rejected and not same_response_ok:
         return _dropped("identical_after_cut", (
             f"chosen and rejected are identical within the first {budget} response tokens"
         ))
@@ -332,12 +337,18 @@ class PairTokenizer:
     # ---- public
 
     def __call__(self, pair: Pair, *, source: str = "<unknown>", line: int = 0) -> TokenizeResult:
-        """Tokenize one pair; ``row["pair_id"]`` is ``f"{source}:{line}"``.
+        """Tokenize one pair; ``row["pair_id"]`` is ``f"{source}:{line}"``. An unpaired
+        example (``pair.label`` set) gives a row with its completion as both responses and
+        a "label" column.
 
         Raises BadRowError when the chat template rejects the row's messages (e.g. a
         system turn the template does not support) and ChatTemplateError when the
         template is not prefix-stable.
         """
+        result = self._tokenize(pair, source, line)
+        return result if pair.label is None else dataclasses.replace(result, example=True)
+
+    def _tokenize(self, pair: Pair, source: str, line: int) -> TokenizeResult:
         where = f"{source}:{line}"
         chat_fit = None
         if pair.is_chat:
@@ -355,6 +366,7 @@ class PairTokenizer:
             max_prompt_length=self.config.max_prompt_length,
             policy=self.config.over_length,
             bos_id=self._bos_prefix[0] if self._bos_prefix else None,
+            same_response_ok=pair.label is not None,
         )
         if fitted.status == "dropped":
             return TokenizeResult(None, "dropped", f"{where}: {fitted.reason}", fitted.causes, lengths)
@@ -370,6 +382,8 @@ class PairTokenizer:
             "rejected_ids": fitted.rejected,
             "truncated": status == "truncated",
         }
+        if pair.label is not None:
+            row["label"] = pair.label
         return TokenizeResult(row, status, reason, causes, lengths)
 
     def tokenize_raw_row(self, raw_row: Any, *, source: str, line: int) -> TokenizeResult:
@@ -380,6 +394,7 @@ class PairTokenizer:
         """
         try:
             pair = normalize_row(raw_row, self.config.format, source=source, line=line)
+            check_row_kind(pair, self.config, source=source, line=line)
             return self(pair, source=source, line=line)
         except BadRowError as err:
             if self.config.on_bad_row == "error":
@@ -499,6 +514,21 @@ class PairTokenizer:
             if not self.tokenizer.decode(tail).strip():  # e.g. "<|im_end|>" + "\n"
                 return ids[:last + 1]
         return ids + [self.eos_id]
+
+
+def check_row_kind(pair: Pair, config: Any, *, source: str, line: int) -> None:
+    """A pair where the loss trains on unpaired examples (``config.unpaired``, KTO) without
+    ``config.unpair``, or an unpaired example where it trains on pairs, is a bad row."""
+    unpaired = getattr(config, "unpaired", False)
+    if pair.label is not None and not unpaired:
+        raise BadRowError(source, line, "this row is an unpaired example (completion + label), but the loss "
+                                        "trains on preference pairs; use loss.type=kto for labelled examples, "
+                                        "or give the row prompt / chosen / rejected")
+    if pair.label is None and unpaired and not getattr(config, "unpair", False):
+        raise BadRowError(source, line, "this row is a preference pair, but loss.type=kto trains on unpaired "
+                                        "examples; set data.unpair=true to split every pair into a desirable "
+                                        "(chosen) and an undesirable (rejected) example, or give the row "
+                                        "prompt / completion / label")
 
 
 def _adds_bos(tokenizer: Any) -> bool:

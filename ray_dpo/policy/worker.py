@@ -47,16 +47,14 @@ import torch.distributed as dist
 
 from ray_dpo.data.chat_template import export_tokenizer
 from ray_dpo.logprobs import mean_nll
-from ray_dpo.losses import dpo_loss
+from ray_dpo.losses import LossSpec, dpo_loss, loss_spec
 from ray_dpo.packing import batch_stats, build_batch, model_inputs, pair_logps, token_budget_micro_batches
 from ray_dpo.policy.ds_config import build_ds_config, lr_lambda
+from ray_dpo.policy.step_metrics import SUMS, all_reduce_sums, global_kl, loss_metrics, metric_sums, sum_names
 
 DS_DIR = "deepspeed"
 HF_DIR = "hf_model"
 _TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-# Order of the per-rank sums that one all_reduce turns into step metrics.
-_SUMS = ("loss", "chosen_rewards", "rejected_rewards", "accuracies", "logps_chosen",
-         "logps_rejected", "pairs", "tokens", "positions", "step_time_s")
 # Dense bf16 peak FLOP/s per GPU (no sparsity), matched against torch.cuda.get_device_name()
 # by substring, first match wins (so "H100" variants go before a bare "H100"). perf/mfu is
 # logged only when the device is in this table: on CPU there is no meaningful peak, so no mfu.
@@ -73,6 +71,7 @@ class Worker:
     engine: Any  # deepspeed.DeepSpeedEngine
     feeder: Any  # ActorHandle of a BatchFeeder
     loss: Any  # LossConfig
+    spec: LossSpec  # the loss's registry entry: reference or not, pairs or unpaired, metrics
     rank: int
     world_size: int
     device: torch.device
@@ -140,7 +139,8 @@ def _make_worker(spec: dict) -> Worker:
         total_steps = min(total_steps, policy.max_steps)
     engine, hf_ds_config = setup_engine(spec["model"], policy, device=device, world_size=world_size,
                                         total_steps=total_steps)
-    return Worker(engine=engine, feeder=feeder, loss=spec["loss"], rank=rank, world_size=world_size,
+    return Worker(engine=engine, feeder=feeder, loss=spec["loss"], spec=loss_spec(spec["loss"].type),
+                  rank=rank, world_size=world_size,
                   device=device, pad_token_id=_pad_token_id(engine.module.config),
                   grad_accum=policy.gradient_accumulation_steps, total_steps=total_steps,
                   steps_per_epoch=steps_per_epoch, hf_ds_config=hf_ds_config,
@@ -239,8 +239,9 @@ def _disable_dropout(model: torch.nn.Module) -> None:
 
 
 def _pair_terms(worker: Worker, pairs: list[dict]):
-    """One chosen+rejected forward over `pairs` in worker.layout: (LossOutput, chosen_logps [B],
-    rejected_logps [B], TokenCounts(real tokens, computed positions))."""
+    """One chosen+rejected forward over `pairs` in worker.layout: (LossOutput, TokenCounts(real
+    tokens, computed positions)). Unpaired rows (KTO) are the labelled completion as "chosen"
+    and the mismatched completion as "rejected"; a reference-free loss reads no ref_* column."""
     # packed / prefix_shared: by default ONE row per forward, so every computed position is a
     # real token; flash varlen (GPU) skips cross-sequence blocks. sdpa/eager compute the dense
     # T x T scores of a row: max_tokens_per_row (or the token budget, which bounds T) caps it.
@@ -250,52 +251,34 @@ def _pair_terms(worker: Worker, pairs: list[dict]):
     logits = worker.engine(**model_inputs(batch, attn_implementation=worker.attn_implementation,
                                           dtype=dtype)).logits
     chosen, rejected, chosen_n, rejected_n = pair_logps(logits, batch)
-    ref = torch.tensor([[p["ref_chosen_logp"], p["ref_rejected_logp"]] for p in pairs],
-                       dtype=torch.float32, device=worker.device)
+    ref = (None, None)
+    if worker.spec.needs_reference:
+        both = torch.tensor([[p["ref_chosen_logp"], p["ref_rejected_logp"]] for p in pairs],
+                            dtype=torch.float32, device=worker.device)
+        ref = (both[:, 0], both[:, 1])
+    labels, kl = None, None
+    if worker.spec.data == "unpaired":
+        labels = torch.tensor([bool(p.get("label", True)) for p in pairs], device=worker.device)
+        real = torch.tensor([p["pair_id"] != _DUMMY_ID for p in pairs], device=worker.device)
+        kl = global_kl((rejected.detach() - ref[1])[real], device=worker.device)
     out = dpo_loss(
         policy_chosen_logps=chosen, policy_rejected_logps=rejected,
-        ref_chosen_logps=ref[:, 0], ref_rejected_logps=ref[:, 1], config=worker.loss,
+        ref_chosen_logps=ref[0], ref_rejected_logps=ref[1], config=worker.loss,
         chosen_n_tokens=chosen_n, rejected_n_tokens=rejected_n,
         policy_chosen_nll=mean_nll(chosen, chosen_n) if worker.loss.sft_weight > 0 else None,
+        labels=labels, kl=kl,
     )
-    return out, chosen.detach(), rejected.detach(), batch_stats(batch)
+    return out, batch_stats(batch)
+
+
+_DUMMY_ID = "<dummy>"
 
 
 def _dummy_pair(pad_token_id: int) -> dict:
     """Stand-in for an empty micro-batch: every rank must run the same number of forward and
     backward passes, because ZeRO gathers parameters and reduces gradients collectively."""
-    return {"pair_id": "<dummy>", "prompt_ids": [pad_token_id], "chosen_ids": [pad_token_id],
-            "rejected_ids": [pad_token_id], "ref_chosen_logp": 0.0, "ref_rejected_logp": 0.0}
-
-
-def _sums(out, chosen: torch.Tensor, rejected: torch.Tensor, counts) -> torch.Tensor:
-    """This micro-batch's contribution to the metric sums, in _SUMS order; counts: TokenCounts."""
-    c, r = out.chosen_rewards.float(), out.rejected_rewards.float()
-    values = [out.losses.detach().float().sum(), c.sum(), r.sum(), (c > r).float().sum(),
-              chosen.float().sum(), rejected.float().sum(), float(len(c)), float(counts.real_tokens),
-              float(counts.padded_positions), 0.0]
-    return torch.stack([torch.as_tensor(v, dtype=torch.float64).cpu() for v in values])
-
-
-def _all_reduce_sums(worker: Worker, sums: torch.Tensor) -> dict[str, float]:
-    """One all_reduce of the whole metric vector, so every rank reports the same numbers."""
-    totals = sums.to(worker.device)
-    dist.all_reduce(totals, op=dist.ReduceOp.SUM)
-    return dict(zip(_SUMS, totals.cpu().tolist()))
-
-
-def _metrics(prefix: str, totals: dict[str, float]) -> dict[str, float]:
-    n = max(totals["pairs"], 1.0)
-    chosen, rejected = totals["chosen_rewards"] / n, totals["rejected_rewards"] / n
-    return {
-        f"{prefix}/loss": totals["loss"] / n,
-        f"{prefix}/rewards/chosen": chosen,
-        f"{prefix}/rewards/rejected": rejected,
-        f"{prefix}/rewards/margins": chosen - rejected,
-        f"{prefix}/rewards/accuracies": totals["accuracies"] / n,
-        f"{prefix}/logps/chosen": totals["logps_chosen"] / n,
-        f"{prefix}/logps/rejected": totals["logps_rejected"] / n,
-    }
+    return {"pair_id": _DUMMY_ID, "prompt_ids": [pad_token_id], "chosen_ids": [pad_token_id],
+            "rejected_ids": [pad_token_id], "ref_chosen_logp": 0.0, "ref_rejected_logp": 0.0, "label": True}
 
 
 # --------------------------------------------------------------------------- train / eval
@@ -318,7 +301,7 @@ def run_step(worker: Worker, step: int) -> dict[str, Any]:
     # DeepSpeed divides the loss by grad_accum and averages gradients over ranks; undo both so
     # the update is the mean over ALL pairs of the step, however unevenly they are spread.
     scale = worker.world_size * worker.grad_accum / max(n_global, 1)
-    sums, pair_ids = torch.zeros(len(_SUMS), dtype=torch.float64), []
+    sums, pair_ids = torch.zeros(len(sum_names(worker.spec)), dtype=torch.float64), []
     lr = worker.engine.get_lr()[0]  # the rate this step uses (the scheduler steps after it)
     budget = worker.max_tokens is not None
     forwards = _budget_forwards(worker, micro_batches) if budget else micro_batches
@@ -327,23 +310,23 @@ def run_step(worker: Worker, step: int) -> dict[str, Any]:
             # Forwards per step vary with the data: the boundary (gradient all-reduce, then
             # the update) is set explicitly, on the last forward only.
             worker.engine.set_gradient_accumulation_boundary(i == len(forwards) - 1)
-        out, chosen, rejected, counts = _pair_terms(worker, pairs or [_dummy_pair(worker.pad_token_id)])
+        out, counts = _pair_terms(worker, pairs or [_dummy_pair(worker.pad_token_id)])
         # The loss scale does not depend on the number of forwards: each pair's loss enters
         # once, divided by n_global, whatever forward it sits in.
         worker.engine.backward(out.losses.sum() * (scale if pairs else 0.0))
         if pairs:
-            sums += _sums(out, chosen, rejected, counts)
+            sums += metric_sums(worker.spec, out, counts)
             pair_ids += [p["pair_id"] for p in pairs]
         # DeepSpeed counts micro-steps in step(): call it after every backward; only the
         # call at the accumulation boundary updates the weights.
         grad_norm = _step_optimizer(worker.engine)
-    sums[_SUMS.index("step_time_s")] = time.perf_counter() - t0
-    totals = _all_reduce_sums(worker, sums)
+    sums[SUMS.index("step_time_s")] = time.perf_counter() - t0
+    totals = all_reduce_sums(worker.spec, sums, device=worker.device)
     if int(totals["pairs"]) != n_global:
         raise RuntimeError(f"feeder step {step}: ranks trained {int(totals['pairs'])} pairs, but "
                            f"num_pairs_in_step says {n_global}; the loss normalisation would be wrong")
     step_time = totals["step_time_s"] / worker.world_size
-    return {**_metrics("train", totals), "train/lr": lr, "train/grad_norm": grad_norm,
+    return {**loss_metrics(worker.spec, "train", totals), "train/lr": lr, "train/grad_norm": grad_norm,
             **_perf_metrics(worker, totals, step_time),
             "step": step + 1, "epoch": epoch, "pair_ids": pair_ids}
 
@@ -406,13 +389,13 @@ def evaluate(worker: Worker) -> dict[str, float]:
     dist.all_reduce(count, op=dist.ReduceOp.MAX)
     if count.item() == 0:
         return {}
-    sums = torch.zeros(len(_SUMS), dtype=torch.float64)
+    sums = torch.zeros(len(sum_names(worker.spec)), dtype=torch.float64)
     for i in range(int(count.item())):
         pairs = batches[i] if i < len(batches) else []
-        out, chosen, rejected, counts = _pair_terms(worker, pairs or [_dummy_pair(worker.pad_token_id)])
+        out, counts = _pair_terms(worker, pairs or [_dummy_pair(worker.pad_token_id)])
         if pairs:
-            sums += _sums(out, chosen, rejected, counts)
-    return _metrics("eval", _all_reduce_sums(worker, sums))
+            sums += metric_sums(worker.spec, out, counts)
+    return loss_metrics(worker.spec, "eval", all_reduce_sums(worker.spec, sums, device=worker.device))
 
 
 # --------------------------------------------------------------------------- weight sync

@@ -142,6 +142,23 @@ def make_preference_rows(n: int, *, seed: int, fmt: str = "standard") -> list[di
     return _rows(n, random.Random(seed), fmt)
 
 
+def unpaired_rows(pairs: list[dict], fmt: str = "unpaired") -> list[dict]:
+    """Standard preference rows -> KTO examples, two per pair (chosen desirable, rejected
+    undesirable), in that order. fmt: "unpaired" (TRL: prompt, completion, label) or
+    "sharegpt_kto" (LLaMA-Factory: conversations of {from, value} + kto_tag)."""
+    if fmt not in ("unpaired", "sharegpt_kto"):
+        raise ValueError(f"fmt must be 'unpaired' or 'sharegpt_kto', got {fmt!r}")
+    out = []
+    for pair in pairs:
+        for completion, label in ((pair["chosen"], True), (pair["rejected"], False)):
+            if fmt == "unpaired":
+                out.append({"prompt": pair["prompt"], "completion": completion, "label": label})
+            else:
+                out.append({"conversations": [{"from": "human", "value": pair["prompt"]},
+                                              {"from": "gpt", "value": completion}], "kto_tag": label})
+    return out
+
+
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
     with open(path, "w", encoding="utf-8") as f:
         for row in rows:

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 MODE_TAG = "ray_dpo.mode"
+LOSS_TAG = "ray_dpo.loss"
 
 # Rows of the table, in order; a metric no run has is left out.
 TABLE_METRICS = (
@@ -53,6 +54,9 @@ class RunData:
     """(step, value) sorted by step, for the metrics that are tabled or plotted."""
     params: dict[str, str] = field(default_factory=dict)
     """The run's EVAL_PARAMS (as logged; absent keys left out)."""
+    loss: str = "?"
+    """loss.type (the ray_dpo.loss tag, else the logged param): train/rewards/* and
+    eval/rewards/* keep their names for every loss, but what a reward is depends on it."""
 
     @property
     def steps(self) -> int:
@@ -96,6 +100,7 @@ def load_runs(client, experiment: str) -> list[RunData]:
             history[key] = points
         out.append(RunData(run_id=run.info.run_id, name=run.info.run_name or run.info.run_id[:8],
                            mode=run.data.tags.get(MODE_TAG, "?"), status=run.info.status,
+                           loss=run.data.tags.get(LOSS_TAG, run.data.params.get("loss.type", "?")),
                            final=final, history=history,
                            params={k: run.data.params[k] for k in EVAL_PARAMS if k in run.data.params}))
     return out
@@ -127,11 +132,12 @@ def _fmt(value: Optional[float]) -> str:
 
 
 def table_rows(runs: Sequence[RunData], metrics: Sequence[str] = TABLE_METRICS) -> list[list[str]]:
-    """Header row then one row per field: run, run id, mode, status, steps, then each metric
+    """Header row then one row per field: run, run id, mode, loss, status, steps, then each metric
     that at least one run has (its final value, '-' where a run lacks it)."""
     rows = [["run"] + [r.name for r in runs],
             ["run id"] + [r.run_id[:8] for r in runs],
             ["mode"] + [r.mode for r in runs],
+            ["loss"] + [r.loss for r in runs],
             ["status"] + [r.status for r in runs],
             ["steps"] + [str(r.steps) for r in runs]]
     for key in metrics:

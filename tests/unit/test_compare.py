@@ -118,3 +118,26 @@ def test_comparability_notes_name_the_param_that_differs():
     assert comparability_notes([run("a", "16"), run("c", "128", judged=False)]) == []
     (note,) = comparability_notes([run("a", "16"), run("b", "128")])
     assert "online.sampling.max_new_tokens differs (a=16, b=128)" in note
+
+
+def test_a_dpo_and_a_simpo_run_share_their_rows(tmp_path, capsys):
+    """Every loss logs train/rewards/* and eval/rewards/* under the same names, so runs of
+    different losses line up; the loss row says what each reward means. A run without the
+    tag falls back to its loss.type param."""
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.create_experiment("family", artifact_location=f"file://{tmp_path}/artifacts")
+    for name, tags, params, acc in [("dpo", {"ray_dpo.loss": "sigmoid"}, {}, 0.93),
+                                    ("simpo", {"ray_dpo.loss": "simpo"}, {}, 0.97),
+                                    ("old", {}, {"loss.type": "ipo"}, 0.9)]:
+        run_id = client.create_run(exp, run_name=name, tags={"ray_dpo.mode": "offline", **tags}).info.run_id
+        for key, value in params.items():
+            client.log_param(run_id, key, value)
+        _log(client, run_id, "eval/rewards/accuracies", [(0, 0.5), (8, acc)])
+        client.set_terminated(run_id, "FINISHED")
+    assert main(["compare", "--experiment", "family", "--tracking-uri", uri, "--out", str(tmp_path / "o")]) == 0
+    out = capsys.readouterr().out
+    assert _row(out, "loss") == ["loss", "sigmoid", "simpo", "ipo"]
+    assert _row(out, "eval/rewards/accuracies") == ["eval/rewards/accuracies", "0.9300", "0.9700", "0.9000"]

@@ -573,3 +573,20 @@ def test_k8s_module_is_pure():
     code = ("import sys, ray_dpo.k8s; bad = {'ray', 'deepspeed', 'vllm', 'mlflow'} & set(sys.modules); "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+@pytest.mark.parametrize("loss", ["simpo", "orpo"])
+def test_a_reference_free_loss_gets_no_reference_worker_group(loss):
+    """SimPO / ORPO start no reference actor, so the cluster has no pods for one; the same
+    config with the sigmoid loss does get a reference group."""
+    path = str(ROOT / "configs" / "llama3-8b-offline-2x8.yaml")
+    storage = k8s.Storage.parse(STORAGE)
+    sets = ["reference.precompute=false", "reference.resources={}"]
+    sigmoid = k8s.render(k8s.load_for_cluster(path, sets, storage), k8s.K8sOptions(storage=storage))
+    assert "reference" in {g.name for g in sigmoid.groups}
+    rendered = k8s.render(k8s.load_for_cluster(path, [*sets, f"loss.type={loss}"], storage),
+                          k8s.K8sOptions(storage=storage))
+    assert [g.name for g in rendered.groups] == ["policy"]
+    assert set(worker_groups(rendered.documents[1])) == {"policy"}
+    text = rendered.text(source=path)
+    assert f"# reference: none, loss.type={loss} is reference-free" in text

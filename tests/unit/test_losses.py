@@ -30,6 +30,9 @@ class Cfg:
     label_smoothing: float = 0.0
     sft_weight: float = 0.0
     length_normalize: bool = False
+    gamma: float | None = None
+    desirable_weight: float | None = None
+    undesirable_weight: float | None = None
 
 
 def t(*xs: float) -> torch.Tensor:
@@ -47,14 +50,14 @@ def run(cfg: Cfg, pc, pr, rc, rr, **kw) -> LossOutput:
 
 
 def test_registry_names_sorted_and_complete():
-    assert loss_names() == ["hinge", "ipo", "robust", "sigmoid"]
+    assert loss_names() == ["hinge", "ipo", "kto", "orpo", "robust", "sigmoid", "simpo"]
 
 
 def test_unknown_loss_error_lists_valid_names():
-    with pytest.raises(ValueError, match=r"unknown loss type 'dpo'.*hinge, ipo, robust, sigmoid"):
+    with pytest.raises(ValueError, match=r"unknown loss type 'dpo'.*hinge, ipo, kto, orpo, robust, sigmoid, simpo"):
         get_loss("dpo")
-    with pytest.raises(ValueError, match="valid names: hinge, ipo, robust, sigmoid"):
-        run(Cfg(type="simpo"), t(0.0), t(0.0), t(0.0), t(0.0))
+    with pytest.raises(ValueError, match="valid names: hinge, ipo, kto"):
+        run(Cfg(type="cpo"), t(0.0), t(0.0), t(0.0), t(0.0))
 
 
 def test_register_loss_rejects_duplicates_and_registers_new(monkeypatch):
@@ -238,3 +241,166 @@ def test_gradient_signs(type_):
     out.losses.sum().backward()
     assert pc.grad.item() < 0 < pr.grad.item()
     assert pc.grad.item() == pytest.approx(-pr.grad.item())
+
+
+# --- registry facts ----------------------------------------------------------------------
+
+
+def test_registry_entries_carry_their_facts():
+    facts = {name: (losses.loss_spec(name).needs_reference, losses.loss_spec(name).data) for name in loss_names()}
+    assert facts == {"sigmoid": (True, "pairs"), "robust": (True, "pairs"), "hinge": (True, "pairs"),
+                     "ipo": (True, "pairs"), "simpo": (False, "pairs"), "orpo": (False, "pairs"),
+                     "kto": (True, "unpaired")}
+    assert "gamma" in losses.loss_spec("simpo").reads and "gamma" not in losses.loss_spec("sigmoid").reads
+    assert losses.loss_spec("kto").metrics == ("kto/kl",)
+
+
+def test_reference_losses_refuse_missing_reference_logps():
+    with pytest.raises(ValueError, match="'sigmoid' needs reference log-probs"):
+        dpo_loss(policy_chosen_logps=t(-1.0), policy_rejected_logps=t(-2.0), config=Cfg())
+
+
+# --- SimPO -------------------------------------------------------------------------------
+# chosen −6 over 3 tokens → mean −2; rejected −12 over 4 → mean −3. β = 2, γ = 0.5:
+# z = 2·(−2 − (−3)) − 0.5 = 1.5 → loss = −log σ(1.5) = log(1 + e^−1.5) ≈ 0.201413.
+
+
+def simpo(pc, pr, n_c, n_r, **cfg):
+    return dpo_loss(policy_chosen_logps=pc, policy_rejected_logps=pr, config=Cfg(type="simpo", **cfg),
+                    chosen_n_tokens=torch.tensor(n_c), rejected_n_tokens=torch.tensor(n_r))
+
+
+def test_simpo_value_and_rewards_without_reference():
+    out = simpo(t(-6.0), t(-12.0), [3], [4], beta=2.0, gamma=0.5)
+    assert out.losses.item() == pytest.approx(math.log1p(math.exp(-1.5)), abs=1e-6)
+    assert math.log1p(math.exp(-1.5)) == pytest.approx(0.201413, abs=1e-6)
+    assert out.chosen_rewards.item() == pytest.approx(-4.0) and out.rejected_rewards.item() == pytest.approx(-6.0)
+    assert out.correct.item() == 1.0
+
+
+def test_simpo_gradient_closed_form():
+    # d loss / d pc = −σ(−z) · β / |y_w| = −σ(−1.5) · 2/3 ≈ −0.121617; d / d pr = +σ(−1.5) · 2/4
+    pc, pr = torch.tensor([-6.0], requires_grad=True), torch.tensor([-12.0], requires_grad=True)
+    simpo(pc, pr, [3], [4], beta=2.0, gamma=0.5).losses.sum().backward()
+    sig = 1 / (1 + math.exp(1.5))
+    assert pc.grad.item() == pytest.approx(-sig * 2 / 3, rel=1e-5)
+    assert pr.grad.item() == pytest.approx(sig * 2 / 4, rel=1e-5)
+    assert sig * 2 / 3 == pytest.approx(0.121617, abs=1e-6)
+
+
+@pytest.mark.parametrize("gamma", [0.0, 0.5, 1.6])
+def test_simpo_equal_mean_logps_give_log1p_exp_gamma(gamma):
+    # −log σ(−γ) = log(1 + e^γ); γ = 0 is ln 2. Unset γ is TRL's 0.5.
+    out = simpo(t(-6.0, -1.0), t(-8.0, -0.5), [3, 2], [4, 1], beta=2.5, gamma=gamma)
+    torch.testing.assert_close(out.losses, torch.full((2,), math.log1p(math.exp(gamma))))
+    unset = simpo(t(-6.0), t(-8.0), [3], [4], beta=2.5)
+    assert unset.losses.item() == pytest.approx(math.log1p(math.exp(0.5)), abs=1e-6)
+
+
+# --- ORPO --------------------------------------------------------------------------------
+# chosen −1.5 over 3 → m_w = −0.5; rejected −4 over 4 → m_l = −1.
+# log odds(m) = m − log(1 − e^m): −0.5 + 0.932752 = 0.432752 and −1 + 0.458675 = −0.541325,
+# difference d = 0.974077; L_OR = log(1 + e^−d) ≈ 0.320300; λ = 0.1 → 0.5 + 0.032030 = 0.532030.
+
+
+def log_odds(m: float) -> float:
+    return m - math.log(1 - math.exp(m))
+
+
+def orpo(pc, pr, n_c, n_r, beta=0.1):
+    return dpo_loss(policy_chosen_logps=pc, policy_rejected_logps=pr, config=Cfg(type="orpo", beta=beta),
+                    chosen_n_tokens=torch.tensor(n_c), rejected_n_tokens=torch.tensor(n_r))
+
+
+def test_orpo_value_and_metrics():
+    d = log_odds(-0.5) - log_odds(-1.0)
+    assert d == pytest.approx(0.974077, abs=1e-6)
+    out = orpo(t(-1.5), t(-4.0), [3], [4])
+    assert out.losses.item() == pytest.approx(0.5 + 0.1 * math.log1p(math.exp(-d)), abs=1e-6)
+    assert out.losses.item() == pytest.approx(0.532030, abs=1e-6)
+    assert out.extras["orpo/log_odds_chosen"].item() == pytest.approx(d, abs=1e-6)
+    assert out.extras["orpo/log_odds_ratio"].item() == pytest.approx(log_sigmoid(d), abs=1e-6)
+    assert out.extras["orpo/nll_loss"].item() == pytest.approx(0.5)
+    assert out.chosen_rewards.item() == pytest.approx(-0.05) and out.rejected_rewards.item() == pytest.approx(-0.1)
+
+
+def test_orpo_gradient_closed_form():
+    # d/d m_w [−m_w − λ log σ(d)] = −1 − λ σ(−d) · 1/(1 − e^{m_w}); pc = 3 m_w → divide by 3
+    pc = torch.tensor([-1.5], requires_grad=True)
+    orpo(pc, t(-4.0), [3], [4]).losses.sum().backward()
+    d = log_odds(-0.5) - log_odds(-1.0)
+    expected = (-1 - 0.1 * (1 / (1 + math.exp(d))) / (1 - math.exp(-0.5))) / 3
+    assert pc.grad.item() == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.parametrize("m", [-3.0, -0.7, -1e-3])
+def test_orpo_equal_mean_logps_give_nll_plus_lambda_ln2(m):
+    out = orpo(t(3 * m), t(2 * m), [3], [2], beta=0.2)
+    assert out.losses.item() == pytest.approx(-m + 0.2 * LN2, abs=1e-5)
+
+
+def test_orpo_stays_finite_at_probability_one_and_log1mexp_is_accurate():
+    out = orpo(t(0.0), t(-4.0), [3], [4])
+    assert torch.isfinite(out.losses).all()
+    x = torch.tensor([-1e-8, -0.1, -0.7, -5.0, -50.0], dtype=torch.float64)
+    expected = [math.log(-math.expm1(v)) for v in x.tolist()]
+    torch.testing.assert_close(losses.log1mexp(x), torch.tensor(expected, dtype=torch.float64))
+
+
+# --- KTO ---------------------------------------------------------------------------------
+
+
+def kto(pc, pr, rc, rr, labels, kl=None, **cfg):
+    return dpo_loss(policy_chosen_logps=pc, policy_rejected_logps=pr, ref_chosen_logps=rc, ref_rejected_logps=rr,
+                    config=Cfg(type="kto", **cfg), labels=torch.tensor(labels), kl=kl)
+
+
+@pytest.mark.parametrize("wd, wu", [(1.0, 1.0), (1.5, 0.5), (1.33, 1.0)])
+def test_kto_policy_equals_reference_and_zero_kl_is_half_lambda(wd, wu):
+    # r = 0, z_ref = 0: λ_y − λ_y σ(0) = λ_y / 2 (the paper's closed form).
+    pc, pr = t(-5.0, -7.0, -2.0), t(-6.0, -3.0, -4.0)
+    out = kto(pc, pr, pc.clone(), pr.clone(), [True, False, True], beta=0.3,
+              desirable_weight=wd, undesirable_weight=wu)
+    torch.testing.assert_close(out.losses, t(wd / 2, wu / 2, wd / 2))
+    assert torch.all(out.extras["kto/kl"] == 0)
+
+
+def test_kto_value_with_batch_kl_estimate():
+    # Completions: desirable r = −8 − (−10) = 2, undesirable r = −6 − (−5) = −1.
+    # Mismatched pairs: log-ratios −4 − (−4.4) = 0.4 and −3 − (−3.2) = 0.2 → z_ref = 0.3.
+    # β = 0.5: desirable 1 − σ(0.5·(2 − 0.3)) = σ(−0.85) ≈ 0.299432;
+    #          undesirable 1 − σ(0.5·(0.3 + 1)) = σ(−0.65) ≈ 0.342990.
+    out = kto(t(-8.0, -6.0), t(-4.0, -3.0), t(-10.0, -5.0), t(-4.4, -3.2), [True, False], beta=0.5)
+    sig = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
+    torch.testing.assert_close(out.losses, t(sig(-0.85), sig(-0.65)))
+    assert sig(-0.85) == pytest.approx(0.299432, abs=1e-6) and sig(-0.65) == pytest.approx(0.342990, abs=1e-6)
+    torch.testing.assert_close(out.extras["kto/kl"], t(0.3, 0.3))
+    torch.testing.assert_close(out.chosen_rewards, t(1.0, -0.5))  # β r, read through the masks
+    assert out.chosen_mask.tolist() == [True, False] and out.rejected_mask.tolist() == [False, True]
+    assert out.correct.tolist() == [1.0, 1.0]
+
+
+def test_kto_kl_is_clamped_at_zero_and_can_be_given():
+    out = kto(t(-8.0), t(-4.0), t(-8.0), t(-3.0), [True], beta=0.5)  # batch estimate −1 → 0
+    assert out.extras["kto/kl"].item() == 0.0 and out.losses.item() == pytest.approx(0.5)
+    given = kto(t(-8.0), t(-4.0), t(-8.0), t(-3.0), [True], kl=torch.tensor(2.0), beta=0.5)
+    assert given.losses.item() == pytest.approx(1 - 1 / (1 + math.exp(1.0)), abs=1e-6)  # 1 − σ(−1)
+
+
+def test_kto_gradient_closed_form_and_no_gradient_through_kl():
+    # desirable: d/d pc λ_D(1 − σ(β(r − z))) = −λ_D β σ(x) σ(−x), x = β(r − z) = 0.5·(2 − 0.3)
+    pc = torch.tensor([-8.0, -6.0], requires_grad=True)
+    pr = torch.tensor([-4.0, -3.0], requires_grad=True)
+    out = kto(pc, pr, t(-10.0, -5.0), t(-4.4, -3.2), [True, False], beta=0.5, desirable_weight=2.0)
+    out.losses.sum().backward()
+    x, y = 0.5 * 1.7, 0.5 * 1.3
+    s = lambda v: 1 / (1 + math.exp(-v))  # noqa: E731
+    assert pc.grad[0].item() == pytest.approx(-2.0 * 0.5 * s(x) * s(-x), rel=1e-5)
+    assert pc.grad[1].item() == pytest.approx(+0.5 * s(y) * s(-y), rel=1e-5)  # undesirable: pushed down
+    assert pr.grad is None or torch.all(pr.grad == 0)
+
+
+def test_kto_without_labels_is_an_error():
+    with pytest.raises(ValueError, match="kto needs labels"):
+        dpo_loss(policy_chosen_logps=t(-1.0), policy_rejected_logps=t(-1.0), ref_chosen_logps=t(-1.0),
+                 ref_rejected_logps=t(-1.0), config=Cfg(type="kto"))

@@ -6,9 +6,11 @@ import sys
 PURE = [
     "ray_dpo.config",
     "ray_dpo.losses",
+    "ray_dpo.loss_rules",
     "ray_dpo.logprobs",
     "ray_dpo.data.formats",
     "ray_dpo.data.tokenize",
+    "ray_dpo.data.unpaired",
     "ray_dpo.data.chat_template",
     "ray_dpo.data.report",
     "ray_dpo.cli",

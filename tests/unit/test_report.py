@@ -50,3 +50,11 @@ def test_data_metrics_name_each_cause_and_percentile():
     assert metrics["data/dropped/prompt_no_room"] == 1 and metrics["data/skipped/bad_row"] == 1
     assert metrics["data/tokens/prompt_p50"] == 703 and metrics["data/tokens/total_max"] == 3010
     assert all(isinstance(v, float) for v in metrics.values())
+
+
+def test_report_names_examples_and_a_reference_free_loss():
+    report = {**_report(_counters()), "loss": {"type": "kto", "rows": "examples", "reference": "streamed",
+                                               "summary": "loss.type=kto on unpaired examples; reference: streamed"}}
+    lines = format_report(report).splitlines()
+    assert lines[0].startswith("train: 8 examples from 1 file(s)")
+    assert lines[-1] == "loss: loss.type=kto on unpaired examples; reference: streamed"

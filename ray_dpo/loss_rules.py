@@ -1,0 +1,89 @@
+"""What the loss (`loss.type`) asks of the rest of a run config, from the loss registry's facts.
+
+    needs_reference(cfg)   False for SimPO / ORPO: no reference actor, no reference forward
+    trains_unpaired(cfg)   True for KTO: rows are (prompt, completion, label) examples
+    loss_problems(cfg)     (key, message) pairs for config.check: loss.* keys the loss does
+                           not read, data formats it cannot train on, reference / online /
+                           held-out settings that a reference-free loss contradicts
+
+Pure: imports neither ray, deepspeed nor vllm (config.py wraps the pairs into Problems).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ray_dpo.data.formats import PAIRED_FORMATS, UNPAIRED_FORMATS
+from ray_dpo.losses import OPTIONAL_KEYS, loss_names, loss_spec
+
+
+def needs_reference(cfg: Any) -> bool:
+    """Whether the run's loss needs reference log-probs (unknown types: True, the safe side)."""
+    return cfg.loss.type not in loss_names() or loss_spec(cfg.loss.type).needs_reference
+
+
+def trains_unpaired(cfg: Any) -> bool:
+    """Whether the run's loss trains on unpaired, labelled examples (KTO)."""
+    return cfg.loss.type in loss_names() and loss_spec(cfg.loss.type).data == "unpaired"
+
+
+def _readers(key: str) -> str:
+    names = [n for n in loss_names() if key in loss_spec(n).reads]
+    return ", ".join(names) if names else "no loss"
+
+
+def loss_problems(cfg: Any) -> list[tuple[str, str]]:
+    """Every contradiction between loss.type and the rest of ``cfg`` (RunConfig)."""
+    if cfg.loss.type not in loss_names():
+        return []  # reported as an unknown loss.type by config.check
+    spec, out = loss_spec(cfg.loss.type), []
+    kind = f"loss.type={spec.name!r}"
+    for key, unset in OPTIONAL_KEYS.items():
+        if getattr(cfg.loss, key) != unset and key not in spec.reads:
+            out.append((f"loss.{key}", f"is not used by {kind} (used by: {_readers(key)}); unset it "
+                                       "or pick a loss that reads it"))
+    for key in ("desirable_weight", "undesirable_weight"):
+        value = getattr(cfg.loss, key)
+        if value is not None and value <= 0:
+            out.append((f"loss.{key}", f"must be > 0, got {value}"))
+    if cfg.loss.gamma is not None and cfg.loss.gamma < 0:
+        out.append(("loss.gamma", f"SimPO's target margin must be >= 0, got {cfg.loss.gamma}"))
+    out += _data_problems(cfg, spec, kind)
+    if not spec.needs_reference:
+        out += _reference_free_problems(cfg, kind)
+    elif spec.data == "unpaired" and cfg.online.enabled:
+        out.append(("online.enabled", f"online rounds build preference pairs, and {kind} trains on unpaired "
+                                      "examples: not wired; run KTO offline"))
+    return out
+
+
+def _data_problems(cfg: Any, spec: Any, kind: str) -> list[tuple[str, str]]:
+    fmt, out = cfg.data.format, []
+    if spec.data == "pairs":
+        if fmt in UNPAIRED_FORMATS:
+            out.append(("data.format", f"{fmt!r} rows are unpaired examples, but {kind} trains on preference "
+                                       "pairs; use loss.type=kto or a paired format"))
+        if cfg.data.unpair:
+            out.append(("data.unpair", f"splits pairs into unpaired examples, for an unpaired loss (kto); "
+                                       f"{kind} trains on the pairs themselves: set it to false"))
+    elif fmt in PAIRED_FORMATS and not cfg.data.unpair:
+        out.append(("data.unpair", f"{kind} trains on unpaired examples but data.format={fmt!r} holds pairs: "
+                                   "set data.unpair=true (chosen -> desirable, rejected -> undesirable) or "
+                                   f"use data.format {' / '.join(UNPAIRED_FORMATS)}"))
+    return out
+
+
+def _reference_free_problems(cfg: Any, kind: str) -> list[tuple[str, str]]:
+    out = []
+    why = f"{kind} is reference-free: no reference model is loaded"
+    if cfg.reference.precompute:
+        out.append(("reference.precompute", f"{why}, so there is nothing to precompute; set it to false"))
+    if cfg.reference.model:
+        out.append(("reference.model", f"{why}; unset it"))
+    if cfg.online.enabled:
+        out.append(("online.enabled", f"{why}, and online rounds score their pairs with one: not wired; "
+                                      "run it offline"))
+    if cfg.eval.prompts_file:
+        out.append(("eval.prompts_file", f"{why}, and held-out sampling measures eval/kl against it: not "
+                                         "wired; unset it (data.eval_files still gives eval/loss and accuracies)"))
+    return out
