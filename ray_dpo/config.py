@@ -588,6 +588,11 @@ def _check_required_and_ranges(cfg: RunConfig, p: list[Problem]) -> None:
         ("online.judge.num_cpus_per_actor", cfg.online.judge.num_cpus_per_actor),
     ]:
         _positive(p, key, value, allow_zero=True)
+    _check_resources(cfg, p)
+
+
+def _check_resources(cfg: RunConfig, p: list[Problem]) -> None:
+    """Custom Ray resources of the online sections: non-negative, never CPU or GPU."""
     for section, resources, own_keys in (
         ("online", cfg.online.resources, {"CPU": "num_cpus_per_engine", "GPU": "gpus_per_engine"}),
         ("online.judge", cfg.online.judge.resources, {"CPU": "num_cpus_per_actor", "GPU": "num_gpus_per_actor"}),

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import time
 from collections.abc import Mapping
 
 LOGGED_PREFIXES = ("train/", "eval/", "perf/", "data/", "sync/", "online/")
@@ -98,8 +99,6 @@ class CountProgress:
 
     def __init__(self, label: str, total: int, *, unit: str = "items", every_s: float = 15.0,
                  now=None, emit=None) -> None:
-        import time
-
         self.label, self.total, self.unit, self.every_s = label, total, unit, every_s
         self._now = now or time.monotonic
         self._emit = emit or (lambda line: print(line, flush=True))
