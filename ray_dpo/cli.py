@@ -46,12 +46,16 @@ def cmd_train(args: argparse.Namespace) -> int:
     if cfg is None:
         return EXIT_BAD_CONFIG
     from ray_dpo.driver import run_dpo
+    from ray_dpo.faults import RunFailedError
 
     try:
         summary = run_dpo(cfg)
     except KeyboardInterrupt:
         print("[ray_dpo] interrupted; run the same command again to resume from the last checkpoint",
               file=sys.stderr)
+        return EXIT_FAILED
+    except RunFailedError as e:  # one line that says what to do; the traceback is in Ray's logs
+        print(f"[ray_dpo] run failed: {e}: {_this_command()}", file=sys.stderr)
         return EXIT_FAILED
     except Exception as e:  # the MLflow run is already marked FAILED by the driver
         print(f"[ray_dpo] run failed: {type(e).__name__}: {e}", file=sys.stderr)
@@ -62,6 +66,13 @@ def cmd_train(args: argparse.Namespace) -> int:
         return EXIT_FAILED
     _print_summary(summary)
     return EXIT_OK
+
+
+def _this_command() -> str:
+    """The command line that started this process, as a user would type it again."""
+    import shlex
+
+    return " ".join(shlex.quote(a) for a in ["ray-dpo", *sys.argv[1:]])
 
 
 def _print_summary(s) -> None:

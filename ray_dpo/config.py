@@ -16,6 +16,8 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import glob
+import importlib.machinery
+import importlib.util
 import math
 import os
 import types
@@ -186,6 +188,22 @@ class PolicyConfig:
     checkpoint_every_steps: int = 0
     """Save a resumable checkpoint every N optimizer steps (0: only at the end)."""
     num_checkpoints_to_keep: int = 2
+    """Checkpoints kept on storage (>= 1); older ones are deleted as new ones are written.
+    Keep 2 or more: resume falls back to the previous checkpoint when the latest is incomplete."""
+    max_failures: int = 3
+    """Times the policy worker group is restarted from the latest checkpoint inside the same
+    run when a worker dies (process killed, node lost, an error in the training loop); the
+    BatchFeeder actor is restarted up to this many times too. 0: the first failure ends the
+    run (run the same command again to resume). Node preemptions Ray sees coming (drains)
+    are not counted."""
+    sigterm_grace_s: float = 0.0
+    """A policy worker sent SIGTERM (what Kubernetes sends before evicting a pod, SIGKILL
+    following after terminationGracePeriodSeconds, 30 s by default) finishes its step, the
+    group saves a checkpoint, then it exits, if that takes at most this many seconds; the
+    restarted group then loses no step. 0: SIGTERM kills at once (back to the last
+    checkpoint). Keep it below the pod's grace period minus a checkpoint's write time.
+    Off by default: not yet measured, and surviving ranks of a group Ray Train stops after a
+    failure would also wait it out before exiting."""
     save_hf_model: bool = True
     """Save the final policy in Hugging Face format (loadable by from_pretrained / vLLM)."""
     offload_optimizer: bool = False
@@ -539,8 +557,10 @@ def check(cfg: RunConfig, *, check_files: bool = True) -> list[Problem]:
 
 
 def _check_required_and_ranges(cfg: RunConfig, p: list[Problem]) -> None:
-    if not cfg.run.name or "/" in cfg.run.name:
-        p.append(Problem("run.name", "must be a non-empty name without '/'"))
+    if not cfg.run.name or "/" in cfg.run.name or "\\" in cfg.run.name or cfg.run.name.strip(".") == "" \
+            or ".." in cfg.run.name:
+        p.append(Problem("run.name", f"must be a non-empty name without '/', '\\' or '..' (it names a "
+                                     f"directory under run.storage_path), got {cfg.run.name!r}"))
     if not cfg.model.name_or_path:
         p.append(Problem("model.name_or_path", "is required: a model directory or hub id"))
     if not cfg.data.train_files:
@@ -558,6 +578,7 @@ def _check_required_and_ranges(cfg: RunConfig, p: list[Problem]) -> None:
         ("policy.learning_rate", cfg.policy.learning_rate),
         ("policy.num_epochs", cfg.policy.num_epochs),
         ("policy.max_steps", cfg.policy.max_steps),
+        ("policy.num_checkpoints_to_keep", cfg.policy.num_checkpoints_to_keep),
         ("policy.max_tokens_per_micro_batch", cfg.policy.max_tokens_per_micro_batch),
         ("reference.max_tokens_per_row", cfg.reference.max_tokens_per_row),
         ("policy.max_tokens_per_row", cfg.policy.max_tokens_per_row),
@@ -580,6 +601,8 @@ def _check_required_and_ranges(cfg: RunConfig, p: list[Problem]) -> None:
         ("reference.num_cpus_per_actor", cfg.reference.num_cpus_per_actor),
         ("reference.num_gpus_per_actor", cfg.reference.num_gpus_per_actor),
         ("reference.max_restarts", cfg.reference.max_restarts),
+        ("policy.max_failures", cfg.policy.max_failures),
+        ("policy.sigterm_grace_s", cfg.policy.sigterm_grace_s),
         ("policy.cpus_per_worker", cfg.policy.cpus_per_worker),
         ("policy.gpus_per_worker", cfg.policy.gpus_per_worker),
         ("eval.every_steps", cfg.eval.every_steps),
@@ -651,7 +674,27 @@ def _check_consistency(cfg: RunConfig, p: list[Problem]) -> None:
                          "run.storage_path; set a tracking URI (e.g. http://mlflow:5000)"))
 
 
+def _module_problem(module: str) -> Optional[str]:
+    """Why ``module`` cannot be imported here, or None. A top-level package found only in the
+    current directory (a job's working_dir) is accepted without looking further."""
+    top = module.split(".")[0]
+    try:
+        if importlib.util.find_spec(top) is None:
+            if importlib.machinery.PathFinder.find_spec(top, [os.getcwd()]) is not None:
+                return None
+            return f"no module named {top!r} (not installed, not in the current directory)"
+        if importlib.util.find_spec(module) is None:
+            return f"no module named {module!r}"
+    except (ImportError, ValueError) as e:  # a parent package failed to import
+        return f"cannot import {module!r}: {e}"
+    return None
+
+
 def _check_local_files(cfg: RunConfig, p: list[Problem]) -> None:
+    if cfg.online.judge.function and ":" in cfg.online.judge.function:
+        problem = _module_problem(cfg.online.judge.function.split(":", 1)[0].strip())
+        if problem:
+            p.append(Problem("online.judge.function", problem))
     _check_files("data.train_files", cfg.data.train_files, p)
     _check_files("data.eval_files", cfg.data.eval_files, p)
     for key, path in [("model.name_or_path", cfg.model.name_or_path),
@@ -696,15 +739,44 @@ def local_cpus_needed(cfg: RunConfig) -> int:
     return math.ceil(need) + 1
 
 
+def duplicate_keys(text: str) -> list[Problem]:
+    """A Problem per key that appears twice in one YAML mapping (PyYAML keeps the last one
+    silently), naming its dotted path and both lines."""
+    problems: list[Problem] = []
+
+    def walk(node: Any, prefix: str) -> None:
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[str, int] = {}
+            for key_node, value_node in node.value:
+                key = str(key_node.value)
+                path = f"{prefix}.{key}" if prefix else key
+                line = key_node.start_mark.line + 1
+                if key in seen:
+                    problems.append(Problem(path, f"appears twice (lines {seen[key]} and {line}); YAML "
+                                                  "would keep only the last one: remove one"))
+                seen.setdefault(key, line)
+                walk(value_node, path)
+        elif isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                walk(item, f"{prefix}[{i}]")
+
+    walk(yaml.compose(text), "")
+    return problems
+
+
 def load_config(path: str, overrides: list[str] = (), *, check_files: bool = True) -> RunConfig:
     """Load a YAML run config, apply ``section.key=value`` overrides, validate."""
     try:
         with open(path, encoding="utf-8") as f:
-            data = yaml.safe_load(f) or {}
+            text = f.read()
+        duplicates = duplicate_keys(text)
+        data = yaml.safe_load(text) or {}
     except FileNotFoundError:
         raise ConfigError([Problem("<file>", f"config file not found: {path}")], source=path) from None
     except yaml.YAMLError as e:
         raise ConfigError([Problem("<yaml>", f"not valid YAML: {e}")], source=path) from None
+    if duplicates:
+        raise ConfigError(duplicates, source=path)
     if not isinstance(data, dict):
         raise ConfigError([Problem("<top>", "the config must be a mapping of sections")], source=path)
     data = apply_overrides(data, list(overrides))

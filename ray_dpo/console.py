@@ -30,7 +30,7 @@ import sys
 OWN_PREFIX = "[ray_dpo"
 LOG_FORMAT = "[%(name)s] %(message)s"
 ENV_CONSOLE = "RAY_DPO_CONSOLE"
-SETUP_HOOK = "ray_dpo.console.setup_worker_logging"
+SETUP_HOOK = "ray_dpo.console.setup_worker_process"
 
 # The driver-side handler Ray registers for forwarded worker output (ray._private.worker);
 # ray.shutdown() removes it by this name, so the filtered one keeps it.
@@ -90,6 +90,16 @@ def quiet_driver_loggers() -> None:
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     if "mlflow" in sys.modules:
         logging.getLogger("mlflow").setLevel(os.environ["MLFLOW_LOGGING_LEVEL"].upper())
+
+
+def setup_worker_process() -> None:
+    """worker_process_setup_hook of ray_dpo's jobs: ray_dpo's log format (unless
+    RAY_DPO_CONSOLE=all) and the SIGTERM grace of policy workers (ray_dpo/faults.py)."""
+    from ray_dpo import faults
+
+    if filtering_enabled():
+        setup_worker_logging()
+    faults.install_sigterm_grace()
 
 
 def setup_worker_logging() -> None:

@@ -71,10 +71,13 @@ def init_ray(cfg: RunConfig) -> None:
     if ray.is_initialized():
         return
     quiet = console.filtering_enabled()
-    runtime_env: dict = {"env_vars": {k: os.environ[k] for k in _ENV_DEFAULTS}}
+    runtime_env: dict = {"env_vars": {k: os.environ[k] for k in _ENV_DEFAULTS if k in os.environ}}
+    if not quiet:
+        runtime_env["env_vars"][console.ENV_CONSOLE] = os.environ[console.ENV_CONSOLE]
     # A job submitted with its own setup hook keeps it (Ray refuses two); ray_dpo's records
-    # in workers then print without the prefix the console filter passes.
-    if quiet and "__RAY_WORKER_PROCESS_SETUP_HOOK_ENV_VAR" not in os.environ:
+    # in workers then print without the prefix the console filter passes, and a SIGTERM
+    # kills a policy worker at once (no checkpoint in policy.sigterm_grace_s).
+    if "__RAY_WORKER_PROCESS_SETUP_HOOK_ENV_VAR" not in os.environ:
         runtime_env["worker_process_setup_hook"] = console.SETUP_HOOK
     if quiet:
         console.quiet_driver_loggers()
@@ -120,15 +123,21 @@ def run_dpo(cfg: RunConfig) -> TrainSummary:
         print("[ray_dpo] data: " + format_report(report).replace("\n", "\n[ray_dpo] "), flush=True)
         tracker.log_json(report, "data_report.json")
         tracker.log_metrics(data_metrics(train.counters), step=0)
+        watch: dict[str, list[str]] = {}  # role -> actor ids whose restarts MLflow counts
         if cfg.online.enabled:
             # Rounds: the coordinator is the feeder, and it drives the generation engines.
+            group = _reference_group(cfg, gpu)
+            watch["reference"] = group.actor_ids
             coordinator = _start_coordinator(cfg, tracker, train=train, evaluation=evaluation,
-                                             reference=_reference_group(cfg, gpu), gpu=gpu)
+                                             reference=group, gpu=gpu)
             feeder = coordinator
         else:
             # A reference-free loss (SimPO, ORPO) starts no reference actor at all.
             group = _reference_group(cfg, gpu) if needs_reference(cfg) else None
+            if group is not None and not cfg.reference.precompute:
+                watch["reference"] = group.actor_ids
             feeder = _start_feeder(cfg, train, evaluation, group)
+            watch["feeder"] = [feeder._actor_id.hex()]
             if cfg.eval.prompts_file:
                 # Held-out sampling only, so offline runs log eval/judge_score and eval/kl too;
                 # it scores through the feeder's reference actors unless precompute freed them.
@@ -138,7 +147,8 @@ def run_dpo(cfg: RunConfig) -> TrainSummary:
         total_steps = ray.get(feeder.total_steps.remote())
         if coordinator is not None and coordinator is not feeder:
             ray.get(coordinator.set_total_steps.remote(total_steps))
-        result = _fit_policy(cfg, feeder, tracker, total_steps=total_steps, gpu=gpu, sync=coordinator)
+        result = _fit_policy(cfg, feeder, tracker, total_steps=total_steps, gpu=gpu, sync=coordinator,
+                             watch=watch)
         summary = _summarize(cfg, tracker, result, total_steps, report, time.monotonic() - t0)
     except BaseException:
         tracker.finish("FAILED")
@@ -163,8 +173,9 @@ def _start_tracking(cfg: RunConfig, *, mode: str):
         experiment=cfg.tracking.mlflow.experiment,
         run_name=cfg.tracking.mlflow.run_name or cfg.run.name,
         artifact_root=os.path.join(storage, "mlartifacts") if local else None,
-        # Reopening the same MLflow run on resume needs the id on a local disk.
-        id_file=os.path.join(storage, cfg.run.name, "mlflow_run_id") if local else None,
+        # Reopening the same MLflow run on resume (a rerun, a KubeRay retry) needs its id
+        # next to the checkpoints, on a local path or the object store alike.
+        id_file=f"{storage.rstrip('/')}/{cfg.run.name}/mlflow_run_id",
     )
     tracker.set_tags({"ray_dpo.mode": mode, "ray_dpo.run_name": cfg.run.name, "ray_dpo.loss": cfg.loss.type,
                       "ray_dpo.reference": _reference_mode(cfg), **cfg.tracking.mlflow.tags})
@@ -256,7 +267,7 @@ def _start_feeder(cfg: RunConfig, train, evaluation, group):
     )
     return start_feeder(train=train, plan=plan, reference=group, ref_cache=ref_cache,
                         evaluation=evaluation, eval_max_pairs=cfg.eval.max_pairs,
-                        reference_free=not needs_reference(cfg))
+                        reference_free=not needs_reference(cfg), max_restarts=cfg.policy.max_failures)
 
 
 def _precomputed_reference(cfg: RunConfig, group, train, evaluation, ref_model: str) -> dict:
@@ -280,8 +291,10 @@ def _precomputed_reference(cfg: RunConfig, group, train, evaluation, ref_model: 
     return cache.load(cache_dir, key)
 
 
-def _fit_policy(cfg: RunConfig, feeder, tracker, *, total_steps: int, gpu: bool, sync=None):
+def _fit_policy(cfg: RunConfig, feeder, tracker, *, total_steps: int, gpu: bool, sync=None,
+                watch: dict | None = None):
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig as TrainRunConfig, ScalingConfig
+    from ray.train import TrainingFailedError
     from ray.train.torch import TorchTrainer
 
     from ray_dpo.policy.worker import train_loop_per_worker
@@ -295,9 +308,11 @@ def _fit_policy(cfg: RunConfig, feeder, tracker, *, total_steps: int, gpu: bool,
         tracking_uri=tracker.uri, run_id=tracker.run_id, total_steps=total_steps,
         log_every=cfg.tracking.log_every_steps, progress=cfg.tracking.progress,
         ledger_path=os.path.join(storage, cfg.run.name, "ledger.jsonl") if "://" not in storage else None,
+        max_failures=cfg.policy.max_failures, watch=watch,
     )
     spec = {"model": cfg.model, "policy": cfg.policy, "loss": cfg.loss, "eval_every": cfg.eval.every_steps,
-            "feeder": feeder, "sync": sync, "log_every": cfg.tracking.log_every_steps, "device": "cuda" if gpu else "cpu"}
+            "feeder": feeder, "sync": sync, "log_every": cfg.tracking.log_every_steps, "device": "cuda" if gpu else "cpu",
+            "run_dir": f"{storage.rstrip('/')}/{cfg.run.name}"}
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=spec,
@@ -306,7 +321,8 @@ def _fit_policy(cfg: RunConfig, feeder, tracker, *, total_steps: int, gpu: bool,
         run_config=TrainRunConfig(
             name=cfg.run.name, storage_path=storage, callbacks=[callback],
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.policy.num_checkpoints_to_keep),
-            failure_config=FailureConfig(max_failures=0),
+            # A dead worker restarts the group from the latest complete checkpoint (faults.py).
+            failure_config=FailureConfig(max_failures=cfg.policy.max_failures),
             # Ray Train's INFO lines (one "Reporting training result" dict per step and
             # worker, with the pair ids) stay in its logs/train files, off the console.
             logging_config=LoggingConfig(log_level="WARNING" if console.filtering_enabled() else "INFO"),
@@ -314,10 +330,28 @@ def _fit_policy(cfg: RunConfig, feeder, tracker, *, total_steps: int, gpu: bool,
     )
     print(f"[ray_dpo] training: {total_steps} steps on {cfg.policy.num_workers} worker(s), "
           f"ZeRO-{cfg.policy.zero_stage}, {'GPU' if gpu else 'CPU'}", flush=True)
-    result = trainer.fit()
-    if result.error is not None:
-        raise result.error
+    from ray_dpo.tracking.callback import FAILURE_TAG
+
+    tracker.set_tags({FAILURE_TAG: ""})  # a failure of an earlier invocation is not this one's
+    try:
+        result = trainer.fit()  # raises TrainingFailedError once policy.max_failures are spent
+    except TrainingFailedError as err:
+        raise _run_failed(cfg, tracker, err) from err
     return result
+
+
+def _run_failed(cfg: RunConfig, tracker, error: BaseException) -> BaseException:
+    """The one-line error of a run whose worker failures are exhausted (faults.failure_line),
+    from what the callback recorded in MLflow."""
+    from ray_dpo import faults
+    from ray_dpo.tracking.callback import FAILURE_TAG
+
+    try:
+        failure = faults.Failure.from_json(tracker.client.get_run(tracker.run_id).data.tags.get(FAILURE_TAG))
+    except Exception:  # noqa: BLE001 - the message is then less precise, nothing more
+        failure = None
+    return faults.RunFailedError(faults.failure_line(failure, max_failures=cfg.policy.max_failures,
+                                                     error=error))
 
 
 def _summarize(cfg: RunConfig, tracker, result, total_steps: int, report: dict, seconds: float) -> TrainSummary:

@@ -600,6 +600,7 @@ def start_feeder(
     start_step: int = 0,
     name: Optional[str] = None,
     reference_free: bool = False,
+    max_restarts: int = 0,
 ) -> Any:
     """Start a BatchFeeder actor on this (the driver's) node and wait until it is ready.
 
@@ -607,6 +608,12 @@ def start_feeder(
     stats calls still get through), num_cpus=0 (it must never wait for a CPU that the
     train workers hold). Soft node affinity: the driver's node if it can, else anywhere.
     Constructor errors (e.g. an incomplete cache) are raised here.
+
+    max_restarts: times Ray restarts the actor when its process dies. A restarted feeder is
+    built again from the same arguments (Ray keeps them): steps are a function of the plan's
+    seed, epoch and step, so it serves the same rows; reference log-probs scored so far are
+    scored again. Calls in flight when it died are retried (max_task_retries=-1; every
+    method is idempotent), so the policy workers only wait.
     """
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -614,6 +621,8 @@ def start_feeder(
     options: dict[str, Any] = {
         "num_cpus": 0,
         "max_concurrency": plan.num_workers + 4,
+        "max_restarts": max_restarts,
+        "max_task_retries": -1 if max_restarts else 0,
         "scheduling_strategy": NodeAffinitySchedulingStrategy(
             node_id=ray.get_runtime_context().get_node_id(), soft=True
         ),

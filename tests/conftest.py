@@ -1,6 +1,25 @@
 """Shared pytest fixtures. Keep each fixture small; put tier-specific ones in the tier's conftest."""
 
+import os
+
 import pytest
+
+
+def pytest_addoption(parser):
+    parser.addoption("--extended", action="store_true",
+                     help="also run the tests marked extended (the long end-to-end matrix, ~35 min more)")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``extended`` run with --extended (or RAY_DPO_EXTENDED_TESTS=1) only: CI's
+    time budget holds one end-to-end run per capability, the extended tier the rest of the
+    matrix (every ZeRO stage's resume, every fault role, every KTO format, the real model)."""
+    if config.getoption("--extended") or os.environ.get("RAY_DPO_EXTENDED_TESTS") == "1":
+        return
+    skip = pytest.mark.skip(reason="extended tier: run with scripts/test --extended")
+    for item in items:
+        if "extended" in item.keywords:
+            item.add_marker(skip)
 
 
 @pytest.fixture(scope="session")

@@ -19,7 +19,7 @@ from ray_dpo.losses import LossOutput, LossSpec
 # Order of the per-rank sums that one all_reduce turns into step metrics; the loss's own
 # metrics (LossSpec.metrics) follow them.
 SUMS = ("loss", "chosen_rewards", "rejected_rewards", "n_chosen", "n_rejected", "accuracies",
-        "logps_chosen", "logps_rejected", "pairs", "tokens", "positions", "step_time_s")
+        "logps_chosen", "logps_rejected", "pairs", "tokens", "positions", "step_time_s", "sigterm")
 
 
 def sum_names(spec: LossSpec) -> tuple[str, ...]:
@@ -33,7 +33,8 @@ def metric_sums(spec: LossSpec, out: LossOutput, counts) -> torch.Tensor:
     values = [out.losses.detach().float().sum(), (out.chosen_rewards.float() * cm).sum(),
               (out.rejected_rewards.float() * rm).sum(), cm.sum(), rm.sum(), out.correct.float().sum(),
               (out.chosen_logps.float() * cm).sum(), (out.rejected_logps.float() * rm).sum(),
-              float(len(cm)), float(counts.real_tokens), float(counts.padded_positions), 0.0]
+              float(len(cm)), float(counts.real_tokens), float(counts.padded_positions),
+              0.0, 0.0]  # step_time_s, sigterm: set by the worker's run_step
     values += [out.extras[name].float().sum() for name in spec.metrics]
     return torch.stack([torch.as_tensor(v, dtype=torch.float64).cpu() for v in values])
 

@@ -15,17 +15,14 @@ Step numbering: the feeder's steps are 0-based indices; the reported "step" is t
 of optimizer steps completed (1 after the first update), which is also what a checkpoint's
 client_state stores, so resuming from a checkpoint at step k asks the feeder for index k.
 
-Checkpoint layout (one Ray checkpoint directory per save):
+Checkpoints (layout, completeness manifests, RNG, falling back past an incomplete one):
+ray_dpo/policy/checkpoints.py. A restarted worker group (policy.max_failures) runs this same
+function again and resumes from the latest complete checkpoint.
 
-    deepspeed/latest, deepspeed/step<k>/...   a standard DeepSpeed checkpoint
-    hf_model/                                 final checkpoint only: config, weights, tokenizer
-
-Every rank saves into its own local temp dir and reports it; Ray 2.60 gives all ranks one
-checkpoint_dir_name (broadcast from rank 0) and copies every rank's files into it. DeepSpeed
-names each rank's files uniquely (zero_pp_rank_<r>_..., model states and 'latest' from rank 0
-only under ZeRO 0-2), so the merged directory is exactly what DeepSpeed writes on shared
-storage, and every rank can load from it. Per-rank subdirectories (rank0/, rank1/) would not
-work: under ZeRO 0-2 only rank 0 writes the model states, which every rank needs to load.
+Every step's report also carries "attempt" (a fresh id each time a rank starts this
+function), "node" (the rank's node IP) and "resumed_from" (the checkpoint's step, 0 for a
+fresh start): the callback counts a worker-group restart when rank 0's attempt changes,
+names the node of a failed rank and the step a rerun resumes from.
 """
 
 from __future__ import annotations
@@ -35,8 +32,8 @@ import dataclasses
 import math
 import os
 import shutil
-import tempfile
 import time
+import uuid
 from typing import Any, Optional
 
 import deepspeed
@@ -45,15 +42,15 @@ import ray.train
 import torch
 import torch.distributed as dist
 
+from ray_dpo import faults
 from ray_dpo.data.chat_template import export_tokenizer
 from ray_dpo.logprobs import mean_nll
 from ray_dpo.losses import LossSpec, dpo_loss, loss_spec
 from ray_dpo.packing import batch_stats, build_batch, model_inputs, pair_logps, token_budget_micro_batches
+from ray_dpo.policy.checkpoints import DS_DIR, HF_DIR, load_checkpoint, save_checkpoint  # noqa: F401
 from ray_dpo.policy.ds_config import build_ds_config, lr_lambda
 from ray_dpo.policy.step_metrics import SUMS, all_reduce_sums, global_kl, loss_metrics, metric_sums, sum_names
 
-DS_DIR = "deepspeed"
-HF_DIR = "hf_model"
 _TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Dense bf16 peak FLOP/s per GPU (no sparsity), matched against torch.cuda.get_device_name()
 # by substring, first match wins (so "H100" variants go before a bare "H100"). perf/mfu is
@@ -99,8 +96,19 @@ def train_loop_per_worker(spec: dict) -> None:
     log_every (unused here: the driver's callback filters),
     device ("cpu" | "cuda" | None = cuda if available)."""
     policy = spec["policy"]
+    faults.arm_sigterm_grace(getattr(policy, "sigterm_grace_s", 0.0))
+    try:
+        _train(spec)
+    finally:
+        faults.arm_sigterm_grace(0.0)  # Ray stopping a finished or failed group: no grace
+
+
+def _train(spec: dict) -> None:
+    policy = spec["policy"]
     worker = _make_worker(spec)
-    step = load_checkpoint(worker.engine)
+    step = load_checkpoint(worker.engine, rank=worker.rank)
+    # Which start of the worker group a report comes from, and where this rank runs.
+    tags = {"attempt": uuid.uuid4().hex, "node": ray.util.get_node_ip_address(), "resumed_from": step}
     if step >= worker.total_steps:
         return  # a finished run started again: its last checkpoint is already final
     syncer = spec.get("sync")  # OnlineCoordinator: generation engines that follow the policy
@@ -112,17 +120,28 @@ def train_loop_per_worker(spec: dict) -> None:
         sync_policy(worker, syncer, step, probe, send_weights=step > 0)
     eval_every = spec.get("eval_every") or 0
     every = policy.checkpoint_every_steps
+    sigterm_saved = False
     while step < worker.total_steps:
-        metrics = run_step(worker, step)
+        metrics = {**run_step(worker, step), **tags}
+        # A rank got SIGTERM (its pod is being evicted): checkpoint now, then it exits.
+        sigterm = metrics.pop("sigterm", False) and not sigterm_saved
+        sigterm_saved = sigterm_saved or sigterm
         step += 1
         last = step == worker.total_steps
         if last or (eval_every and step % eval_every == 0):
             metrics.update(evaluate(worker))
         if step in sync_points:
             sync_policy(worker, syncer, step, probe, send_weights=True)
-        if last or (every and step % every == 0):
-            export = spec["model"] if last and policy.save_hf_model else None
-            save_checkpoint(worker, step, metrics, model=export)
+        if last or (every and step % every == 0) or sigterm:
+            model = spec["model"] if last and policy.save_hf_model else None
+            export = (lambda out_dir: export_hf(worker, model, out_dir)) if model is not None else None
+            save_checkpoint(worker, step, metrics, run_dir=spec.get("run_dir"), export=export)
+            if sigterm:
+                # Every rank: Ray Train registers the checkpoint only once it has every
+                # rank's report, so the signalled rank leaves after all were taken.
+                faults.wait_reports_consumed(policy.sigterm_grace_s)
+                dist.barrier()
+                faults.sigterm_done()
         else:
             ray.train.report(metrics)
 
@@ -321,6 +340,7 @@ def run_step(worker: Worker, step: int) -> dict[str, Any]:
         # call at the accumulation boundary updates the weights.
         grad_norm = _step_optimizer(worker.engine)
     sums[SUMS.index("step_time_s")] = time.perf_counter() - t0
+    sums[SUMS.index("sigterm")] = float(faults.sigterm_received())  # any rank: all checkpoint
     totals = all_reduce_sums(worker.spec, sums, device=worker.device)
     if int(totals["pairs"]) != n_global:
         raise RuntimeError(f"feeder step {step}: ranks trained {int(totals['pairs'])} pairs, but "
@@ -328,7 +348,7 @@ def run_step(worker: Worker, step: int) -> dict[str, Any]:
     step_time = totals["step_time_s"] / worker.world_size
     return {**loss_metrics(worker.spec, "train", totals), "train/lr": lr, "train/grad_norm": grad_norm,
             **_perf_metrics(worker, totals, step_time),
-            "step": step + 1, "epoch": epoch, "pair_ids": pair_ids}
+            "step": step + 1, "epoch": epoch, "pair_ids": pair_ids, "sigterm": totals["sigterm"] > 0}
 
 
 def _budget_forwards(worker: Worker, micro_batches: list[list[dict]]) -> list[list[dict]]:
@@ -443,31 +463,6 @@ def _gather_weights(worker: Worker) -> Optional[dict[str, torch.Tensor]]:
 
 
 # --------------------------------------------------------------------------- checkpoints
-
-
-def save_checkpoint(worker: Worker, step: int, metrics: dict, *, model=None) -> None:
-    """Every rank saves its DeepSpeed shard and reports it (see the module docstring);
-    with `model` (ModelConfig) the Hugging Face export goes in too."""
-    with tempfile.TemporaryDirectory(prefix=f"ray_dpo_ckpt_rank{worker.rank}_") as tmp:
-        worker.engine.save_checkpoint(os.path.join(tmp, DS_DIR), tag=f"step{step}",
-                                      client_state={"step": step})
-        if model is not None:
-            export_hf(worker, model, os.path.join(tmp, HF_DIR))
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
-                         checkpoint_dir_name=f"checkpoint_{step:06d}")
-
-
-def load_checkpoint(engine) -> int:
-    """Restore engine state from the run's latest checkpoint; returns the steps already done."""
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None:
-        return 0
-    with checkpoint.as_directory() as path:
-        load_path, client_state = engine.load_checkpoint(os.path.join(path, DS_DIR))
-    if load_path is None:
-        raise RuntimeError(f"checkpoint {checkpoint.path} has no DeepSpeed state under {DS_DIR}/; "
-                           "was it written by ray_dpo.policy.worker?")
-    return int(client_state["step"])
 
 
 def export_hf(worker: Worker, model_cfg, out_dir: str) -> None:

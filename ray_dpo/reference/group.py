@@ -132,6 +132,11 @@ class ReferenceGroup:
         return len(self._actors)
 
     @property
+    def actor_ids(self) -> list[str]:
+        """Ray actor ids (hex) of the actors, e.g. to read their restart counts."""
+        return [handle._actor_id.hex() for handle in self._actors]
+
+    @property
     def num_restarts(self) -> int:
         """Actor restarts this group has observed (a failed task or a new incarnation)."""
         return sum(self.restarts_per_actor)

@@ -2,6 +2,13 @@
 
 Ray Train 2.60 runs ``UserCallback`` hooks in the train controller, which it places on the
 driver's node, so the MLflow store the driver opened is reachable here too.
+
+It also keeps the books of failures (ray_dpo/faults.py): a report from a new worker-group
+attempt is a restart (``faults/worker_restarts``); a report at or below the last step seen
+is a rollback to a checkpoint, so the ledger drops the steps that run again and
+``faults/rolled_back_steps`` marks it in MLflow; restarts Ray made of the feeder and the
+reference actors are read from Ray's actor table (``faults/<role>_restarts``). A failed
+rank is recorded in the MLflow tag ``ray_dpo.last_failure`` for the driver's final message.
 """
 
 from __future__ import annotations
@@ -14,8 +21,12 @@ from typing import Any
 
 from ray.train import UserCallback
 
+from ray_dpo import faults
 from ray_dpo.tracking.metrics import StepClock, loggable, progress_line
 from ray_dpo.tracking.mlflow_sink import _client, log_metrics
+
+FAILURE_TAG = "ray_dpo.last_failure"
+_POLL_EVERY_S = 2.0
 
 
 class TrackingCallback(UserCallback):
@@ -26,44 +37,130 @@ class TrackingCallback(UserCallback):
         total_steps: optimizer steps of the whole run, for progress and ETA.
         log_every: log train metrics every N steps (eval metrics are always logged).
         ledger_path: local JSONL file that receives ``{"step", "pair_ids"}`` per step, or None.
-            The ledger is how tests (and users) check that every pair was trained exactly once.
+            The ledger is how tests (and users) check that every pair was trained exactly once:
+            it holds the run's current history (a step run again replaces its first run).
         progress: print a progress line to stdout.
+        max_failures: policy.max_failures, for the console lines about restarts.
+        watch: {role: [actor id hex]} whose Ray restarts are logged as faults/<role>_restarts.
     """
 
     def __init__(self, *, tracking_uri: str, run_id: str, total_steps: int, log_every: int = 1,
-                 ledger_path: str | None = None, progress: bool = True):
+                 ledger_path: str | None = None, progress: bool = True, max_failures: int = 0,
+                 watch: dict[str, list[str]] | None = None):
         self.tracking_uri = tracking_uri
         self.run_id = run_id
         self.total_steps = total_steps
         self.log_every = log_every
         self.ledger_path = ledger_path
         self.progress = progress
+        self.max_failures = max_failures
+        self.watch = watch or {}
         self._client = None
         self._clock = StepClock()
+        self._attempt: str | None = None
+        self._last_step: int | None = None
+        self._counts: dict[str, float] = {}  # faults/*_restarts of this invocation
+        self._logged: dict[str, float] | None = None  # what was logged last
+        self._base: dict[str, float] | None = None  # faults/* of earlier invocations (resume)
+        self._nodes: dict[int, str] = {}
+        self._checkpoint_step: int | None = None  # the resume point if the run failed now
+        self._last_poll = 0.0
 
     def __getstate__(self):
         state = dict(self.__dict__)
         state["_client"] = None  # MlflowClient holds a DB engine; rebuild it where we run
         return state
 
+    def _mlflow(self):
+        if self._client is None:
+            self._client = _client(self.tracking_uri)
+        return self._client
+
     def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
         if not metrics or "step" not in metrics[0]:
             return
         step = int(metrics[0]["step"])
+        self._nodes.update({r: m["node"] for r, m in enumerate(metrics) if "node" in m})
+        self._track_attempt(step, metrics[0].get("attempt"))
+        if checkpoint is not None:
+            self._checkpoint_step = step
+        elif self._checkpoint_step is None and metrics[0].get("resumed_from"):
+            self._checkpoint_step = int(metrics[0]["resumed_from"])
         # Every step's report moves the clock, printed or not, so eval and checkpoint time
         # between reports is spread over the steps.
         eta_s = self._clock.eta_s(step=step, total=self.total_steps, now=time.monotonic())
         values = loggable(metrics[0])
         if step % self.log_every != 0 and step != self.total_steps:
             values = {k: v for k, v in values.items() if k.startswith("eval/")}
+        values.update(self._fault_counts(final=step >= self.total_steps))
         if values:
-            if self._client is None:
-                self._client = _client(self.tracking_uri)
-            log_metrics(self._client, self.run_id, values, step)
+            log_metrics(self._mlflow(), self.run_id, values, step)
         self._write_ledger(step, metrics)
+        self._last_step = step
         if self.progress and "train/loss" in metrics[0]:
             line = progress_line(step=step, total=self.total_steps, metrics=loggable(metrics[0]), eta_s=eta_s)
             print(f"[ray_dpo] {line}", file=sys.stdout, flush=True)
+
+    def after_exception(self, run_context, worker_exceptions: dict[int, BaseException]) -> None:
+        """Record which rank failed, on which node, after which step (one MLflow tag; the
+        driver turns it into the final line if the failures are exhausted)."""
+        failure = faults.describe_worker_errors(worker_exceptions, self._nodes, self._last_step or 0,
+                                                checkpoint_step=self._checkpoint_step)
+        print(f"[ray_dpo] policy worker rank {failure.rank} on node {failure.node} failed after step "
+              f"{failure.step}: {failure.reason}", file=sys.stdout, flush=True)
+        try:
+            self._mlflow().set_tag(self.run_id, FAILURE_TAG, failure.to_json())
+        except Exception as e:  # noqa: BLE001 - the failure itself matters more than its record
+            print(f"[ray_dpo] could not record the failure in MLflow: {e}", file=sys.stderr, flush=True)
+
+    # ------------------------------------------------------------------ faults
+
+    def _track_attempt(self, step: int, attempt: str | None) -> None:
+        """A new attempt id after one was seen: Ray Train restarted the worker group. A
+        step at or below the last one seen (or in the ledger, for a driver that was
+        started again): the run went back to a checkpoint."""
+        if self._base is None:
+            self._base = self._previous_counts()
+            self._last_step = faults.last_ledger_step(self.ledger_path) or None
+        restarted = attempt is not None and self._attempt is not None and attempt != self._attempt
+        self._attempt = attempt or self._attempt
+        if restarted:
+            self._counts["faults/worker_restarts"] = self._counts.get("faults/worker_restarts", 0) + 1
+            print(f"[ray_dpo] policy workers restarted ({int(self._counts['faults/worker_restarts'])} of "
+                  f"policy.max_failures={self.max_failures}); resumed at step {step - 1}", flush=True)
+        if self._last_step is not None and step <= self._last_step:
+            again = self._last_step - step + 1
+            if self.ledger_path:
+                faults.rollback_ledger(self.ledger_path, step)
+            log_metrics(self._mlflow(), self.run_id, {"faults/rolled_back_steps": again}, step - 1)
+            print(f"[ray_dpo] back to the checkpoint at step {step - 1}: steps {step}-{self._last_step} "
+                  "run again (MLflow keeps both points of those steps; the later one is the re-run)",
+                  flush=True)
+
+    def _previous_counts(self) -> dict[str, float]:
+        """faults/* an earlier invocation of this run logged (0 for a new run)."""
+        try:
+            logged = self._mlflow().get_run(self.run_id).data.metrics
+        except Exception:  # noqa: BLE001
+            return {}
+        return {k: v for k, v in logged.items() if k.startswith("faults/") and k.endswith("_restarts")}
+
+    def _fault_counts(self, *, final: bool = False) -> dict[str, float]:
+        """faults/*_restarts to log now: all of them on the first report, then the ones that
+        changed (Ray's actor table is read at most every _POLL_EVERY_S seconds, and at the
+        last step)."""
+        now = time.monotonic()
+        if final or now - self._last_poll >= _POLL_EVERY_S:
+            self._last_poll = now
+            for role, n in faults.gcs_restart_counts(self.watch).items():
+                self._counts[f"faults/{role}_restarts"] = n
+        current = {"faults/worker_restarts": 0, **{f"faults/{r}_restarts": 0 for r in self.watch},
+                   **self._counts}
+        changed = current if self._logged is None else \
+            {k: v for k, v in current.items() if self._logged.get(k) != v}
+        self._logged = current
+        base = self._base or {}
+        return {k: base.get(k, 0) + v for k, v in changed.items()}
 
     def _write_ledger(self, step: int, metrics: list[dict[str, Any]]) -> None:
         if not self.ledger_path:

@@ -77,9 +77,7 @@ class MLflowRun:
             experiment_id = client.create_experiment(experiment, artifact_location=location)
         run_id = client.create_run(experiment_id, run_name=run_name).info.run_id
         if id_file:
-            os.makedirs(os.path.dirname(id_file), exist_ok=True)
-            with open(id_file, "w", encoding="utf-8") as f:
-                f.write(run_id)
+            _write(id_file, run_id)
         return cls(uri=uri, run_id=run_id)
 
     def log_params(self, params: Mapping[str, str]) -> None:
@@ -139,8 +137,30 @@ def log_metrics(client, run_id: str, metrics: Mapping[str, float], step: int) ->
 
 
 
+def _fs(path: str):
+    """(pyarrow filesystem, path) for a local path or an object-store URI (s3://, gs://)."""
+    from pyarrow import fs as pafs
+
+    if "://" in path:
+        return pafs.FileSystem.from_uri(path)
+    return pafs.LocalFileSystem(), os.path.abspath(path)
+
+
 def _read(path: str | None) -> str | None:
-    if path and os.path.exists(path):
-        with open(path, encoding="utf-8") as f:
-            return f.read().strip() or None
-    return None
+    """The text of ``path`` (local or object store), None if it does not exist."""
+    if not path:
+        return None
+    from pyarrow import fs as pafs
+
+    fs, where = _fs(path)
+    if fs.get_file_info(where).type != pafs.FileType.File:
+        return None
+    with fs.open_input_stream(where) as f:
+        return f.read().decode("utf-8").strip() or None
+
+
+def _write(path: str, text: str) -> None:
+    fs, where = _fs(path)
+    fs.create_dir(where.rsplit("/", 1)[0], recursive=True)
+    with fs.open_output_stream(where) as f:
+        f.write(text.encode("utf-8"))

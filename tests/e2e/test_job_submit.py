@@ -78,6 +78,7 @@ def stop_head(temp_dir: str) -> None:
             pass
 
 
+@pytest.mark.extended
 def test_ray_job_submit_runs_tiny_config(ray_head, tiny_assets, tmp_path):
     from mlflow.tracking import MlflowClient
 

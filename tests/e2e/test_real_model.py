@@ -39,6 +39,7 @@ def work(tmp_path_factory):
     return root
 
 
+@pytest.mark.extended
 def test_imported_gguf_is_a_plain_hf_model_with_its_chat_template(work):
     model_dir = work / ".assets" / "smollm2-135m-instruct"
     config = json.loads((model_dir / "config.json").read_text())
@@ -58,6 +59,7 @@ def test_import_gguf_names_a_missing_file_and_exits_2(tmp_path):
     assert "nope.gguf: no such file" in proc.stderr
 
 
+@pytest.mark.extended
 def test_prepared_pairs_are_best_vs_worst_and_heldout_is_disjoint(work):
     data = work / ".assets" / "sentiment"
     rows = [json.loads(line) for line in (data / "train.jsonl").read_text().splitlines()]
@@ -67,6 +69,7 @@ def test_prepared_pairs_are_best_vs_worst_and_heldout_is_disjoint(work):
     assert not heldout & {r["prompt"] for r in rows}
 
 
+@pytest.mark.extended
 def test_two_steps_of_the_sentiment_example_on_the_real_model(work):
     from mlflow.tracking import MlflowClient
 

@@ -96,6 +96,7 @@ def run_cli(cfg, tmp_path, ray):
                           capture_output=True, text=True, timeout=900)
 
 
+@pytest.mark.extended
 def test_resume_continues_at_the_checkpoint_step(ray_cluster, tiny_config, tmp_path):
     from ray_dpo.driver import run_dpo
     from ray_dpo.testing.console import console_problems, foreign_lines

@@ -136,6 +136,7 @@ def test_offline_run_logs_the_same_held_out_metrics_and_compares(ray_cluster, ti
     assert sorted(p.name for p in out.glob("*.png")) == ["judge_vs_kl.png", "metrics_vs_step.png"]
 
 
+@pytest.mark.extended
 def test_online_overlap_with_transformers_engines_under_zero3(ray_cluster, tiny_config, tiny_assets, store):
     """No vLLM needed: the transformers backend behind the same interface; weights gathered
     parameter by parameter under ZeRO-3; round r+1 generated while round r trains."""

@@ -263,7 +263,7 @@ def test_first_loss_is_ln2_and_steps_match_single_process_with_empty_micro_batch
     assert reports[-1][1]["pair_ids"] == []
 
 
-@pytest.mark.parametrize("stage", [1, 2, 3])
+@pytest.mark.parametrize("stage", [1, pytest.param(2, marks=pytest.mark.extended), 3])
 def test_zero_stage_trains_like_single_process_and_exports_hf_model(
         stage, ray_cluster, tiny_assets, pair_rows, tmp_path):
     import torch
@@ -300,6 +300,7 @@ def test_zero_stage_trains_like_single_process_and_exports_hf_model(
 
 @pytest.mark.slow  # two trainer runs
 @pytest.mark.parametrize("stage", [2, 3])
+@pytest.mark.extended
 def test_resume_continues_at_the_checkpoint_step(stage, ray_cluster, tiny_assets, pair_rows, tmp_path):
     """ZeRO-2: only rank 0 writes model states; ZeRO-3: every rank writes its own partition."""
     from ray_dpo.config import LossConfig
@@ -345,6 +346,7 @@ def _layout_run(tmp_path, tiny_assets, pair_rows, name, **policy_kw):
     return steps, reports
 
 
+@pytest.mark.extended
 def test_packed_prefix_shared_and_token_budget_train_like_padded(ray_cluster, tiny_assets, pair_rows, tmp_path):
     """Same per-step losses, grad norms and eval loss (fp32, 1e-5) for every layout; packed
     and prefix_shared (one row per forward) compute no padding, capped rows some.

@@ -271,7 +271,7 @@ def test_eval_prompts_file_needs_a_judge(data_file, prompts_file):
 
 
 def test_only_one_judge_may_be_set(data_file):
-    both = {"judge": {"function": "pkg.mod:fn", "reward_model": "org/reward-model"}}
+    both = {"judge": {"function": "ray_dpo.testing.assets:judge_score", "reward_model": "org/reward-model"}}
     problems = problems_of(minimal(data_file, online={"enabled": True, **both}))
     assert set(problems) == {"online.judge"}
     assert "only one of online.judge.function and online.judge.reward_model" in problems["online.judge"]
@@ -317,7 +317,7 @@ def test_eval_sampling_sizes_must_be_positive(data_file, key, value):
 def test_all_new_online_problems_are_reported_together(data_file, prompts_file):
     data = minimal(data_file,
                    online={"enabled": True, "pair_strategy": "best_vs_worst", "samples_per_prompt": 1,
-                           "weight_sync": "nccl", "judge": {"function": "a.b:c", "reward_model": "org/rm"}},
+                           "weight_sync": "nccl", "judge": {"function": "ray_dpo.testing.assets:judge_score", "reward_model": "org/rm"}},
                    reference={"precompute": True},
                    eval={"prompts_file": str(prompts_file), "num_prompts": 0})
     assert set(problems_of(data)) == {"online.judge", "online.samples_per_prompt", "reference.precompute",
@@ -417,3 +417,40 @@ def test_local_cluster_cpus_follow_the_actors_the_config_starts():
     assert local_cpus_needed(cfg) == 6
     cfg.online.judge.reward_model, cfg.online.judge.num_actors = "rm", 2
     assert local_cpus_needed(cfg) == 8
+
+
+def test_a_duplicate_yaml_key_is_an_error_naming_it(tmp_path, data_file):
+    path = write(tmp_path, f"""
+        model: {{name_or_path: org/m}}
+        data: {{train_files: {data_file}}}
+        loss:
+          beta: 0.1
+          beta: 0.5
+    """)
+    with pytest.raises(ConfigError) as err:
+        load_config(str(path))
+    assert "loss.beta: appears twice (lines 5 and 6)" in str(err.value)
+
+
+@pytest.mark.parametrize("name", ["..", "a/../b", "x..y", "a\\b"])
+def test_a_run_name_that_would_be_a_path_is_refused(data_file, name):
+    with pytest.raises(ConfigError, match="run.name"):
+        from_dict(minimal(data_file, run={"name": name}))
+
+
+def test_a_judge_module_that_does_not_exist_is_refused(data_file):
+    cfg = minimal(data_file, online={"enabled": True, "judge": {"function": "no_such_pkg.judges:score"}})
+    with pytest.raises(ConfigError, match=r"online.judge.function: no module named 'no_such_pkg'"):
+        from_dict(cfg)
+    cfg["online"]["judge"]["function"] = "ray_dpo.no_such_module:score"
+    with pytest.raises(ConfigError, match=r"no module named 'ray_dpo.no_such_module'"):
+        from_dict(cfg)
+    cfg["online"]["judge"]["function"] = "ray_dpo.testing.assets:judge_score"
+    assert from_dict(cfg).online.judge.function == "ray_dpo.testing.assets:judge_score"
+
+
+@pytest.mark.parametrize("key", ["num_checkpoints_to_keep", "max_failures", "sigterm_grace_s"])
+def test_checkpoint_and_failure_counts_are_checked(data_file, key):
+    with pytest.raises(ConfigError, match=f"policy.{key}: must be"):
+        from_dict(minimal(data_file, policy={key: -1}))
+    assert from_dict(minimal(data_file)).policy.max_failures == 3

@@ -435,6 +435,20 @@ def test_configmap_holds_the_resolved_config_mounted_in_every_pod(path):
         assert volumes[mounts[k8s.DEFAULT_STORAGE_MOUNT]]["persistentVolumeClaim"]["claimName"] == "ray-dpo-runs"
 
 
+@pytest.mark.parametrize("path", REAL_CONFIGS, ids=os.path.basename)
+def test_a_job_retry_resumes_the_same_run_from_the_shared_volume(path):
+    """What a RayJob retry (backoffLimit) needs to resume rather than start over: the same
+    command, the same run.name, checkpoints and the MLflow run id on the shared volume."""
+    config_map, job = render_config(path, "--retries", "3", "--set", "policy.max_failures=5")
+    assert job["spec"]["backoffLimit"] == 3
+    assert shlex.split(job["spec"]["entrypoint"]) == k8s.train_command(k8s.CONFIG_PATH)  # no per-attempt args
+    held = from_dict(yaml.safe_load(config_map["data"][k8s.CONFIG_KEY]), check_files=False)
+    assert held.run_dir.startswith(k8s.DEFAULT_STORAGE_MOUNT + "/")  # checkpoints + mlflow_run_id
+    assert held.policy.max_failures == 5  # restarts inside the job come before a job retry
+    for template in pod_templates(job).values():
+        assert k8s.DEFAULT_STORAGE_MOUNT in {m["mountPath"] for m in container(template)["volumeMounts"]}
+
+
 def test_storage_options(capsys):
     path = REAL_CONFIGS[0]
     cfg = k8s.load_for_cluster(path, ["tracking.mlflow.tracking_uri=http://mlflow:5000"],
