@@ -1,7 +1,7 @@
 """Batch layouts for the chosen+rejected forward: padded, packed, prefix-shared.
 
 DPO cost is forward/backward tokens. Three layouts behind one interface, all giving the
-same per-pair sequence log-probs (DESIGN.md, performance levers 2 and 3):
+same per-pair sequence log-probs (docs/architecture.md, "Batch layouts"):
 
     padded         `logprobs.concat_pairs`: rows prompt+chosen and prompt+rejected, right
                    padding. Computes 2B * max_i(P_i + max(C_i, R_i)) positions.
