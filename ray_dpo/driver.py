@@ -221,11 +221,19 @@ def _load_data(cfg: RunConfig):
     return train, evaluation
 
 
+def reference_group_kwargs(cfg: RunConfig, gpu: bool) -> dict:
+    """ReferenceGroup's arguments: the reference loads its model the way the policy does
+    (dtype, remote code, attention implementation: config validation checks
+    reference.layout against model.attn_implementation, so the actors must use it)."""
+    return {"model_path": cfg.reference.model or cfg.model.name_or_path, "config": cfg.reference,
+            "dtype": cfg.model.dtype, "use_gpu": gpu, "trust_remote_code": cfg.model.trust_remote_code,
+            "attn_implementation": cfg.model.attn_implementation}
+
+
 def _reference_group(cfg: RunConfig, gpu: bool):
     from ray_dpo.reference import ReferenceGroup
 
-    return ReferenceGroup(model_path=cfg.reference.model or cfg.model.name_or_path, config=cfg.reference,
-                          dtype=cfg.model.dtype, use_gpu=gpu)
+    return ReferenceGroup(**reference_group_kwargs(cfg, gpu))
 
 
 def _start_coordinator(cfg: RunConfig, tracker, *, train, evaluation, reference, gpu: bool):

@@ -454,3 +454,19 @@ def test_checkpoint_and_failure_counts_are_checked(data_file, key):
     with pytest.raises(ConfigError, match=f"policy.{key}: must be"):
         from_dict(minimal(data_file, policy={key: -1}))
     assert from_dict(minimal(data_file)).policy.max_failures == 3
+
+
+def test_reference_actors_load_the_model_the_way_the_policy_does(data_file):
+    """The driver/reference seam: remote code and the attention implementation reach the
+    reference actors (config validation checks reference.layout against the latter)."""
+    import inspect
+
+    from ray_dpo.driver import reference_group_kwargs
+    from ray_dpo.reference.group import ReferenceGroup
+
+    cfg = from_dict(minimal(data_file, model={"trust_remote_code": True, "attn_implementation": "eager"},
+                            reference={"layout": "prefix_shared"}))
+    kwargs = reference_group_kwargs(cfg, gpu=False)
+    assert kwargs["trust_remote_code"] is True and kwargs["attn_implementation"] == "eager"
+    assert kwargs["model_path"] == "some-org/some-model" and kwargs["config"].layout == "prefix_shared"
+    assert set(kwargs) <= set(inspect.signature(ReferenceGroup.__init__).parameters)
