@@ -2,7 +2,7 @@
 # The controlled-sentiment experiment with a real model, end to end, on a CPU machine:
 # prepare (SmolLM2-135M-Instruct + Rotten Tomatoes pairs, once), then offline DPO and
 # online DPO from ONE config into ONE MLflow store and experiment, then `ray-dpo compare`.
-# About 8 min of preparation the first time, then ~25 min per training run on 2 cores.
+# About 8 min of preparation the first time, then ~25 min offline and ~36 min online on 2 cores.
 #
 #   examples/sentiment/run.sh                       # from any directory
 #   STORAGE=/tmp/sent examples/sentiment/run.sh --set policy.learning_rate=1e-5
