@@ -22,7 +22,7 @@ import time
 import ray
 
 from ray_dpo import console
-from ray_dpo.config import RunConfig, flatten, local_cpus_needed, to_yaml, with_absolute_paths
+from ray_dpo.config import RunConfig, flatten, join_path, local_cpus_needed, to_yaml, with_absolute_paths
 from ray_dpo.data.pipeline import build_pair_data, data_metrics, data_report, expand_files, format_report
 from ray_dpo.loss_rules import needs_reference, trains_unpaired
 from ray_dpo.tracking.metrics import CountProgress
@@ -175,7 +175,7 @@ def _start_tracking(cfg: RunConfig, *, mode: str):
         artifact_root=os.path.join(storage, "mlartifacts") if local else None,
         # Reopening the same MLflow run on resume (a rerun, a KubeRay retry) needs its id
         # next to the checkpoints, on a local path or the object store alike.
-        id_file=f"{storage.rstrip('/')}/{cfg.run.name}/mlflow_run_id",
+        id_file=join_path(_run_dir(cfg), "mlflow_run_id"),
     )
     tracker.set_tags({"ray_dpo.mode": mode, "ray_dpo.run_name": cfg.run.name, "ray_dpo.loss": cfg.loss.type,
                       "ray_dpo.reference": _reference_mode(cfg), **cfg.tracking.mlflow.tags})
@@ -219,6 +219,11 @@ def _load_data(cfg: RunConfig):
         evaluation = build_pair_data(eval_files, tokenizer_path=tokenizer, data=cfg.data,
                                      chat_template=cfg.model.chat_template, name="eval", unpaired=unpaired)
     return train, evaluation
+
+
+def _run_dir(cfg: RunConfig) -> str:
+    """<storage root>/<run.name>, absolute: checkpoints, the ledger, the MLflow run id."""
+    return join_path(storage_root(cfg), cfg.run.name)
 
 
 def reference_group_kwargs(cfg: RunConfig, gpu: bool) -> dict:
@@ -315,12 +320,12 @@ def _fit_policy(cfg: RunConfig, feeder, tracker, *, total_steps: int, gpu: bool,
     callback = TrackingCallback(
         tracking_uri=tracker.uri, run_id=tracker.run_id, total_steps=total_steps,
         log_every=cfg.tracking.log_every_steps, progress=cfg.tracking.progress,
-        ledger_path=os.path.join(storage, cfg.run.name, "ledger.jsonl") if "://" not in storage else None,
+        ledger_path=join_path(_run_dir(cfg), "ledger.jsonl") if "://" not in storage else None,
         max_failures=cfg.policy.max_failures, watch=watch,
     )
     spec = {"model": cfg.model, "policy": cfg.policy, "loss": cfg.loss, "eval_every": cfg.eval.every_steps,
             "feeder": feeder, "sync": sync, "log_every": cfg.tracking.log_every_steps, "device": "cuda" if gpu else "cpu",
-            "run_dir": f"{storage.rstrip('/')}/{cfg.run.name}"}
+            "run_dir": _run_dir(cfg)}
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=spec,

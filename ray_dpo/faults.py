@@ -44,6 +44,15 @@ _CHECKPOINT_NAME = re.compile(r"^checkpoint_(\d{6,})(?:_(\d+))?$")
 # --------------------------------------------------------------------------- checkpoints
 
 
+def storage_fs(path: str):
+    """(pyarrow filesystem, path) of a local path or an object-store URI (s3://, gs://)."""
+    from pyarrow import fs as pafs
+
+    if "://" in path:
+        return pafs.FileSystem.from_uri(path)
+    return pafs.LocalFileSystem(), os.path.abspath(path)
+
+
 def write_manifest(local_dir: str, *, rank: int, world_size: int, step: int) -> str:
     """Write ``manifest/rank<r>.json`` into ``local_dir`` (this rank's checkpoint files,
     before Ray uploads them); returns its path. Call it after every other file is written."""

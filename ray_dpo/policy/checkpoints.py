@@ -43,22 +43,13 @@ HF_DIR = "hf_model"
 RNG_DIR = "rng"
 
 
-def storage_fs(run_dir: str):
-    """(pyarrow filesystem, path) of the run directory: a local path or an object-store URI."""
-    from pyarrow import fs as pafs
-
-    if "://" in run_dir:
-        return pafs.FileSystem.from_uri(run_dir)
-    return pafs.LocalFileSystem(), os.path.abspath(run_dir)
-
-
 def save_checkpoint(worker, step: int, metrics: dict, *, run_dir: Optional[str] = None,
                     export: Optional[Callable[[str], None]] = None) -> None:
     """Every rank saves its DeepSpeed shard, its RNG states and, last, its manifest, then
     reports the directory; ``export(out_dir)`` (every rank) adds the Hugging Face model."""
     name = f"checkpoint_{step:06d}"
     if run_dir is not None:
-        fs, path = storage_fs(run_dir)
+        fs, path = faults.storage_fs(run_dir)
         name = faults.fresh_checkpoint_name(fs, path, step)
     with tempfile.TemporaryDirectory(prefix=f"ray_dpo_ckpt_rank{worker.rank}_") as tmp:
         worker.engine.save_checkpoint(os.path.join(tmp, DS_DIR), tag=f"step{step}",

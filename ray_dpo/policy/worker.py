@@ -95,8 +95,7 @@ def train_loop_per_worker(spec: dict) -> None:
     feeder (BatchFeeder or OnlineCoordinator handle), sync (OnlineCoordinator handle or None),
     log_every (unused here: the driver's callback filters),
     device ("cpu" | "cuda" | None = cuda if available)."""
-    policy = spec["policy"]
-    faults.arm_sigterm_grace(getattr(policy, "sigterm_grace_s", 0.0))
+    faults.arm_sigterm_grace(spec["policy"].sigterm_grace_s)
     try:
         _train(spec)
     finally:

@@ -137,22 +137,15 @@ def log_metrics(client, run_id: str, metrics: Mapping[str, float], step: int) ->
 
 
 
-def _fs(path: str):
-    """(pyarrow filesystem, path) for a local path or an object-store URI (s3://, gs://)."""
-    from pyarrow import fs as pafs
-
-    if "://" in path:
-        return pafs.FileSystem.from_uri(path)
-    return pafs.LocalFileSystem(), os.path.abspath(path)
-
-
 def _read(path: str | None) -> str | None:
     """The text of ``path`` (local or object store), None if it does not exist."""
     if not path:
         return None
     from pyarrow import fs as pafs
 
-    fs, where = _fs(path)
+    from ray_dpo.faults import storage_fs
+
+    fs, where = storage_fs(path)
     if fs.get_file_info(where).type != pafs.FileType.File:
         return None
     with fs.open_input_stream(where) as f:
@@ -160,7 +153,9 @@ def _read(path: str | None) -> str | None:
 
 
 def _write(path: str, text: str) -> None:
-    fs, where = _fs(path)
+    from ray_dpo.faults import storage_fs
+
+    fs, where = storage_fs(path)
     fs.create_dir(where.rsplit("/", 1)[0], recursive=True)
     with fs.open_output_stream(where) as f:
         f.write(text.encode("utf-8"))

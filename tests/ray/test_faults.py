@@ -38,6 +38,13 @@ def kill(proc, cfg, role, *, steps):
     assert pid is not None, f"the run ended (exit {proc.poll()}) before step {steps}"
 
 
+def run_killing(cfg, tmp_path, ray, role, *, steps):
+    """Run cfg, SIGKILL ``role`` once the ledger has ``steps`` steps; (exit code, console)."""
+    proc, out = start(cfg, tmp_path, ray)
+    kill(proc, cfg, role, steps=steps)
+    return chaos.finish(proc, out)
+
+
 def assert_complete(cfg, code, console, *, steps=STEPS):
     assert code == 0, console[-6000:]
     problems = chaos.ledger_problems(cfg.run_dir, steps=steps, pairs_per_step=PAIRS_PER_STEP)
@@ -50,9 +57,7 @@ def assert_complete(cfg, code, console, *, steps=STEPS):
 
 def test_a_killed_policy_worker_restarts_from_the_checkpoint(ray_cluster, tiny_config, tmp_path):
     cfg = tiny_config("kill-worker", **FAST)
-    proc, out = start(cfg, tmp_path, ray_cluster)
-    kill(proc, cfg, "worker", steps=6)
-    code, console = chaos.finish(proc, out)
+    code, console = run_killing(cfg, tmp_path, ray_cluster, "worker", steps=6)
     client, run = assert_complete(cfg, code, console)
     assert "policy workers restarted (1 of policy.max_failures=3)" in console
     # What the user sees, restart included: ray_dpo's lines, not Ray's per-step chatter.
@@ -67,9 +72,7 @@ def test_a_killed_policy_worker_restarts_from_the_checkpoint(ray_cluster, tiny_c
 @pytest.mark.extended
 def test_a_killed_feeder_is_restarted_and_loses_no_pair(ray_cluster, tiny_config, tmp_path):
     cfg = tiny_config("kill-feeder", **FAST)
-    proc, out = start(cfg, tmp_path, ray_cluster)
-    kill(proc, cfg, "feeder", steps=6)
-    code, console = chaos.finish(proc, out)
+    code, console = run_killing(cfg, tmp_path, ray_cluster, "feeder", steps=6)
     _, run = assert_complete(cfg, code, console)
     assert run.data.metrics["faults/feeder_restarts"] == 1
     assert run.data.metrics["faults/worker_restarts"] == 0
@@ -79,9 +82,7 @@ def test_a_killed_driver_reruns_past_a_truncated_checkpoint(ray_cluster, tiny_co
     """The driver dies (its job's actors with it); the latest checkpoint is then damaged:
     the same command resumes from the one before, says so, and the ledger is exact."""
     cfg = tiny_config("kill-driver", **{**FAST, "policy.checkpoint_every_steps": 3})
-    proc, out = start(cfg, tmp_path, ray_cluster)
-    kill(proc, cfg, "driver", steps=7)
-    chaos.finish(proc, out)
+    run_killing(cfg, tmp_path, ray_cluster, "driver", steps=7)
     with open(os.path.join(cfg.run_dir, "checkpoint_manager_snapshot.json"), encoding="utf-8") as f:
         latest = json.load(f)["latest_checkpoint_result"]["checkpoint_dir_name"]
     assert latest != "checkpoint_000003", "the kill landed before the second checkpoint"
@@ -99,9 +100,7 @@ def test_a_killed_driver_reruns_past_a_truncated_checkpoint(ray_cluster, tiny_co
 @pytest.mark.extended
 def test_exhausted_failures_end_with_one_line_saying_how_to_resume(ray_cluster, tiny_config, tmp_path):
     cfg = tiny_config("no-retries", **{**FAST, "policy.max_failures": 0})
-    proc, out = start(cfg, tmp_path, ray_cluster)
-    kill(proc, cfg, "worker", steps=5)
-    code, console = chaos.finish(proc, out)
+    code, console = run_killing(cfg, tmp_path, ray_cluster, "worker", steps=5)
     assert code == 1, console[-6000:]
     [line] = [line for line in console.splitlines() if line.startswith("[ray_dpo] run failed:")]
     for part in ("policy worker rank", "on node", "failed after step", "the process died",
