@@ -67,7 +67,7 @@ def measure(backend: str, path: str, args) -> dict:
     import ray
 
     from ray_dpo.config import OnlineConfig, SamplingConfig
-    from ray_dpo.online.generation import GenerationGroup
+    from ray_dpo.online.engine_group import GenerationGroup
     from ray_dpo.online.weight_sync import random_probe, torch_probe_logps
 
     model, state = perturbed_state(path)

@@ -129,8 +129,9 @@ def run_dpo(cfg: RunConfig) -> TrainSummary:
             group = _reference_group(cfg, gpu)
             watch["reference"] = group.actor_ids
             coordinator = _start_coordinator(cfg, tracker, train=train, evaluation=evaluation,
-                                             reference=group, gpu=gpu)
+                                             reference=group, gpu=gpu, watch=watch)
             feeder = coordinator
+            total_steps = ray.get(feeder.total_steps.remote())
         else:
             # A reference-free loss (SimPO, ORPO) starts no reference actor at all.
             group = _reference_group(cfg, gpu) if needs_reference(cfg) else None
@@ -138,15 +139,13 @@ def run_dpo(cfg: RunConfig) -> TrainSummary:
                 watch["reference"] = group.actor_ids
             feeder = _start_feeder(cfg, train, evaluation, group)
             watch["feeder"] = [feeder._actor_id.hex()]
+            total_steps = ray.get(feeder.total_steps.remote())
             if cfg.eval.prompts_file:
                 # Held-out sampling only, so offline runs log eval/judge_score and eval/kl too;
                 # it scores through the feeder's reference actors unless precompute freed them.
                 reference = _reference_group(cfg, gpu) if cfg.reference.precompute else group
-                coordinator = _start_coordinator(cfg, tracker, train=None, evaluation=None,
-                                                 reference=reference, gpu=gpu)
-        total_steps = ray.get(feeder.total_steps.remote())
-        if coordinator is not None and coordinator is not feeder:
-            ray.get(coordinator.set_total_steps.remote(total_steps))
+                coordinator = _start_coordinator(cfg, tracker, train=None, evaluation=None, reference=reference,
+                                                 gpu=gpu, watch=watch, total_steps=total_steps)
         result = _fit_policy(cfg, feeder, tracker, total_steps=total_steps, gpu=gpu, sync=coordinator,
                              watch=watch)
         summary = _summarize(cfg, tracker, result, total_steps, report, time.monotonic() - t0)
@@ -241,11 +240,17 @@ def _reference_group(cfg: RunConfig, gpu: bool):
     return ReferenceGroup(**reference_group_kwargs(cfg, gpu))
 
 
-def _start_coordinator(cfg: RunConfig, tracker, *, train, evaluation, reference, gpu: bool):
+def _start_coordinator(cfg: RunConfig, tracker, *, train, evaluation, reference, gpu: bool, watch: dict,
+                       total_steps: int | None = None):
+    """The OnlineCoordinator; its restarts and its engines' go to MLflow through ``watch``."""
     from ray_dpo.online.coordinator import start_coordinator
 
-    return start_coordinator(cfg, train=train, evaluation=evaluation, reference=reference,
-                             tracking_uri=tracker.uri, run_id=tracker.run_id, use_gpu=gpu)
+    coordinator = start_coordinator(cfg, train=train, evaluation=evaluation, reference=reference,
+                                    tracking_uri=tracker.uri, run_id=tracker.run_id, use_gpu=gpu,
+                                    total_steps=total_steps)
+    watch["coordinator"] = [coordinator._actor_id.hex()]
+    watch["engine"] = ray.get(coordinator.engine_actor_ids.remote())
+    return coordinator
 
 
 def _close(coordinator) -> None:

@@ -1,6 +1,6 @@
 """Online DPO: generation engines and their Ray actor group, weight sync from the policy.
 
-    generation.GenerationGroup(*, model_path, config: OnlineConfig, use_gpu)
+    engine_group.GenerationGroup(*, model_path, config: OnlineConfig, use_gpu)
         .generate(prompts, n=, sampling=, seed=) -> list[list[Completion]]
         .sync_weights(weights, method=, probe=, expected=) -> SyncReport
         .verify(probe, expected) -> float, .probe_logps(probe), .shutdown()
@@ -23,7 +23,7 @@ from typing import Any
 _LAZY = {
     "Completion": "ray_dpo.online.generation",
     "GenerationEngine": "ray_dpo.online.generation",
-    "GenerationGroup": "ray_dpo.online.generation",
+    "GenerationGroup": "ray_dpo.online.engine_group",
     "TransformersEngine": "ray_dpo.online.generation",
     "VLLMEngine": "ray_dpo.online.generation",
     "ENGINES": "ray_dpo.online.generation",

@@ -31,6 +31,7 @@ sync/seconds, sync/max_logprob_diff, online/* of each round and the held-out eva
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -38,8 +39,6 @@ import sys
 import threading
 import time
 from typing import Any, Optional
-
-import numpy as np
 
 from ray_dpo.config import RunConfig
 from ray_dpo.feeder import BatchFeeder, BatchPlan, FeederError, KeepsInitError, PairStore
@@ -72,12 +71,14 @@ class OnlineCoordinator:
     """
 
     def __init__(self, cfg: RunConfig, *, train: Any, evaluation: Any, reference: Any,
-                 tracking_uri: Optional[str], run_id: Optional[str], use_gpu: bool):
+                 tracking_uri: Optional[str], run_id: Optional[str], use_gpu: bool,
+                 total_steps: Optional[int] = None):
         from ray_dpo.data.chat_template import resolve_chat_template
         from ray_dpo.data.pipeline import load_tokenizer
         from ray_dpo.data.tokenize import PairTokenizer
-        from ray_dpo.online.generation import GenerationGroup
+        from ray_dpo.online.engine_group import GenerationGroup
         from ray_dpo.online.judges import build_judge
+        from ray_dpo.online.round_store import RoundStore
 
         self.cfg = cfg
         self.reference = reference
@@ -97,9 +98,10 @@ class OnlineCoordinator:
                 global_batch=self.plan.global_batch, num_epochs=cfg.policy.num_epochs,
                 max_steps=cfg.policy.max_steps)
             self._total = self.rounds.total_steps
+            self.round_store = RoundStore(cfg.run_dir, round_fingerprint(cfg, getattr(train, "fingerprint", "")))
         else:
             self.rounds = None
-            self._total = None  # eval-only: set by the driver through set_total_steps
+            self._total = total_steps  # eval-only: the offline feeder's
         self.eval_prompts = self._load_eval_prompts()
         self._probe = self._make_probe()
         self.judge = build_judge(cfg.online.judge, use_ray=False, use_gpu=use_gpu, dtype=cfg.model.dtype)
@@ -108,13 +110,14 @@ class OnlineCoordinator:
             engine_options["max_model_len"] = cfg.data.max_length + cfg.online.sampling.max_new_tokens
         self.generation = GenerationGroup(
             model_path=cfg.model.name_or_path, config=cfg.online, use_gpu=use_gpu, dtype=cfg.model.dtype,
-            seed=cfg.run.seed, engine_options=engine_options)
+            seed=cfg.run.seed, engine_options=engine_options, max_restarts=cfg.policy.max_failures)
         self._tracking = (tracking_uri, run_id)
         self._client = None
 
         self._cond = threading.Condition()
         self._rounds: dict[int, _Round] = {}
         self._pending: set[int] = set()  # rounds being built in a background thread
+        self._loading: set[int] = set()  # rounds being read back from the round store
         self._eval_ref_cache: dict[str, tuple[float, float]] = {}
         self._error: Optional[BaseException] = None
         self._closed = False
@@ -146,10 +149,9 @@ class OnlineCoordinator:
     def ping(self) -> bool:
         return True
 
-    def set_total_steps(self, total: int) -> None:
-        """Eval-only coordinators learn the run's length from the offline feeder."""
-        if self.rounds is None:
-            self._total = total
+    def engine_actor_ids(self) -> list[str]:
+        """The generation engines' Ray actor ids, whose restarts MLflow counts."""
+        return self.generation.actor_ids
 
     def sync_points(self) -> list[int]:
         return rounds_lib.sync_points(
@@ -201,25 +203,46 @@ class OnlineCoordinator:
     # ------------------------------------------------------------------ rounds
 
     def _start_round_at(self, step: int) -> None:
-        """Make sure the round that ``step`` is in exists (or is being built); start the next
-        one when overlapping."""
+        """Make sure the round that ``step`` is in exists (built, or read back from the round
+        store); start building the next one when overlapping."""
         r = self.rounds.round_of(step)
         with self._cond:
-            have = r in self._rounds or r in self._pending
-        if not have:
+            building = r in self._pending
+        if not building and not self._load_round(r):
             self._produce_round(r, self._submit_round(r))
         if self.cfg.online.overlap and r + 1 < self.rounds.rounds_run:
             with self._cond:
                 start = r + 1 not in self._rounds and r + 1 not in self._pending
-            if start:
+            if start and not self._load_round(r + 1):
                 self._start_background(r + 1)
+
+    def _load_round(self, r: int) -> bool:
+        """Round r is here, or was read back from the round store (a resumed run, restarted
+        workers, a restarted coordinator): True. False: it must be generated."""
+        with self._cond:
+            while r in self._loading:
+                self._cond.wait(timeout=1.0)
+            if r in self._rounds:
+                return True
+            self._loading.add(r)
+        try:
+            saved = self.round_store.load(r)
+            if saved is not None:
+                self._install_round(r, saved.rows)
+                print(f"[ray_dpo] online round {r + 1}/{self.rounds.rounds_run}: {len(saved.rows)} pairs read back "
+                      f"from {saved.path} (built before the restart, not generated again)", flush=True)
+            return saved is not None
+        finally:
+            with self._cond:
+                self._loading.discard(r)
+                self._cond.notify_all()
 
     def _submit_round(self, r: int) -> tuple[list[int], list]:
         indices = rounds_lib.round_prompt_indices(len(self.store), per_round=self.cfg.online.prompts_per_round,
                                                   round_index=r, seed=self.cfg.run.seed)
         prompts = [self.store.row(i)["prompt_ids"] for i in indices]
-        refs = self.generation.submit(prompts, seed=self.cfg.run.seed + 1_000_003 * (r + 1))
-        return indices, refs
+        chunks = self.generation.submit(prompts, seed=self.cfg.run.seed + 1_000_003 * (r + 1))
+        return indices, chunks
 
     def _start_background(self, r: int) -> None:
         submitted = self._submit_round(r)  # submitted now: these samples come from the weights just synced
@@ -239,63 +262,32 @@ class OnlineCoordinator:
         threading.Thread(target=work, name=f"online-round-{r}", daemon=True).start()
 
     def _produce_round(self, r: int, submitted: tuple[list[int], list]) -> None:
-        """generate (already submitted) -> judge -> pairs -> rows -> round r's feeder."""
-        from ray_dpo.online.pairs import Candidate, group_samples, make_pairs
+        """generate (already submitted) -> judge -> pairs -> rows -> the round store -> round r's feeder."""
+        from ray_dpo.online.round_builder import build_round
 
-        indices, refs = submitted
+        indices, chunks = submitted
         t0 = time.perf_counter()
-        completions = self.generation.collect(refs)
-        gen_seconds = time.perf_counter() - t0
-        rows = [self.store.row(i) for i in indices]
-        prompt_texts = [self._text(row["prompt_ids"]) for row in rows]
-        flat = [c for comps in completions for c in comps]
-        t1 = time.perf_counter()
-        scores = self.judge.score([p for p, comps in zip(prompt_texts, completions) for _ in comps],
-                                  self._texts(flat))
-        chosen = None
-        if self.cfg.online.pair_strategy == "regenerate_rejected":
-            chosen_scores = self.judge.score(prompt_texts, [self._text(row["chosen_ids"]) for row in rows])
-            chosen = [Candidate(row["chosen_ids"], s) for row, s in zip(rows, chosen_scores)]
-        judge_seconds = time.perf_counter() - t1
-        groups = group_samples([row["pair_id"] for row in rows], [row["prompt_ids"] for row in rows],
-                               [[c.token_ids for c in comps] for comps in completions], scores, chosen=chosen)
-        pairs, counters = make_pairs(groups, strategy=self.cfg.online.pair_strategy, id_prefix=f"online-r{r}:")
-        bos = self.tokenizer.bos_token_id
-        train_rows, fitted = rounds_lib.pair_rows(pairs, max_length=self.cfg.data.max_length,
-                                                  max_prompt_length=self.cfg.data.max_prompt_length,
-                                                  over_length=self.cfg.data.over_length, bos_id=bos)
-        gen_tokens = sum(len(c.token_ids) for c in flat)
-        metrics = {
-            "online/round": float(r),
-            "online/judge_score_mean": float(np.mean(scores)),
-            "online/pairs_kept": float(len(train_rows)),
-            "online/pairs_dropped_no_margin": float(counters["dropped_no_margin"]),
-            "online/pairs_dropped_length": float(fitted["dropped_length"]),
-            "online/pairs_truncated": float(fitted["truncated"]),
-            "online/samples": float(len(flat)),
-            "online/gen_tokens_per_s": gen_tokens / max(gen_seconds, 1e-9),
-            "online/gen_seconds": gen_seconds,
-            "online/judge_seconds": judge_seconds,
-        }
-        if chosen is not None:
-            metrics["online/judge_score_chosen_mean"] = float(np.mean([c.score for c in chosen]))
+        completions = self.generation.collect(chunks)
+        built = build_round(r, rows=[self.store.row(i) for i in indices], completions=completions, judge=self.judge,
+                            decode=self._text, online=self.cfg.online, data=self.cfg.data,
+                            bos_id=self.tokenizer.bos_token_id, gen_seconds=time.perf_counter() - t0,
+                            rounds_run=self.rounds.rounds_run)
+        self.round_store.save(r, built.rows, built.metrics)
+        self._install_round(r, built.rows)
+        print(f"[ray_dpo] {built.summary}", flush=True)
+        self._log(built.metrics, self.rounds.round_start(r))
+
+    def _install_round(self, r: int, rows: list[dict]) -> None:
+        """Serve round r's pair rows (none: its steps train nothing) through a BatchFeeder."""
         feeder = None
-        if train_rows:
-            feeder = BatchFeeder(train_rows, self.plan, reference=self.reference,
+        if rows:
+            feeder = BatchFeeder(rows, self.plan, reference=self.reference,
                                  ref_cache=dict(self._eval_ref_cache) or None, evaluation=self.evaluation,
                                  eval_max_pairs=self.cfg.eval.max_pairs)
-        else:
-            logger.warning("online round %d kept no pair (all %d prompts lacked a margin): its %d steps "
-                           "train nothing", r, len(groups), self.rounds.steps_per_round)
         with self._cond:
             self._rounds[r] = _Round(feeder)
             self._retire(r)
             self._cond.notify_all()
-        print(f"[ray_dpo] online round {r + 1}/{self.rounds.rounds_run}: {len(flat)} samples "
-              f"({metrics['online/gen_tokens_per_s']:.0f} tok/s), judge mean {metrics['online/judge_score_mean']:.3f}, "
-              f"{len(train_rows)} pairs kept, {counters['dropped_no_margin']} without margin, "
-              f"{fitted['dropped_length']} over length", flush=True)
-        self._log(metrics, self.rounds.round_start(r))
 
     def _retire(self, newest: int) -> None:
         """Close feeders two rounds back (holding self._cond); keep their eval log-probs."""
@@ -374,6 +366,10 @@ class OnlineCoordinator:
             raise ValueError(f"step must be in [0, {self._total}), got {step!r}")
         r = self.rounds.round_of(step)
         with self._cond:
+            ready = r in self._rounds or r in self._pending
+        if not ready:
+            self._load_round(r)  # a round built before a restart; else the sync that builds it comes
+        with self._cond:
             while r not in self._rounds:
                 if self._error is not None:
                     raise self._error
@@ -411,28 +407,49 @@ class OnlineCoordinator:
         self.generation.shutdown()
 
 
+def round_fingerprint(cfg: RunConfig, data_fingerprint: str) -> dict:
+    """What a saved round must match to be reused (round_store): the same prompts in the same
+    order, sampled from the same model with the same settings, paired the same way."""
+    online = cfg.online
+    return {"seed": cfg.run.seed, "model": cfg.model.name_or_path, "data": data_fingerprint,
+            "rounds": online.rounds, "prompts_per_round": online.prompts_per_round,
+            "samples_per_prompt": online.samples_per_prompt, "pair_strategy": online.pair_strategy,
+            "sampling": dataclasses.asdict(online.sampling), "judge": dataclasses.asdict(online.judge),
+            "max_length": cfg.data.max_length, "max_prompt_length": cfg.data.max_prompt_length,
+            "global_batch": cfg.policy.num_workers * cfg.policy.micro_batch_size
+            * cfg.policy.gradient_accumulation_steps}
+
+
 class _CoordinatorActor(KeepsInitError, OnlineCoordinator):
     """OnlineCoordinator as an actor whose constructor errors reach start_coordinator intact."""
 
 
 def start_coordinator(cfg: RunConfig, *, train: Any, evaluation: Any, reference: Any,
                       tracking_uri: Optional[str] = None, run_id: Optional[str] = None,
-                      use_gpu: bool = False, start_timeout_s: float = 900.0) -> Any:
+                      use_gpu: bool = False, total_steps: Optional[int] = None,
+                      start_timeout_s: float = 900.0) -> Any:
     """Start the coordinator actor on this node and wait until its engines are up.
 
     num_cpus=0 (like the feeder: it must never wait for a CPU the workers hold); threaded
     so every rank can block in get_step while rank 0 syncs. Constructor errors (a bad
-    judge spec, an engine that cannot load the model) are raised here.
+    judge spec, an engine that cannot load the model) are raised here. total_steps: the
+    run's length, for an eval-only coordinator (offline runs).
+
+    A coordinator that dies is restarted by Ray (up to policy.max_failures times) with the
+    same arguments, and the calls in flight are sent to the new process: a sync runs again
+    (weights, probe, eval, the round it starts), a get_step reads its round back from the
+    round store. Its engines, children of the old process, start anew with it.
     """
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     handle = ray.remote(_CoordinatorActor).options(
         num_cpus=0, max_concurrency=cfg.policy.num_workers + 4,
+        max_restarts=cfg.policy.max_failures, max_task_retries=-1 if cfg.policy.max_failures else 0,
         scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(),
                                                            soft=True),
     ).remote(cfg, train=train, evaluation=evaluation, reference=reference, tracking_uri=tracking_uri,
-             run_id=run_id, use_gpu=use_gpu)
+             run_id=run_id, use_gpu=use_gpu, total_steps=total_steps)
     try:
         ray.get(handle.ping.remote(), timeout=start_timeout_s)
     except ray.exceptions.RayTaskError as err:

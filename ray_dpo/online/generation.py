@@ -1,13 +1,9 @@
-"""Generation engines (vLLM or transformers) and the GenerationGroup of Ray actors.
+"""Generation engines (vLLM or transformers); engine_group.GenerationGroup runs them as Ray actors.
 
     GenerationEngine                  the interface; plain classes, no ray import
       VLLMEngine(model_path, ...)     vllm.LLM, in-process engine core (see below)
       TransformersEngine(...)         model.generate, for machines without vLLM
-    GenerationGroup(*, model_path, config: OnlineConfig, use_gpu)
-        .generate(prompts, n=, sampling=, seed=) -> list[list[Completion]]  (input order)
-        .submit(...) -> refs, .collect(refs)                                (the same, split)
-        .sync_weights(weights, method=, probe=, expected=) -> SyncReport    (see weight_sync)
-        .verify(probe, expected) -> max |log-prob diff|, .probe_logps(probe), .shutdown()
+    engine_actor_options(config)      the Ray .options() of one engine actor
 
 Both engines report the same things: completions end with EOS when they stopped on it,
 and ``logprob_sum`` is the sum of the sampled tokens' log-probs under the model's raw
@@ -28,6 +24,7 @@ import logging
 import os
 import socket
 import time
+import uuid
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional, Sequence
 
@@ -37,16 +34,10 @@ from ray_dpo.config import OnlineConfig, SamplingConfig
 from ray_dpo.online.weight_sync import (
     LoadReport,
     Probe,
-    SyncReport,
-    WeightSyncError,
-    check_diffs,
-    check_loads,
     checkpoint_shapes,
-    max_logprob_diffs,
     nccl_communicator,
     nccl_receive,
     plan_load,
-    sync_method,
     torch_probe_logps,
     tracked,
 )
@@ -97,6 +88,17 @@ class GenerationEngine:
 
     def info(self) -> dict:
         return {"backend": self.backend, "pid": os.getpid(), "host": socket.gethostname()}
+
+    def incarnation(self) -> str:
+        """An id of this engine object: an actor Ray restarted answers with a new one."""
+        if not hasattr(self, "_incarnation"):
+            self._incarnation = uuid.uuid4().hex
+        return self._incarnation
+
+    def tagged(self, method: str, *args: Any, **kwargs: Any) -> tuple[str, Any]:
+        """(incarnation, self.<method>(...)): which process answered, so the group notices a
+        restart that failed no call (an engine restarted while idle holds its initial model)."""
+        return self.incarnation(), getattr(self, method)(*args, **kwargs)
 
     def init_nccl(self, master_address: str, master_port: int, rank: int, world_size: int) -> bool:
         """Join the policy's weight-broadcast group (GPU path: not testable on CPU CI)."""
@@ -393,159 +395,6 @@ def _read_safetensors_dir(path: str) -> dict[str, torch.Tensor]:
 ENGINES: dict[str, type[GenerationEngine]] = {"vllm": VLLMEngine, "transformers": TransformersEngine}
 
 
-# --------------------------------------------------------------------------- group
-
-
-class GenerationGroup:
-    """``config.num_engines`` long-lived engine actors behind one ordered generate().
-
-    model_path: the policy's initial HF model directory. config: OnlineConfig (backend,
-    num_engines, num_cpus_per_engine, gpus_per_engine, resources, samples_per_prompt,
-    sampling, weight_sync, sync_tolerance). use_gpu: engines on cuda with gpus_per_engine
-    GPUs each (1 if 0). dtype: engine weights' dtype. seed: base seed; call k of generate()
-    without a seed uses seed + k * 1_000_003 so rounds differ but reruns repeat.
-    num_cpus_per_engine: overrides online.num_cpus_per_engine (None: the config's).
-    engine_options: extra keyword arguments for the engine class (e.g. max_model_len).
-    """
-
-    def __init__(self, *, model_path: str, config: OnlineConfig, use_gpu: bool, dtype: str = "fp32",
-                 seed: int = 0, num_cpus_per_engine: Optional[float] = None, start_timeout_s: float = 600.0,
-                 engine_options: Optional[dict] = None):
-        import ray
-
-        if config.backend not in ENGINES:
-            raise ValueError(f"unknown online.backend {config.backend!r}; valid: {', '.join(ENGINES)}")
-        if config.num_engines < 1:
-            raise ValueError(f"online.num_engines must be >= 1, got {config.num_engines}")
-        self.config = config
-        self.model_path = model_path
-        self._seed = seed
-        self._calls = 0
-        device = "cuda" if use_gpu else "cpu"
-        remote_cls = ray.remote(ENGINES[config.backend]).options(
-            **engine_actor_options(config, use_gpu=use_gpu, num_cpus_per_engine=num_cpus_per_engine))
-        self._actors = [
-            remote_cls.remote(model_path, seed=seed, dtype=dtype, device=device, **(engine_options or {}))
-            for _ in range(config.num_engines)
-        ]
-        t0 = time.perf_counter()
-        ray.get([a.ping.remote() for a in self._actors], timeout=start_timeout_s)
-        logger.info("%d %s generation engine(s) up in %.1fs", len(self._actors), config.backend,
-                    time.perf_counter() - t0)
-
-    @property
-    def num_engines(self) -> int:
-        return len(self._actors)
-
-    def generate(self, prompts: Sequence[Sequence[int]], *, n: Optional[int] = None,
-                 sampling: Optional[SamplingConfig] = None, seed: Optional[int] = None) -> list[list[Completion]]:
-        """n completions for each prompt (token ids), in prompt order.
-
-        Prompts are split into contiguous, near-equal chunks, one per engine.
-        Defaults: n = online.samples_per_prompt, sampling = online.sampling.
-        """
-        return self.collect(self.submit(prompts, n=n, sampling=sampling, seed=seed))
-
-    def submit(self, prompts: Sequence[Sequence[int]], *, n: Optional[int] = None,
-               sampling: Optional[SamplingConfig] = None, seed: Optional[int] = None) -> list:
-        """Start generate() on the engines and return at once (ObjectRefs for ``collect``).
-
-        Engines run calls in the order they were submitted, so a weight sync submitted
-        after this never changes the weights these samples come from.
-        """
-        n = self.config.samples_per_prompt if n is None else n
-        sampling = self.config.sampling if sampling is None else sampling
-        if seed is None:
-            seed = self._seed + self._calls * 1_000_003
-        self._calls += 1
-        return [self._actors[i].generate.remote([list(p) for p in prompts[lo:hi]], n=n, sampling=sampling,
-                                                seed=seed + lo * n)
-                for i, (lo, hi) in enumerate(_chunks(len(prompts), self.num_engines)) if hi > lo]
-
-    @staticmethod
-    def collect(refs: list) -> list[list[Completion]]:
-        """The completions of a ``submit``, in prompt order."""
-        import ray
-
-        return [comps for chunk in ray.get(refs) for comps in chunk]
-
-    def sync_weights(self, weights: Any, *, method: Optional[str] = None, probe: Optional[Probe] = None,
-                     expected: Optional[Sequence[float]] = None, tolerance: Optional[float] = None,
-                     **options: Any) -> SyncReport:
-        """Push new weights to every engine, then (with a probe) verify them.
-
-        weights: state dict name -> tensor (HF names, full under ZeRO-3), an ObjectRef to
-        one, or (method="checkpoint") a safetensors directory. method: object_store |
-        checkpoint | nccl (default online.weight_sync). probe + expected: the fixed probe
-        and the policy's summed log-probs on it (weight_sync.torch_probe_logps).
-        options: checkpoint_dir= (checkpoint with a state dict), sender= (nccl).
-        Raises WeightSyncError when an engine fails to load, misses tensors, or disagrees.
-        """
-        import ray
-
-        method = method or self.config.weight_sync
-        t0 = time.perf_counter()
-        refs = sync_method(method)(self._actors, weights, **options)
-        outcomes: list = []
-        for ref in refs:  # wait for every engine, so no failure goes unread
-            try:
-                outcomes.append(ray.get(ref))
-            except ray.exceptions.RayTaskError as err:
-                outcomes.append(err)
-        failed = [(i, out) for i, out in enumerate(outcomes) if isinstance(out, BaseException)]
-        if failed:
-            i, err = failed[0]
-            raise WeightSyncError(
-                f"generation engine {i} ({self.config.backend}) failed to load the weights "
-                f"(method={method}; {len(failed)} of {len(outcomes)} engines failed): {_cause(err)}. "
-                "Its weights may now be partly updated: fix the state dict (names and shapes as in "
-                "the HF checkpoint) and sync again."
-            ) from err
-        loads = outcomes
-        for i, report in enumerate(loads):
-            report.engine = i
-        result = SyncReport(method=method, seconds=time.perf_counter() - t0, loads=loads)
-        check_loads(loads, backend=self.config.backend)
-        if probe is not None:
-            if expected is None:
-                raise ValueError("verify needs the policy's log-probs on the probe: pass expected=")
-            result.engine_diffs = self._verify(probe, expected, tolerance, method)
-        return result
-
-    def verify(self, probe: Probe, expected: Sequence[float], *, tolerance: Optional[float] = None) -> float:
-        """Max |engine - policy| summed log-prob over engines and probe items; raises
-        WeightSyncError above ``tolerance`` (default online.sync_tolerance)."""
-        return max(self._verify(probe, expected, tolerance, method="verify"))
-
-    def probe_logps(self, probe: Probe) -> list[list[float]]:
-        """Every engine's summed log-probs on the probe: [engine][probe item]."""
-        import ray
-
-        probe = [(list(p), list(c)) for p, c in probe]
-        return ray.get([a.probe_logps.remote(probe) for a in self._actors])
-
-    def init_nccl(self, *, master_address: str, master_port: int) -> list:
-        """GPU path: not testable on CPU CI. Engines join an NCCL group as ranks 1..N; returns
-        refs to wait on after creating NcclWeightSender(world_size=num_engines + 1) on policy rank 0."""
-        world = self.num_engines + 1
-        return [a.init_nccl.remote(master_address, master_port, i + 1, world) for i, a in enumerate(self._actors)]
-
-    def shutdown(self) -> None:
-        import ray
-
-        for a in self._actors:
-            ray.kill(a)
-        self._actors = []
-
-    def _verify(self, probe, expected, tolerance, method) -> list[float]:
-        tolerance = self.config.sync_tolerance if tolerance is None else tolerance
-        engine_logps = self.probe_logps(probe)
-        diffs = max_logprob_diffs(engine_logps, list(expected))
-        check_diffs(diffs, engine_logps, list(expected), tolerance=tolerance, backend=self.config.backend,
-                    method=method)
-        return diffs
-
-
 def engine_actor_options(config: OnlineConfig, *, use_gpu: bool,
                          num_cpus_per_engine: Optional[float] = None) -> dict[str, Any]:
     """The ``.options()`` of each generation engine actor: CPUs, GPUs, custom resources, env.
@@ -565,20 +414,3 @@ def engine_actor_options(config: OnlineConfig, *, use_gpu: bool,
         "resources": dict(config.resources),
         "runtime_env": {"env_vars": env},
     }
-
-
-def _chunks(total: int, parts: int) -> list[tuple[int, int]]:
-    """[lo, hi) bounds of ``parts`` contiguous chunks whose sizes differ by at most one."""
-    base, extra = divmod(total, parts)
-    bounds, lo = [], 0
-    for i in range(parts):
-        hi = lo + base + (1 if i < extra else 0)
-        bounds.append((lo, hi))
-        lo = hi
-    return bounds
-
-
-def _cause(err: BaseException) -> str:
-    cause = getattr(err, "cause", None) or err
-    text = f"{type(cause).__name__}: {cause}"
-    return text.strip().splitlines()[-1] if "\n" in text else text

@@ -19,7 +19,8 @@ import time
 from typing import Callable, Optional
 
 # role -> actor class name in Ray's actor table ("driver" is the ray-dpo process itself)
-ROLE_CLASSES = {"worker": "RayTrainWorker", "feeder": "_FeederActor", "reference": "ReferenceActor"}
+ROLE_CLASSES = {"worker": "RayTrainWorker", "feeder": "_FeederActor", "reference": "ReferenceActor",
+                "coordinator": "_CoordinatorActor", "engine": "Engine"}  # VLLMEngine, TransformersEngine
 
 
 def ledger(run_dir: str) -> list[dict]:
@@ -92,6 +93,38 @@ def ledger_problems(run_dir: str, *, steps: int, pairs_per_step: int) -> list[st
         problems.append(f"{len(twice)} pair(s) trained twice, e.g. {twice[:3]}")
     if len(counts) != steps * pairs_per_step:
         problems.append(f"{len(counts)} distinct pairs, expected {steps * pairs_per_step}")
+    return problems
+
+
+def round_pair_ids(run_dir: str) -> set[str]:
+    """The pair ids every online round kept (its rows in the round store)."""
+    directory = os.path.join(run_dir, "online_rounds")
+    ids = set()
+    for name in sorted(os.listdir(directory)) if os.path.isdir(directory) else []:
+        if name.endswith(".jsonl"):
+            with open(os.path.join(directory, name), encoding="utf-8") as f:
+                ids.update(json.loads(line)["pair_id"] for line in list(f)[1:] if line.strip())
+    return ids
+
+
+def online_ledger_problems(run_dir: str, *, steps: int) -> list[str]:
+    """Why the ledger of a one-epoch online run is not steps 1..steps once each with every
+    kept pair of every round exactly once; empty if it is."""
+    entries = ledger(run_dir)
+    problems = []
+    if [e["step"] for e in entries] != list(range(1, steps + 1)):
+        problems.append(f"ledger steps {[e['step'] for e in entries]}, expected 1..{steps}")
+    counts = collections.Counter(pid for e in entries for pid in e["pair_ids"])
+    twice = [pid for pid, n in counts.items() if n > 1]
+    if twice:
+        problems.append(f"{len(twice)} pair(s) trained twice, e.g. {twice[:3]}")
+    kept = round_pair_ids(run_dir)
+    if not kept:
+        problems.append("no round in the round store")
+    if set(counts) - kept:
+        problems.append(f"{len(set(counts) - kept)} trained pair(s) no round kept, e.g. {sorted(set(counts) - kept)[:3]}")
+    if kept - set(counts):
+        problems.append(f"{len(kept - set(counts))} kept pair(s) never trained, e.g. {sorted(kept - set(counts))[:3]}")
     return problems
 
 

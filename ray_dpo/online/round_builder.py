@@ -1,0 +1,77 @@
+"""One online round from its samples: judge -> pairs -> tokenized pair rows, and its metrics.
+
+A function of its inputs (the round's prompt rows, the engines' completions, a judge), so
+the OnlineCoordinator only schedules: it submits the prompts to the engines, hands what
+comes back to ``build_round``, and serves the rows through a BatchFeeder.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Sequence
+
+import numpy as np
+
+from ray_dpo.config import DataConfig, OnlineConfig
+from ray_dpo.online import rounds as rounds_lib
+
+logger = logging.getLogger("ray_dpo.online")
+
+
+@dataclass
+class BuiltRound:
+    rows: list[dict]  # tokenized pair rows, CONTRACTS.md
+    metrics: dict[str, float]  # online/* of the round
+    summary: str  # one console line
+
+
+def build_round(r: int, *, rows: Sequence[dict], completions: Sequence[Sequence[Any]], judge: Any,
+                decode: Callable[[list[int]], str], online: OnlineConfig, data: DataConfig,
+                bos_id: Optional[int], gen_seconds: float, rounds_run: int) -> BuiltRound:
+    """Round r's pairs. rows: the sampled prompts' data rows (pair_id, prompt_ids, and
+    chosen_ids for regenerate_rejected); completions[i]: prompt i's Completions; judge:
+    .score(prompts, responses); decode: token ids -> text."""
+    import time
+
+    from ray_dpo.online.pairs import Candidate, group_samples, make_pairs
+
+    prompt_texts = [decode(row["prompt_ids"]) for row in rows]
+    flat = [c for comps in completions for c in comps]
+    t0 = time.perf_counter()
+    scores = judge.score([p for p, comps in zip(prompt_texts, completions) for _ in comps],
+                         [c.text if c.text is not None else decode(c.token_ids) for c in flat])
+    chosen = None
+    if online.pair_strategy == "regenerate_rejected":
+        chosen_scores = judge.score(prompt_texts, [decode(row["chosen_ids"]) for row in rows])
+        chosen = [Candidate(row["chosen_ids"], s) for row, s in zip(rows, chosen_scores)]
+    judge_seconds = time.perf_counter() - t0
+    groups = group_samples([row["pair_id"] for row in rows], [row["prompt_ids"] for row in rows],
+                           [[c.token_ids for c in comps] for comps in completions], scores, chosen=chosen)
+    pairs, counters = make_pairs(groups, strategy=online.pair_strategy, id_prefix=f"online-r{r}:")
+    train_rows, fitted = rounds_lib.pair_rows(pairs, max_length=data.max_length,
+                                              max_prompt_length=data.max_prompt_length,
+                                              over_length=data.over_length, bos_id=bos_id)
+    gen_tokens = sum(len(c.token_ids) for c in flat)
+    metrics = {
+        "online/round": float(r),
+        "online/judge_score_mean": float(np.mean(scores)),
+        "online/pairs_kept": float(len(train_rows)),
+        "online/pairs_dropped_no_margin": float(counters["dropped_no_margin"]),
+        "online/pairs_dropped_length": float(fitted["dropped_length"]),
+        "online/pairs_truncated": float(fitted["truncated"]),
+        "online/samples": float(len(flat)),
+        "online/gen_tokens_per_s": gen_tokens / max(gen_seconds, 1e-9),
+        "online/gen_seconds": gen_seconds,
+        "online/judge_seconds": judge_seconds,
+    }
+    if chosen is not None:
+        metrics["online/judge_score_chosen_mean"] = float(np.mean([c.score for c in chosen]))
+    if not train_rows:
+        logger.warning("online round %d kept no pair (all %d prompts lacked a margin): its steps train nothing",
+                       r, len(groups))
+    summary = (f"online round {r + 1}/{rounds_run}: {len(flat)} samples "
+               f"({metrics['online/gen_tokens_per_s']:.0f} tok/s), judge mean {metrics['online/judge_score_mean']:.3f}, "
+               f"{len(train_rows)} pairs kept, {counters['dropped_no_margin']} without margin, "
+               f"{fitted['dropped_length']} over length")
+    return BuiltRound(train_rows, metrics, summary)
