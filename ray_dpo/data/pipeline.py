@@ -55,7 +55,8 @@ import ray.data
 from ray_dpo.data.chat_template import ChatTemplateSourceError, resolve_chat_template
 from ray_dpo.data.formats import BadRowError
 from ray_dpo.data.report import data_metrics, format_report  # noqa: F401 - re-exported for the driver
-from ray_dpo.data.tokenize import ChatTemplateError, DataCounters, TokenizeResult
+from ray_dpo.data.counters import DataCounters, TokenizeResult
+from ray_dpo.data.tokenize import ChatTemplateError
 from ray_dpo.data.unpaired import example_results
 
 if TYPE_CHECKING:  # ray_dpo.config imports torch (via losses); data tasks need neither
@@ -472,26 +473,12 @@ class _TokenizeRows:
 
     def _one(self, raw: Optional[str], read_error: Optional[str], source: str, line: int) -> TokenizeResult:
         try:
-            cause = "unreadable"
-            if raw is None:
-                raise BadRowError(source, line, read_error or "the row could not be read")
-            cause = "malformed_json"
-            try:
-                record = json.loads(raw)
-            except ValueError as err:
-                raise BadRowError(
-                    source, line,
-                    f"malformed JSON ({err}); fix the line so it holds one JSON object",
-                ) from None
-            cause = "bad_row"
-            return self.tokenizer.tokenize_raw_row(record, source=source, line=line)
-        except BadRowError as err:
-            if self.data.on_bad_row == "error":
-                raise DataError(
-                    f"{err} (data.on_bad_row=error; set data.on_bad_row=skip to count and "
-                    "skip bad rows instead)"
-                ) from None
-            return TokenizeResult(None, "skipped", str(err), (cause,))
+            return self.tokenizer.tokenize_json_row(raw, source=source, line=line, read_error=read_error)
+        except BadRowError as err:  # data.on_bad_row=error (PairTokenizer decides)
+            raise DataError(
+                f"{err} (data.on_bad_row=error; set data.on_bad_row=skip to count and "
+                "skip bad rows instead)"
+            ) from None
 
     def _results(self, batch: pa.Table) -> list[tuple[int, int, str, TokenizeResult]]:
         cols = {name: batch.column(name).to_pylist() for name in READ_SCHEMA.names}

@@ -13,19 +13,19 @@ e.g.
 up to more than the truncated count.)
 
 ``data_metrics`` gives the data/* metrics logged at step 0. Cause keys are
-``ray_dpo.data.tokenize.CAUSES``.
+``ray_dpo.data.counters.CAUSES``.
 
 This module is pure: it imports neither ray, deepspeed nor vllm.
 """
 
 from __future__ import annotations
 
-from ray_dpo.data.tokenize import CAUSES, DataCounters
+from ray_dpo.data.counters import CAUSES, DataCounters
 
 
 def data_metrics(counters: DataCounters) -> dict[str, float]:
     """data/* metrics of one split's counters: data/<status>, data/<status>/<cause> (keys of
-    ray_dpo.data.tokenize.CAUSES) and data/tokens/<prompt|response|total>_<p50|p90|p99|max>."""
+    ray_dpo.data.counters.CAUSES) and data/tokens/<prompt|response|total>_<p50|p90|p99|max>."""
     metrics = {f"data/{name}": float(getattr(counters, name))
                for name in ("read", "ok", "truncated", "dropped", "skipped")}
     for status in ("truncated", "dropped", "skipped"):
