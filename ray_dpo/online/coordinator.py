@@ -74,7 +74,7 @@ class OnlineCoordinator:
     def __init__(self, cfg: RunConfig, *, train: Any, evaluation: Any, reference: Any,
                  tracking_uri: Optional[str], run_id: Optional[str], use_gpu: bool):
         from ray_dpo.data.chat_template import resolve_chat_template
-        from ray_dpo.data.pipeline import load_tokenizer
+        from ray_dpo.data.tokenizer_cache import load_tokenizer
         from ray_dpo.data.tokenize import PairTokenizer
         from ray_dpo.online.generation import GenerationGroup
         from ray_dpo.online.judges import build_judge
