@@ -23,7 +23,9 @@ import ray
 
 from ray_dpo import console
 from ray_dpo.config import RunConfig, flatten, join_path, local_cpus_needed, to_yaml, with_absolute_paths
-from ray_dpo.data.pipeline import build_pair_data, data_metrics, data_report, expand_files, format_report
+from ray_dpo.data.files import expand_files
+from ray_dpo.data.pipeline import build_pair_data
+from ray_dpo.data.report import data_metrics, data_report, format_report
 from ray_dpo.loss_rules import needs_reference, trains_unpaired
 from ray_dpo.tracking.metrics import CountProgress
 

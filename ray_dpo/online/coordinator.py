@@ -74,7 +74,7 @@ class OnlineCoordinator:
                  tracking_uri: Optional[str], run_id: Optional[str], use_gpu: bool,
                  total_steps: Optional[int] = None):
         from ray_dpo.data.chat_template import resolve_chat_template
-        from ray_dpo.data.pipeline import load_tokenizer
+        from ray_dpo.data.tokenizer_cache import load_tokenizer
         from ray_dpo.data.tokenize import PairTokenizer
         from ray_dpo.online.engine_group import GenerationGroup
         from ray_dpo.online.judges import build_judge
