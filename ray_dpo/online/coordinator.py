@@ -390,7 +390,7 @@ class OnlineCoordinator:
         uri, run_id = self._tracking
         if not uri or not run_id or not metrics:
             return
-        from ray_dpo.tracking.mlflow_sink import _client, log_metrics
+        from ray_dpo.tracking.mlflow_sink import log_metrics, mlflow_client as _client
 
         if self._client is None:
             self._client = _client(uri)

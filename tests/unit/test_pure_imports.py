@@ -24,10 +24,17 @@ PURE = [
     "ray_dpo.data.tokenize_stage",
     "ray_dpo.cli",
     "ray_dpo.k8s",
+    "ray_dpo.feeder",
     "ray_dpo.packing",
     "ray_dpo.policy.ds_config",
+    "ray_dpo.policy.loop_spec",
+    "ray_dpo.online.rounds",
+    "ray_dpo.online.pairs",
+    "ray_dpo.online.evaluation",
+    "ray_dpo.online.judges",
     "ray_dpo.tracking.metrics",
     "ray_dpo.testing.assets",
+    "ray_dpo.testing.feeder_fakes",
 ]
 HEAVY = ["ray", "deepspeed", "vllm"]
 
