@@ -87,6 +87,7 @@ from typing import Callable, Mapping, NamedTuple, Sequence
 import torch
 
 from ray_dpo.logprobs import TokenCounts, concat_pairs
+from ray_dpo.registry import Registry
 
 Pair = Mapping[str, Sequence[int]]
 
@@ -335,25 +336,25 @@ class _Layout(NamedTuple):
     build: Callable[[Sequence[Pair], int, int | None], PackedBatch]
     pair_tokens: Callable[[int, int, int], int]  # (P, C, R) -> positions one pair needs
     padded: bool  # micro-batch cost is 2 * n * max(P + max(C, R)), not a sum
+    needs_4d_mask: bool = False  # flash attention (which takes no 4D mask) cannot run it
 
 
-LAYOUTS: dict[str, _Layout] = {
+LAYOUTS: Registry[_Layout] = Registry("batch layout", {
     "padded": _Layout(_build_padded, lambda P, C, R: P + max(C, R), padded=True),
     "packed": _Layout(_builder(_single_units, "packed"), lambda P, C, R: 2 * P + C + R, padded=False),
     "prefix_shared": _Layout(
-        _builder(_prefix_units, "prefix_shared"), lambda P, C, R: P + C + R, padded=False
+        _builder(_prefix_units, "prefix_shared"), lambda P, C, R: P + C + R, padded=False, needs_4d_mask=True
     ),
-}
+}, plural="layouts")
+"""Every layout policy.layout / reference.layout may name."""
 
 
 def layout_names() -> list[str]:
-    return sorted(LAYOUTS)
+    return LAYOUTS.names()
 
 
 def _layout(name: str) -> _Layout:
-    if name not in LAYOUTS:
-        raise ValueError(f"unknown batch layout {name!r}; valid layouts: {', '.join(layout_names())}")
-    return LAYOUTS[name]
+    return LAYOUTS.get(name)
 
 
 # --- public API ------------------------------------------------------------------------

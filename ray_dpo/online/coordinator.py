@@ -76,7 +76,7 @@ class OnlineCoordinator:
         from ray_dpo.data.chat_template import resolve_chat_template
         from ray_dpo.data.pipeline import load_tokenizer
         from ray_dpo.data.tokenize import PairTokenizer
-        from ray_dpo.online.generation import GenerationGroup
+        from ray_dpo.online.generation import ENGINES, GenerationGroup
         from ray_dpo.online.judges import build_judge
 
         self.cfg = cfg
@@ -104,7 +104,7 @@ class OnlineCoordinator:
         self._probe = self._make_probe()
         self.judge = build_judge(cfg.online.judge, use_ray=False, use_gpu=use_gpu, dtype=cfg.model.dtype)
         engine_options = {}
-        if cfg.online.backend == "vllm":
+        if ENGINES.get(cfg.online.backend).takes_max_model_len:
             engine_options["max_model_len"] = cfg.data.max_length + cfg.online.sampling.max_new_tokens
         self.generation = GenerationGroup(
             model_path=cfg.model.name_or_path, config=cfg.online, use_gpu=use_gpu, dtype=cfg.model.dtype,
@@ -182,13 +182,15 @@ class OnlineCoordinator:
                                           eval_every=self.cfg.eval.every_steps, eval_sampling=True))
 
     def _sync_weights(self, step: int, weights: Optional[list], expected: list[float]) -> dict[str, float]:
+        from ray_dpo.online.weight_sync import SYNC_METHODS
+
         t0 = time.perf_counter()
         if weights is None:
             diff = self.generation.verify(self._probe, expected)
             metrics = {"sync/seconds": time.perf_counter() - t0, "sync/max_logprob_diff": diff}
         else:
             options = {}
-            if self.cfg.online.weight_sync == "checkpoint":
+            if SYNC_METHODS.get(self.cfg.online.weight_sync).needs_checkpoint_dir:
                 options["checkpoint_dir"] = os.path.join(self.cfg.run.storage_path, self.cfg.run.name,
                                                          "weight_sync")
             report = self.generation.sync_weights(weights[0], probe=self._probe, expected=expected, **options)
@@ -240,7 +242,7 @@ class OnlineCoordinator:
 
     def _produce_round(self, r: int, submitted: tuple[list[int], list]) -> None:
         """generate (already submitted) -> judge -> pairs -> rows -> round r's feeder."""
-        from ray_dpo.online.pairs import Candidate, group_samples, make_pairs
+        from ray_dpo.online.pairs import PAIR_STRATEGIES, Candidate, group_samples, make_pairs
 
         indices, refs = submitted
         t0 = time.perf_counter()
@@ -253,7 +255,7 @@ class OnlineCoordinator:
         scores = self.judge.score([p for p, comps in zip(prompt_texts, completions) for _ in comps],
                                   self._texts(flat))
         chosen = None
-        if self.cfg.online.pair_strategy == "regenerate_rejected":
+        if PAIR_STRATEGIES.get(self.cfg.online.pair_strategy).needs_chosen:
             chosen_scores = self.judge.score(prompt_texts, [self._text(row["chosen_ids"]) for row in rows])
             chosen = [Candidate(row["chosen_ids"], s) for row, s in zip(rows, chosen_scores)]
         judge_seconds = time.perf_counter() - t1

@@ -34,6 +34,7 @@ from typing import Any, Mapping, Optional, Sequence
 import torch
 
 from ray_dpo.config import OnlineConfig, SamplingConfig
+from ray_dpo.registry import Registry
 from ray_dpo.online.weight_sync import (
     LoadReport,
     Probe,
@@ -78,6 +79,13 @@ class GenerationEngine:
     """
 
     backend = "?"
+    takes_max_model_len = False
+    """Its constructor takes max_model_len (a context bound the caller should set)."""
+
+    @staticmethod
+    def actor_env(use_gpu: bool) -> dict[str, str]:
+        """Environment variables the engine's Ray actor needs (on top of TOKENIZERS_PARALLELISM)."""
+        return {}
 
     def generate(self, prompts: Sequence[Sequence[int]], *, n: int, sampling: SamplingConfig,
                  seed: Optional[int] = None) -> list[list[Completion]]:
@@ -125,6 +133,15 @@ class VLLMEngine(GenerationEngine):
     """
 
     backend = "vllm"
+    takes_max_model_len = True
+
+    @staticmethod
+    def actor_env(use_gpu: bool) -> dict[str, str]:
+        env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+        if not use_gpu:
+            env.update(VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
+                       VLLM_CPU_OMP_THREADS_BIND=os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "nobind"))
+        return env
 
     def __init__(self, model_path: str, *, seed: int = 0, dtype: str = "fp32", device: str = "cpu",
                  max_model_len: Optional[int] = None, gpu_memory_utilization: float = 0.85,
@@ -390,7 +407,9 @@ def _read_safetensors_dir(path: str) -> dict[str, torch.Tensor]:
     return weights
 
 
-ENGINES: dict[str, type[GenerationEngine]] = {"vllm": VLLMEngine, "transformers": TransformersEngine}
+ENGINES: Registry[type[GenerationEngine]] = Registry(
+    "online.backend", {"vllm": VLLMEngine, "transformers": TransformersEngine})
+"""Every engine class online.backend may name; its facts are class attributes (takes_max_model_len, actor_env)."""
 
 
 # --------------------------------------------------------------------------- group
@@ -413,8 +432,7 @@ class GenerationGroup:
                  engine_options: Optional[dict] = None):
         import ray
 
-        if config.backend not in ENGINES:
-            raise ValueError(f"unknown online.backend {config.backend!r}; valid: {', '.join(ENGINES)}")
+        ENGINES.get(config.backend)  # ValueError naming the valid backends
         if config.num_engines < 1:
             raise ValueError(f"online.num_engines must be >= 1, got {config.num_engines}")
         self.config = config
@@ -553,12 +571,7 @@ def engine_actor_options(config: OnlineConfig, *, use_gpu: bool,
     num_cpus_per_engine: None takes online.num_cpus_per_engine. online.resources (e.g.
     {generation_node: 0.01}) pins the engines to the nodes that advertise them.
     """
-    env = {"TOKENIZERS_PARALLELISM": "false"}
-    if config.backend == "vllm":
-        env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-        if not use_gpu:
-            env.update(VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
-                       VLLM_CPU_OMP_THREADS_BIND=os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "nobind"))
+    env = {"TOKENIZERS_PARALLELISM": "false", **ENGINES.get(config.backend).actor_env(use_gpu)}
     return {
         "num_cpus": config.num_cpus_per_engine if num_cpus_per_engine is None else num_cpus_per_engine,
         "num_gpus": (config.gpus_per_engine or 1.0) if use_gpu else 0,
