@@ -9,14 +9,14 @@ same ``ray-dpo train CONFIG`` command a laptop or ``ray job submit`` runs (`trai
 Worker groups are derived from the config, never written by hand, so the cluster and the
 run cannot disagree:
 
-    policy      policy.num_workers x policy.gpus_per_worker     (+ policy.resources labels)
+    policy      policy.num_workers x policy.num_gpus_per_worker (+ policy.resources labels)
     reference   reference.num_actors x num_gpus_per_actor       (+ reference.resources labels)
                 (1 GPU per actor when that is 0 on a GPU run, as ReferenceGroup does;
                  no group of its own with reference.precompute, no resources and no
                  eval.prompts_file: the actors score the data before training on the
                  policy GPUs, then exit; none at all for a reference-free loss, SimPO or
                  ORPO, which starts no reference actor)
-    generation  online.num_engines x online.gpus_per_engine     (+ online.resources labels)
+    generation  online.num_engines x online.num_gpus_per_engine (+ online.resources labels)
     judge       online.judge.num_actors x num_gpus_per_actor    (+ online.judge.resources labels)
                 (both: 1 GPU per actor when that is 0 on a GPU run, as GenerationGroup and
                  RewardModelJudge do; generation when online.enabled or eval.prompts_file,
@@ -187,7 +187,7 @@ class GroupPlan:
 
     name: str
     sizing: str
-    """Human-readable arithmetic, e.g. "policy.num_workers=16 x policy.gpus_per_worker=1"."""
+    """Human-readable arithmetic, e.g. "policy.num_workers=16 x policy.num_gpus_per_worker=1"."""
     count: int
     per_pod: int
     replicas: int
@@ -243,9 +243,9 @@ def uses_gpu(cfg: RunConfig) -> bool:
     """Whether the rendered cluster has GPUs (what the driver's run.device=auto then sees)."""
     if cfg.run.device != "auto":
         return cfg.run.device == "cuda"
-    online = _runs_engines(cfg) and (cfg.online.gpus_per_engine > 0 or cfg.online.judge.num_gpus_per_actor > 0)
+    online = _runs_engines(cfg) and (cfg.online.num_gpus_per_engine > 0 or cfg.online.judge.num_gpus_per_actor > 0)
     reference = needs_reference(cfg) and cfg.reference.num_gpus_per_actor > 0
-    return cfg.policy.gpus_per_worker > 0 or reference or online
+    return cfg.policy.num_gpus_per_worker > 0 or reference or online
 
 
 def plan_groups(cfg: RunConfig, shape: ClusterShape) -> tuple[list[GroupPlan], list[str]]:
@@ -258,9 +258,9 @@ def plan_groups(cfg: RunConfig, shape: ClusterShape) -> tuple[list[GroupPlan], l
         groups.append(plan_and_warnings[0])
         warnings.extend(plan_and_warnings[1])
 
-    pol_gpus = pol.gpus_per_worker if gpu else 0.0
-    add(pack_group("policy", f"policy.num_workers={pol.num_workers} x policy.gpus_per_worker={pol_gpus:g}",
-                   count=pol.num_workers, gpus_each=pol_gpus, cpus_each=pol.cpus_per_worker,
+    pol_gpus = pol.num_gpus_per_worker if gpu else 0.0
+    add(pack_group("policy", f"policy.num_workers={pol.num_workers} x policy.num_gpus_per_worker={pol_gpus:g}",
+                   count=pol.num_workers, gpus_each=pol_gpus, cpus_each=pol.num_cpus_per_worker,
                    resources_each=pol.resources, shape=shape))
     # ReferenceGroup gives each actor num_gpus_per_actor GPUs, or 1 when that is 0, on a GPU run.
     ref_gpus = (ref.num_gpus_per_actor or 1.0) if gpu else 0.0
@@ -274,7 +274,7 @@ def plan_groups(cfg: RunConfig, shape: ClusterShape) -> tuple[list[GroupPlan], l
                        cpus_each=ref.num_cpus_per_actor, resources_each=ref.resources, shape=shape))
     if _runs_engines(cfg):
         # GenerationGroup and RewardModelJudge give each actor its GPUs, or 1 when that is 0, on a GPU run.
-        gen_gpus = (onl.gpus_per_engine or 1.0) if gpu else 0.0
+        gen_gpus = (onl.num_gpus_per_engine or 1.0) if gpu else 0.0
         add(pack_group("generation", f"online.num_engines={onl.num_engines} x {gen_gpus:g} GPU",
                        count=onl.num_engines, gpus_each=gen_gpus, cpus_each=onl.num_cpus_per_engine,
                        resources_each=onl.resources, shape=shape))

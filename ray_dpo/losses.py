@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from ray_dpo.registry import Registry
 
-if TYPE_CHECKING:  # config.py imports this module to validate loss names; avoid the cycle
+if TYPE_CHECKING:  # for annotations only: ray_dpo.config imports this module while checking a config
     from ray_dpo.config import LossConfig
 
 

@@ -419,8 +419,8 @@ class GenerationGroup:
     """``config.num_engines`` long-lived engine actors behind one ordered generate().
 
     model_path: the policy's initial HF model directory. config: OnlineConfig (backend,
-    num_engines, num_cpus_per_engine, gpus_per_engine, resources, samples_per_prompt,
-    sampling, weight_sync, sync_tolerance). use_gpu: engines on cuda with gpus_per_engine
+    num_engines, num_cpus_per_engine, num_gpus_per_engine, resources, samples_per_prompt,
+    sampling, weight_sync, sync_tolerance). use_gpu: engines on cuda with num_gpus_per_engine
     GPUs each (1 if 0). dtype: engine weights' dtype. seed: base seed; call k of generate()
     without a seed uses seed + k * 1_000_003 so rounds differ but reruns repeat.
     num_cpus_per_engine: overrides online.num_cpus_per_engine (None: the config's).
@@ -574,7 +574,7 @@ def engine_actor_options(config: OnlineConfig, *, use_gpu: bool,
     env = {"TOKENIZERS_PARALLELISM": "false", **ENGINES.get(config.backend).actor_env(use_gpu)}
     return {
         "num_cpus": config.num_cpus_per_engine if num_cpus_per_engine is None else num_cpus_per_engine,
-        "num_gpus": (config.gpus_per_engine or 1.0) if use_gpu else 0,
+        "num_gpus": (config.num_gpus_per_engine or 1.0) if use_gpu else 0,
         "resources": dict(config.resources),
         "runtime_env": {"env_vars": env},
     }
