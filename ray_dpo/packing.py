@@ -136,7 +136,7 @@ class PackedBatch:
         row is empty (some kernels return NaN for one, and NaN * 0 poisons the backward).
         """
         real = self.token_roles != ROLE_PAD
-        if self.layout == "padded":
+        if LAYOUTS[self.layout].padded:
             return real.long()
         T = self.input_ids.shape[1]
         seg, role = self.segment_ids, self.token_roles
@@ -395,11 +395,11 @@ def model_inputs(
     """
     ids, pos = batch.input_ids, batch.position_ids
     inputs = {"input_ids": ids, "position_ids": pos, "use_cache": False}
-    if batch.layout == "padded":
+    if LAYOUTS[batch.layout].padded:
         return {**inputs, "attention_mask": batch.attention_mask}
     if "flash" in attn_implementation:
         # GPU path: not testable on CPU CI.
-        if batch.layout != "packed":
+        if LAYOUTS[batch.layout].needs_4d_mask:
             raise ValueError(
                 f"layout {batch.layout!r} needs a 4D attention mask, which {attn_implementation} does not "
                 "take; use attn_implementation='sdpa' or 'eager', or layout='packed'"
