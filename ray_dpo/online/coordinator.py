@@ -77,6 +77,7 @@ class OnlineCoordinator:
         from ray_dpo.data.tokenizer_cache import load_tokenizer
         from ray_dpo.data.tokenize import PairTokenizer
         from ray_dpo.online.engine_group import GenerationGroup
+        from ray_dpo.online.generation import ENGINES
         from ray_dpo.online.judges import build_judge
         from ray_dpo.online.round_store import RoundStore
 
@@ -106,7 +107,7 @@ class OnlineCoordinator:
         self._probe = self._make_probe()
         self.judge = build_judge(cfg.online.judge, use_ray=False, use_gpu=use_gpu, dtype=cfg.model.dtype)
         engine_options = {}
-        if cfg.online.backend == "vllm":
+        if ENGINES.get(cfg.online.backend).takes_max_model_len:
             engine_options["max_model_len"] = cfg.data.max_length + cfg.online.sampling.max_new_tokens
         self.generation = GenerationGroup(
             model_path=cfg.model.name_or_path, config=cfg.online, use_gpu=use_gpu, dtype=cfg.model.dtype,
@@ -184,13 +185,15 @@ class OnlineCoordinator:
                                           eval_every=self.cfg.eval.every_steps, eval_sampling=True))
 
     def _sync_weights(self, step: int, weights: Optional[list], expected: list[float]) -> dict[str, float]:
+        from ray_dpo.online.weight_sync import SYNC_METHODS
+
         t0 = time.perf_counter()
         if weights is None:
             diff = self.generation.verify(self._probe, expected)
             metrics = {"sync/seconds": time.perf_counter() - t0, "sync/max_logprob_diff": diff}
         else:
             options = {}
-            if self.cfg.online.weight_sync == "checkpoint":
+            if SYNC_METHODS.get(self.cfg.online.weight_sync).needs_checkpoint_dir:
                 options["checkpoint_dir"] = os.path.join(self.cfg.run.storage_path, self.cfg.run.name,
                                                          "weight_sync")
             report = self.generation.sync_weights(weights[0], probe=self._probe, expected=expected, **options)
