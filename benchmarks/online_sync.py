@@ -68,7 +68,8 @@ def measure(backend: str, path: str, args) -> dict:
 
     from ray_dpo.config import OnlineConfig, SamplingConfig
     from ray_dpo.online.generation import GenerationGroup
-    from ray_dpo.online.weight_sync import random_probe, torch_probe_logps
+    from ray_dpo.batching.probe import torch_probe_logps
+    from ray_dpo.online.weight_sync import random_probe
 
     model, state = perturbed_state(path)
     probe = random_probe(model.config.vocab_size, num_sequences=4, seed=1, first_token=7)

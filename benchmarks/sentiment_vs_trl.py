@@ -356,7 +356,7 @@ class HeldoutEvaluator:
 
     @torch.inference_mode()
     def _logps(self, model, probe: list) -> list[float]:
-        from ray_dpo.online.weight_sync import torch_probe_logps
+        from ray_dpo.batching.probe import torch_probe_logps
 
         return [v for i in range(0, len(probe), self.batch_size)
                 for v in torch_probe_logps(model, probe[i:i + self.batch_size], pad_token_id=self.pad_id)]

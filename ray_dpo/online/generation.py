@@ -33,10 +33,10 @@ from typing import Any, Mapping, Optional, Sequence
 
 import torch
 
+from ray_dpo.batching.probe import Probe, torch_probe_logps
 from ray_dpo.config import OnlineConfig, SamplingConfig
 from ray_dpo.online.weight_sync import (
     LoadReport,
-    Probe,
     SyncReport,
     WeightSyncError,
     check_diffs,
@@ -47,7 +47,6 @@ from ray_dpo.online.weight_sync import (
     nccl_receive,
     plan_load,
     sync_method,
-    torch_probe_logps,
     tracked,
 )
 

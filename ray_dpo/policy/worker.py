@@ -43,10 +43,11 @@ import torch
 import torch.distributed as dist
 
 from ray_dpo import faults
+from ray_dpo.batching.budget import token_budget_micro_batches
+from ray_dpo.batching.layouts import batch_stats, build_batch, model_inputs, pair_logps
+from ray_dpo.batching.logps import mean_nll
 from ray_dpo.data.chat_template import export_tokenizer
-from ray_dpo.logprobs import mean_nll
 from ray_dpo.losses import LossSpec, dpo_loss, loss_spec
-from ray_dpo.packing import batch_stats, build_batch, model_inputs, pair_logps, token_budget_micro_batches
 from ray_dpo.policy.checkpoints import DS_DIR, HF_DIR, load_checkpoint, save_checkpoint  # noqa: F401
 from ray_dpo.policy.ds_config import build_ds_config, lr_lambda
 from ray_dpo.policy.step_metrics import SUMS, all_reduce_sums, global_kl, loss_metrics, metric_sums, sum_names
@@ -352,7 +353,7 @@ def run_step(worker: Worker, step: int) -> dict[str, Any]:
 
 def _budget_forwards(worker: Worker, micro_batches: list[list[dict]]) -> list[list[dict]]:
     """The rank's step re-cut by token budget: each feeder micro-batch split, in order, into
-    forwards of <= worker.max_tokens computed positions (packing.token_budget_micro_batches;
+    forwards of <= worker.max_tokens computed positions (batching.budget.token_budget_micro_batches;
     a pair over the budget alone gets its own forward). Every pair stays exactly once and the
     split is a pure function of the feeder's deterministic step, so resume is unchanged.
 
@@ -437,7 +438,7 @@ def sync_policy(worker: Worker, syncer, step: int, probe, *, send_weights: bool)
 
 
 def _probe_logps(worker: Worker, probe) -> Optional[list[float]]:
-    from ray_dpo.online.weight_sync import torch_probe_logps
+    from ray_dpo.batching.probe import torch_probe_logps
 
     if worker.rank != 0 and not worker.engine.zero_optimization_partition_weights():
         return None

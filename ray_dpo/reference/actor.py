@@ -14,7 +14,8 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 
-from ray_dpo.packing import build_batch, layout_names, micro_batch_cost, model_inputs, pair_logps
+from ray_dpo.batching.budget import micro_batch_cost
+from ray_dpo.batching.layouts import build_batch, layout_names, model_inputs, pair_logps
 
 logger = logging.getLogger("ray_dpo.reference")
 
@@ -49,7 +50,7 @@ class ReferenceActor:
         logits [positions, vocab] are the largest tensor, so this is the knob that bounds
         memory for long sequences and big vocabularies.
     A batch bigger than either limit is split; a single pair is never split.
-    layout: "padded" | "packed" | "prefix_shared" (ray_dpo.packing): same log-probs, fewer
+    layout: "padded" | "packed" | "prefix_shared" (ray_dpo.batching.layouts): same log-probs, fewer
         computed positions; prefix_shared needs attn_implementation sdpa or eager.
     max_tokens_per_row: packed / prefix_shared row capacity (None: one row per forward, no
         padding at all; with sdpa/eager the dense mask then costs T x T for T = the forward's
