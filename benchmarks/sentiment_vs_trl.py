@@ -219,11 +219,13 @@ def run_trl(cfg, texts: list[dict], tokens: list[dict], out_dir: str, max_steps:
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from ray_dpo.dtypes import torch_dtype
+
     Timer, InOrder = _trl_classes()
     batch = cfg.policy.num_workers * cfg.policy.micro_batch_size * cfg.policy.gradient_accumulation_steps
     steps = math.ceil(len(texts) / batch) * cfg.policy.num_epochs
     steps = min(steps, max_steps) if max_steps else steps
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.model.dtype]
+    dtype = torch_dtype(cfg.model.dtype)
     extra = {"attn_implementation": cfg.model.attn_implementation} if cfg.model.attn_implementation else {}
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer or cfg.model.name_or_path)
     model = AutoModelForCausalLM.from_pretrained(cfg.model.name_or_path, dtype=dtype, **extra)
@@ -349,9 +351,9 @@ class HeldoutEvaluator:
     def _load(self, model_dir: str):
         from transformers import AutoModelForCausalLM
 
-        from ray_dpo.online.generation import TORCH_DTYPES
+        from ray_dpo.dtypes import torch_dtype
 
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=TORCH_DTYPES[self.cfg.model.dtype])
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype(self.cfg.model.dtype))
         return model.eval().requires_grad_(False)
 
     @torch.inference_mode()

@@ -35,6 +35,7 @@ import torch
 
 from ray_dpo.batching.probe import Probe, torch_probe_logps
 from ray_dpo.config import OnlineConfig, SamplingConfig
+from ray_dpo.dtypes import dtype_name, torch_dtype
 from ray_dpo.online.weight_sync import (
     LoadReport,
     SyncReport,
@@ -51,9 +52,6 @@ from ray_dpo.online.weight_sync import (
 )
 
 logger = logging.getLogger("ray_dpo.online")
-
-TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-VLLM_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
 @dataclass
@@ -139,7 +137,7 @@ class VLLMEngine(GenerationEngine):
         from vllm import LLM
 
         kwargs: dict[str, Any] = {
-            "model": model_path, "tokenizer": tokenizer or model_path, "dtype": VLLM_DTYPES[dtype],
+            "model": model_path, "tokenizer": tokenizer or model_path, "dtype": dtype_name(dtype),
             "seed": seed, "enforce_eager": device == "cpu" if enforce_eager is None else enforce_eager,
         }
         if max_model_len:
@@ -255,7 +253,7 @@ class TransformersEngine(GenerationEngine):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.device = torch.device("cuda" if device == "cuda" and torch.cuda.is_available() else "cpu")
-        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=TORCH_DTYPES[dtype]).to(self.device)
+        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch_dtype(dtype)).to(self.device)
         self.model.eval().requires_grad_(False)
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(tokenizer or model_path)

@@ -25,6 +25,7 @@ import time
 from typing import Any, Callable, Protocol, Sequence, Union
 
 from ray_dpo.config import JudgeConfig
+from ray_dpo.dtypes import torch_dtype
 
 FUNCTION_KEY = "online.judge.function"
 REWARD_MODEL_KEY = "online.judge.reward_model"
@@ -216,9 +217,8 @@ class RewardModelActor:
         import torch
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-        dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
         self.device = torch.device("cuda" if device == "cuda" and torch.cuda.is_available() else "cpu")
-        self.model = AutoModelForSequenceClassification.from_pretrained(model_path, dtype=dtypes[dtype])
+        self.model = AutoModelForSequenceClassification.from_pretrained(model_path, dtype=torch_dtype(dtype))
         if self.model.config.num_labels != 1:
             raise JudgeError(f"{REWARD_MODEL_KEY}: {model_path} has num_labels="
                              f"{self.model.config.num_labels}; a reward model must output one score "

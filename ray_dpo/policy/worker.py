@@ -47,12 +47,12 @@ from ray_dpo.batching.budget import token_budget_micro_batches
 from ray_dpo.batching.layouts import batch_stats, build_batch, model_inputs, pair_logps
 from ray_dpo.batching.logps import mean_nll
 from ray_dpo.data.chat_template import export_tokenizer
+from ray_dpo.dtypes import torch_dtype
 from ray_dpo.losses import LossSpec, dpo_loss, loss_spec
 from ray_dpo.policy.checkpoints import DS_DIR, HF_DIR, load_checkpoint, save_checkpoint  # noqa: F401
 from ray_dpo.policy.ds_config import build_ds_config, lr_lambda
 from ray_dpo.policy.step_metrics import SUMS, all_reduce_sums, global_kl, loss_metrics, metric_sums, sum_names
 
-_TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Dense bf16 peak FLOP/s per GPU (no sparsity), matched against torch.cuda.get_device_name()
 # by substring, first match wins (so "H100" variants go before a bare "H100"). perf/mfu is
 # logged only when the device is in this table: on CPU there is no meaningful peak, so no mfu.
@@ -224,7 +224,7 @@ def setup_engine(model_cfg, policy, *, device: torch.device, world_size: int, to
     # only its partition of the weights (deepspeed.zero.Init) instead of a full copy.
     hf_ds_config = HfDeepSpeedConfig(ds_config) if policy.zero_stage == 3 else None
     extra = {"attn_implementation": model_cfg.attn_implementation} if model_cfg.attn_implementation else {}
-    model = AutoModelForCausalLM.from_pretrained(model_cfg.name_or_path, dtype=_TORCH_DTYPES[model_cfg.dtype],
+    model = AutoModelForCausalLM.from_pretrained(model_cfg.name_or_path, dtype=torch_dtype(model_cfg.dtype),
                                                  trust_remote_code=model_cfg.trust_remote_code, **extra)
     if model_cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
