@@ -50,6 +50,7 @@ from ray_dpo.online.weight_sync import (
     sync_method,
     tracked,
 )
+from ray_dpo.resources import actor_options
 
 logger = logging.getLogger("ray_dpo.online")
 
@@ -556,12 +557,10 @@ def engine_actor_options(config: OnlineConfig, *, use_gpu: bool,
         if not use_gpu:
             env.update(VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
                        VLLM_CPU_OMP_THREADS_BIND=os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "nobind"))
-    return {
-        "num_cpus": config.num_cpus_per_engine if num_cpus_per_engine is None else num_cpus_per_engine,
-        "num_gpus": (config.gpus_per_engine or 1.0) if use_gpu else 0,
-        "resources": dict(config.resources),
-        "runtime_env": {"env_vars": env},
-    }
+    return actor_options(
+        num_cpus=config.num_cpus_per_engine if num_cpus_per_engine is None else num_cpus_per_engine,
+        num_gpus=config.gpus_per_engine, resources=config.resources, use_gpu=use_gpu, env_vars=env,
+    )
 
 
 def _chunks(total: int, parts: int) -> list[tuple[int, int]]:

@@ -26,6 +26,7 @@ from typing import Any, Callable, Protocol, Sequence, Union
 
 from ray_dpo.config import JudgeConfig
 from ray_dpo.dtypes import torch_dtype
+from ray_dpo.resources import actor_options
 
 FUNCTION_KEY = "online.judge.function"
 REWARD_MODEL_KEY = "online.judge.reward_model"
@@ -259,12 +260,11 @@ def reward_model_actor_options(config: JudgeConfig, *, use_gpu: bool,
     num_cpus_per_actor: None takes online.judge.num_cpus_per_actor. online.judge.resources
     (e.g. {judge_node: 0.01}) pins the actors to the nodes that advertise them.
     """
-    return {
-        "num_cpus": config.num_cpus_per_actor if num_cpus_per_actor is None else num_cpus_per_actor,
-        "num_gpus": (config.num_gpus_per_actor or 1.0) if use_gpu else 0,
-        "resources": dict(config.resources),
-        "runtime_env": {"env_vars": {"TOKENIZERS_PARALLELISM": "false"}},
-    }
+    return actor_options(
+        num_cpus=config.num_cpus_per_actor if num_cpus_per_actor is None else num_cpus_per_actor,
+        num_gpus=config.num_gpus_per_actor, resources=config.resources, use_gpu=use_gpu,
+        env_vars={"TOKENIZERS_PARALLELISM": "false"},
+    )
 
 
 class RewardModelJudge:

@@ -17,6 +17,7 @@ PURE = [
     "ray_dpo.cli",
     "ray_dpo.k8s",
     "ray_dpo.dtypes",
+    "ray_dpo.resources",
     "ray_dpo.batching.layouts",
     "ray_dpo.batching.budget",
     "ray_dpo.batching.probe",
