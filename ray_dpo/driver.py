@@ -116,7 +116,7 @@ def run_dpo(cfg: RunConfig) -> TrainSummary:
     init_ray(cfg)
     gpu = use_gpus(cfg)
     tracker = _start_tracking(cfg, mode="online" if cfg.online.enabled else "offline")
-    coordinator = None
+    follower = None  # the engines that follow the policy: the online coordinator, or offline eval
     try:
         train, evaluation = _load_data(cfg)
         report = {**data_report(train, evaluation), "loss": _loss_facts(cfg)}
@@ -124,37 +124,18 @@ def run_dpo(cfg: RunConfig) -> TrainSummary:
         tracker.log_json(report, "data_report.json")
         tracker.log_metrics(data_metrics(train.counters), step=0)
         watch: dict[str, list[str]] = {}  # role -> actor ids whose restarts MLflow counts
-        if cfg.online.enabled:
-            # Rounds: the coordinator is the feeder, and it drives the generation engines.
-            group = _reference_group(cfg, gpu)
-            watch["reference"] = group.actor_ids
-            coordinator = _start_coordinator(cfg, tracker, train=train, evaluation=evaluation,
-                                             reference=group, gpu=gpu, watch=watch)
-            feeder = coordinator
-            total_steps = ray.get(feeder.total_steps.remote())
-        else:
-            # A reference-free loss (SimPO, ORPO) starts no reference actor at all.
-            group = _reference_group(cfg, gpu) if needs_reference(cfg) else None
-            if group is not None and not cfg.reference.precompute:
-                watch["reference"] = group.actor_ids
-            feeder = _start_feeder(cfg, train, evaluation, group)
-            watch["feeder"] = [feeder._actor_id.hex()]
-            total_steps = ray.get(feeder.total_steps.remote())
-            if cfg.eval.prompts_file:
-                # Held-out sampling only, so offline runs log eval/judge_score and eval/kl too;
-                # it scores through the feeder's reference actors unless precompute freed them.
-                reference = _reference_group(cfg, gpu) if cfg.reference.precompute else group
-                coordinator = _start_coordinator(cfg, tracker, train=None, evaluation=None, reference=reference,
-                                                 gpu=gpu, watch=watch, total_steps=total_steps)
-        result = _fit_policy(cfg, feeder, tracker, total_steps=total_steps, gpu=gpu, sync=coordinator,
+        feeder, follower, total_steps = _start_roles(cfg, tracker, train, evaluation, gpu, watch)
+        result = _fit_policy(cfg, feeder, tracker, total_steps=total_steps, gpu=gpu, sync=follower,
                              watch=watch)
+        if follower is not None:
+            ray.get(follower.finish.remote())  # the last held-out eval, still being scored
         summary = _summarize(cfg, tracker, result, total_steps, report, time.monotonic() - t0)
     except BaseException:
         tracker.finish("FAILED")
         raise
     finally:
-        if coordinator is not None:
-            _close(coordinator)
+        if follower is not None:
+            _close(follower)
     tracker.finish("FINISHED")
     return summary
 
@@ -240,27 +221,55 @@ def _reference_group(cfg: RunConfig, gpu: bool):
     return ReferenceGroup(**reference_group_kwargs(cfg, gpu))
 
 
-def _start_coordinator(cfg: RunConfig, tracker, *, train, evaluation, reference, gpu: bool, watch: dict,
-                       total_steps: int | None = None):
-    """The OnlineCoordinator; its restarts and its engines' go to MLflow through ``watch``."""
-    from ray_dpo.online.coordinator import start_coordinator
+def _start_roles(cfg: RunConfig, tracker, train, evaluation, gpu: bool, watch: dict):
+    """(the workers' step source, the engines that follow the policy or None, total steps).
 
-    coordinator = start_coordinator(cfg, train=train, evaluation=evaluation, reference=reference,
-                                    tracking_uri=tracker.uri, run_id=tracker.run_id, use_gpu=gpu,
-                                    total_steps=total_steps)
-    watch["coordinator"] = [coordinator._actor_id.hex()]
-    watch["engine"] = ray.get(coordinator.engine_actor_ids.remote())
-    return coordinator
+    Online: the coordinator is both (rounds, engines, held-out eval). Offline: a BatchFeeder
+    over the reference group or cache, and with eval.prompts_file a PolicyFollower for the
+    held-out eval, so offline runs log eval/judge_score and eval/kl too.
+    """
+    if cfg.online.enabled:
+        from ray_dpo.online.coordinator import start_coordinator
+
+        group = _reference_group(cfg, gpu)
+        watch["reference"] = group.actor_ids
+        coordinator = start_coordinator(cfg, train=train, evaluation=evaluation, reference=group,
+                                        tracking_uri=tracker.uri, run_id=tracker.run_id, use_gpu=gpu)
+        _watch_engines(watch, coordinator, role="coordinator")
+        return coordinator, coordinator, ray.get(coordinator.total_steps.remote())
+    # A reference-free loss (SimPO, ORPO) starts no reference actor at all.
+    group = _reference_group(cfg, gpu) if needs_reference(cfg) else None
+    if group is not None and not cfg.reference.precompute:
+        watch["reference"] = group.actor_ids
+    feeder = _start_feeder(cfg, train, evaluation, group)
+    watch["feeder"] = [feeder._actor_id.hex()]
+    total_steps = ray.get(feeder.total_steps.remote())
+    follower = None
+    if cfg.eval.prompts_file:
+        from ray_dpo.online.follower import start_follower
+
+        # It scores through the feeder's reference actors unless precompute freed them.
+        reference = _reference_group(cfg, gpu) if cfg.reference.precompute else group
+        follower = start_follower(cfg, reference=reference, total_steps=total_steps, tracking_uri=tracker.uri,
+                                  run_id=tracker.run_id, use_gpu=gpu)
+        _watch_engines(watch, follower, role="eval")
+    return feeder, follower, total_steps
 
 
-def _close(coordinator) -> None:
-    """Stop the engines, judges and feeders the coordinator owns (best effort: the run's
-    outcome is already decided)."""
+def _watch_engines(watch: dict, follower, *, role: str) -> None:
+    """Count the restarts of the actor and of its generation engines in MLflow."""
+    watch[role] = [follower._actor_id.hex()]
+    watch["engine"] = ray.get(follower.engine_actor_ids.remote())
+
+
+def _close(follower) -> None:
+    """Stop the engines, judges and feeders the coordinator or eval actor owns (best effort:
+    the run's outcome is already decided)."""
     try:
-        ray.get(coordinator.close.remote(), timeout=60)
+        ray.get(follower.close.remote(), timeout=60)
     except Exception as err:  # noqa: BLE001
-        logger.warning("closing the online coordinator failed: %s", err)
-    ray.kill(coordinator)
+        logger.warning("closing the generation engines' actor failed: %s", err)
+    ray.kill(follower)
 
 
 def _start_feeder(cfg: RunConfig, train, evaluation, group):

@@ -425,7 +425,7 @@ def sync_policy(worker: Worker, syncer, step: int, probe, *, send_weights: bool)
 
     Every rank calls this at the same step: under ZeRO-3 the probe forward and the gather
     are collective. Rank 0 puts the full state dict (Hugging Face names) in the object
-    store and blocks in the coordinator's sync; no collective waits on that, so a long
+    store and blocks in the coordinator's advance; no collective waits on that, so a long
     generation never hits the process group's timeout. The other ranks go on to the next
     step and wait in get_step until its data exists.
     """
@@ -433,7 +433,7 @@ def sync_policy(worker: Worker, syncer, step: int, probe, *, send_weights: bool)
     weights = _gather_weights(worker) if send_weights else None
     if worker.rank == 0:
         refs = [ray.put(weights)] if weights is not None else None  # in a list: passed as a reference
-        ray.get(syncer.sync.remote(step, refs, expected))
+        ray.get(syncer.advance.remote(step, refs, expected))
 
 
 def _probe_logps(worker: Worker, probe) -> Optional[list[float]]:

@@ -185,7 +185,7 @@ def test_a_broken_sync_stops_with_a_clear_error(ray_cluster, tiny_config, tiny_a
     try:
         model = AutoModelForCausalLM.from_pretrained(cfg.model.name_or_path)
         probe = ray.get(coordinator.probe.remote())
-        metrics = ray.get(coordinator.sync.remote(0, None, torch_probe_logps(model, probe)))
+        metrics = ray.get(coordinator.advance.remote(0, None, torch_probe_logps(model, probe)))
         assert metrics["sync/max_logprob_diff"] <= TOLERANCE
         assert ray.get(coordinator.num_pairs_in_step.remote(0)) > 0  # round 0 was built
 
@@ -196,7 +196,7 @@ def test_a_broken_sync_stops_with_a_clear_error(ray_cluster, tiny_config, tiny_a
                 p.add_(0.05 * torch.randn(p.shape, generator=gen))
         steps_per_round = ray.get(coordinator.steps_per_epoch.remote())
         with pytest.raises(WeightSyncError, match=r"engine 0 \(transformers.*online\.sync_tolerance = 0\.001"):
-            ray.get(coordinator.sync.remote(steps_per_round, [ray.put(stale)], torch_probe_logps(model, probe)))
+            ray.get(coordinator.advance.remote(steps_per_round, [ray.put(stale)], torch_probe_logps(model, probe)))
         with pytest.raises(WeightSyncError):  # a worker asking for round 1 does not hang
             ray.get(coordinator.get_step.remote(steps_per_round, 0), timeout=120)
     finally:

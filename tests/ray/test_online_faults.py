@@ -67,8 +67,10 @@ def test_a_killed_vllm_engine_is_restarted_resynced_and_the_rounds_complete(ray_
 
 @pytest.mark.extended
 def test_a_killed_coordinator_is_restarted_and_reads_its_round_back(ray_cluster, tiny_config, tmp_path):
+    """Killed at step 2: round 1's last steps come from the restarted coordinator, which
+    reads the round back instead of sampling it again."""
     cfg = online_config(tiny_config, "kill-coordinator", "transformers")
-    code, console = run(cfg, tmp_path, ray_cluster, kill="coordinator")
+    code, console = run(cfg, tmp_path, ray_cluster, kill="coordinator", at=2)
     mlflow_run = assert_complete(cfg, code, console)
     assert mlflow_run.data.metrics["faults/coordinator_restarts"] == 1, console[-4000:]
     assert "online round 1/2: " in console and "pairs read back from" in console, console[-4000:]
