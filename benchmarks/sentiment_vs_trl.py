@@ -286,9 +286,9 @@ def _ref_cache_note(cfg, params: dict, start: float, first_step: float) -> tuple
 
 def read_ray_dpo_run(cfg, run_name: str) -> dict:
     """Timings and held-out evals of a ray_dpo run, from its MLflow store."""
-    from ray_dpo.tracking.mlflow_sink import _client, resolve_tracking_uri
+    from ray_dpo.tracking.mlflow_sink import mlflow_client, resolve_tracking_uri
 
-    client = _client(resolve_tracking_uri(cfg.tracking.mlflow, cfg.run.storage_path))
+    client = mlflow_client(resolve_tracking_uri(cfg.tracking.mlflow, cfg.run.storage_path))
     run = _find_run(client, cfg.tracking.mlflow.experiment, run_name)
     rid = run.info.run_id
     loss, judge, kl = (_history(client, rid, k) for k in ("train/loss", "eval/judge_score", "eval/kl"))

@@ -23,7 +23,9 @@ import ray
 
 from ray_dpo import console
 from ray_dpo.config import RunConfig, flatten, join_path, local_cpus_needed, to_yaml, with_absolute_paths
-from ray_dpo.data.pipeline import build_pair_data, data_metrics, data_report, expand_files, format_report
+from ray_dpo.data.files import expand_files
+from ray_dpo.data.pipeline import build_pair_data
+from ray_dpo.data.report import data_metrics, data_report, format_report
 from ray_dpo.loss_rules import needs_reference, trains_unpaired
 from ray_dpo.tracking.metrics import CountProgress
 
@@ -324,6 +326,7 @@ def _fit_policy(cfg: RunConfig, feeder, tracker, *, total_steps: int, gpu: bool,
     from ray.train import TrainingFailedError
     from ray.train.torch import TorchTrainer
 
+    from ray_dpo.policy.loop_spec import TrainLoopSpec
     from ray_dpo.policy.worker import train_loop_per_worker
     from ray_dpo.tracking.callback import TrackingCallback
 
@@ -337,12 +340,11 @@ def _fit_policy(cfg: RunConfig, feeder, tracker, *, total_steps: int, gpu: bool,
         ledger_path=join_path(_run_dir(cfg), "ledger.jsonl") if "://" not in storage else None,
         max_failures=cfg.policy.max_failures, watch=watch,
     )
-    spec = {"model": cfg.model, "policy": cfg.policy, "loss": cfg.loss, "eval_every": cfg.eval.every_steps,
-            "feeder": feeder, "sync": sync, "log_every": cfg.tracking.log_every_steps, "device": "cuda" if gpu else "cpu",
-            "run_dir": _run_dir(cfg)}
+    spec = TrainLoopSpec(model=cfg.model, policy=cfg.policy, loss=cfg.loss, eval_every=cfg.eval.every_steps,
+                         feeder=feeder, sync=sync, device="cuda" if gpu else "cpu", run_dir=_run_dir(cfg))
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=spec,
+        train_loop_config=spec.as_config(),
         scaling_config=ScalingConfig(num_workers=cfg.policy.num_workers, use_gpu=gpu,
                                      resources_per_worker=resources),
         run_config=TrainRunConfig(

@@ -1,1 +1,2 @@
-"""Preference data: row formats (formats.py), tokenization (tokenize.py), Ray Data pipeline."""
+"""Preference data: row formats (formats.py), tokenization (tokenize.py, fitting.py,
+counters.py), Ray Data pipeline (pipeline.py and its stages)."""

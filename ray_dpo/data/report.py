@@ -1,7 +1,7 @@
 """The data report for people and for MLflow: what happened to the rows read and why.
 
-``format_report`` turns ``ray_dpo.data.pipeline.data_report``'s dict into console lines,
-e.g.
+``data_report`` gathers the splits' summaries into one JSON-able dict (an MLflow
+artifact); ``format_report`` turns that dict into console lines, e.g.
 
     train: 960 pairs from 1 file(s); read 1000, ok 600, truncated 360, dropped 40, skipped 0; ...
         truncated 360 (36.0% of read): 330 (33.0%) lost the start of the conversation
@@ -13,19 +13,24 @@ e.g.
 up to more than the truncated count.)
 
 ``data_metrics`` gives the data/* metrics logged at step 0. Cause keys are
-``ray_dpo.data.tokenize.CAUSES``.
+``ray_dpo.data.counters.CAUSES``.
 
 This module is pure: it imports neither ray, deepspeed nor vllm.
 """
 
 from __future__ import annotations
 
-from ray_dpo.data.tokenize import CAUSES, DataCounters
+from typing import TYPE_CHECKING, Optional
+
+from ray_dpo.data.counters import CAUSES, DataCounters
+
+if TYPE_CHECKING:  # the pipeline imports ray; the report only reads PairData
+    from ray_dpo.data.pipeline import PairData
 
 
 def data_metrics(counters: DataCounters) -> dict[str, float]:
     """data/* metrics of one split's counters: data/<status>, data/<status>/<cause> (keys of
-    ray_dpo.data.tokenize.CAUSES) and data/tokens/<prompt|response|total>_<p50|p90|p99|max>."""
+    ray_dpo.data.counters.CAUSES) and data/tokens/<prompt|response|total>_<p50|p90|p99|max>."""
     metrics = {f"data/{name}": float(getattr(counters, name))
                for name in ("read", "ok", "truncated", "dropped", "skipped")}
     for status in ("truncated", "dropped", "skipped"):
@@ -81,3 +86,17 @@ def format_report(report: dict) -> str:
     if loss.get("summary"):
         lines.append(f"loss: {loss['summary']}")
     return "\n".join(lines)
+
+
+def data_report(train: PairData, eval: Optional[PairData] = None) -> dict:  # noqa: A002
+    """JSON-able data report (MLflow artifact, console): per split the counters (with
+    per-cause counts and length histograms), pair count, fingerprint, token stats, files
+    and ``lengths``: p50 / p90 / p99 / max tokens of prompt, longer response and their
+    total before fitting."""
+    report = {"train": train.summary(), "eval": eval.summary() if eval is not None else None}
+    for split, data in (("train", train), ("eval", eval)):
+        if data is not None:
+            report[split]["lengths"] = data.counters.length_summary()
+    kept = train.counters.kept
+    report["train"]["kept_fraction"] = round(kept / train.counters.read, 4) if train.counters.read else 0.0
+    return report

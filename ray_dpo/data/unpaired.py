@@ -18,7 +18,8 @@ desirable (pair id ``<file>:<line>/chosen``) and rejected undesirable (``.../rej
 in the data report such a pair counts as two rows, whatever its status.
 
 The mismatch is taken within one tokenize block (consecutive rows of one file, at most
-READ_CHUNK_ROWS), in row order, so it is deterministic and the reference cache stays valid.
+data.readers.READ_CHUNK_ROWS), in row order, so it is deterministic and the reference
+cache stays valid.
 A block in which every kept example has the same prompt has nothing to mismatch with: its
 examples keep their own completion as y' (the estimate is then the matched log-ratio).
 
@@ -28,7 +29,8 @@ Pure: imports neither ray, deepspeed nor vllm.
 from __future__ import annotations
 
 import dataclasses
-from ray_dpo.data.tokenize import TokenizeResult
+
+from ray_dpo.data.counters import TokenizeResult
 
 UNPAIRED_SUFFIXES = ("/chosen", "/rejected")
 _LOOKAHEAD = 64  # rows searched for a different prompt before giving up on a mismatch

@@ -63,7 +63,7 @@ class PolicyFollower:
     def __init__(self, spec: FollowerSpec, *, reference: Any, tracking_uri: Optional[str], run_id: Optional[str],
                  use_gpu: bool, probe_rows: Optional[list] = None):
         from ray_dpo.data.chat_template import resolve_chat_template
-        from ray_dpo.data.pipeline import load_tokenizer
+        from ray_dpo.data.tokenizer_cache import load_tokenizer
         from ray_dpo.online.engine_group import GenerationGroup
         from ray_dpo.online.judges import build_judge
 
@@ -181,10 +181,10 @@ class PolicyFollower:
         uri, run_id = self._tracking
         if not uri or not run_id or not metrics:
             return
-        from ray_dpo.tracking.mlflow_sink import _client, log_metrics
+        from ray_dpo.tracking.mlflow_sink import log_metrics, mlflow_client
 
         if self._client is None:
-            self._client = _client(uri)
+            self._client = mlflow_client(uri)
         log_metrics(self._client, run_id, {k: v for k, v in metrics.items() if math.isfinite(v)}, step)
 
 

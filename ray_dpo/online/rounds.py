@@ -31,7 +31,7 @@ import random
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
-from ray_dpo.data.tokenize import fit_lengths
+from ray_dpo.data.fitting import fit_lengths
 
 
 @dataclass(frozen=True)

@@ -1,15 +1,18 @@
 """The policy worker: one DeepSpeed engine per Ray Train worker, DPO steps fed by the BatchFeeder.
 
-    train_loop_per_worker(spec)        run by ray.train.torch.TorchTrainer on every worker
+    train_loop_per_worker(config)      run by ray.train.torch.TorchTrainer on every worker, with
+                                       config = TrainLoopSpec.as_config() (policy/loop_spec.py)
       setup_engine                     model (partitioned at load under ZeRO-3), AdamW, LambdaLR
       load_checkpoint                  resume from ray.train.get_checkpoint()
       for each optimizer step:
         run_step                       feeder micro-batches -> forward/backward -> engine.step
-        evaluate                       every spec["eval_every"] steps and at the end
+        evaluate                       every spec.eval_every steps and at the end
         sync_policy                    at the coordinator's sync points (online rounds,
                                        held-out sampling): weights -> generation engines
+                                       (policy/weights.py)
         save_checkpoint / report       every rank reports, every step (Ray Train V2 needs it)
       export_hf                        the final policy in Hugging Face format, under hf_model/
+                                       (policy/weights.py)
 
 Step numbering: the feeder's steps are 0-based indices; the reported "step" is the number
 of optimizer steps completed (1 after the first update), which is also what a checkpoint's
@@ -27,11 +30,8 @@ names the node of a failed rank and the step a rerun resumes from.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
-import os
-import shutil
 import time
 import uuid
 from typing import Any, Optional
@@ -43,13 +43,15 @@ import torch
 import torch.distributed as dist
 
 from ray_dpo import faults
-from ray_dpo.data.chat_template import export_tokenizer
+from ray_dpo.config import LossConfig, PolicyConfig
 from ray_dpo.logprobs import mean_nll
 from ray_dpo.losses import LossSpec, dpo_loss, loss_spec
 from ray_dpo.packing import batch_stats, build_batch, model_inputs, pair_logps, token_budget_micro_batches
 from ray_dpo.policy.checkpoints import DS_DIR, HF_DIR, load_checkpoint, save_checkpoint  # noqa: F401
 from ray_dpo.policy.ds_config import build_ds_config, lr_lambda
+from ray_dpo.policy.loop_spec import TrainLoopSpec
 from ray_dpo.policy.step_metrics import SUMS, all_reduce_sums, global_kl, loss_metrics, metric_sums, sum_names
+from ray_dpo.policy.weights import export_hf, sync_policy
 
 _TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Dense bf16 peak FLOP/s per GPU (no sparsity), matched against torch.cuda.get_device_name()
@@ -67,57 +69,57 @@ class Worker:
 
     engine: Any  # deepspeed.DeepSpeedEngine
     feeder: Any  # ActorHandle of a BatchFeeder
-    loss: Any  # LossConfig
-    spec: LossSpec  # the loss's registry entry: reference or not, pairs or unpaired, metrics
+    loss: LossConfig
+    policy: PolicyConfig  # gradient_accumulation_steps, layout, max_tokens_per_micro_batch / _row
     rank: int
     world_size: int
     device: torch.device
     pad_token_id: int
-    grad_accum: int
     total_steps: int
     steps_per_epoch: Optional[int] = None  # None when the feeder does not say
-    layout: str = "padded"  # PolicyConfig.layout
-    max_tokens: Optional[int] = None  # PolicyConfig.max_tokens_per_micro_batch
-    max_tokens_per_row: Optional[int] = None  # PolicyConfig.max_tokens_per_row
     attn_implementation: str = "sdpa"  # what the loaded model uses (model_inputs needs it)
     num_params: int = 0  # for perf/mfu: ~6 * params FLOPs per computed position (fwd + bwd)
     peak_flops: Optional[float] = None  # per device; None: unknown (CPU), no perf/mfu
     # transformers reads ZeRO-3 settings through a weak reference to this object: it must
     # outlive the model, or transformers silently stops treating parameters as partitioned.
     hf_ds_config: Optional[Any] = None
+    # the loss's registry entry (from loss.type): reference or not, pairs or unpaired, metrics
+    loss_spec: LossSpec = dataclasses.field(init=False)
+
+    def __post_init__(self):
+        self.loss_spec = loss_spec(self.loss.type)
 
 
 # --------------------------------------------------------------------------- entry point
 
 
-def train_loop_per_worker(spec: dict) -> None:
-    """Ray Train worker loop; spec keys: model, policy, loss (config dataclasses), eval_every,
-    feeder (BatchFeeder or OnlineCoordinator handle), sync (OnlineCoordinator handle or None),
-    log_every (unused here: the driver's callback filters),
-    device ("cpu" | "cuda" | None = cuda if available)."""
-    faults.arm_sigterm_grace(spec["policy"].sigterm_grace_s)
+def train_loop_per_worker(config: dict) -> None:
+    """Ray Train worker loop; config: TrainLoopSpec.as_config() (Ray Train hands the loop a
+    dict), the spec's fields documented in ray_dpo.policy.loop_spec."""
+    spec = TrainLoopSpec.from_config(config)
+    faults.arm_sigterm_grace(spec.policy.sigterm_grace_s)
     try:
         _train(spec)
     finally:
         faults.arm_sigterm_grace(0.0)  # Ray stopping a finished or failed group: no grace
 
 
-def _train(spec: dict) -> None:
-    policy = spec["policy"]
+def _train(spec: TrainLoopSpec) -> None:
+    policy = spec.policy
     worker = _make_worker(spec)
     step = load_checkpoint(worker.engine, rank=worker.rank)
     # Which start of the worker group a report comes from, and where this rank runs.
     tags = {"attempt": uuid.uuid4().hex, "node": ray.util.get_node_ip_address(), "resumed_from": step}
     if step >= worker.total_steps:
         return  # a finished run started again: its last checkpoint is already final
-    syncer = spec.get("sync")  # OnlineCoordinator: generation engines that follow the policy
+    syncer = spec.sync  # OnlineCoordinator: generation engines that follow the policy
     sync_points, probe = set(), None
     if syncer is not None:
         sync_points, probe = set(ray.get(syncer.sync_points.remote())), ray.get(syncer.probe.remote())
         # Always at the start: step 0 verifies the engines (and is the initial policy's
         # eval); a resumed run must bring the engines to the checkpoint's weights.
         sync_policy(worker, syncer, step, probe, send_weights=step > 0)
-    eval_every = spec.get("eval_every") or 0
+    eval_every = spec.eval_every or 0
     every = policy.checkpoint_every_steps
     sigterm_saved = False
     while step < worker.total_steps:
@@ -132,9 +134,9 @@ def _train(spec: dict) -> None:
         if step in sync_points:
             sync_policy(worker, syncer, step, probe, send_weights=True)
         if last or (every and step % every == 0) or sigterm:
-            model = spec["model"] if last and policy.save_hf_model else None
+            model = spec.model if last and policy.save_hf_model else None
             export = (lambda out_dir: export_hf(worker, model, out_dir)) if model is not None else None
-            save_checkpoint(worker, step, metrics, run_dir=spec.get("run_dir"), export=export)
+            save_checkpoint(worker, step, metrics, run_dir=spec.run_dir, export=export)
             if sigterm:
                 # Every rank: Ray Train registers the checkpoint only once it has every
                 # rank's report, so the signalled rank leaves after all were taken.
@@ -145,25 +147,21 @@ def _train(spec: dict) -> None:
             ray.train.report(metrics)
 
 
-def _make_worker(spec: dict) -> Worker:
+def _make_worker(spec: TrainLoopSpec) -> Worker:
     ctx = ray.train.get_context()
     rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
-    policy, feeder = spec["policy"], spec["feeder"]
-    device = _pick_device(spec.get("device"))
+    policy, feeder = spec.policy, spec.feeder
+    device = _pick_device(spec.device)
     total_steps = ray.get(feeder.total_steps.remote())
     # Optional feeder method (BatchFeeder has it): only the "epoch" metric needs it.
     steps_per_epoch = ray.get(feeder.steps_per_epoch.remote()) if hasattr(feeder, "steps_per_epoch") else None
     if policy.max_steps:
         total_steps = min(total_steps, policy.max_steps)
-    engine, hf_ds_config = setup_engine(spec["model"], policy, device=device, world_size=world_size,
+    engine, hf_ds_config = setup_engine(spec.model, policy, device=device, world_size=world_size,
                                         total_steps=total_steps)
-    return Worker(engine=engine, feeder=feeder, loss=spec["loss"], spec=loss_spec(spec["loss"].type),
-                  rank=rank, world_size=world_size,
-                  device=device, pad_token_id=_pad_token_id(engine.module.config),
-                  grad_accum=policy.gradient_accumulation_steps, total_steps=total_steps,
-                  steps_per_epoch=steps_per_epoch, hf_ds_config=hf_ds_config,
-                  layout=policy.layout, max_tokens=policy.max_tokens_per_micro_batch,
-                  max_tokens_per_row=policy.max_tokens_per_row,
+    return Worker(engine=engine, feeder=feeder, loss=spec.loss, policy=policy, rank=rank, world_size=world_size,
+                  device=device, pad_token_id=model_pad_token_id(engine.module.config),
+                  total_steps=total_steps, steps_per_epoch=steps_per_epoch, hf_ds_config=hf_ds_config,
                   attn_implementation=engine.module.config._attn_implementation or "eager",
                   num_params=_num_params(engine), peak_flops=_peak_flops(device))
 
@@ -195,8 +193,8 @@ def _num_params(engine) -> int:
     return sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters())
 
 
-def _pad_token_id(config) -> int:
-    # Padding positions are masked out of attention and loss, so any valid id works.
+def model_pad_token_id(config) -> int:
+    """The id padding positions get (masked out of attention and loss, so any valid id works)."""
     for value in (config.pad_token_id, config.eos_token_id, 0):
         if isinstance(value, (list, tuple)):
             value = value[0] if value else None
@@ -256,26 +254,26 @@ def _disable_dropout(model: torch.nn.Module) -> None:
 # --------------------------------------------------------------------------- forward / loss
 
 
-def _pair_terms(worker: Worker, pairs: list[dict]):
-    """One chosen+rejected forward over `pairs` in worker.layout: (LossOutput, TokenCounts(real
+def pair_terms(worker: Worker, pairs: list[dict]):
+    """One chosen+rejected forward over `pairs` in worker.policy.layout: (LossOutput, TokenCounts(real
     tokens, computed positions)). Unpaired rows (KTO) are the labelled completion as "chosen"
     and the mismatched completion as "rejected"; a reference-free loss reads no ref_* column."""
     # packed / prefix_shared: by default ONE row per forward, so every computed position is a
     # real token; flash varlen (GPU) skips cross-sequence blocks. sdpa/eager compute the dense
     # T x T scores of a row: max_tokens_per_row (or the token budget, which bounds T) caps it.
-    batch = build_batch(pairs, layout=worker.layout, pad_token_id=worker.pad_token_id,
-                        max_tokens_per_row=worker.max_tokens_per_row).to(worker.device)
+    batch = build_batch(pairs, layout=worker.policy.layout, pad_token_id=worker.pad_token_id,
+                        max_tokens_per_row=worker.policy.max_tokens_per_row).to(worker.device)
     dtype = next(worker.engine.module.parameters()).dtype
     logits = worker.engine(**model_inputs(batch, attn_implementation=worker.attn_implementation,
                                           dtype=dtype)).logits
     chosen, rejected, chosen_n, rejected_n = pair_logps(logits, batch)
     ref = (None, None)
-    if worker.spec.needs_reference:
+    if worker.loss_spec.needs_reference:
         both = torch.tensor([[p["ref_chosen_logp"], p["ref_rejected_logp"]] for p in pairs],
                             dtype=torch.float32, device=worker.device)
         ref = (both[:, 0], both[:, 1])
     labels, kl = None, None
-    if worker.spec.data == "unpaired":
+    if worker.loss_spec.data == "unpaired":
         labels = torch.tensor([bool(p.get("label", True)) for p in pairs], device=worker.device)
         real = torch.tensor([p["pair_id"] != _DUMMY_ID for p in pairs], device=worker.device)
         kl = global_kl((rejected.detach() - ref[1])[real], device=worker.device)
@@ -308,9 +306,10 @@ def run_step(worker: Worker, step: int) -> dict[str, Any]:
     feeder = worker.feeder
     micro_batches, n_global = ray.get([feeder.get_step.remote(step, worker.rank),
                                        feeder.num_pairs_in_step.remote(step)])
-    if len(micro_batches) != worker.grad_accum:
+    grad_accum = worker.policy.gradient_accumulation_steps
+    if len(micro_batches) != grad_accum:
         raise RuntimeError(f"feeder step {step}: {len(micro_batches)} micro-batches for rank {worker.rank}, "
-                           f"expected gradient_accumulation_steps={worker.grad_accum}")
+                           f"expected gradient_accumulation_steps={grad_accum}")
     epoch = (step + 1) / worker.steps_per_epoch if worker.steps_per_epoch else math.nan
     if n_global == 0:
         # An online round that kept fewer pairs than it has steps: nothing to learn from,
@@ -318,41 +317,41 @@ def run_step(worker: Worker, step: int) -> dict[str, Any]:
         return {"step": step + 1, "epoch": epoch, "pair_ids": []}
     # DeepSpeed divides the loss by grad_accum and averages gradients over ranks; undo both so
     # the update is the mean over ALL pairs of the step, however unevenly they are spread.
-    scale = worker.world_size * worker.grad_accum / max(n_global, 1)
-    sums, pair_ids = torch.zeros(len(sum_names(worker.spec)), dtype=torch.float64), []
+    scale = worker.world_size * grad_accum / max(n_global, 1)
+    sums, pair_ids = torch.zeros(len(sum_names(worker.loss_spec)), dtype=torch.float64), []
     lr = worker.engine.get_lr()[0]  # the rate this step uses (the scheduler steps after it)
-    budget = worker.max_tokens is not None
+    budget = worker.policy.max_tokens_per_micro_batch is not None
     forwards = _budget_forwards(worker, micro_batches) if budget else micro_batches
     for i, pairs in enumerate(forwards):
         if budget:
             # Forwards per step vary with the data: the boundary (gradient all-reduce, then
             # the update) is set explicitly, on the last forward only.
             worker.engine.set_gradient_accumulation_boundary(i == len(forwards) - 1)
-        out, counts = _pair_terms(worker, pairs or [_dummy_pair(worker.pad_token_id)])
+        out, counts = pair_terms(worker, pairs or [_dummy_pair(worker.pad_token_id)])
         # The loss scale does not depend on the number of forwards: each pair's loss enters
         # once, divided by n_global, whatever forward it sits in.
         worker.engine.backward(out.losses.sum() * (scale if pairs else 0.0))
         if pairs:
-            sums += metric_sums(worker.spec, out, counts)
+            sums += metric_sums(worker.loss_spec, out, counts)
             pair_ids += [p["pair_id"] for p in pairs]
         # DeepSpeed counts micro-steps in step(): call it after every backward; only the
         # call at the accumulation boundary updates the weights.
-        grad_norm = _step_optimizer(worker.engine)
+        grad_norm = step_optimizer(worker.engine)
     sums[SUMS.index("step_time_s")] = time.perf_counter() - t0
     sums[SUMS.index("sigterm")] = float(faults.sigterm_received())  # any rank: all checkpoint
-    totals = all_reduce_sums(worker.spec, sums, device=worker.device)
+    totals = all_reduce_sums(worker.loss_spec, sums, device=worker.device)
     if int(totals["pairs"]) != n_global:
         raise RuntimeError(f"feeder step {step}: ranks trained {int(totals['pairs'])} pairs, but "
                            f"num_pairs_in_step says {n_global}; the loss normalisation would be wrong")
     step_time = totals["step_time_s"] / worker.world_size
-    return {**loss_metrics(worker.spec, "train", totals), "train/lr": lr, "train/grad_norm": grad_norm,
+    return {**loss_metrics(worker.loss_spec, "train", totals), "train/lr": lr, "train/grad_norm": grad_norm,
             **_perf_metrics(worker, totals, step_time),
             "step": step + 1, "epoch": epoch, "pair_ids": pair_ids, "sigterm": totals["sigterm"] > 0}
 
 
 def _budget_forwards(worker: Worker, micro_batches: list[list[dict]]) -> list[list[dict]]:
     """The rank's step re-cut by token budget: each feeder micro-batch split, in order, into
-    forwards of <= worker.max_tokens computed positions (packing.token_budget_micro_batches;
+    forwards of <= policy.max_tokens_per_micro_batch computed positions (packing.token_budget_micro_batches;
     a pair over the budget alone gets its own forward). Every pair stays exactly once and the
     split is a pure function of the feeder's deterministic step, so resume is unchanged.
 
@@ -360,8 +359,8 @@ def _budget_forwards(worker: Worker, micro_batches: list[list[dict]]) -> list[li
     list is padded with empty forwards (dummy pair, zero loss) up to the busiest rank's count.
     """
     forwards = [chunk for pairs in micro_batches if pairs
-                for chunk in token_budget_micro_batches(pairs, max_tokens=worker.max_tokens,
-                                                        layout=worker.layout).micro_batches]
+                for chunk in token_budget_micro_batches(pairs, max_tokens=worker.policy.max_tokens_per_micro_batch,
+                                                        layout=worker.policy.layout).micro_batches]
     count = torch.tensor([max(len(forwards), 1)], device=worker.device)
     dist.all_reduce(count, op=dist.ReduceOp.MAX)
     return forwards + [[] for _ in range(int(count.item()) - len(forwards))]
@@ -380,7 +379,7 @@ def _perf_metrics(worker: Worker, totals: dict[str, float], step_time: float) ->
     return out
 
 
-def _step_optimizer(engine) -> float:
+def step_optimizer(engine) -> float:
     """engine.step(); at the accumulation boundary returns the global gradient norm (before
     clipping), else NaN."""
     if not engine.is_gradient_accumulation_boundary():
@@ -408,84 +407,10 @@ def evaluate(worker: Worker) -> dict[str, float]:
     dist.all_reduce(count, op=dist.ReduceOp.MAX)
     if count.item() == 0:
         return {}
-    sums = torch.zeros(len(sum_names(worker.spec)), dtype=torch.float64)
+    sums = torch.zeros(len(sum_names(worker.loss_spec)), dtype=torch.float64)
     for i in range(int(count.item())):
         pairs = batches[i] if i < len(batches) else []
-        out, counts = _pair_terms(worker, pairs or [_dummy_pair(worker.pad_token_id)])
+        out, counts = pair_terms(worker, pairs or [_dummy_pair(worker.pad_token_id)])
         if pairs:
-            sums += metric_sums(worker.spec, out, counts)
-    return loss_metrics(worker.spec, "eval", all_reduce_sums(worker.spec, sums, device=worker.device))
-
-
-# --------------------------------------------------------------------------- weight sync
-
-
-def sync_policy(worker: Worker, syncer, step: int, probe, *, send_weights: bool) -> None:
-    """Hand the current weights to the generation engines (through the coordinator).
-
-    Every rank calls this at the same step: under ZeRO-3 the probe forward and the gather
-    are collective. Rank 0 puts the full state dict (Hugging Face names) in the object
-    store and blocks in the coordinator's advance; no collective waits on that, so a long
-    generation never hits the process group's timeout. The other ranks go on to the next
-    step and wait in get_step until its data exists.
-    """
-    expected = _probe_logps(worker, probe)
-    weights = _gather_weights(worker) if send_weights else None
-    if worker.rank == 0:
-        refs = [ray.put(weights)] if weights is not None else None  # in a list: passed as a reference
-        ray.get(syncer.advance.remote(step, refs, expected))
-
-
-def _probe_logps(worker: Worker, probe) -> Optional[list[float]]:
-    from ray_dpo.online.weight_sync import torch_probe_logps
-
-    if worker.rank != 0 and not worker.engine.zero_optimization_partition_weights():
-        return None
-    return torch_probe_logps(worker.engine.module, probe, pad_token_id=worker.pad_token_id)
-
-
-def _gather_weights(worker: Worker) -> Optional[dict[str, torch.Tensor]]:
-    """The full state dict on rank 0 (CPU copies, Hugging Face names), None elsewhere.
-
-    Parameters only (tied weights once, by their first name; buffers such as rotary
-    tables are not in checkpoints). Under ZeRO-3 each parameter is gathered on all ranks
-    in turn, so whole weights never sit in one rank's device memory at once.
-    """
-    out: Optional[dict[str, torch.Tensor]] = {} if worker.rank == 0 else None
-    zero3 = worker.engine.zero_optimization_partition_weights()
-    for name, param in worker.engine.module.named_parameters():
-        whole = deepspeed.zero.GatheredParameters([param], modifier_rank=None) if zero3 else contextlib.nullcontext()
-        with whole:
-            if out is not None:
-                out[name] = param.data.detach().to("cpu", copy=True)
-    return out
-
-
-# --------------------------------------------------------------------------- checkpoints
-
-
-def export_hf(worker: Worker, model_cfg, out_dir: str) -> None:
-    """Write the policy as a Hugging Face model (rank 0 writes; every rank must call this,
-    since under ZeRO-3 gathering the partitioned weights is collective)."""
-    engine, module = worker.engine, worker.engine.module
-    state_dict = None  # None: save_pretrained takes the module's own (whole) weights
-    if engine.zero_optimization_partition_weights():
-        # save_16bit_model gathers layer by layer onto rank 0 (stage3_gather_16bit_weights_
-        # on_model_save in the config); whole weights never sit on every rank at once.
-        staging = out_dir + ".gathered"
-        engine.save_16bit_model(staging, "weights.pt")
-        if worker.rank == 0:
-            state_dict = torch.load(os.path.join(staging, "weights.pt"), map_location="cpu")
-        shutil.rmtree(staging, ignore_errors=True)
-    if worker.rank == 0:
-        module.save_pretrained(out_dir, state_dict=state_dict)
-        _copy_tokenizer(model_cfg, out_dir)
-    dist.barrier()
-
-
-def _copy_tokenizer(model_cfg, out_dir: str) -> None:
-    """Tokenizer files next to the weights, so hf_model/ alone serves from_pretrained and vLLM,
-    with model.chat_template (when set) as its chat template: the one the pairs were built with."""
-    export_tokenizer(model_cfg.tokenizer or model_cfg.name_or_path, out_dir,
-                     chat_template=model_cfg.chat_template,
-                     trust_remote_code=model_cfg.trust_remote_code)
+            sums += metric_sums(worker.loss_spec, out, counts)
+    return loss_metrics(worker.loss_spec, "eval", all_reduce_sums(worker.loss_spec, sums, device=worker.device))

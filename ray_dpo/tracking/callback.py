@@ -23,7 +23,7 @@ from ray.train import UserCallback
 
 from ray_dpo import faults
 from ray_dpo.tracking.metrics import StepClock, loggable, progress_line
-from ray_dpo.tracking.mlflow_sink import _client, log_metrics
+from ray_dpo.tracking.mlflow_sink import log_metrics, mlflow_client
 
 FAILURE_TAG = "ray_dpo.last_failure"
 _POLL_EVERY_S = 2.0
@@ -73,7 +73,7 @@ class TrackingCallback(UserCallback):
 
     def _mlflow(self):
         if self._client is None:
-            self._client = _client(self.tracking_uri)
+            self._client = mlflow_client(self.tracking_uri)
         return self._client
 
     def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:

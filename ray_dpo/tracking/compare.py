@@ -264,9 +264,9 @@ def write_csv(runs: Sequence[RunData], path: str) -> None:
 def compare(*, tracking_uri: str, experiment: str, out_dir: str) -> CompareReport:
     """Load the experiment's runs, and write summary.csv, metrics_vs_step.png and
     judge_vs_kl.png (each plot skipped with a note when the runs lack its metrics)."""
-    from ray_dpo.tracking.mlflow_sink import _client
+    from ray_dpo.tracking.mlflow_sink import mlflow_client
 
-    runs = load_runs(_client(tracking_uri), experiment)
+    runs = load_runs(mlflow_client(tracking_uri), experiment)
     if not runs:
         return CompareReport(table="", files=[], notes=[f"experiment {experiment!r} has no runs"])
     os.makedirs(out_dir, exist_ok=True)

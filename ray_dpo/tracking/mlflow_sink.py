@@ -34,7 +34,8 @@ def resolve_tracking_uri(cfg: MLflowConfig, storage_path: str) -> str:
     return cfg.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(storage_path)
 
 
-def _client(uri: str):
+def mlflow_client(uri: str):
+    """An MlflowClient for ``uri`` (telemetry off unless the environment says otherwise)."""
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     from mlflow.tracking import MlflowClient
 
@@ -46,7 +47,7 @@ class MLflowRun:
 
     def __init__(self, *, uri: str, run_id: str, resumed: bool = False):
         self.uri = uri
-        self.client = _client(uri)
+        self.client = mlflow_client(uri)
         self.run_id = run_id
         self.resumed = resumed
 
@@ -57,7 +58,7 @@ class MLflowRun:
 
         Reopening keeps a resumed run's metrics on one MLflow run instead of scattering them.
         """
-        client = _client(uri)
+        client = mlflow_client(uri)
         previous = _read(id_file)
         if previous:
             try:
@@ -128,13 +129,13 @@ class MLflowRun:
 
 
 def log_metrics(client, run_id: str, metrics: Mapping[str, float], step: int) -> None:
+    """Log ``metrics`` at ``step`` (one timestamp), in batches MLflow accepts."""
     from mlflow.entities import Metric
 
     now = int(time.time() * 1000)
     items = [Metric(k, float(v), now, int(step)) for k, v in metrics.items()]
     for i in range(0, len(items), _MAX_METRICS_PER_BATCH):
         client.log_batch(run_id, metrics=items[i : i + _MAX_METRICS_PER_BATCH])
-
 
 
 def _read(path: str | None) -> str | None:

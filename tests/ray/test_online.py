@@ -170,7 +170,8 @@ def test_a_broken_sync_stops_with_a_clear_error(ray_cluster, tiny_config, tiny_a
     from transformers import AutoModelForCausalLM
 
     from ray_dpo.config import with_absolute_paths
-    from ray_dpo.data.pipeline import build_pair_data, expand_files
+    from ray_dpo.data.files import expand_files
+    from ray_dpo.data.pipeline import build_pair_data
     from ray_dpo.online.coordinator import start_coordinator
     from ray_dpo.online.weight_sync import WeightSyncError, torch_probe_logps
     from ray_dpo.reference import ReferenceGroup

@@ -79,7 +79,7 @@ def all_rows(pair_data):
 
 
 def test_expand_files_dirs_globs_and_files_in_pattern_order(tree):
-    from ray_dpo.data.pipeline import expand_files
+    from ray_dpo.data.files import expand_files
 
     root = tree["root"]
     files = expand_files([str(root / "pq" / "part-0.parquet"), str(root / "jsonl"),
@@ -93,7 +93,7 @@ def test_expand_files_dirs_globs_and_files_in_pattern_order(tree):
 
 
 def test_expand_files_file_uris_use_pyarrow_fs(tree):
-    from ray_dpo.data.pipeline import expand_files
+    from ray_dpo.data.files import expand_files
 
     root = str(tree["root"])
     assert expand_files([f"file://{root}/glob/a-?.jsonl"], key="k") == [
@@ -110,14 +110,16 @@ def test_expand_files_file_uris_use_pyarrow_fs(tree):
     ("glob/*", r"data\.eval_files: '.*b\.txt' \(from '.*glob/\*'\) has an unsupported extension"),
 ])
 def test_expand_files_errors_name_key_and_pattern(tree, pattern, match):
-    from ray_dpo.data.pipeline import DataError, expand_files
+    from ray_dpo.data.errors import DataError
+    from ray_dpo.data.files import expand_files
 
     with pytest.raises(DataError, match=match):
         expand_files([str(tree["root"] / pattern)], key="data.eval_files")
 
 
 def test_expand_files_errors_for_uri_and_empty_dir(tree, tmp_path):
-    from ray_dpo.data.pipeline import DataError, expand_files
+    from ray_dpo.data.errors import DataError
+    from ray_dpo.data.files import expand_files
 
     with pytest.raises(DataError, match=r"k: 'file://.*/nothing-here' matches no"):
         expand_files([f"file://{tree['root']}/nothing-here"], key="k")
@@ -137,7 +139,7 @@ def test_mixed_inputs_counters_order_and_tokens(ray_cluster, tiny_assets, tree):
     import pyarrow as pa
     from transformers import AutoTokenizer
 
-    from ray_dpo.data.pipeline import expand_files
+    from ray_dpo.data.files import expand_files
     from ray_dpo.data.tokenize import PairTokenizer
 
     root = tree["root"]
@@ -209,7 +211,7 @@ def test_dropped_truncated_skipped_and_empty_files_are_counted(ray_cluster, tiny
 ])
 def test_bad_row_with_on_bad_row_error_raises_clean_data_error(ray_cluster, tiny_assets, tmp_path,
                                                                name, lines, match):
-    from ray_dpo.data.pipeline import DataError
+    from ray_dpo.data.errors import DataError
 
     good = iter(rows_of(4, 11))
     lines = [next(good) if line == "GOOD" else line for line in lines]
@@ -223,7 +225,7 @@ def test_bad_row_with_on_bad_row_error_raises_clean_data_error(ray_cluster, tiny
 
 
 def test_file_vanished_after_expansion_is_a_data_error(ray_cluster, tiny_assets, tmp_path):
-    from ray_dpo.data.pipeline import DataError
+    from ray_dpo.data.errors import DataError
 
     gone = write_jsonl(tmp_path / "gone.jsonl", rows_of(2, 1))
     os.remove(gone)
@@ -253,7 +255,9 @@ def test_fingerprint_is_stable_and_sees_one_token_change(ray_cluster, tiny_asset
 
 
 def test_chat_template_file_and_report(ray_cluster, tiny_assets, tmp_path):
-    from ray_dpo.data.pipeline import DataError, build_pair_data, data_report, format_report
+    from ray_dpo.data.errors import DataError
+    from ray_dpo.data.pipeline import build_pair_data
+    from ray_dpo.data.report import data_report, format_report
     from ray_dpo.testing.assets import CHAT_TEMPLATE, make_preference_rows
 
     template = tmp_path / "template.jinja"

@@ -175,14 +175,15 @@ def fit(tmp_path, name, feeder, *, model_path, policy, loss_cfg, eval_every):
     from ray.train.torch import TorchTrainer
 
     from ray_dpo.config import ModelConfig
+    from ray_dpo.policy.loop_spec import TrainLoopSpec
     from ray_dpo.policy.worker import train_loop_per_worker
 
     log = tmp_path / f"{name}-reports.jsonl"
     log.unlink(missing_ok=True)  # a resumed run reuses the name: record only this fit
-    spec = {"model": ModelConfig(name_or_path=model_path, dtype="fp32"), "policy": policy, "loss": loss_cfg,
-            "eval_every": eval_every, "feeder": feeder, "log_every": 1, "device": "cpu"}
+    spec = TrainLoopSpec(model=ModelConfig(name_or_path=model_path, dtype="fp32"), policy=policy, loss=loss_cfg,
+                         eval_every=eval_every, feeder=feeder, device="cpu")
     trainer = TorchTrainer(
-        train_loop_per_worker, train_loop_config=spec,
+        train_loop_per_worker, train_loop_config=spec.as_config(),
         scaling_config=ScalingConfig(num_workers=WORLD, use_gpu=False),
         run_config=RunConfig(name=name, storage_path=str(tmp_path / "runs"), callbacks=[_recorder(str(log))]),
     )

@@ -3,7 +3,7 @@
 import json
 
 from ray_dpo.data.report import data_metrics, format_report
-from ray_dpo.data.tokenize import DataCounters, TokenizeResult
+from ray_dpo.data.counters import DataCounters, TokenizeResult
 
 
 def _report(counters):

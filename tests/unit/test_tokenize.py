@@ -9,16 +9,10 @@ import pytest
 from tokenizers import Regex, Tokenizer, models, pre_tokenizers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
+from ray_dpo.data.counters import DataCounters, LengthHistogram, TokenizeResult
+from ray_dpo.data.fitting import fit_chat_prompt, fit_lengths
 from ray_dpo.data.formats import BadRowError, normalize_row
-from ray_dpo.data.tokenize import (
-    ChatTemplateError,
-    DataCounters,
-    LengthHistogram,
-    PairTokenizer,
-    TokenizeResult,
-    fit_chat_prompt,
-    fit_lengths,
-)
+from ray_dpo.data.tokenize import ChatTemplateError, PairTokenizer
 
 
 def data_config(**overrides):

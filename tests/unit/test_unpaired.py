@@ -8,8 +8,9 @@ from types import SimpleNamespace
 import pytest
 from transformers import AutoTokenizer
 
+from ray_dpo.data.counters import TokenizeResult
 from ray_dpo.data.formats import BadRowError, Pair, detect_format, normalize_row
-from ray_dpo.data.tokenize import PairTokenizer, TokenizeResult
+from ray_dpo.data.tokenize import PairTokenizer
 from ray_dpo.data.unpaired import assign_kl_completions, example_results, mismatched_index
 from ray_dpo.testing.assets import make_preference_rows, unpaired_rows
 

@@ -1,0 +1,45 @@
+"""TrainLoopSpec: what the driver hands every policy worker's train loop (pure).
+
+Ray Train passes train_loop_config to the loop as a dict: the driver sends
+``spec.as_config()`` and ``train_loop_per_worker`` rebuilds the spec with ``from_config``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from ray_dpo.config import LossConfig, ModelConfig, PolicyConfig
+
+
+@dataclass(frozen=True)
+class TrainLoopSpec:
+    """The policy workers' inputs: config sections and the actor handles they talk to."""
+
+    model: ModelConfig
+    """The policy model (path, dtype, attention, chat template for the HF export)."""
+    policy: PolicyConfig
+    """Optimizer, ZeRO, batch layout, checkpoints, SIGTERM grace."""
+    loss: LossConfig
+    """The preference loss and its parameters."""
+    feeder: Any
+    """Where steps come from: a BatchFeeder or OnlineCoordinator actor handle."""
+    eval_every: int = 0
+    """Evaluate every this-many optimizer steps (0: only at the end)."""
+    sync: Any = None
+    """OnlineCoordinator handle whose generation engines follow the policy, or None."""
+    device: Optional[str] = None
+    """"cpu" | "cuda" | None (cuda if available)."""
+    run_dir: Optional[str] = None
+    """The run's storage directory, where checkpoint_* directories go (a name is never
+    reused there); None: plain checkpoint_<step> names."""
+
+    def as_config(self) -> dict[str, Any]:
+        """The fields as Ray Train's train_loop_config dict (values as they are, not copied)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> "TrainLoopSpec":
+        """The spec back from ``as_config()``'s dict."""
+        return cls(**config)

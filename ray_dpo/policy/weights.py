@@ -1,0 +1,93 @@
+"""Getting the weights out of a policy worker's DeepSpeed engine (ZeRO-3 partitions included).
+
+    sync_policy    at the coordinator's sync points: the current weights, through the object
+                   store, to the online generation engines (with a probe to verify them)
+    export_hf      the final policy in Hugging Face format (hf_model/ of the last checkpoint)
+
+Both are collective: every rank calls them at the same step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+from typing import TYPE_CHECKING, Optional
+
+import deepspeed
+import ray
+import torch
+import torch.distributed as dist
+
+from ray_dpo.data.chat_template import export_tokenizer
+
+if TYPE_CHECKING:
+    from ray_dpo.policy.worker import Worker
+
+
+def sync_policy(worker: Worker, syncer, step: int, probe, *, send_weights: bool) -> None:
+    """Hand the current weights to the generation engines (through the coordinator).
+
+    Every rank calls this at the same step: under ZeRO-3 the probe forward and the gather
+    are collective. Rank 0 puts the full state dict (Hugging Face names) in the object
+    store and blocks in the coordinator's advance; no collective waits on that, so a long
+    generation never hits the process group's timeout. The other ranks go on to the next
+    step and wait in get_step until its data exists.
+    """
+    expected = _probe_logps(worker, probe)
+    weights = _gather_weights(worker) if send_weights else None
+    if worker.rank == 0:
+        refs = [ray.put(weights)] if weights is not None else None  # in a list: passed as a reference
+        ray.get(syncer.advance.remote(step, refs, expected))
+
+
+def _probe_logps(worker: Worker, probe) -> Optional[list[float]]:
+    from ray_dpo.online.weight_sync import torch_probe_logps
+
+    if worker.rank != 0 and not worker.engine.zero_optimization_partition_weights():
+        return None
+    return torch_probe_logps(worker.engine.module, probe, pad_token_id=worker.pad_token_id)
+
+
+def _gather_weights(worker: Worker) -> Optional[dict[str, torch.Tensor]]:
+    """The full state dict on rank 0 (CPU copies, Hugging Face names), None elsewhere.
+
+    Parameters only (tied weights once, by their first name; buffers such as rotary
+    tables are not in checkpoints). Under ZeRO-3 each parameter is gathered on all ranks
+    in turn, so whole weights never sit in one rank's device memory at once.
+    """
+    out: Optional[dict[str, torch.Tensor]] = {} if worker.rank == 0 else None
+    zero3 = worker.engine.zero_optimization_partition_weights()
+    for name, param in worker.engine.module.named_parameters():
+        whole = deepspeed.zero.GatheredParameters([param], modifier_rank=None) if zero3 else contextlib.nullcontext()
+        with whole:
+            if out is not None:
+                out[name] = param.data.detach().to("cpu", copy=True)
+    return out
+
+
+def export_hf(worker: Worker, model_cfg, out_dir: str) -> None:
+    """Write the policy as a Hugging Face model (rank 0 writes; every rank must call this,
+    since under ZeRO-3 gathering the partitioned weights is collective)."""
+    engine, module = worker.engine, worker.engine.module
+    state_dict = None  # None: save_pretrained takes the module's own (whole) weights
+    if engine.zero_optimization_partition_weights():
+        # save_16bit_model gathers layer by layer onto rank 0 (stage3_gather_16bit_weights_
+        # on_model_save in the config); whole weights never sit on every rank at once.
+        staging = out_dir + ".gathered"
+        engine.save_16bit_model(staging, "weights.pt")
+        if worker.rank == 0:
+            state_dict = torch.load(os.path.join(staging, "weights.pt"), map_location="cpu")
+        shutil.rmtree(staging, ignore_errors=True)
+    if worker.rank == 0:
+        module.save_pretrained(out_dir, state_dict=state_dict)
+        _copy_tokenizer(model_cfg, out_dir)
+    dist.barrier()
+
+
+def _copy_tokenizer(model_cfg, out_dir: str) -> None:
+    """Tokenizer files next to the weights, so hf_model/ alone serves from_pretrained and vLLM,
+    with model.chat_template (when set) as its chat template: the one the pairs were built with."""
+    export_tokenizer(model_cfg.tokenizer or model_cfg.name_or_path, out_dir,
+                     chat_template=model_cfg.chat_template,
+                     trust_remote_code=model_cfg.trust_remote_code)
