@@ -68,6 +68,7 @@ def measure(backend: str, path: str, args) -> dict:
 
     from ray_dpo.config import OnlineConfig, SamplingConfig
     from ray_dpo.online.engine_group import GenerationGroup
+    from ray_dpo.online.generation import ENGINES
     from ray_dpo.online.weight_sync import random_probe, torch_probe_logps
 
     model, state = perturbed_state(path)
@@ -76,7 +77,7 @@ def measure(backend: str, path: str, args) -> dict:
     config = OnlineConfig(backend=backend, num_engines=1, sync_tolerance=1e-3)
     t0 = time.perf_counter()
     group = GenerationGroup(model_path=path, config=config, use_gpu=False, num_cpus_per_engine=1,
-                            engine_options={"max_model_len": 256} if backend == "vllm" else None)
+                            engine_options={"max_model_len": 256} if ENGINES[backend].takes_max_model_len else None)
     start_s = time.perf_counter() - t0
     out = {"start_s": start_s}
     try:

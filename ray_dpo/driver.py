@@ -331,9 +331,9 @@ def _fit_policy(cfg: RunConfig, feeder, tracker, *, total_steps: int, gpu: bool,
     from ray_dpo.tracking.callback import TrackingCallback
 
     storage = storage_root(cfg)
-    resources = {"CPU": cfg.policy.cpus_per_worker, **cfg.policy.resources}
+    resources = {"CPU": cfg.policy.num_cpus_per_worker, **cfg.policy.resources}
     if gpu:
-        resources["GPU"] = cfg.policy.gpus_per_worker
+        resources["GPU"] = cfg.policy.num_gpus_per_worker
     callback = TrackingCallback(
         tracking_uri=tracker.uri, run_id=tracker.run_id, total_steps=total_steps,
         log_every=cfg.tracking.log_every_steps, progress=cfg.tracking.progress,

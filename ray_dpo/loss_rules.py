@@ -6,7 +6,7 @@
                            not read, data formats it cannot train on, reference / online /
                            held-out settings that a reference-free loss contradicts
 
-Pure: imports neither ray, deepspeed nor vllm (config.py wraps the pairs into Problems).
+Pure: imports neither ray, deepspeed nor vllm (ray_dpo.config.checks wraps the pairs into Problems).
 """
 
 from __future__ import annotations
@@ -14,29 +14,29 @@ from __future__ import annotations
 from typing import Any
 
 from ray_dpo.data.formats import PAIRED_FORMATS, UNPAIRED_FORMATS
-from ray_dpo.losses import OPTIONAL_KEYS, loss_names, loss_spec
+from ray_dpo.losses import LOSSES, OPTIONAL_KEYS
 
 
 def needs_reference(cfg: Any) -> bool:
     """Whether the run's loss needs reference log-probs (unknown types: True, the safe side)."""
-    return cfg.loss.type not in loss_names() or loss_spec(cfg.loss.type).needs_reference
+    return cfg.loss.type not in LOSSES or LOSSES[cfg.loss.type].needs_reference
 
 
 def trains_unpaired(cfg: Any) -> bool:
     """Whether the run's loss trains on unpaired, labelled examples (KTO)."""
-    return cfg.loss.type in loss_names() and loss_spec(cfg.loss.type).data == "unpaired"
+    return cfg.loss.type in LOSSES and LOSSES[cfg.loss.type].data == "unpaired"
 
 
 def _readers(key: str) -> str:
-    names = [n for n in loss_names() if key in loss_spec(n).reads]
+    names = [n for n in LOSSES.names() if key in LOSSES[n].reads]
     return ", ".join(names) if names else "no loss"
 
 
 def loss_problems(cfg: Any) -> list[tuple[str, str]]:
     """Every contradiction between loss.type and the rest of ``cfg`` (RunConfig)."""
-    if cfg.loss.type not in loss_names():
+    if cfg.loss.type not in LOSSES:
         return []  # reported as an unknown loss.type by config.check
-    spec, out = loss_spec(cfg.loss.type), []
+    spec, out = LOSSES[cfg.loss.type], []
     kind = f"loss.type={spec.name!r}"
     for key, unset in OPTIONAL_KEYS.items():
         if getattr(cfg.loss, key) != unset and key not in spec.reads:

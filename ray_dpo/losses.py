@@ -24,7 +24,9 @@ from typing import TYPE_CHECKING, Any, Callable, Literal, Optional, Protocol
 import torch
 import torch.nn.functional as F
 
-if TYPE_CHECKING:  # config.py imports this module to validate loss names; avoid the cycle
+from ray_dpo.registry import Registry
+
+if TYPE_CHECKING:  # for annotations only: ray_dpo.config imports this module while checking a config
     from ray_dpo.config import LossConfig
 
 
@@ -64,7 +66,8 @@ class LossSpec:
     metrics: tuple[str, ...] = ()
 
 
-_LOSSES: dict[str, LossSpec] = {}
+LOSSES: Registry[LossSpec] = Registry("loss type", plural="names")
+"""Every loss `loss.type` may name; config validation and the worker look losses up here."""
 
 
 def register_loss(name: str, *, kind: Literal["h", "terms"] = "h", needs_reference: bool = True,
@@ -74,11 +77,9 @@ def register_loss(name: str, *, kind: Literal["h", "terms"] = "h", needs_referen
     loss `fn(h [B], *, beta, label_smoothing) -> losses [B]` that needs a reference."""
 
     def decorator(fn: Callable) -> Callable:
-        if name in _LOSSES:
-            raise ValueError(f"loss {name!r} is already registered (by {_LOSSES[name].fn.__qualname__})")
         keys = reads if reads is not None else LossSpec.reads
-        _LOSSES[name] = LossSpec(name=name, fn=fn, kind=kind, needs_reference=needs_reference, data=data,
-                                 reads=tuple(keys), metrics=tuple(metrics))
+        LOSSES.add(name, LossSpec(name=name, fn=fn, kind=kind, needs_reference=needs_reference, data=data,
+                                  reads=tuple(keys), metrics=tuple(metrics)))
         return fn
 
     return decorator
@@ -86,15 +87,12 @@ def register_loss(name: str, *, kind: Literal["h", "terms"] = "h", needs_referen
 
 def loss_names() -> list[str]:
     """Sorted names of all registered losses (what `loss.type` may be set to)."""
-    return sorted(_LOSSES)
+    return LOSSES.names()
 
 
 def loss_spec(name: str) -> LossSpec:
     """The registry entry of `name`; ValueError listing the valid names if there is none."""
-    try:
-        return _LOSSES[name]
-    except KeyError:
-        raise ValueError(f"unknown loss type {name!r}; valid names: {', '.join(loss_names())}") from None
+    return LOSSES.get(name)
 
 
 def get_loss(name: str) -> Callable:

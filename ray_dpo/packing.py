@@ -87,6 +87,7 @@ from typing import Callable, Mapping, NamedTuple, Sequence
 import torch
 
 from ray_dpo.logprobs import TokenCounts, concat_pairs
+from ray_dpo.registry import Registry
 
 Pair = Mapping[str, Sequence[int]]
 
@@ -135,7 +136,7 @@ class PackedBatch:
         row is empty (some kernels return NaN for one, and NaN * 0 poisons the backward).
         """
         real = self.token_roles != ROLE_PAD
-        if self.layout == "padded":
+        if LAYOUTS[self.layout].padded:
             return real.long()
         T = self.input_ids.shape[1]
         seg, role = self.segment_ids, self.token_roles
@@ -335,25 +336,25 @@ class _Layout(NamedTuple):
     build: Callable[[Sequence[Pair], int, int | None], PackedBatch]
     pair_tokens: Callable[[int, int, int], int]  # (P, C, R) -> positions one pair needs
     padded: bool  # micro-batch cost is 2 * n * max(P + max(C, R)), not a sum
+    needs_4d_mask: bool = False  # flash attention (which takes no 4D mask) cannot run it
 
 
-LAYOUTS: dict[str, _Layout] = {
+LAYOUTS: Registry[_Layout] = Registry("batch layout", {
     "padded": _Layout(_build_padded, lambda P, C, R: P + max(C, R), padded=True),
     "packed": _Layout(_builder(_single_units, "packed"), lambda P, C, R: 2 * P + C + R, padded=False),
     "prefix_shared": _Layout(
-        _builder(_prefix_units, "prefix_shared"), lambda P, C, R: P + C + R, padded=False
+        _builder(_prefix_units, "prefix_shared"), lambda P, C, R: P + C + R, padded=False, needs_4d_mask=True
     ),
-}
+}, plural="layouts")
+"""Every layout policy.layout / reference.layout may name."""
 
 
 def layout_names() -> list[str]:
-    return sorted(LAYOUTS)
+    return LAYOUTS.names()
 
 
 def _layout(name: str) -> _Layout:
-    if name not in LAYOUTS:
-        raise ValueError(f"unknown batch layout {name!r}; valid layouts: {', '.join(layout_names())}")
-    return LAYOUTS[name]
+    return LAYOUTS.get(name)
 
 
 # --- public API ------------------------------------------------------------------------
@@ -394,11 +395,11 @@ def model_inputs(
     """
     ids, pos = batch.input_ids, batch.position_ids
     inputs = {"input_ids": ids, "position_ids": pos, "use_cache": False}
-    if batch.layout == "padded":
+    if LAYOUTS[batch.layout].padded:
         return {**inputs, "attention_mask": batch.attention_mask}
     if "flash" in attn_implementation:
         # GPU path: not testable on CPU CI.
-        if batch.layout != "packed":
+        if LAYOUTS[batch.layout].needs_4d_mask:
             raise ValueError(
                 f"layout {batch.layout!r} needs a 4D attention mask, which {attn_implementation} does not "
                 "take; use attn_implementation='sdpa' or 'eager', or layout='packed'"

@@ -9,14 +9,14 @@ same ``ray-dpo train CONFIG`` command a laptop or ``ray job submit`` runs (`trai
 Worker groups are derived from the config, never written by hand, so the cluster and the
 run cannot disagree:
 
-    policy      policy.num_workers x policy.gpus_per_worker     (+ policy.resources labels)
+    policy      policy.num_workers x policy.num_gpus_per_worker (+ policy.resources labels)
     reference   reference.num_actors x num_gpus_per_actor       (+ reference.resources labels)
                 (1 GPU per actor when that is 0 on a GPU run, as ReferenceGroup does;
                  no group of its own with reference.precompute, no resources and no
                  eval.prompts_file: the actors score the data before training on the
                  policy GPUs, then exit; none at all for a reference-free loss, SimPO or
                  ORPO, which starts no reference actor)
-    generation  online.num_engines x online.gpus_per_engine     (+ online.resources labels)
+    generation  online.num_engines x online.num_gpus_per_engine (+ online.resources labels)
     judge       online.judge.num_actors x num_gpus_per_actor    (+ online.judge.resources labels)
                 (both: 1 GPU per actor when that is 0 on a GPU run, as GenerationGroup and
                  RewardModelJudge do; generation when online.enabled or eval.prompts_file,

@@ -16,7 +16,7 @@ class GroupPlan:
 
     name: str
     sizing: str
-    """Human-readable arithmetic, e.g. "policy.num_workers=16 x policy.gpus_per_worker=1"."""
+    """Human-readable arithmetic, e.g. "policy.num_workers=16 x policy.num_gpus_per_worker=1"."""
     count: int
     per_pod: int
     replicas: int
@@ -72,9 +72,9 @@ def uses_gpu(cfg: RunConfig) -> bool:
     """Whether the rendered cluster has GPUs (what the driver's run.device=auto then sees)."""
     if cfg.run.device != "auto":
         return cfg.run.device == "cuda"
-    online = _runs_engines(cfg) and (cfg.online.gpus_per_engine > 0 or cfg.online.judge.num_gpus_per_actor > 0)
+    online = _runs_engines(cfg) and (cfg.online.num_gpus_per_engine > 0 or cfg.online.judge.num_gpus_per_actor > 0)
     reference = needs_reference(cfg) and cfg.reference.num_gpus_per_actor > 0
-    return cfg.policy.gpus_per_worker > 0 or reference or online
+    return cfg.policy.num_gpus_per_worker > 0 or reference or online
 
 
 def plan_groups(cfg: RunConfig, shape: ClusterShape) -> tuple[list[GroupPlan], list[str]]:
@@ -87,9 +87,9 @@ def plan_groups(cfg: RunConfig, shape: ClusterShape) -> tuple[list[GroupPlan], l
         groups.append(plan_and_warnings[0])
         warnings.extend(plan_and_warnings[1])
 
-    pol_gpus = pol.gpus_per_worker if gpu else 0.0
-    add(pack_group("policy", f"policy.num_workers={pol.num_workers} x policy.gpus_per_worker={pol_gpus:g}",
-                   count=pol.num_workers, gpus_each=pol_gpus, cpus_each=pol.cpus_per_worker,
+    pol_gpus = pol.num_gpus_per_worker if gpu else 0.0
+    add(pack_group("policy", f"policy.num_workers={pol.num_workers} x policy.num_gpus_per_worker={pol_gpus:g}",
+                   count=pol.num_workers, gpus_each=pol_gpus, cpus_each=pol.num_cpus_per_worker,
                    resources_each=pol.resources, shape=shape))
     # ReferenceGroup gives each actor num_gpus_per_actor GPUs, or 1 when that is 0, on a GPU run.
     ref_gpus = (ref.num_gpus_per_actor or 1.0) if gpu else 0.0
@@ -103,7 +103,7 @@ def plan_groups(cfg: RunConfig, shape: ClusterShape) -> tuple[list[GroupPlan], l
                        cpus_each=ref.num_cpus_per_actor, resources_each=ref.resources, shape=shape))
     if _runs_engines(cfg):
         # GenerationGroup and RewardModelJudge give each actor its GPUs, or 1 when that is 0, on a GPU run.
-        gen_gpus = (onl.gpus_per_engine or 1.0) if gpu else 0.0
+        gen_gpus = (onl.num_gpus_per_engine or 1.0) if gpu else 0.0
         add(pack_group("generation", f"online.num_engines={onl.num_engines} x {gen_gpus:g} GPU",
                        count=onl.num_engines, gpus_each=gen_gpus, cpus_each=onl.num_cpus_per_engine,
                        resources_each=onl.resources, shape=shape))

@@ -10,6 +10,7 @@
         .score(prompts, completions) -> list[float]; load_function_judge("pkg.mod:fn")
     pairs.make_pairs(groups, strategy=) -> (pairs, counters); PromptGroup, Candidate, Pair
     evaluation: held-out prompt sampling, judge score and KL-to-reference summaries (pure)
+    registries (ray_dpo.registry.Registry): ENGINES, SYNC_METHODS, JUDGES, PAIR_STRATEGIES
 
 Names load lazily, so importing this package costs nothing (no torch, ray or vllm) until
 one is used; vllm is imported only inside a VLLMEngine.
@@ -29,6 +30,7 @@ _LAZY = {
     "ENGINES": "ray_dpo.online.generation",
     "LoadReport": "ray_dpo.online.weight_sync",
     "NcclWeightSender": "ray_dpo.online.weight_sync",
+    "SYNC_METHODS": "ray_dpo.online.weight_sync",
     "SyncReport": "ray_dpo.online.weight_sync",
     "WeightSyncError": "ray_dpo.online.weight_sync",
     "random_probe": "ray_dpo.online.weight_sync",
@@ -39,6 +41,7 @@ _LAZY = {
     "JudgeError": "ray_dpo.online.judges",
     "RewardModelJudge": "ray_dpo.online.judges",
     "build_judge": "ray_dpo.online.judges",
+    "JUDGES": "ray_dpo.online.judges",
     "judge_kinds": "ray_dpo.online.judges",
     "load_function_judge": "ray_dpo.online.judges",
     "register_judge": "ray_dpo.online.judges",
@@ -47,6 +50,7 @@ _LAZY = {
     "PromptGroup": "ray_dpo.online.pairs",
     "group_samples": "ray_dpo.online.pairs",
     "make_pairs": "ray_dpo.online.pairs",
+    "PAIR_STRATEGIES": "ray_dpo.online.pairs",
     "pair_strategy_names": "ray_dpo.online.pairs",
     "register_pair_strategy": "ray_dpo.online.pairs",
     "as_pair_rows": "ray_dpo.online.evaluation",

@@ -75,8 +75,8 @@ class GenerationGroup:
     """``config.num_engines`` long-lived engine actors behind one ordered generate().
 
     model_path: the policy's initial HF model directory. config: OnlineConfig (backend,
-    num_engines, num_cpus_per_engine, gpus_per_engine, resources, samples_per_prompt,
-    sampling, weight_sync, sync_tolerance). use_gpu: engines on cuda with gpus_per_engine
+    num_engines, num_cpus_per_engine, num_gpus_per_engine, resources, samples_per_prompt,
+    sampling, weight_sync, sync_tolerance). use_gpu: engines on cuda with num_gpus_per_engine
     GPUs each (1 if 0). dtype: engine weights' dtype. seed: base seed; call k of generate()
     without a seed uses seed + k * 1_000_003 so rounds differ but reruns repeat.
     num_cpus_per_engine: overrides online.num_cpus_per_engine (None: the config's).
@@ -89,8 +89,7 @@ class GenerationGroup:
                  engine_options: Optional[dict] = None, max_restarts: int = 0):
         import ray
 
-        if config.backend not in ENGINES:
-            raise ValueError(f"unknown online.backend {config.backend!r}; valid: {', '.join(ENGINES)}")
+        ENGINES.get(config.backend)  # ValueError naming the valid backends
         if config.num_engines < 1:
             raise ValueError(f"online.num_engines must be >= 1, got {config.num_engines}")
         self.config = config
@@ -317,9 +316,11 @@ class GenerationGroup:
 
     def _load(self, i: int):
         """Send engine i the weights of the last sync (a ref to its LoadReport)."""
+        from ray_dpo.online.weight_sync import SYNC_METHODS
+
         restore = self._restore
-        if restore.method == "nccl":
-            # GPU path, not testable on CPU CI: a broadcast needs policy rank 0 as the sender.
+        if SYNC_METHODS.get(restore.method).not_wired:
+            # nccl (GPU path, not testable on CPU CI): a broadcast needs policy rank 0 as the sender.
             raise EngineLostError(
                 f"generation engine {i} was restarted, but weight_sync=nccl cannot send it the policy's "
                 "weights outside a sync point; run the same command again to resume from the checkpoint "

@@ -65,6 +65,7 @@ class PolicyFollower:
         from ray_dpo.data.chat_template import resolve_chat_template
         from ray_dpo.data.tokenizer_cache import load_tokenizer
         from ray_dpo.online.engine_group import GenerationGroup
+        from ray_dpo.online.generation import ENGINES
         from ray_dpo.online.judges import build_judge
 
         self.spec = spec
@@ -76,7 +77,7 @@ class PolicyFollower:
         self.judge = build_judge(spec.online.judge, use_ray=False, use_gpu=use_gpu, dtype=spec.model.dtype)
         self.judge_lock = threading.Lock()  # rounds and evals score in different threads
         engine_options = {}
-        if spec.online.backend == "vllm":
+        if ENGINES.get(spec.online.backend).takes_max_model_len:
             engine_options["max_model_len"] = spec.data.max_length + spec.online.sampling.max_new_tokens
         self.generation = GenerationGroup(
             model_path=spec.model.name_or_path, config=spec.online, use_gpu=use_gpu, dtype=spec.model.dtype,
@@ -155,13 +156,15 @@ class PolicyFollower:
         """What else step ``step`` starts (the coordinator: rounds)."""
 
     def _sync_weights(self, step: int, weights: Optional[list], expected: list[float]) -> dict[str, float]:
+        from ray_dpo.online.weight_sync import SYNC_METHODS
+
         t0, online = time.perf_counter(), self.spec.online
         if weights is None:
             diff = self.generation.verify(self._probe, expected)
             metrics = {"sync/seconds": time.perf_counter() - t0, "sync/max_logprob_diff": diff}
         else:
             options = {}
-            if online.weight_sync == "checkpoint":
+            if SYNC_METHODS.get(online.weight_sync).needs_checkpoint_dir:
                 options["checkpoint_dir"] = os.path.join(self.spec.run_dir, "weight_sync")
             metrics = self.generation.sync_weights(weights[0], probe=self._probe, expected=expected,
                                                    **options).metrics()

@@ -31,6 +31,7 @@ from typing import Any, Mapping, Optional, Sequence
 import torch
 
 from ray_dpo.config import OnlineConfig, SamplingConfig
+from ray_dpo.registry import Registry
 from ray_dpo.online.weight_sync import (
     LoadReport,
     Probe,
@@ -69,6 +70,13 @@ class GenerationEngine:
     """
 
     backend = "?"
+    takes_max_model_len = False
+    """Its constructor takes max_model_len (a context bound the caller should set)."""
+
+    @staticmethod
+    def actor_env(use_gpu: bool) -> dict[str, str]:
+        """Environment variables the engine's Ray actor needs (on top of TOKENIZERS_PARALLELISM)."""
+        return {}
 
     def generate(self, prompts: Sequence[Sequence[int]], *, n: int, sampling: SamplingConfig,
                  seed: Optional[int] = None) -> list[list[Completion]]:
@@ -127,6 +135,15 @@ class VLLMEngine(GenerationEngine):
     """
 
     backend = "vllm"
+    takes_max_model_len = True
+
+    @staticmethod
+    def actor_env(use_gpu: bool) -> dict[str, str]:
+        env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+        if not use_gpu:
+            env.update(VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
+                       VLLM_CPU_OMP_THREADS_BIND=os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "nobind"))
+        return env
 
     def __init__(self, model_path: str, *, seed: int = 0, dtype: str = "fp32", device: str = "cpu",
                  max_model_len: Optional[int] = None, gpu_memory_utilization: float = 0.85,
@@ -392,7 +409,9 @@ def _read_safetensors_dir(path: str) -> dict[str, torch.Tensor]:
     return weights
 
 
-ENGINES: dict[str, type[GenerationEngine]] = {"vllm": VLLMEngine, "transformers": TransformersEngine}
+ENGINES: Registry[type[GenerationEngine]] = Registry(
+    "online.backend", {"vllm": VLLMEngine, "transformers": TransformersEngine})
+"""Every engine class online.backend may name; its facts are class attributes (takes_max_model_len, actor_env)."""
 
 
 def engine_actor_options(config: OnlineConfig, *, use_gpu: bool,
@@ -402,15 +421,10 @@ def engine_actor_options(config: OnlineConfig, *, use_gpu: bool,
     num_cpus_per_engine: None takes online.num_cpus_per_engine. online.resources (e.g.
     {generation_node: 0.01}) pins the engines to the nodes that advertise them.
     """
-    env = {"TOKENIZERS_PARALLELISM": "false"}
-    if config.backend == "vllm":
-        env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-        if not use_gpu:
-            env.update(VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
-                       VLLM_CPU_OMP_THREADS_BIND=os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "nobind"))
+    env = {"TOKENIZERS_PARALLELISM": "false", **ENGINES.get(config.backend).actor_env(use_gpu)}
     return {
         "num_cpus": config.num_cpus_per_engine if num_cpus_per_engine is None else num_cpus_per_engine,
-        "num_gpus": (config.gpus_per_engine or 1.0) if use_gpu else 0,
+        "num_gpus": (config.num_gpus_per_engine or 1.0) if use_gpu else 0,
         "resources": dict(config.resources),
         "runtime_env": {"env_vars": env},
     }

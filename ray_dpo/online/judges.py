@@ -5,7 +5,8 @@
     FunctionJudge(fn_or_spec, use_ray=)    a function judge, run locally or in CPU Ray tasks
     RewardModelJudge(model_path=, ...)     AutoModelForSequenceClassification (num_labels=1) in
                                            its own Ray actors, one role: scoring
-    register_judge(name) / judge_kinds() / build_judge(config: JudgeConfig)
+    register_judge(name, config_field=) / JUDGES / judge_kinds() / configured_judges(config)
+    build_judge(config: JudgeConfig)        the one judge the config sets
 
 ``prompt`` is whatever the data set row holds (a string, or a list of chat messages);
 ``completion`` is the decoded completion text. A score is a finite real number, higher is
@@ -22,9 +23,11 @@ import importlib
 import math
 import numbers
 import time
+from dataclasses import dataclass
 from typing import Any, Callable, Protocol, Sequence, Union
 
 from ray_dpo.config import JudgeConfig
+from ray_dpo.registry import Registry
 
 FUNCTION_KEY = "online.judge.function"
 REWARD_MODEL_KEY = "online.judge.reward_model"
@@ -333,7 +336,20 @@ class RewardModelJudge:
 
 
 JudgeBuilder = Callable[..., Judge]
-_JUDGES: dict[str, tuple[str, JudgeBuilder]] = {}
+
+
+@dataclass(frozen=True)
+class JudgeSpec:
+    """A registered judge: ``build(config: JudgeConfig, *, use_ray, use_gpu, dtype) -> Judge``,
+    chosen when the JudgeConfig field ``config_field`` is set."""
+
+    name: str
+    build: JudgeBuilder
+    config_field: str
+
+
+JUDGES: Registry[JudgeSpec] = Registry("judge")
+"""Every kind of judge; a config sets the config_field of exactly one."""
 
 
 def register_judge(name: str, *, config_field: str) -> Callable[[JudgeBuilder], JudgeBuilder]:
@@ -341,16 +357,20 @@ def register_judge(name: str, *, config_field: str) -> Callable[[JudgeBuilder], 
     the JudgeConfig field ``config_field`` is set."""
 
     def deco(builder: JudgeBuilder) -> JudgeBuilder:
-        if name in _JUDGES:
-            raise ValueError(f"judge {name!r} is already registered")
-        _JUDGES[name] = (config_field, builder)
+        JUDGES.add(name, JudgeSpec(name, builder, config_field))
         return builder
 
     return deco
 
 
 def judge_kinds() -> list[str]:
-    return sorted(_JUDGES)
+    """Sorted names of the registered judges."""
+    return JUDGES.names()
+
+
+def configured_judges(config: JudgeConfig) -> list[str]:
+    """Sorted names of the judges whose config field ``config`` sets (a valid config: one)."""
+    return [name for name in JUDGES.names() if getattr(config, JUDGES[name].config_field, None)]
 
 
 @register_judge("function", config_field="function")
@@ -370,10 +390,10 @@ def build_judge(config: JudgeConfig, *, use_ray: bool = True, use_gpu: bool = Fa
     use_ray: a function judge scores in Ray tasks (else in this process); a reward model
     always runs in its own actors. use_gpu / dtype: for reward-model actors.
     """
-    chosen = [(name, builder) for name, (fld, builder) in sorted(_JUDGES.items()) if getattr(config, fld, None)]
-    fields = ", ".join(f"online.judge.{fld}" for fld, _ in sorted(_JUDGES.values(), key=lambda x: x[0]))
+    chosen = configured_judges(config)
+    fields = ", ".join(sorted(f"online.judge.{JUDGES[name].config_field}" for name in JUDGES))
     if not chosen:
         raise JudgeError(f"online.judge: no judge configured; set one of {fields}")
     if len(chosen) > 1:
-        raise JudgeError(f"online.judge: set only one of {fields}, got {', '.join(n for n, _ in chosen)}")
-    return chosen[0][1](config, use_ray=use_ray, use_gpu=use_gpu, dtype=dtype)
+        raise JudgeError(f"online.judge: set only one of {fields}, got {', '.join(chosen)}")
+    return JUDGES[chosen[0]].build(config, use_ray=use_ray, use_gpu=use_gpu, dtype=dtype)

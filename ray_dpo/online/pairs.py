@@ -6,7 +6,7 @@
                                                  a prompt's policy samples, and the data set's
                                                  chosen response scored by the same judge
     Pair(pair_id, prompt, chosen, rejected, chosen_score, rejected_score)
-    register_pair_strategy(name) / pair_strategy_names()
+    register_pair_strategy(name, needs_chosen=, min_samples=) / PAIR_STRATEGIES / pair_strategy_names()
     make_pairs(groups, strategy=, min_margin=0.0, id_prefix="") -> (pairs, counters)
 
 Strategies (both keep a pair only when chosen_score - rejected_score > min_margin; a pair
@@ -24,9 +24,10 @@ Pure: no ray, torch or vllm.
 
 from __future__ import annotations
 
-import difflib
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
+
+from ray_dpo.registry import Registry
 
 
 @dataclass(frozen=True)
@@ -65,30 +66,47 @@ class Pair:
 
 # A strategy picks (chosen, rejected) candidates of one group, or None when it cannot.
 PairStrategy = Callable[[PromptGroup], Optional[tuple[Candidate, Candidate]]]
-_STRATEGIES: dict[str, PairStrategy] = {}
 
 
-def register_pair_strategy(name: str) -> Callable[[PairStrategy], PairStrategy]:
+@dataclass(frozen=True)
+class PairStrategySpec:
+    """A registered pair strategy and its facts.
+
+    pick: the PairStrategy itself.
+    needs_chosen: the data set's chosen response must be scored too (PromptGroup.chosen).
+    min_samples: policy samples per prompt it needs to ever make a pair
+        (online.samples_per_prompt below this is a config error).
+    """
+
+    name: str
+    pick: PairStrategy
+    needs_chosen: bool = False
+    min_samples: int = 1
+
+
+PAIR_STRATEGIES: Registry[PairStrategySpec] = Registry("strategy", key="online.pair_strategy")
+"""Every strategy online.pair_strategy may name."""
+
+
+def register_pair_strategy(name: str, *, needs_chosen: bool = False,
+                           min_samples: int = 1) -> Callable[[PairStrategy], PairStrategy]:
+    """Decorator: register a PairStrategy under ``name`` with its facts (see PairStrategySpec)."""
+
     def deco(fn: PairStrategy) -> PairStrategy:
-        if name in _STRATEGIES:
-            raise ValueError(f"pair strategy {name!r} is already registered")
-        _STRATEGIES[name] = fn
+        PAIR_STRATEGIES.add(name, PairStrategySpec(name, fn, needs_chosen=needs_chosen, min_samples=min_samples))
         return fn
 
     return deco
 
 
 def pair_strategy_names() -> list[str]:
-    return sorted(_STRATEGIES)
+    """Sorted names of the registered strategies."""
+    return PAIR_STRATEGIES.names()
 
 
 def get_pair_strategy(name: str) -> PairStrategy:
-    if name not in _STRATEGIES:
-        close = difflib.get_close_matches(name, _STRATEGIES, n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise ValueError(f"online.pair_strategy: unknown strategy {name!r}{hint}; "
-                         f"valid: {', '.join(pair_strategy_names())}")
-    return _STRATEGIES[name]
+    """The strategy ``name``; ValueError naming the valid ones if there is none."""
+    return PAIR_STRATEGIES.get(name).pick
 
 
 def _worst(samples: Sequence[Candidate]) -> Candidate:
@@ -99,7 +117,7 @@ def _best(samples: Sequence[Candidate]) -> Candidate:
     return max(samples, key=lambda c: c.score)
 
 
-@register_pair_strategy("regenerate_rejected")
+@register_pair_strategy("regenerate_rejected", needs_chosen=True)
 def regenerate_rejected(group: PromptGroup) -> Optional[tuple[Candidate, Candidate]]:
     if group.chosen is None:
         raise ValueError(f"regenerate_rejected needs the data set's chosen response; prompt "
@@ -109,7 +127,7 @@ def regenerate_rejected(group: PromptGroup) -> Optional[tuple[Candidate, Candida
     return group.chosen, _worst(group.samples)
 
 
-@register_pair_strategy("best_vs_worst")
+@register_pair_strategy("best_vs_worst", min_samples=2)
 def best_vs_worst(group: PromptGroup) -> Optional[tuple[Candidate, Candidate]]:
     if len(group.samples) < 2:
         return None

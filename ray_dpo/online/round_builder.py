@@ -34,7 +34,7 @@ def build_round(r: int, *, rows: Sequence[dict], completions: Sequence[Sequence[
     .score(prompts, responses); decode: token ids -> text."""
     import time
 
-    from ray_dpo.online.pairs import Candidate, group_samples, make_pairs
+    from ray_dpo.online.pairs import PAIR_STRATEGIES, Candidate, group_samples, make_pairs
 
     prompt_texts = [decode(row["prompt_ids"]) for row in rows]
     flat = [c for comps in completions for c in comps]
@@ -42,7 +42,7 @@ def build_round(r: int, *, rows: Sequence[dict], completions: Sequence[Sequence[
     scores = judge.score([p for p, comps in zip(prompt_texts, completions) for _ in comps],
                          [c.text if c.text is not None else decode(c.token_ids) for c in flat])
     chosen = None
-    if online.pair_strategy == "regenerate_rejected":
+    if PAIR_STRATEGIES.get(online.pair_strategy).needs_chosen:
         chosen_scores = judge.score(prompt_texts, [decode(row["chosen_ids"]) for row in rows])
         chosen = [Candidate(row["chosen_ids"], s) for row, s in zip(rows, chosen_scores)]
     judge_seconds = time.perf_counter() - t0

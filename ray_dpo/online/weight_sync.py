@@ -37,6 +37,7 @@ from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 import torch
 
 from ray_dpo.logprobs import sequence_logps
+from ray_dpo.registry import Registry
 
 # (prompt token ids, continuation token ids); the continuation is what gets scored.
 ProbeItem = tuple[Sequence[int], Sequence[int]]
@@ -261,22 +262,41 @@ def check_diffs(
 
 # --------------------------------------------------------------------------- methods
 
-# name -> fn(actors, weights, **options) -> list of ObjectRefs of LoadReports
-SYNC_METHODS: dict[str, Callable[..., list]] = {}
+
+@dataclass(frozen=True)
+class SyncMethod:
+    """A registered weight-sync method and its facts.
+
+    send: ``send(actors, weights, **options) -> list of ObjectRefs of LoadReports``.
+    needs_checkpoint_dir: sending a state dict writes it to ``checkpoint_dir`` first (a
+        directory every engine can read), which the caller must pass.
+    not_wired: why training runs cannot use it yet (None: they can); config validation
+        refuses it with this reason.
+    """
+
+    name: str
+    send: Callable[..., list]
+    needs_checkpoint_dir: bool = False
+    not_wired: Optional[str] = None
 
 
-def register_sync_method(name: str):
+SYNC_METHODS: Registry[SyncMethod] = Registry("weight sync method")
+"""Every method online.weight_sync may name."""
+
+
+def register_sync_method(name: str, *, needs_checkpoint_dir: bool = False, not_wired: Optional[str] = None):
+    """Decorator: register ``send(actors, weights, **options)`` under ``name`` (see SyncMethod)."""
+
     def deco(fn):
-        SYNC_METHODS[name] = fn
+        SYNC_METHODS.add(name, SyncMethod(name, fn, needs_checkpoint_dir=needs_checkpoint_dir, not_wired=not_wired))
         return fn
+
     return deco
 
 
 def sync_method(name: str) -> Callable[..., list]:
-    try:
-        return SYNC_METHODS[name]
-    except KeyError:
-        raise ValueError(f"unknown weight sync method {name!r}; valid: {', '.join(sorted(SYNC_METHODS))}") from None
+    """The send function of method ``name``; ValueError naming the valid methods if there is none."""
+    return SYNC_METHODS.get(name).send
 
 
 @register_sync_method("object_store")
@@ -288,7 +308,19 @@ def _object_store(actors: Sequence[Any], weights: Any, **_: Any) -> list:
     return [a.load_weights.remote(ref) for a in actors]
 
 
-@register_sync_method("checkpoint")
+@register_sync_method("nccl", not_wired="the broadcast pieces exist but were never run on GPUs")
+def _nccl(actors: Sequence[Any], weights: Any, *, sender: Optional["NcclWeightSender"] = None, **_: Any) -> list:
+    """GPU path: not testable on CPU CI. Call from the process that owns ``sender`` (policy rank 0)."""
+    if sender is None:
+        raise ValueError("weight_sync=nccl needs sender=NcclWeightSender(...) created on policy rank 0 "
+                         "and GenerationGroup.init_nccl(...) called once before the first sync")
+    meta = [(name, str(t.dtype).removeprefix("torch."), tuple(t.shape)) for name, t in weights.items()]
+    refs = [a.receive_weights_nccl.remote(meta) for a in actors]  # they block in the broadcasts
+    sender.broadcast(weights)
+    return refs
+
+
+@register_sync_method("checkpoint", needs_checkpoint_dir=True)
 def _checkpoint(actors: Sequence[Any], weights: Any, *, checkpoint_dir: Optional[str] = None, **_: Any) -> list:
     """Engines reload from a safetensors directory: the one given, or one written here."""
     import ray
@@ -303,18 +335,6 @@ def _checkpoint(actors: Sequence[Any], weights: Any, *, checkpoint_dir: Optional
                              "directory every engine can read (shared storage on a cluster)")
         directory = save_safetensors(weights, checkpoint_dir)
     return [a.load_weights.remote(path=directory) for a in actors]
-
-
-@register_sync_method("nccl")
-def _nccl(actors: Sequence[Any], weights: Any, *, sender: Optional["NcclWeightSender"] = None, **_: Any) -> list:
-    """GPU path: not testable on CPU CI. Call from the process that owns ``sender`` (policy rank 0)."""
-    if sender is None:
-        raise ValueError("weight_sync=nccl needs sender=NcclWeightSender(...) created on policy rank 0 "
-                         "and GenerationGroup.init_nccl(...) called once before the first sync")
-    meta = [(name, str(t.dtype).removeprefix("torch."), tuple(t.shape)) for name, t in weights.items()]
-    refs = [a.receive_weights_nccl.remote(meta) for a in actors]  # they block in the broadcasts
-    sender.broadcast(weights)
-    return refs
 
 
 # --------------------------------------------------------------------------- NCCL (GPU only)

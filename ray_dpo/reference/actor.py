@@ -14,7 +14,7 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 
-from ray_dpo.packing import build_batch, layout_names, micro_batch_cost, model_inputs, pair_logps
+from ray_dpo.packing import LAYOUTS, build_batch, layout_names, micro_batch_cost, model_inputs, pair_logps
 
 logger = logging.getLogger("ray_dpo.reference")
 
@@ -99,8 +99,8 @@ class ReferenceActor:
         self.model = AutoModelForCausalLM.from_pretrained(model_path, **kwargs).to(self.device)
         self.model.eval()
         self.attn_implementation = self.model.config._attn_implementation or "eager"
-        if layout == "prefix_shared" and self.attn_implementation not in ("sdpa", "eager"):
-            raise ValueError(f"layout 'prefix_shared' needs attn_implementation 'sdpa' or 'eager' (a 4D mask), "
+        if LAYOUTS[layout].needs_4d_mask and self.attn_implementation not in ("sdpa", "eager"):
+            raise ValueError(f"layout {layout!r} needs attn_implementation 'sdpa' or 'eager' (a 4D mask), "
                              f"the reference model uses {self.attn_implementation!r}; use layout 'packed'")
         self.model.requires_grad_(False)
         # Padding sits behind the attention mask and outside the loss mask, so its id only

@@ -341,7 +341,7 @@ def test_engine_and_judge_placement_keys_default_and_parse(data_file):
     ({"judge": {"num_cpus_per_actor": -0.5}}, "online.judge.num_cpus_per_actor", "must be >= 0, got -0.5"),
     ({"resources": {"generation_node": -0.01}}, "online.resources.generation_node", "must be >= 0, got -0.01"),
     ({"judge": {"resources": {"judge_node": -1}}}, "online.judge.resources.judge_node", "must be >= 0, got -1.0"),
-    ({"resources": {"GPU": 1}}, "online.resources.GPU", "set online.gpus_per_engine instead"),
+    ({"resources": {"GPU": 1}}, "online.resources.GPU", "set online.num_gpus_per_engine instead"),
     ({"judge": {"resources": {"CPU": 1}}}, "online.judge.resources.CPU", "set online.judge.num_cpus_per_actor"),
     ({"resources": {"generation_node": "lots"}}, "online.resources.generation_node", "expected a number"),
     ({"resources": [1]}, "online.resources", "expected a mapping of a string to a number"),

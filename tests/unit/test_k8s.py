@@ -223,12 +223,12 @@ def expected_gpus(path: str) -> dict[str, float]:
 
 
 def expected_gpus_of(cfg) -> dict[str, float]:
-    gpu = cfg.run.device == "cuda" or (cfg.run.device == "auto" and cfg.policy.gpus_per_worker > 0)
-    out = {"policy": cfg.policy.num_workers * cfg.policy.gpus_per_worker if gpu else 0}
+    gpu = cfg.run.device == "cuda" or (cfg.run.device == "auto" and cfg.policy.num_gpus_per_worker > 0)
+    out = {"policy": cfg.policy.num_workers * cfg.policy.num_gpus_per_worker if gpu else 0}
     if not (cfg.reference.precompute and not cfg.reference.resources and not cfg.eval.prompts_file):
         out["reference"] = cfg.reference.num_actors * ((cfg.reference.num_gpus_per_actor or 1) if gpu else 0)
     if cfg.online.enabled or cfg.eval.prompts_file:  # engines and judge sample held-out prompts too
-        out["generation"] = cfg.online.num_engines * ((cfg.online.gpus_per_engine or 1) if gpu else 0)
+        out["generation"] = cfg.online.num_engines * ((cfg.online.num_gpus_per_engine or 1) if gpu else 0)
         if cfg.online.judge.reward_model:
             out["judge"] = cfg.online.judge.num_actors * ((cfg.online.judge.num_gpus_per_actor or 1) if gpu else 0)
     return out
@@ -267,7 +267,7 @@ def test_replicas_and_gpu_requests_match_the_config(path):
     policy = groups["policy"]
     per_pod = cfg.policy.num_workers // policy["replicas"]
     assert per_pod * policy["replicas"] == cfg.policy.num_workers
-    assert int(policy["rayStartParams"]["num-cpus"]) >= per_pod * cfg.policy.cpus_per_worker
+    assert int(policy["rayStartParams"]["num-cpus"]) >= per_pod * cfg.policy.num_cpus_per_worker
     for name, group in groups.items():
         per_pod = COUNTS[name](cfg) // group["replicas"]
         assert per_pod * group["replicas"] == COUNTS[name](cfg), name
@@ -389,7 +389,7 @@ def test_pods_split_evenly_and_never_hold_an_idle_gpu(count, per_node, pods, gpu
 
 def test_an_actor_larger_than_a_node_is_an_error():
     with pytest.raises(k8s.K8sError, match="--gpus-per-node 8"):
-        k8s.pack_group("generation", "online.gpus_per_engine=16", count=1, gpus_each=16, cpus_each=1,
+        k8s.pack_group("generation", "online.num_gpus_per_engine=16", count=1, gpus_each=16, cpus_each=1,
                        resources_each={}, shape=k8s.ClusterShape())
 
 

@@ -5,6 +5,7 @@ import sys
 
 PURE = [
     "ray_dpo.config",
+    "ray_dpo.registry",
     "ray_dpo.losses",
     "ray_dpo.loss_rules",
     "ray_dpo.logprobs",

@@ -1,0 +1,100 @@
+"""What a built RunConfig yields for the rest of ray_dpo: its YAML / flat forms, its paths
+made absolute for Ray workers, and the CPUs a local cluster needs for it.
+
+    to_dict(cfg) / to_yaml(cfg) / flatten(cfg)   (flatten: dotted key -> str, MLflow params)
+    with_absolute_paths(cfg)                      local paths resolved against the cwd
+    local_cpus_needed(cfg)                        logical CPUs the run's actors hold at once, + 1
+
+Pure: imports neither torch, ray, deepspeed nor vllm at import time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from typing import Any, Optional
+
+import yaml
+
+from ray_dpo.config.paths import is_remote, looks_local
+from ray_dpo.config.sections import RunConfig
+from ray_dpo.data.chat_template import is_inline_template
+
+
+def local_cpus_needed(cfg: RunConfig) -> int:
+    """Logical CPUs the run's actors hold at the same time, plus one for Ray Data tasks.
+
+    Everything that can be up together during training: the policy workers, a reference
+    group (streamed, or the evaluation's group after a precompute), generation engines
+    (online rounds or held-out sampling) and reward-model judge actors. The feeder and the
+    coordinator take no CPU.
+    """
+    from ray_dpo.loss_rules import needs_reference
+
+    need = cfg.policy.num_workers * cfg.policy.num_cpus_per_worker
+    if needs_reference(cfg):  # SimPO / ORPO start no reference group
+        need += cfg.reference.num_actors * cfg.reference.num_cpus_per_actor
+    if cfg.online.enabled or cfg.eval.prompts_file:
+        need += cfg.online.num_engines * cfg.online.num_cpus_per_engine
+        if cfg.online.judge.reward_model:
+            need += cfg.online.judge.num_actors * cfg.online.judge.num_cpus_per_actor
+    return math.ceil(need) + 1
+
+
+def to_dict(cfg: Any) -> dict:
+    """A config (or one section) as plain nested dicts."""
+    return dataclasses.asdict(cfg)
+
+
+def to_yaml(cfg: RunConfig) -> str:
+    """The config as YAML that load_config reads back to the same RunConfig."""
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def flatten(cfg: RunConfig) -> dict[str, str]:
+    """Dotted key -> string value, e.g. for MLflow params."""
+    out: dict[str, str] = {}
+
+    def walk(node: Any, prefix: str) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(v, f"{prefix}.{k}" if prefix else str(k))
+        else:
+            out[prefix] = str(node)
+
+    walk(to_dict(cfg), "")
+    return out
+
+
+def with_absolute_paths(cfg: RunConfig) -> RunConfig:
+    """A copy whose local paths are absolute, resolved against the current directory.
+
+    Ray workers and actors do not share the driver's working directory (under
+    ``ray job submit`` each runs in its own unpacked working_dir), so a relative model path
+    that the driver sees would not resolve there. Hub ids and object-store URIs stay as is.
+    """
+
+    def local(path: Optional[str]) -> Optional[str]:  # always a path or a URI
+        return path if not path or is_remote(path) else os.path.abspath(os.path.expanduser(path))
+
+    def fix(path: Optional[str]) -> Optional[str]:  # a path, a URI or a hub id
+        return local(path) if path and looks_local(path) else path
+
+    def fix_all(paths: list[str]) -> list[str]:
+        return [local(p) for p in paths]
+
+    def template(value: Optional[str]) -> Optional[str]:  # a path or the template itself
+        return value if not value or is_inline_template(value) else local(value)
+
+    return dataclasses.replace(
+        cfg,
+        run=dataclasses.replace(cfg.run, storage_path=local(cfg.run.storage_path)),
+        model=dataclasses.replace(cfg.model, name_or_path=fix(cfg.model.name_or_path),
+                                  tokenizer=fix(cfg.model.tokenizer), chat_template=template(cfg.model.chat_template)),
+        data=dataclasses.replace(cfg.data, train_files=fix_all(cfg.data.train_files),
+                                 eval_files=fix_all(cfg.data.eval_files)),
+        reference=dataclasses.replace(cfg.reference, model=fix(cfg.reference.model),
+                                      cache_dir=local(cfg.reference.cache_dir)),
+        eval=dataclasses.replace(cfg.eval, prompts_file=local(cfg.eval.prompts_file)),
+    )
