@@ -4,6 +4,7 @@ made absolute for Ray workers, and the CPUs a local cluster needs for it.
     to_dict(cfg) / to_yaml(cfg) / flatten(cfg)   (flatten: dotted key -> str, MLflow params)
     with_absolute_paths(cfg)                      local paths resolved against the cwd
     local_cpus_needed(cfg)                        logical CPUs the run's actors hold at once, + 1
+    heldout_judge(cfg), heldout_online(cfg)       the held-out eval's judge, engine and sampling settings
 
 Pure: imports neither torch, ray, deepspeed nor vllm at import time.
 """
@@ -18,8 +19,30 @@ from typing import Any, Optional
 import yaml
 
 from ray_dpo.config.paths import is_remote, looks_local
-from ray_dpo.config.sections import RunConfig
+from ray_dpo.config.sections import EvalConfig, JudgeConfig, OnlineConfig, RunConfig, SamplingConfig
 from ray_dpo.data.chat_template import is_inline_template
+
+
+def heldout_judge(cfg: RunConfig) -> JudgeConfig:
+    """The judge of the held-out eval: eval.judge if set, else online.judge."""
+    return cfg.eval.judge if _judge_set(cfg.eval.judge) else cfg.online.judge
+
+
+def heldout_online(cfg: RunConfig) -> OnlineConfig:
+    """The online section as an offline run's held-out evaluator uses it: its engines'
+    backend (eval.backend, else online.backend) and judge (heldout_judge)."""
+    return dataclasses.replace(cfg.online, backend=cfg.eval.backend or cfg.online.backend, judge=heldout_judge(cfg),
+                               sampling=heldout_sampling(cfg.online.sampling, cfg.eval))
+
+
+def heldout_sampling(sampling: SamplingConfig, eval_: EvalConfig) -> SamplingConfig:
+    """online.sampling with the held-out eval's max_new_tokens (eval.max_new_tokens if set);
+    the evaluator then samples at temperature 1, top_p 1 (online.evaluation.eval_sampling)."""
+    return dataclasses.replace(sampling, max_new_tokens=eval_.max_new_tokens or sampling.max_new_tokens)
+
+
+def _judge_set(judge: JudgeConfig) -> bool:
+    return bool(judge.function or judge.reward_model)
 
 
 def local_cpus_needed(cfg: RunConfig) -> int:
@@ -37,8 +60,10 @@ def local_cpus_needed(cfg: RunConfig) -> int:
         need += cfg.reference.num_actors * cfg.reference.num_cpus_per_actor
     if cfg.online.enabled or cfg.eval.prompts_file:
         need += cfg.online.num_engines * cfg.online.num_cpus_per_engine
-        if cfg.online.judge.reward_model:
-            need += cfg.online.judge.num_actors * cfg.online.judge.num_cpus_per_actor
+        judges = [cfg.online.judge] if cfg.online.enabled else []
+        if cfg.eval.prompts_file and not any(j is heldout_judge(cfg) for j in judges):
+            judges.append(heldout_judge(cfg))  # a judge of its own
+        need += sum(j.num_actors * j.num_cpus_per_actor for j in judges if j.reward_model)
     return math.ceil(need) + 1
 
 

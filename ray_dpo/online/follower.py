@@ -26,7 +26,8 @@ import time
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from ray_dpo.config import DataConfig, EvalConfig, ModelConfig, OnlineConfig, RunConfig
+from ray_dpo.config import DataConfig, EvalConfig, JudgeConfig, ModelConfig, OnlineConfig, RunConfig
+from ray_dpo.config.derived import heldout_judge, heldout_online, heldout_sampling
 from ray_dpo.feeder import KeepsInitError
 
 logger = logging.getLogger("ray_dpo.online")
@@ -46,13 +47,17 @@ class FollowerSpec:
     run_dir: str  # rounds and checkpoint weight syncs are written under it
     reference_batch_size: int
     max_restarts: int  # of each engine (policy.max_failures)
+    eval_judge: JudgeConfig  # the held-out eval's (eval.judge, else online.judge)
     total_steps: Optional[int] = None  # the run's length (an online run computes its own)
 
     @classmethod
     def of(cls, cfg: RunConfig, *, total_steps: Optional[int] = None) -> "FollowerSpec":
-        return cls(model=cfg.model, online=cfg.online, eval=cfg.eval, data=cfg.data, seed=cfg.run.seed,
+        """An online run's (its round engines sample the held-out prompts too), or with
+        total_steps an offline run's held-out evaluator (eval.backend, eval.judge)."""
+        online = cfg.online if cfg.online.enabled else heldout_online(cfg)
+        return cls(model=cfg.model, online=online, eval=cfg.eval, data=cfg.data, seed=cfg.run.seed,
                    run_dir=cfg.run_dir, reference_batch_size=cfg.reference.batch_size,
-                   max_restarts=cfg.policy.max_failures, total_steps=total_steps)
+                   max_restarts=cfg.policy.max_failures, eval_judge=heldout_judge(cfg), total_steps=total_steps)
 
 
 class PolicyFollower:
@@ -75,10 +80,13 @@ class PolicyFollower:
         self._total = spec.total_steps
         self._probe = probe_rows or self._random_probe()
         self.judge = build_judge(spec.online.judge, use_ray=False, use_gpu=use_gpu, dtype=spec.model.dtype)
+        self.eval_judge = self.judge if spec.eval_judge == spec.online.judge else build_judge(
+            spec.eval_judge, use_ray=False, use_gpu=use_gpu, dtype=spec.model.dtype)
         self.judge_lock = threading.Lock()  # rounds and evals score in different threads
         engine_options = {}
         if ENGINES.get(spec.online.backend).takes_max_model_len:
-            engine_options["max_model_len"] = spec.data.max_length + spec.online.sampling.max_new_tokens
+            new_tokens = max(spec.online.sampling.max_new_tokens, spec.eval.max_new_tokens or 0)
+            engine_options["max_model_len"] = spec.data.max_length + new_tokens
         self.generation = GenerationGroup(
             model_path=spec.model.name_or_path, config=spec.online, use_gpu=use_gpu, dtype=spec.model.dtype,
             seed=spec.seed, engine_options=engine_options, max_restarts=spec.max_restarts)
@@ -102,9 +110,10 @@ class PolicyFollower:
             encode = PairTokenizer(self.tokenizer, self.spec.data).encode_prompt
             chosen = select_prompts(load_prompts(path), num=self.spec.eval.num_prompts, seed=self.spec.seed)
             prompts = [(p.prompt, encode(p.prompt, source=path, line=i)) for i, p in enumerate(chosen, start=1)]
-        return HeldOutEvaluator(self.spec.eval, prompts=prompts, generation=self.generation, judge=self.judge,
+        return HeldOutEvaluator(self.spec.eval, prompts=prompts, generation=self.generation, judge=self.eval_judge,
                                 judge_lock=self.judge_lock, reference=self.reference,
-                                sampling=self.spec.online.sampling, seed=self.spec.seed,
+                                sampling=heldout_sampling(self.spec.online.sampling, self.spec.eval),
+                                seed=self.spec.seed,
                                 reference_batch_size=self.spec.reference_batch_size, decode=self.decode,
                                 log=self.log, on_error=self.fail)
 
@@ -147,7 +156,8 @@ class PolicyFollower:
             raise self._error
 
     def close(self) -> None:
-        self.judge.shutdown()
+        for judge in {id(j): j for j in (self.judge, self.eval_judge)}.values():
+            judge.shutdown()
         self.generation.shutdown()
 
     # ------------------------------------------------------------------ for the parts
@@ -224,7 +234,8 @@ def start_follower(cfg: RunConfig, *, reference: Any, total_steps: int, tracking
     handle = start_actor(_FollowerActor, FollowerSpec.of(cfg, total_steps=total_steps), reference=reference,
                          tracking_uri=tracking_uri, run_id=run_id, use_gpu=use_gpu,
                          max_concurrency=4, max_restarts=cfg.policy.max_failures)
-    print(f"[ray_dpo] held-out eval: {cfg.online.num_engines} {cfg.online.backend} engine(s) ready", file=sys.stdout,
+    online = heldout_online(cfg)
+    print(f"[ray_dpo] held-out eval: {online.num_engines} {online.backend} engine(s) ready", file=sys.stdout,
           flush=True)
     return handle
 

@@ -109,9 +109,11 @@ def test_offline_run_logs_the_same_held_out_metrics_and_compares(ray_cluster, ti
     needs_vllm()
     from ray_dpo.driver import run_dpo
 
+    # Its own eval section, no online.* key: the same judge and sampling as the online run.
     cfg = tiny_config("offline-with-eval", **store, **{
         "eval.prompts_file": tiny_assets["eval_file"], "eval.num_prompts": 32, "eval.every_steps": 4,
-        "online.judge.function": JUDGE, "online.sampling.max_new_tokens": 16, "policy.max_steps": 8})
+        "eval.judge.function": JUDGE, "eval.max_new_tokens": 16, "policy.max_steps": 8})
+    assert cfg.online == type(cfg.online)(), "no online.* setting"
     summary = run_dpo(cfg)
     scores = history(summary, "eval/judge_score")
     assert [s for s, _ in scores] == [0, 4, 8]
