@@ -5,7 +5,7 @@ tokens, and how fast is a DPO forward+backward with it, on realistic length dist
 
 Model: a random Llama (hidden 256, 4 layers, vocab 8192, fp32, sdpa) on CPU, torch threads
 fixed (--threads). Each layout runs the same micro-batches (--pairs pairs each) built with
-ray_dpo.packing exactly as the policy worker builds them (packed / prefix_shared: one row
+ray_dpo.batching.layouts exactly as the policy worker builds them (packed / prefix_shared: one row
 per micro-batch, sdpa with a dense 4D mask), plus packed rows capped at 1024 tokens (dense
 attention costs T^2 per row on CPU); log-probs are checked against padded.
 
@@ -25,7 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torch  # noqa: E402
 
 from _common import record, table, tiny_llama  # noqa: E402
-from ray_dpo.packing import batch_stats, build_batch, model_inputs, pair_logps  # noqa: E402
+from ray_dpo.batching.layouts import batch_stats, build_batch, model_inputs, pair_logps  # noqa: E402
 
 # (name, layout, row capacity): None = one row per micro-batch, as the policy worker does.
 VARIANTS = (("padded", "padded", None), ("packed", "packed", None), ("prefix_shared", "prefix_shared", None),

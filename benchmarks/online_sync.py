@@ -67,9 +67,10 @@ def measure(backend: str, path: str, args) -> dict:
     import ray
 
     from ray_dpo.config import OnlineConfig, SamplingConfig
+    from ray_dpo.batching.probe import torch_probe_logps
     from ray_dpo.online.engine_group import GenerationGroup
     from ray_dpo.online.generation import ENGINES
-    from ray_dpo.online.weight_sync import random_probe, torch_probe_logps
+    from ray_dpo.online.weight_sync import random_probe
 
     model, state = perturbed_state(path)
     probe = random_probe(model.config.vocab_size, num_sequences=4, seed=1, first_token=7)

@@ -219,11 +219,13 @@ def run_trl(cfg, texts: list[dict], tokens: list[dict], out_dir: str, max_steps:
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from ray_dpo.dtypes import torch_dtype
+
     Timer, InOrder = _trl_classes()
     batch = cfg.policy.num_workers * cfg.policy.micro_batch_size * cfg.policy.gradient_accumulation_steps
     steps = math.ceil(len(texts) / batch) * cfg.policy.num_epochs
     steps = min(steps, max_steps) if max_steps else steps
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.model.dtype]
+    dtype = torch_dtype(cfg.model.dtype)
     extra = {"attn_implementation": cfg.model.attn_implementation} if cfg.model.attn_implementation else {}
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer or cfg.model.name_or_path)
     model = AutoModelForCausalLM.from_pretrained(cfg.model.name_or_path, dtype=dtype, **extra)
@@ -349,14 +351,14 @@ class HeldoutEvaluator:
     def _load(self, model_dir: str):
         from transformers import AutoModelForCausalLM
 
-        from ray_dpo.online.generation import TORCH_DTYPES
+        from ray_dpo.dtypes import torch_dtype
 
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=TORCH_DTYPES[self.cfg.model.dtype])
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype(self.cfg.model.dtype))
         return model.eval().requires_grad_(False)
 
     @torch.inference_mode()
     def _logps(self, model, probe: list) -> list[float]:
-        from ray_dpo.online.weight_sync import torch_probe_logps
+        from ray_dpo.batching.probe import torch_probe_logps
 
         return [v for i in range(0, len(probe), self.batch_size)
                 for v in torch_probe_logps(model, probe[i:i + self.batch_size], pad_token_id=self.pad_id)]

@@ -1,7 +1,7 @@
 """ray_dpo's policy step vs TRL's DPOTrainer: same model, data, batch and machine, one run.
 
 Question: per optimizer step on the same batches, how fast is ray_dpo's policy step (the
-worker's own code: DeepSpeed engine ZeRO-0, ray_dpo.packing forward, loss, step) compared
+worker's own code: DeepSpeed engine ZeRO-0, ray_dpo.batching forward, loss, step) compared
 with TRL's DPOTrainer, and do both compute the same loss on the first batch?
 
 Setup (CPU, fp32, sdpa, torch threads fixed):

@@ -13,6 +13,7 @@ import sys
 
 from ray_dpo.config import ConfigError, load_config, to_yaml
 from ray_dpo.console import LOG_FORMAT
+from ray_dpo.dtypes import DTYPES
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_CONFIG = 0, 1, 2
 
@@ -166,7 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
                                            "model directory that ray_dpo can train")
     p.add_argument("gguf_file", help="path of the .gguf file (quantized files are dequantized)")
     p.add_argument("--out", required=True, help="output directory (model + tokenizer + chat template)")
-    p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "fp16"))
+    p.add_argument("--dtype", default="fp32", choices=tuple(DTYPES))
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
     p.set_defaults(func=cmd_import_gguf)
 

@@ -29,8 +29,9 @@ import os
 import shutil
 import time
 
+from ray_dpo.dtypes import DTYPES, torch_dtype
+
 MARKER = "ray_dpo_import.json"
-_DTYPES = ("fp32", "bf16", "fp16")
 
 
 class GGUFImportError(ValueError):
@@ -45,8 +46,8 @@ def import_gguf(gguf_file: str, out_dir: str, *, dtype: str = "fp32", overwrite:
     is kept as is unless ``overwrite``. Raises GGUFImportError on a missing file, a missing
     ``gguf`` package or an architecture transformers cannot read from GGUF.
     """
-    if dtype not in _DTYPES:
-        raise GGUFImportError(f"dtype={dtype!r}: valid values are {', '.join(_DTYPES)}")
+    if dtype not in DTYPES:
+        raise GGUFImportError(f"dtype={dtype!r}: valid values are {', '.join(DTYPES)}")
     gguf_file = os.path.abspath(os.path.expanduser(gguf_file))
     if not os.path.isfile(gguf_file):
         raise GGUFImportError(f"{gguf_file}: no such file (give the path of a .gguf file)")
@@ -78,13 +79,11 @@ def import_gguf(gguf_file: str, out_dir: str, *, dtype: str = "fp32", overwrite:
 
 def _load_plain(gguf_file: str, dtype: str):
     """(model without the GGUF quantization_config, tokenizer) read from ``gguf_file``."""
-    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder, name = os.path.split(gguf_file)
-    torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
     try:
-        loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch_dtype)
+        loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch_dtype(dtype))
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     except (ValueError, KeyError) as err:  # e.g. "GGUF model with architecture X is not supported"
         raise GGUFImportError(f"{gguf_file}: transformers cannot import it: {err}") from err

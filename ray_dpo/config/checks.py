@@ -166,7 +166,7 @@ def _check_loss(cfg: RunConfig, p: list[Problem]) -> None:
 
 def _check_layouts(cfg: RunConfig, p: list[Problem]) -> None:
     """A layout that needs a 4D attention mask cannot run on an attention that takes none."""
-    from ray_dpo.packing import LAYOUTS
+    from ray_dpo.batching.layouts import LAYOUTS
 
     attn = cfg.model.attn_implementation
     for key, layout in (("policy.layout", cfg.policy.layout), ("reference.layout", cfg.reference.layout)):

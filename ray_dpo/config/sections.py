@@ -134,7 +134,7 @@ class ReferenceConfig:
     """Where precomputed log-probs go; default: <storage_path>/reference_cache."""
     max_restarts: int = 3
     """How often a dead reference actor is restarted before the run fails."""
-    layout: Annotated[str, OneOf("ray_dpo.packing:LAYOUTS")] = "padded"
+    layout: Annotated[str, OneOf("ray_dpo.batching.layouts:LAYOUTS")] = "padded"
     """Batch layout of the reference forward (see policy.layout): same log-probs, fewer
     computed positions. prefix_shared needs model.attn_implementation sdpa or eager."""
     max_tokens_per_row: Optional[int] = None
@@ -189,8 +189,8 @@ class PolicyConfig:
     """Save the final policy in Hugging Face format (loadable by from_pretrained / vLLM)."""
     offload_optimizer: bool = False
     """ZeRO optimizer-state offload to CPU (GPU runs)."""
-    layout: Annotated[str, OneOf("ray_dpo.packing:LAYOUTS")] = "padded"
-    """How a micro-batch's chosen+rejected sequences become model rows (ray_dpo.packing):
+    layout: Annotated[str, OneOf("ray_dpo.batching.layouts:LAYOUTS")] = "padded"
+    """How a micro-batch's chosen+rejected sequences become model rows (ray_dpo.batching.layouts):
     padded: prompt+chosen and prompt+rejected rows, right-padded (the classic layout).
     packed: the same sequences concatenated into rows without padding, position ids
         restarting per sequence, attention kept inside each sequence (flash varlen on GPU,
@@ -200,7 +200,7 @@ class PolicyConfig:
         model.attn_implementation "sdpa" or "eager" (a 4D mask; flash attention takes none).
     All three give the same log-probs (to float rounding). Only models whose positions come
     from position_ids (RoPE, learned absolute) can use packed / prefix_shared; a custom mask
-    also bypasses sliding-window attention (see ray_dpo/packing.py)."""
+    also bypasses sliding-window attention (see docs/architecture.md, "Batch layouts")."""
     max_tokens_per_micro_batch: Optional[int] = None
     """Token budget per forward (packed / prefix_shared: its tokens, so with one row per
     forward it also bounds sdpa/eager's dense T x T attention; padded: rows x T).

@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass
 
 from ray_dpo.config import RunConfig
+from ray_dpo.resources import gpus_per_actor
 from ray_dpo.k8s.options import ClusterShape, K8sError
 from ray_dpo.loss_rules import needs_reference
 
@@ -92,7 +93,7 @@ def plan_groups(cfg: RunConfig, shape: ClusterShape) -> tuple[list[GroupPlan], l
                    count=pol.num_workers, gpus_each=pol_gpus, cpus_each=pol.num_cpus_per_worker,
                    resources_each=pol.resources, shape=shape))
     # ReferenceGroup gives each actor num_gpus_per_actor GPUs, or 1 when that is 0, on a GPU run.
-    ref_gpus = (ref.num_gpus_per_actor or 1.0) if gpu else 0.0
+    ref_gpus = gpus_per_actor(ref.num_gpus_per_actor, use_gpu=gpu)
     sizing = f"reference.num_actors={ref.num_actors} x {ref_gpus:g} GPU"
     if not needs_reference(cfg):
         pass  # SimPO / ORPO: the run starts no reference actor, so it gets no pods
@@ -103,12 +104,12 @@ def plan_groups(cfg: RunConfig, shape: ClusterShape) -> tuple[list[GroupPlan], l
                        cpus_each=ref.num_cpus_per_actor, resources_each=ref.resources, shape=shape))
     if _runs_engines(cfg):
         # GenerationGroup and RewardModelJudge give each actor its GPUs, or 1 when that is 0, on a GPU run.
-        gen_gpus = (onl.num_gpus_per_engine or 1.0) if gpu else 0.0
+        gen_gpus = gpus_per_actor(onl.num_gpus_per_engine, use_gpu=gpu)
         add(pack_group("generation", f"online.num_engines={onl.num_engines} x {gen_gpus:g} GPU",
                        count=onl.num_engines, gpus_each=gen_gpus, cpus_each=onl.num_cpus_per_engine,
                        resources_each=onl.resources, shape=shape))
         if onl.judge.reward_model:
-            judge_gpus = (onl.judge.num_gpus_per_actor or 1.0) if gpu else 0.0
+            judge_gpus = gpus_per_actor(onl.judge.num_gpus_per_actor, use_gpu=gpu)
             add(pack_group("judge", f"online.judge.num_actors={onl.judge.num_actors} x {judge_gpus:g} GPU",
                            count=onl.judge.num_actors, gpus_each=judge_gpus, cpus_each=onl.judge.num_cpus_per_actor,
                            resources_each=onl.judge.resources, shape=shape))

@@ -5,7 +5,7 @@
         .sync_weights(weights, method=, probe=, expected=) -> SyncReport
         .verify(probe, expected) -> float, .probe_logps(probe), .shutdown()
     generation.VLLMEngine / TransformersEngine       one engine (plain classes)
-    weight_sync.WeightSyncError, random_probe, torch_probe_logps, SyncReport
+    weight_sync.WeightSyncError, random_probe, SyncReport
     judges.build_judge(config: JudgeConfig) -> FunctionJudge | RewardModelJudge
         .score(prompts, completions) -> list[float]; load_function_judge("pkg.mod:fn")
     pairs.make_pairs(groups, strategy=) -> (pairs, counters); PromptGroup, Candidate, Pair
@@ -35,7 +35,6 @@ _LAZY = {
     "WeightSyncError": "ray_dpo.online.weight_sync",
     "random_probe": "ray_dpo.online.weight_sync",
     "save_safetensors": "ray_dpo.online.weight_sync",
-    "torch_probe_logps": "ray_dpo.online.weight_sync",
     "FunctionJudge": "ray_dpo.online.judges",
     "Judge": "ray_dpo.online.judges",
     "JudgeError": "ray_dpo.online.judges",

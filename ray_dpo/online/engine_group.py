@@ -32,8 +32,8 @@ from typing import Any, Optional, Sequence
 
 from ray_dpo.config import OnlineConfig, SamplingConfig
 from ray_dpo.online.generation import ENGINES, Completion, engine_actor_options
+from ray_dpo.batching.probe import Probe
 from ray_dpo.online.weight_sync import (
-    Probe,
     SyncReport,
     WeightSyncError,
     check_diffs,

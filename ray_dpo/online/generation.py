@@ -30,23 +30,21 @@ from typing import Any, Mapping, Optional, Sequence
 
 import torch
 
+from ray_dpo.batching.probe import Probe, torch_probe_logps
 from ray_dpo.config import OnlineConfig, SamplingConfig
+from ray_dpo.dtypes import dtype_name, torch_dtype
 from ray_dpo.registry import Registry
 from ray_dpo.online.weight_sync import (
     LoadReport,
-    Probe,
     checkpoint_shapes,
     nccl_communicator,
     nccl_receive,
     plan_load,
-    torch_probe_logps,
     tracked,
 )
+from ray_dpo.resources import actor_options
 
 logger = logging.getLogger("ray_dpo.online")
-
-TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-VLLM_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
 @dataclass
@@ -159,7 +157,7 @@ class VLLMEngine(GenerationEngine):
         from vllm import LLM
 
         kwargs: dict[str, Any] = {
-            "model": model_path, "tokenizer": tokenizer or model_path, "dtype": VLLM_DTYPES[dtype],
+            "model": model_path, "tokenizer": tokenizer or model_path, "dtype": dtype_name(dtype),
             "seed": seed, "enforce_eager": device == "cpu" if enforce_eager is None else enforce_eager,
         }
         if max_model_len:
@@ -275,7 +273,7 @@ class TransformersEngine(GenerationEngine):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.device = torch.device("cuda" if device == "cuda" and torch.cuda.is_available() else "cpu")
-        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=TORCH_DTYPES[dtype]).to(self.device)
+        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch_dtype(dtype)).to(self.device)
         self.model.eval().requires_grad_(False)
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(tokenizer or model_path)
@@ -422,9 +420,7 @@ def engine_actor_options(config: OnlineConfig, *, use_gpu: bool,
     {generation_node: 0.01}) pins the engines to the nodes that advertise them.
     """
     env = {"TOKENIZERS_PARALLELISM": "false", **ENGINES.get(config.backend).actor_env(use_gpu)}
-    return {
-        "num_cpus": config.num_cpus_per_engine if num_cpus_per_engine is None else num_cpus_per_engine,
-        "num_gpus": (config.num_gpus_per_engine or 1.0) if use_gpu else 0,
-        "resources": dict(config.resources),
-        "runtime_env": {"env_vars": env},
-    }
+    return actor_options(
+        num_cpus=config.num_cpus_per_engine if num_cpus_per_engine is None else num_cpus_per_engine,
+        num_gpus=config.num_gpus_per_engine, resources=config.resources, use_gpu=use_gpu, env_vars=env,
+    )

@@ -27,7 +27,9 @@ from dataclasses import dataclass
 from typing import Any, Callable, Protocol, Sequence, Union
 
 from ray_dpo.config import JudgeConfig
+from ray_dpo.dtypes import torch_dtype
 from ray_dpo.registry import Registry
+from ray_dpo.resources import actor_options
 
 FUNCTION_KEY = "online.judge.function"
 REWARD_MODEL_KEY = "online.judge.reward_model"
@@ -219,9 +221,8 @@ class RewardModelActor:
         import torch
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-        dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
         self.device = torch.device("cuda" if device == "cuda" and torch.cuda.is_available() else "cpu")
-        self.model = AutoModelForSequenceClassification.from_pretrained(model_path, dtype=dtypes[dtype])
+        self.model = AutoModelForSequenceClassification.from_pretrained(model_path, dtype=torch_dtype(dtype))
         if self.model.config.num_labels != 1:
             raise JudgeError(f"{REWARD_MODEL_KEY}: {model_path} has num_labels="
                              f"{self.model.config.num_labels}; a reward model must output one score "
@@ -262,12 +263,11 @@ def reward_model_actor_options(config: JudgeConfig, *, use_gpu: bool,
     num_cpus_per_actor: None takes online.judge.num_cpus_per_actor. online.judge.resources
     (e.g. {judge_node: 0.01}) pins the actors to the nodes that advertise them.
     """
-    return {
-        "num_cpus": config.num_cpus_per_actor if num_cpus_per_actor is None else num_cpus_per_actor,
-        "num_gpus": (config.num_gpus_per_actor or 1.0) if use_gpu else 0,
-        "resources": dict(config.resources),
-        "runtime_env": {"env_vars": {"TOKENIZERS_PARALLELISM": "false"}},
-    }
+    return actor_options(
+        num_cpus=config.num_cpus_per_actor if num_cpus_per_actor is None else num_cpus_per_actor,
+        num_gpus=config.num_gpus_per_actor, resources=config.resources, use_gpu=use_gpu,
+        env_vars={"TOKENIZERS_PARALLELISM": "false"},
+    )
 
 
 class RewardModelJudge:

@@ -21,7 +21,7 @@ WeightSyncError. A missing tensor is reported by name before the probe runs.
 Typical use (policy side computes the expected values with the same weights it sends):
 
     probe = random_probe(vocab_size, seed=0)
-    expected = torch_probe_logps(policy_model, probe)
+    expected = torch_probe_logps(policy_model, probe)   # ray_dpo.batching.probe
     report = group.sync_weights(state_dict, probe=probe, expected=expected)
     metrics.update(report.metrics())   # sync/seconds, sync/max_logprob_diff
 """
@@ -36,12 +36,7 @@ from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 
 import torch
 
-from ray_dpo.logprobs import sequence_logps
 from ray_dpo.registry import Registry
-
-# (prompt token ids, continuation token ids); the continuation is what gets scored.
-ProbeItem = tuple[Sequence[int], Sequence[int]]
-Probe = Sequence[ProbeItem]
 StateDict = Mapping[str, torch.Tensor]
 
 
@@ -64,47 +59,6 @@ def random_probe(
     rng = random.Random(seed)
     draw = lambda n: [rng.randrange(first_token, vocab_size) for _ in range(n)]  # noqa: E731
     return [(draw(prompt_len), draw(continuation_len)) for _ in range(num_sequences)]
-
-
-def probe_batch(probe: Probe, pad_token_id: int = 0) -> dict[str, torch.Tensor]:
-    """Right-padded batch of prompt+continuation rows.
-
-    Returns input_ids [N, T] long, attention_mask [N, T] long, loss_mask [N, T] bool
-    (True on continuation tokens), as ray_dpo.logprobs.sequence_logps expects.
-    """
-    if not probe:
-        raise ValueError("the probe is empty: pass at least one (prompt_ids, continuation_ids)")
-    rows = []
-    for i, (prompt, cont) in enumerate(probe):
-        if not prompt or not cont:
-            raise ValueError(f"probe item {i}: prompt and continuation must both be non-empty")
-        rows.append((list(prompt), list(cont)))
-    width = max(len(p) + len(c) for p, c in rows)
-    input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-    loss_mask = torch.zeros((len(rows), width), dtype=torch.bool)
-    for i, (prompt, cont) in enumerate(rows):
-        n = len(prompt) + len(cont)
-        input_ids[i, :n] = torch.tensor(prompt + cont)
-        attention_mask[i, :n] = 1
-        loss_mask[i, len(prompt):n] = True
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "loss_mask": loss_mask}
-
-
-@torch.no_grad()  # not inference_mode: under ZeRO-3 the forward gathers parameters into
-# tensors that training reuses, and inference tensors cannot be saved for backward
-def torch_probe_logps(model: torch.nn.Module, probe: Probe, *, pad_token_id: int = 0) -> list[float]:
-    """Summed log-probs (nats, float32) of each probe continuation under a HF causal LM.
-
-    The policy side calls this (on every rank under ZeRO-3: the forward is collective)
-    to get the values the engines must reproduce; TransformersEngine uses it too.
-    """
-    device = next(model.parameters()).device
-    batch = {k: v.to(device) for k, v in probe_batch(probe, pad_token_id).items()}
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                   use_cache=False).logits
-    logps, _ = sequence_logps(logits, batch["input_ids"], batch["loss_mask"])
-    return logps.cpu().tolist()
 
 
 # --------------------------------------------------------------------------- reports

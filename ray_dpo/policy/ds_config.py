@@ -15,10 +15,11 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, Any
 
+from ray_dpo.dtypes import dtype_name
+
 if TYPE_CHECKING:
     from ray_dpo.config import PolicyConfig
 
-DTYPES = ("fp32", "bf16", "fp16")
 SCHEDULES = ("constant", "linear", "cosine")
 
 # Bucket sizes (elements). DeepSpeed's defaults (5e8) are tuned for multi-billion-
@@ -42,8 +43,7 @@ def build_ds_config(policy: PolicyConfig, *, dtype: str, world_size: int) -> dic
     A "sample" for DeepSpeed is one preference pair: train_batch_size is pairs per
     optimizer step (each pair is two sequences in the forward).
     """
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    dtype_name(dtype)  # ValueError for an unknown dtype
     if world_size < 1:
         raise ValueError(f"world_size must be >= 1, got {world_size}")
     stage = policy.zero_stage

@@ -28,7 +28,7 @@ def sum_names(spec: LossSpec) -> tuple[str, ...]:
 
 def metric_sums(spec: LossSpec, out: LossOutput, counts) -> torch.Tensor:
     """One micro-batch's contribution to the metric sums, in sum_names order; counts:
-    packing.TokenCounts (real tokens, computed positions)."""
+    batching.padded.TokenCounts (real tokens, computed positions)."""
     cm, rm = out.chosen_mask.float(), out.rejected_mask.float()
     values = [out.losses.detach().float().sum(), (out.chosen_rewards.float() * cm).sum(),
               (out.rejected_rewards.float() * rm).sum(), cm.sum(), rm.sum(), out.correct.float().sum(),

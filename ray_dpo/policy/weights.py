@@ -42,7 +42,7 @@ def sync_policy(worker: Worker, syncer, step: int, probe, *, send_weights: bool)
 
 
 def _probe_logps(worker: Worker, probe) -> Optional[list[float]]:
-    from ray_dpo.online.weight_sync import torch_probe_logps
+    from ray_dpo.batching.probe import torch_probe_logps
 
     if worker.rank != 0 and not worker.engine.zero_optimization_partition_weights():
         return None

@@ -43,17 +43,15 @@ import torch
 import torch.distributed as dist
 
 from ray_dpo import faults
+from ray_dpo.batching.logps import mean_nll
 from ray_dpo.config import LossConfig, PolicyConfig
-from ray_dpo.logprobs import mean_nll
 from ray_dpo.losses import LossSpec, dpo_loss, loss_spec
-from ray_dpo.packing import batch_stats, build_batch, model_inputs, pair_logps, token_budget_micro_batches
 from ray_dpo.policy.checkpoints import DS_DIR, HF_DIR, load_checkpoint, save_checkpoint  # noqa: F401
 from ray_dpo.policy.ds_config import build_ds_config, lr_lambda
 from ray_dpo.policy.loop_spec import TrainLoopSpec
 from ray_dpo.policy.step_metrics import SUMS, all_reduce_sums, global_kl, loss_metrics, metric_sums, sum_names
 from ray_dpo.policy.weights import export_hf, sync_policy
 
-_TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Dense bf16 peak FLOP/s per GPU (no sparsity), matched against torch.cuda.get_device_name()
 # by substring, first match wins (so "H100" variants go before a bare "H100"). perf/mfu is
 # logged only when the device is in this table: on CPU there is no meaningful peak, so no mfu.
@@ -221,7 +219,7 @@ def setup_engine(model_cfg, policy, *, device: torch.device, world_size: int, to
     # only its partition of the weights (deepspeed.zero.Init) instead of a full copy.
     hf_ds_config = HfDeepSpeedConfig(ds_config) if policy.zero_stage == 3 else None
     extra = {"attn_implementation": model_cfg.attn_implementation} if model_cfg.attn_implementation else {}
-    model = AutoModelForCausalLM.from_pretrained(model_cfg.name_or_path, dtype=_TORCH_DTYPES[model_cfg.dtype],
+    model = AutoModelForCausalLM.from_pretrained(model_cfg.name_or_path, dtype=torch_dtype(model_cfg.dtype),
                                                  trust_remote_code=model_cfg.trust_remote_code, **extra)
     if model_cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -351,7 +349,7 @@ def run_step(worker: Worker, step: int) -> dict[str, Any]:
 
 def _budget_forwards(worker: Worker, micro_batches: list[list[dict]]) -> list[list[dict]]:
     """The rank's step re-cut by token budget: each feeder micro-batch split, in order, into
-    forwards of <= policy.max_tokens_per_micro_batch computed positions (packing.token_budget_micro_batches;
+    forwards of <= policy.max_tokens_per_micro_batch computed positions (batching.budget.token_budget_micro_batches;
     a pair over the budget alone gets its own forward). Every pair stays exactly once and the
     split is a pure function of the feeder's deterministic step, so resume is unchanged.
 

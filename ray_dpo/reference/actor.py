@@ -14,11 +14,11 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 
-from ray_dpo.packing import LAYOUTS, build_batch, layout_names, micro_batch_cost, model_inputs, pair_logps
+from ray_dpo.batching.budget import micro_batch_cost
+from ray_dpo.batching.layouts import LAYOUTS, build_batch, layout_names, model_inputs, pair_logps
+from ray_dpo.dtypes import torch_dtype
 
 logger = logging.getLogger("ray_dpo.reference")
-
-TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def resolve_device(device: str) -> torch.device:
@@ -49,7 +49,7 @@ class ReferenceActor:
         logits [positions, vocab] are the largest tensor, so this is the knob that bounds
         memory for long sequences and big vocabularies.
     A batch bigger than either limit is split; a single pair is never split.
-    layout: "padded" | "packed" | "prefix_shared" (ray_dpo.packing): same log-probs, fewer
+    layout: "padded" | "packed" | "prefix_shared" (ray_dpo.batching.layouts): same log-probs, fewer
         computed positions; prefix_shared needs attn_implementation sdpa or eager.
     max_tokens_per_row: packed / prefix_shared row capacity (None: one row per forward, no
         padding at all; with sdpa/eager the dense mask then costs T x T for T = the forward's
@@ -71,8 +71,7 @@ class ReferenceActor:
     ):
         if layout not in layout_names():
             raise ValueError(f"layout must be one of {layout_names()}, got {layout!r}")
-        if dtype not in TORCH_DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(TORCH_DTYPES)}, got {dtype!r}")
+        model_dtype = torch_dtype(dtype)  # ValueError for an unknown dtype
         for name, value in (("micro_batch_size", micro_batch_size),
                             ("max_tokens_per_forward", max_tokens_per_forward),
                             ("max_tokens_per_row", max_tokens_per_row)):
@@ -93,7 +92,7 @@ class ReferenceActor:
         self.max_tokens_per_forward = max_tokens_per_forward
         self.layout = layout
         self.max_tokens_per_row = max_tokens_per_row
-        kwargs: dict[str, Any] = {"dtype": TORCH_DTYPES[dtype], "trust_remote_code": trust_remote_code}
+        kwargs: dict[str, Any] = {"dtype": model_dtype, "trust_remote_code": trust_remote_code}
         if attn_implementation:
             kwargs["attn_implementation"] = attn_implementation
         self.model = AutoModelForCausalLM.from_pretrained(model_path, **kwargs).to(self.device)

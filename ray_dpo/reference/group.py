@@ -31,6 +31,7 @@ from ray.exceptions import ActorDiedError, GetTimeoutError, RayActorError
 
 from ray_dpo.config import ReferenceConfig
 from ray_dpo.reference.actor import ReferenceActor
+from ray_dpo.resources import actor_options
 
 logger = logging.getLogger("ray_dpo.reference")
 
@@ -97,17 +98,15 @@ class ReferenceGroup:
         self.config = config
         self.model_path = model_path
         self.restart_timeout_s = restart_timeout_s
-        options: dict[str, Any] = {
-            "num_cpus": config.num_cpus_per_actor,
-            "resources": dict(config.resources),
+        options = actor_options(num_cpus=config.num_cpus_per_actor, num_gpus=config.num_gpus_per_actor,
+                                resources=config.resources, use_gpu=use_gpu)
+        options.update({
             "max_restarts": config.max_restarts,
             "max_task_retries": 0,
             # Best-effort spread over nodes: one node's failure takes one actor, and
             # actors do not fight for the same node's memory bandwidth.
             "scheduling_strategy": "SPREAD",
-        }
-        if use_gpu:
-            options["num_gpus"] = config.num_gpus_per_actor or 1.0  # GPU path: not testable on CPU CI
+        })
         remote_cls = ray.remote(ReferenceActor)
         self.names = _free_names(name_prefix, config.num_actors)
         self._actors = [

@@ -112,7 +112,8 @@ def test_sampling_is_seeded_and_independent_of_split(group):
 
 
 def test_object_store_sync_matches_policy(group, local, initial_state, synced):
-    from ray_dpo.online.weight_sync import WeightSyncError, random_probe, torch_probe_logps
+    from ray_dpo.batching.probe import torch_probe_logps
+    from ray_dpo.online.weight_sync import WeightSyncError, random_probe
 
     probe = random_probe(local.model.config.vocab_size, seed=1)
     group.generate(prompts(), n=1, sampling=GREEDY)  # fills vLLM's prefix cache with old-weight KV
@@ -136,7 +137,8 @@ def test_object_store_sync_matches_policy(group, local, initial_state, synced):
 
 
 def test_checkpoint_sync_matches_policy(group, local, initial_state, synced, tmp_path):
-    from ray_dpo.online.weight_sync import random_probe, torch_probe_logps
+    from ray_dpo.batching.probe import torch_probe_logps
+    from ray_dpo.online.weight_sync import random_probe
 
     probe = random_probe(local.model.config.vocab_size, seed=2)
     trained = perturbed(initial_state, seed=2)
@@ -159,7 +161,8 @@ def test_sync_missing_tensor_names_it(group, local, initial_state, synced):
 
 
 def test_sync_wrong_tensor_fails_the_probe_check(group, local, initial_state, synced):
-    from ray_dpo.online.weight_sync import WeightSyncError, random_probe, torch_probe_logps
+    from ray_dpo.batching.probe import torch_probe_logps
+    from ray_dpo.online.weight_sync import WeightSyncError, random_probe
 
     probe = random_probe(local.model.config.vocab_size, seed=4)
     trained = perturbed(initial_state, seed=4)
@@ -185,7 +188,8 @@ def test_sync_bad_shape_is_refused_before_loading(group, initial_state, synced):
 def test_engine_recovers_from_a_load_that_failed_half_way(group, local, initial_state, synced):
     """A loader that raises mid-sync (here: copying from a meta tensor of the right shape)
     must not poison the engine: the next correct sync loads and verifies."""
-    from ray_dpo.online.weight_sync import WeightSyncError, random_probe, torch_probe_logps
+    from ray_dpo.batching.probe import torch_probe_logps
+    from ray_dpo.online.weight_sync import WeightSyncError, random_probe
 
     trained = perturbed(initial_state, seed=5)
     bad = dict(trained)
@@ -208,7 +212,8 @@ def test_a_killed_engine_is_restarted_reloaded_and_asked_again(ray_cluster, mode
     import ray
 
     from ray_dpo.online.engine_group import GenerationGroup
-    from ray_dpo.online.weight_sync import random_probe, torch_probe_logps
+    from ray_dpo.batching.probe import torch_probe_logps
+    from ray_dpo.online.weight_sync import random_probe
 
     config = OnlineConfig(backend="transformers", num_engines=2, samples_per_prompt=2, sync_tolerance=TOLERANCE)
     g = GenerationGroup(model_path=model_dir, config=config, use_gpu=False, seed=0, num_cpus_per_engine=0.5,

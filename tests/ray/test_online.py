@@ -175,7 +175,8 @@ def test_a_broken_sync_stops_with_a_clear_error(ray_cluster, tiny_config, tiny_a
     from ray_dpo.data.files import expand_files
     from ray_dpo.data.pipeline import build_pair_data
     from ray_dpo.online.coordinator import start_coordinator
-    from ray_dpo.online.weight_sync import WeightSyncError, torch_probe_logps
+    from ray_dpo.batching.probe import torch_probe_logps
+    from ray_dpo.online.weight_sync import WeightSyncError
     from ray_dpo.reference import ReferenceGroup
 
     cfg = with_absolute_paths(online_config(tiny_config, tiny_assets, store, "broken-sync",

