@@ -127,7 +127,7 @@ def run_dpo(cfg: RunConfig) -> TrainSummary:
         tracker.log_metrics(data_metrics(train.counters), step=0)
         watch: dict[str, list[str]] = {}  # role -> actor ids whose restarts MLflow counts
         feeder, follower, total_steps = _start_roles(cfg, tracker, train, evaluation, gpu, watch)
-        result = _fit_policy(cfg, feeder, tracker, total_steps=total_steps, gpu=gpu, sync=follower,
+        result = _fit_policy(cfg, feeder, tracker, total_steps=total_steps, gpu=gpu, follower=follower,
                              watch=watch)
         if follower is not None:
             ray.get(follower.finish.remote())  # the last held-out eval, still being scored
@@ -320,7 +320,7 @@ def _precomputed_reference(cfg: RunConfig, group, train, evaluation, ref_model: 
     return cache.load(cache_dir, key)
 
 
-def _fit_policy(cfg: RunConfig, feeder, tracker, *, total_steps: int, gpu: bool, sync=None,
+def _fit_policy(cfg: RunConfig, feeder, tracker, *, total_steps: int, gpu: bool, follower=None,
                 watch: dict | None = None):
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig as TrainRunConfig, ScalingConfig
     from ray.train import TrainingFailedError
@@ -341,7 +341,7 @@ def _fit_policy(cfg: RunConfig, feeder, tracker, *, total_steps: int, gpu: bool,
         max_failures=cfg.policy.max_failures, watch=watch,
     )
     spec = TrainLoopSpec(model=cfg.model, policy=cfg.policy, loss=cfg.loss, eval_every=cfg.eval.every_steps,
-                         feeder=feeder, sync=sync, device="cuda" if gpu else "cpu", run_dir=_run_dir(cfg))
+                         feeder=feeder, follower=follower, device="cuda" if gpu else "cpu", run_dir=_run_dir(cfg))
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=spec.as_config(),

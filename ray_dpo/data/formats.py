@@ -1,4 +1,4 @@
-"""Preference row formats: turn one raw JSON row into a normalised ``Pair``.
+"""Preference row formats: turn one raw JSON row into a normalised ``NormalizedPair``.
 
 Supported formats (``data.format`` in the run config; ``auto`` detects it per row):
 
@@ -77,7 +77,7 @@ class BadRowError(ValueError):
 
 
 @dataclass(frozen=True)
-class Pair:
+class NormalizedPair:
     """A normalised preference pair.
 
     Chat pairs (``is_chat=True``): ``prompt`` is a tuple of messages ending where the
@@ -147,8 +147,8 @@ def detect_format(row: Any, *, source: str = "<unknown>", line: int = 0) -> str:
 
 def normalize_row(
     row: Any, fmt: str = "auto", *, source: str = "<unknown>", line: int = 0
-) -> Pair:
-    """Normalise one raw row into a ``Pair``.
+) -> NormalizedPair:
+    """Normalise one raw row into a ``NormalizedPair``.
 
     Args:
         row: the decoded JSON object (dict) of one line / record.
@@ -257,16 +257,16 @@ _SHAREGPT_NEEDS = "'conversations' (list of {from, value}), 'chosen' and 'reject
 _IMPLICIT_NEEDS = "'chosen' and 'rejected', two whole conversations (lists of messages)"
 
 
-def _standard(row: dict, where: _Where) -> Pair:
+def _standard(row: dict, where: _Where) -> NormalizedPair:
     hint = " (rows with message lists need format 'conversational')"
     texts = [
         _text(_field(row, key, where, "standard", _STANDARD_NEEDS), key, where, hint)
         for key in ("prompt", "chosen", "rejected")
     ]
-    return Pair(prompt=texts[0], chosen=texts[1], rejected=texts[2], is_chat=False)
+    return NormalizedPair(prompt=texts[0], chosen=texts[1], rejected=texts[2], is_chat=False)
 
 
-def _conversational(row: dict, where: _Where) -> Pair:
+def _conversational(row: dict, where: _Where) -> NormalizedPair:
     prompt = _field(row, "prompt", where, "conversational", _CONV_NEEDS)
     if isinstance(prompt, str):
         prompt_messages: Messages = ({"role": "user", "content": _text(prompt, "prompt", where)},)
@@ -280,10 +280,10 @@ def _conversational(row: dict, where: _Where) -> Pair:
         else:
             messages = _messages(value, key, where, allow_single=True)
             responses.append(_assistant_only(messages, key, where))
-    return Pair(prompt=prompt_messages, chosen=responses[0], rejected=responses[1], is_chat=True)
+    return NormalizedPair(prompt=prompt_messages, chosen=responses[0], rejected=responses[1], is_chat=True)
 
 
-def _sharegpt(row: dict, where: _Where) -> Pair:
+def _sharegpt(row: dict, where: _Where) -> NormalizedPair:
     keys = ("from", "value")
     conversations = _field(row, "conversations", where, "sharegpt", _SHAREGPT_NEEDS)
     prompt = _messages(conversations, "conversations", where, keys=keys, roles=SHAREGPT_ROLES)
@@ -294,10 +294,10 @@ def _sharegpt(row: dict, where: _Where) -> Pair:
             value, key, where, keys=keys, roles=SHAREGPT_ROLES, allow_single=True
         )
         responses.append(_assistant_only(messages, key, where, hint=" (from 'gpt')"))
-    return Pair(prompt=prompt, chosen=responses[0], rejected=responses[1], is_chat=True)
+    return NormalizedPair(prompt=prompt, chosen=responses[0], rejected=responses[1], is_chat=True)
 
 
-def _implicit(row: dict, where: _Where) -> Pair:
+def _implicit(row: dict, where: _Where) -> NormalizedPair:
     chosen = _field(row, "chosen", where, "implicit", _IMPLICIT_NEEDS)
     rejected = _field(row, "rejected", where, "implicit", _IMPLICIT_NEEDS)
     if isinstance(chosen, str) or isinstance(rejected, str):
@@ -334,10 +334,10 @@ def _implicit(row: dict, where: _Where) -> Pair:
                 "non-assistant turns after that point; implicit format needs both "
                 "conversations identical up to their final assistant response(s)"
             )
-    return Pair(prompt=chosen_m[:k], chosen=chosen_m[k:], rejected=rejected_m[k:], is_chat=True)
+    return NormalizedPair(prompt=chosen_m[:k], chosen=chosen_m[k:], rejected=rejected_m[k:], is_chat=True)
 
 
-_NORMALISERS: dict[str, Callable[[dict, _Where], Pair]] = {
+_NORMALISERS: dict[str, Callable[[dict, _Where], NormalizedPair]] = {
     "standard": _standard,
     "conversational": _conversational,
     "sharegpt": _sharegpt,
@@ -360,12 +360,12 @@ def _label(row: dict, key: str, where: _Where, fmt: str, needs: str) -> bool:
     return value
 
 
-def _unpaired(row: dict, where: _Where) -> Pair:
+def _unpaired(row: dict, where: _Where) -> NormalizedPair:
     prompt = _field(row, "prompt", where, "unpaired", _UNPAIRED_NEEDS)
     completion = _field(row, "completion", where, "unpaired", _UNPAIRED_NEEDS)
     label = _label(row, "label", where, "unpaired", _UNPAIRED_NEEDS)
     if isinstance(prompt, str) and isinstance(completion, str):
-        return Pair(prompt=_text(prompt, "prompt", where), chosen=_text(completion, "completion", where),
+        return NormalizedPair(prompt=_text(prompt, "prompt", where), chosen=_text(completion, "completion", where),
                     rejected=completion, is_chat=False, label=label)
     if isinstance(prompt, str):
         prompt_messages: Messages = ({"role": "user", "content": _text(prompt, "prompt", where)},)
@@ -375,10 +375,10 @@ def _unpaired(row: dict, where: _Where) -> Pair:
         response: Messages = ({"role": "assistant", "content": _text(completion, "completion", where)},)
     else:
         response = _assistant_only(_messages(completion, "completion", where, allow_single=True), "completion", where)
-    return Pair(prompt=prompt_messages, chosen=response, rejected=response, is_chat=True, label=label)
+    return NormalizedPair(prompt=prompt_messages, chosen=response, rejected=response, is_chat=True, label=label)
 
 
-def _sharegpt_kto(row: dict, where: _Where) -> Pair:
+def _sharegpt_kto(row: dict, where: _Where) -> NormalizedPair:
     key = "conversations" if "conversations" in row else "messages"
     value = _field(row, key, where, "sharegpt_kto", _KTO_NEEDS)
     tag = "kto_tag" if "kto_tag" in row or "label" not in row else "label"
@@ -392,7 +392,7 @@ def _sharegpt_kto(row: dict, where: _Where) -> Pair:
         raise where.error(f"{key} must end with the assistant's completion after at least one prompt "
                           f"message (the last message is the one {tag} judges); got a last "
                           f"{messages[-1]['role']!r} message of {len(messages)}")
-    return Pair(prompt=messages[:-1], chosen=messages[-1:], rejected=messages[-1:], is_chat=True, label=label)
+    return NormalizedPair(prompt=messages[:-1], chosen=messages[-1:], rejected=messages[-1:], is_chat=True, label=label)
 
 
 _NORMALISERS["unpaired"] = _unpaired

@@ -1,6 +1,6 @@
 """Tokenize normalised preference pairs into the tokenized pair rows of CONTRACTS.md.
 
-    raw row --normalize_row--> Pair --PairTokenizer--> {"pair_id", "prompt_ids",
+    raw row --normalize_row--> NormalizedPair --PairTokenizer--> {"pair_id", "prompt_ids",
                                                         "chosen_ids", "rejected_ids",
                                                         "truncated"}
 
@@ -35,7 +35,7 @@ import jinja2
 
 from ray_dpo.data.counters import TokenizeResult
 from ray_dpo.data.fitting import OVER_LENGTH_POLICIES, ChatFit, fit_chat_prompt, fit_lengths, prompt_tail
-from ray_dpo.data.formats import FORMATS, BadRowError, Messages, Pair, normalize_row
+from ray_dpo.data.formats import FORMATS, BadRowError, Messages, NormalizedPair, normalize_row
 
 BAD_ROW_POLICIES = ("error", "skip")
 
@@ -49,7 +49,7 @@ class ChatTemplateError(ValueError):
 
 
 class PairTokenizer:
-    """Callable that turns a ``Pair`` into a ``TokenizeResult``.
+    """Callable that turns a ``NormalizedPair`` into a ``TokenizeResult``.
 
     Args:
         tokenizer: a Hugging Face tokenizer (fast or slow) with an EOS token; chat pairs
@@ -69,7 +69,7 @@ class PairTokenizer:
 
     # ---- public
 
-    def __call__(self, pair: Pair, *, source: str = "<unknown>", line: int = 0) -> TokenizeResult:
+    def __call__(self, pair: NormalizedPair, *, source: str = "<unknown>", line: int = 0) -> TokenizeResult:
         """Tokenize one pair; ``row["pair_id"]`` is ``f"{source}:{line}"``. An unpaired
         example (``pair.label`` set) gives a row with its completion as both responses and
         a "label" column.
@@ -81,7 +81,7 @@ class PairTokenizer:
         result = self._tokenize(pair, source, line)
         return result if pair.label is None else dataclasses.replace(result, example=True)
 
-    def _tokenize(self, pair: Pair, source: str, line: int) -> TokenizeResult:
+    def _tokenize(self, pair: NormalizedPair, source: str, line: int) -> TokenizeResult:
         where = f"{source}:{line}"
         chat_fit = None
         if pair.is_chat:
@@ -180,12 +180,12 @@ class PairTokenizer:
         # Special tokens come from the template (chat) or are added explicitly (text).
         return self.tokenizer(texts, add_special_tokens=False)["input_ids"]
 
-    def _encode_text(self, pair: Pair) -> tuple[list[int], list[int], list[int]]:
+    def _encode_text(self, pair: NormalizedPair) -> tuple[list[int], list[int], list[int]]:
         prompt, chosen, rejected = self._ids([pair.prompt, pair.chosen, pair.rejected])
         # A response that already ends with the EOS token keeps it, without a second one.
         return self._bos_prefix + prompt, self._end_with_eos(chosen), self._end_with_eos(rejected)
 
-    def _encode_chat(self, pair: Pair, source: str, line: int):
+    def _encode_chat(self, pair: NormalizedPair, source: str, line: int):
         """(ChatFit or None, prompt, chosen, rejected); the prompt is fitted (truncate_prompt)."""
         prompt_messages = tuple(pair.prompt)
         if self.config.over_length == "truncate_prompt":
@@ -270,7 +270,7 @@ class PairTokenizer:
         return ids + [self.eos_id]
 
 
-def check_row_kind(pair: Pair, config: Any, *, source: str, line: int) -> None:
+def check_row_kind(pair: NormalizedPair, config: Any, *, source: str, line: int) -> None:
     """A pair where the loss trains on unpaired examples (``config.unpaired``, KTO) without
     ``config.unpair``, or an unpaired example where it trains on pairs, is a bad row."""
     unpaired = getattr(config, "unpaired", False)

@@ -1,11 +1,11 @@
-"""Pair strategies for online DPO: scored candidates of one prompt -> at most one pair.
+"""ScoredPair strategies for online DPO: scored candidates of one prompt -> at most one pair.
 
     Candidate(response, score)                   one scored response; ``response`` is opaque
                                                  (token ids, text, a Completion)
     PromptGroup(prompt_id, prompt, samples, chosen=None)
                                                  a prompt's policy samples, and the data set's
                                                  chosen response scored by the same judge
-    Pair(pair_id, prompt, chosen, rejected, chosen_score, rejected_score)
+    ScoredPair(pair_id, prompt, chosen, rejected, chosen_score, rejected_score)
     register_pair_strategy(name, needs_chosen=, min_samples=) / PAIR_STRATEGIES / pair_strategy_names()
     make_pairs(groups, strategy=, min_margin=0.0, id_prefix="") -> (pairs, counters)
 
@@ -51,7 +51,7 @@ class PromptGroup:
 
 
 @dataclass(frozen=True)
-class Pair:
+class ScoredPair:
     pair_id: str
     prompt: Any
     chosen: Any
@@ -135,7 +135,7 @@ def best_vs_worst(group: PromptGroup) -> Optional[tuple[Candidate, Candidate]]:
 
 
 def make_pairs(groups: Sequence[PromptGroup], *, strategy: str, min_margin: float = 0.0,
-               id_prefix: str = "") -> tuple[list[Pair], dict[str, int]]:
+               id_prefix: str = "") -> tuple[list[ScoredPair], dict[str, int]]:
     """One pair per group that has a margin, in group order; plus the counters.
 
     min_margin: a pair is kept only if chosen_score - rejected_score > min_margin (>= 0).
@@ -145,14 +145,14 @@ def make_pairs(groups: Sequence[PromptGroup], *, strategy: str, min_margin: floa
     if min_margin < 0:
         raise ValueError(f"min_margin must be >= 0, got {min_margin}")
     pick = get_pair_strategy(strategy)
-    pairs: list[Pair] = []
+    pairs: list[ScoredPair] = []
     for group in groups:
         picked = pick(group)
         if picked is None:
             continue
         chosen, rejected = picked
         if chosen.score - rejected.score > min_margin:
-            pairs.append(Pair(pair_id=f"{id_prefix}{group.prompt_id}", prompt=group.prompt,
+            pairs.append(ScoredPair(pair_id=f"{id_prefix}{group.prompt_id}", prompt=group.prompt,
                               chosen=chosen.response, rejected=rejected.response,
                               chosen_score=chosen.score, rejected_score=rejected.score))
     counters = {"candidates": len(groups), "kept": len(pairs), "dropped_no_margin": len(groups) - len(pairs)}
