@@ -3,7 +3,7 @@
     engine_group.GenerationGroup(*, model_path, config: OnlineConfig, use_gpu)
         .generate(prompts, n=, sampling=, seed=) -> list[list[Completion]]
         .sync_weights(weights, method=, probe=, expected=) -> SyncReport
-        .verify(probe, expected) -> float, .probe_logps(probe), .shutdown()
+        .verify(probe, expected) -> float, .shutdown()
     generation.VLLMEngine / TransformersEngine       one engine (plain classes)
     weight_sync.WeightSyncError, random_probe, SyncReport
     judges.build_judge(config: JudgeConfig) -> FunctionJudge | RewardModelJudge

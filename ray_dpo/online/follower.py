@@ -29,6 +29,7 @@ from typing import Any, Optional
 from ray_dpo.config import DataConfig, EvalConfig, JudgeConfig, ModelConfig, OnlineConfig, RunConfig
 from ray_dpo.config.derived import heldout_judge, heldout_online, heldout_sampling
 from ray_dpo.feeder import KeepsInitError
+from ray_dpo.online.weight_sync import random_probe
 
 logger = logging.getLogger("ray_dpo.online")
 
@@ -78,7 +79,7 @@ class PolicyFollower:
         self.tokenizer = load_tokenizer(spec.model.tokenizer or spec.model.name_or_path,
                                         resolve_chat_template(spec.model.chat_template))
         self._total = spec.total_steps
-        self._probe = probe_rows or self._random_probe()
+        self._probe = probe_rows or random_probe(len(self.tokenizer), num_sequences=PROBE_SIZE, seed=spec.seed)
         self.judge = build_judge(spec.online.judge, use_ray=False, use_gpu=use_gpu, dtype=spec.model.dtype)
         self.eval_judge = self.judge if spec.eval_judge == spec.online.judge else build_judge(
             spec.eval_judge, use_ray=False, use_gpu=use_gpu, dtype=spec.model.dtype)
@@ -90,32 +91,10 @@ class PolicyFollower:
         self.generation = GenerationGroup(
             model_path=spec.model.name_or_path, config=spec.online, use_gpu=use_gpu, dtype=spec.model.dtype,
             seed=spec.seed, engine_options=engine_options, max_restarts=spec.max_restarts)
-        self.evaluator = self._make_evaluator()
+        self.evaluator = make_evaluator(self)
         self._tracking = (tracking_uri, run_id)
         self._client = None
         self._error: Optional[BaseException] = None
-
-    def _random_probe(self) -> list:
-        from ray_dpo.online.weight_sync import random_probe
-
-        return random_probe(len(self.tokenizer), num_sequences=PROBE_SIZE, seed=self.spec.seed)
-
-    def _make_evaluator(self):
-        from ray_dpo.data.tokenize import PairTokenizer
-        from ray_dpo.online.evaluation import load_prompts, select_prompts
-        from ray_dpo.online.heldout import HeldOutEvaluator
-
-        prompts, path = [], self.spec.eval.prompts_file
-        if path:
-            encode = PairTokenizer(self.tokenizer, self.spec.data).encode_prompt
-            chosen = select_prompts(load_prompts(path), num=self.spec.eval.num_prompts, seed=self.spec.seed)
-            prompts = [(p.prompt, encode(p.prompt, source=path, line=i)) for i, p in enumerate(chosen, start=1)]
-        return HeldOutEvaluator(self.spec.eval, prompts=prompts, generation=self.generation, judge=self.eval_judge,
-                                judge_lock=self.judge_lock, reference=self.reference,
-                                sampling=heldout_sampling(self.spec.online.sampling, self.spec.eval),
-                                seed=self.spec.seed,
-                                reference_batch_size=self.spec.reference_batch_size, decode=self.decode,
-                                log=self.log, on_error=self.fail)
 
     # ------------------------------------------------------------------ what rank 0 calls
 
@@ -199,6 +178,25 @@ class PolicyFollower:
         if self._client is None:
             self._client = mlflow_client(uri)
         log_metrics(self._client, run_id, {k: v for k, v in metrics.items() if math.isfinite(v)}, step)
+
+
+def make_evaluator(follower: "PolicyFollower"):
+    """The follower's HeldOutEvaluator: its engines, eval judge and logger, eval.* prompts."""
+    from ray_dpo.data.tokenize import PairTokenizer
+    from ray_dpo.online.evaluation import load_prompts, select_prompts
+    from ray_dpo.online.heldout import HeldOutEvaluator
+
+    prompts, path = [], follower.spec.eval.prompts_file
+    if path:
+        encode = PairTokenizer(follower.tokenizer, follower.spec.data).encode_prompt
+        chosen = select_prompts(load_prompts(path), num=follower.spec.eval.num_prompts, seed=follower.spec.seed)
+        prompts = [(p.prompt, encode(p.prompt, source=path, line=i)) for i, p in enumerate(chosen, start=1)]
+    spec = follower.spec
+    return HeldOutEvaluator(spec.eval, prompts=prompts, generation=follower.generation, judge=follower.eval_judge,
+                            judge_lock=follower.judge_lock, reference=follower.reference,
+                            sampling=heldout_sampling(spec.online.sampling, spec.eval), seed=spec.seed,
+                            reference_batch_size=spec.reference_batch_size, decode=follower.decode,
+                            log=follower.log, on_error=follower.fail)
 
 
 class _FollowerActor(KeepsInitError, PolicyFollower):
