@@ -43,8 +43,11 @@ import torch
 import torch.distributed as dist
 
 from ray_dpo import faults
+from ray_dpo.batching.budget import token_budget_micro_batches
+from ray_dpo.batching.layouts import batch_stats, build_batch, model_inputs, pair_logps
 from ray_dpo.batching.logps import mean_nll
 from ray_dpo.config import LossConfig, PolicyConfig
+from ray_dpo.dtypes import torch_dtype
 from ray_dpo.losses import LossSpec, dpo_loss, loss_spec
 from ray_dpo.policy.checkpoints import DS_DIR, HF_DIR, load_checkpoint, save_checkpoint  # noqa: F401
 from ray_dpo.policy.ds_config import build_ds_config, lr_lambda

@@ -50,9 +50,10 @@ def heldout_params(params: dict[str, str]) -> dict[str, str]:
     out = {k: params[k] for k in EVAL_PARAMS[:3] if k in params}
     tokens = params.get("eval.max_new_tokens", "None")
     out["eval.max_new_tokens"] = tokens if tokens not in unset else params.get("online.sampling.max_new_tokens", "None")
-    own = any(params.get(f"eval.judge.{field}", "None") not in unset for field in ("function", "reward_model"))
-    for field in ("function", "reward_model"):
-        out[f"eval.judge.{field}"] = params.get(f"{'eval' if own else 'online'}.judge.{field}", "None")
+    kinds = ("function", "reward_model")
+    own = any(params.get(f"eval.judge.{kind}", "None") not in unset for kind in kinds)
+    for kind in kinds:
+        out[f"eval.judge.{kind}"] = params.get(f"{'eval' if own else 'online'}.judge.{kind}", "None")
     return out
 
 
