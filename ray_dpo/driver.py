@@ -22,7 +22,7 @@ import time
 import ray
 
 from ray_dpo import console
-from ray_dpo.config import RunConfig, flatten, join_path, local_cpus_needed, to_yaml, with_absolute_paths
+from ray_dpo.config import RunConfig, flatten, join_path, local_cluster_cpus, to_yaml, with_absolute_paths
 from ray_dpo.data.files import expand_files
 from ray_dpo.data.pipeline import build_pair_data
 from ray_dpo.data.report import data_metrics, data_report, format_report
@@ -89,8 +89,9 @@ def init_ray(cfg: RunConfig) -> None:
         # Logical CPUs are scheduling tokens, not cores: Ray Data tasks, the reference
         # actors and the engines must not starve behind the train workers (with as many
         # tokens as cores, two workers on two cores deadlock a Ray Data stage).
-        num_cpus = cfg.run.local_num_cpus or max(4, os.cpu_count() or 1, local_cpus_needed(cfg))
+        num_cpus, why = local_cluster_cpus(cfg, cores=os.cpu_count() or 1)
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, runtime_env=runtime_env)
+        print(f"[ray_dpo] local Ray cluster: {num_cpus} logical CPUs ({why})", flush=True)
     if quiet and console.install_console_filter():
         where = console.ray_log_dir()
         print(f"[ray_dpo] Ray's own output (workers, Ray Train, Ray Data) goes to its logs"
