@@ -27,6 +27,7 @@ from ray_dpo.data.files import expand_files
 from ray_dpo.data.pipeline import build_pair_data
 from ray_dpo.data.report import data_metrics, data_report, format_report
 from ray_dpo.loss_rules import needs_reference, trains_unpaired
+from ray_dpo.online.pairs import prompt_only_refusal
 from ray_dpo.tracking.metrics import CountProgress
 
 logger = logging.getLogger("ray_dpo")
@@ -192,7 +193,8 @@ def _load_data(cfg: RunConfig):
     train_files = expand_files(cfg.data.train_files, key="data.train_files")
     unpaired = trains_unpaired(cfg)  # KTO: labelled examples, each with its KL completion
     train = build_pair_data(train_files, tokenizer_path=tokenizer, data=cfg.data,
-                            chat_template=cfg.model.chat_template, name="train", unpaired=unpaired)
+                            chat_template=cfg.model.chat_template, name="train", unpaired=unpaired,
+                            refuse_prompt_only=prompt_only_refusal(cfg.online))
     if train.num_pairs == 0:
         raise ValueError(f"data.train_files: no usable pair in {len(train_files)} file(s); "
                          f"counters: {train.counters.as_dict()}")
@@ -200,7 +202,8 @@ def _load_data(cfg: RunConfig):
     if cfg.data.eval_files:
         eval_files = expand_files(cfg.data.eval_files, key="data.eval_files")
         evaluation = build_pair_data(eval_files, tokenizer_path=tokenizer, data=cfg.data,
-                                     chat_template=cfg.model.chat_template, name="eval", unpaired=unpaired)
+                                     chat_template=cfg.model.chat_template, name="eval", unpaired=unpaired,
+                                     refuse_prompt_only=prompt_only_refusal(cfg.online, key="data.eval_files"))
     return train, evaluation
 
 
