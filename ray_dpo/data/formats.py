@@ -30,9 +30,10 @@ prompt_only     a prompt without responses, for online DPO (the policy's samples
                 pairs): ``{"prompt": str}`` (text, as in standard), ``{"prompt": [messages]}``
                 or ``{"messages": [messages]}`` (chat, ending with a user turn). ``auto``
                 picks it for rows with ``prompt`` or ``messages`` and none of ``chosen``,
-                ``rejected``, ``completion``, ``conversations``; set explicitly, it reads the
-                prompt of any row and ignores its responses. Only online runs whose pair
-                strategy makes both responses read it (``PROMPT_ONLY_NEEDS_ONLINE``).
+                ``rejected``, ``completion``, ``conversations``; set explicitly, it reads
+                ``prompt`` (or ``messages``) of any row and ignores the rest. Only online
+                runs whose pair strategy makes both responses read it
+                (``PROMPT_ONLY_NEEDS_ONLINE``).
 
 Messages are reduced to ``{"role", "content"}``; other keys (``name``, ``tool_calls``,
 ...) are dropped. Roles are system / user / assistant / tool; content must be a

@@ -39,10 +39,10 @@ def test_prompt_only_online_run_raises_the_held_out_judge_score(ray_cluster, tin
     n = write_prompt_only(tiny_assets["train_glob"], prompts)
     cfg = tiny_config("online-prompt-only", **{
         "data.train_files": [str(prompts)], "online.enabled": True, "online.pair_strategy": "best_vs_worst",
-        "online.rounds": 2, "online.prompts_per_round": 64, "online.samples_per_prompt": 4,
+        "online.rounds": 2, "online.prompts_per_round": 64, "online.samples_per_prompt": 8,
         "online.backend": "vllm", "online.judge.function": JUDGE, "online.sampling.max_new_tokens": 16,
         "online.sync_tolerance": TOLERANCE, "policy.num_epochs": 2,  # 64 / 16 per step * 2 epochs = 8 steps a round
-        "eval.prompts_file": tiny_assets["eval_file"], "eval.num_prompts": 32, "eval.every_steps": 8})
+        "eval.prompts_file": tiny_assets["eval_file"], "eval.num_prompts": 64, "eval.every_steps": 8})
     summary = run_dpo(cfg)
     assert summary.steps == 16
 
@@ -63,4 +63,5 @@ def test_prompt_only_online_run_raises_the_held_out_judge_score(ray_cluster, tin
 
     scores = history("eval/judge_score")
     assert [s for s, _ in scores] == [0, 8, 16]
-    assert scores[-1][1] > scores[0][1] + 0.02, scores
+    # Best vs worst of 8 samples: measured 0.305 -> 0.339 -> 0.361 (4 samples: 0.298 -> 0.333).
+    assert scores[-1][1] > scores[0][1] + 0.03, scores

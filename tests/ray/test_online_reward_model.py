@@ -16,7 +16,7 @@ import pytest
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 
-def test_online_run_judged_by_a_reward_model(tiny_config, tiny_assets, tmp_path, capsys):
+def test_online_run_judged_by_a_reward_model(tiny_config, tiny_assets, tmp_path, capsys, monkeypatch):
     import ray
     from mlflow.tracking import MlflowClient
     from transformers import AutoTokenizer
@@ -31,6 +31,10 @@ def test_online_run_judged_by_a_reward_model(tiny_config, tiny_assets, tmp_path,
         "online.rounds": 2, "online.prompts_per_round": 16, "online.samples_per_prompt": 2,
         "online.sampling.max_new_tokens": 8, "policy.num_epochs": 1})  # 16 prompts / 16 per step: 1 step a round
     ray.shutdown()  # whatever an earlier module left running: run_dpo starts its own cluster
+    # Its workers (started with a runtime_env, away from this directory) import ray_dpo from
+    # this checkout, not from wherever the environment installed it.
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p))
     try:
         summary = run_dpo(cfg)
     finally:
