@@ -22,11 +22,12 @@ import time
 import ray
 
 from ray_dpo import console
-from ray_dpo.config import RunConfig, flatten, join_path, local_cpus_needed, to_yaml, with_absolute_paths
+from ray_dpo.config import RunConfig, flatten, join_path, local_cluster_cpus, to_yaml, with_absolute_paths
 from ray_dpo.data.files import expand_files
 from ray_dpo.data.pipeline import build_pair_data
 from ray_dpo.data.report import data_metrics, data_report, format_report
 from ray_dpo.loss_rules import needs_reference, trains_unpaired
+from ray_dpo.online.pairs import prompt_only_refusal
 from ray_dpo.tracking.metrics import CountProgress
 
 logger = logging.getLogger("ray_dpo")
@@ -89,8 +90,9 @@ def init_ray(cfg: RunConfig) -> None:
         # Logical CPUs are scheduling tokens, not cores: Ray Data tasks, the reference
         # actors and the engines must not starve behind the train workers (with as many
         # tokens as cores, two workers on two cores deadlock a Ray Data stage).
-        num_cpus = cfg.run.local_num_cpus or max(4, os.cpu_count() or 1, local_cpus_needed(cfg))
+        num_cpus, why = local_cluster_cpus(cfg, cores=os.cpu_count() or 1)
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, runtime_env=runtime_env)
+        print(f"[ray_dpo] local Ray cluster: {num_cpus} logical CPUs ({why})", flush=True)
     if quiet and console.install_console_filter():
         where = console.ray_log_dir()
         print(f"[ray_dpo] Ray's own output (workers, Ray Train, Ray Data) goes to its logs"
@@ -191,7 +193,8 @@ def _load_data(cfg: RunConfig):
     train_files = expand_files(cfg.data.train_files, key="data.train_files")
     unpaired = trains_unpaired(cfg)  # KTO: labelled examples, each with its KL completion
     train = build_pair_data(train_files, tokenizer_path=tokenizer, data=cfg.data,
-                            chat_template=cfg.model.chat_template, name="train", unpaired=unpaired)
+                            chat_template=cfg.model.chat_template, name="train", unpaired=unpaired,
+                            refuse_prompt_only=prompt_only_refusal(cfg.online))
     if train.num_pairs == 0:
         raise ValueError(f"data.train_files: no usable pair in {len(train_files)} file(s); "
                          f"counters: {train.counters.as_dict()}")
@@ -199,7 +202,8 @@ def _load_data(cfg: RunConfig):
     if cfg.data.eval_files:
         eval_files = expand_files(cfg.data.eval_files, key="data.eval_files")
         evaluation = build_pair_data(eval_files, tokenizer_path=tokenizer, data=cfg.data,
-                                     chat_template=cfg.model.chat_template, name="eval", unpaired=unpaired)
+                                     chat_template=cfg.model.chat_template, name="eval", unpaired=unpaired,
+                                     refuse_prompt_only=prompt_only_refusal(cfg.online, key="data.eval_files"))
     return train, evaluation
 
 

@@ -65,7 +65,8 @@ class DataConfig:
     """Optional held-out preference pairs, same formats."""
     format: Annotated[str, OneOf("ray_dpo.data.formats:FORMATS")] = "auto"
     """Row format; auto detects it per row. unpaired (TRL: prompt, completion, label) and
-    sharegpt_kto (LLaMA-Factory: messages + kto_tag) are labelled examples for loss.type=kto."""
+    sharegpt_kto (LLaMA-Factory: messages + kto_tag) are labelled examples for loss.type=kto;
+    prompt_only (prompt or messages alone) are prompts for online.pair_strategy=best_vs_worst."""
     unpair: bool = False
     """Unpaired losses (kto) only: each preference pair becomes two examples, chosen
     desirable and rejected undesirable (counted as two rows in the data report)."""

@@ -26,6 +26,14 @@ implicit        no ``prompt``: ``chosen`` and ``rejected`` are whole conversatio
                 responses start with the same word, so the prompt/response split - the
                 only thing DPO's loss mask depends on - would be silently wrong. Give such
                 rows an explicit ``prompt`` (standard format) instead.
+prompt_only     a prompt without responses, for online DPO (the policy's samples become the
+                pairs): ``{"prompt": str}`` (text, as in standard), ``{"prompt": [messages]}``
+                or ``{"messages": [messages]}`` (chat, ending with a user turn). ``auto``
+                picks it for rows with ``prompt`` or ``messages`` and none of ``chosen``,
+                ``rejected``, ``completion``, ``conversations``; set explicitly, it reads
+                ``prompt`` (or ``messages``) of any row and ignores the rest. Only online
+                runs whose pair strategy makes both responses read it
+                (``PROMPT_ONLY_NEEDS_ONLINE``).
 
 Messages are reduced to ``{"role", "content"}``; other keys (``name``, ``tool_calls``,
 ...) are dropped. Roles are system / user / assistant / tool; content must be a
@@ -45,7 +53,15 @@ from typing import Any, Callable, Optional, Union
 
 PAIRED_FORMATS = ("standard", "conversational", "sharegpt", "implicit")
 UNPAIRED_FORMATS = ("unpaired", "sharegpt_kto")  # ray_dpo/data/unpaired.py
-FORMATS = ("auto",) + PAIRED_FORMATS + UNPAIRED_FORMATS
+PROMPT_FORMATS = ("prompt_only",)  # online DPO: the rounds make the pairs
+FORMATS = ("auto",) + PAIRED_FORMATS + UNPAIRED_FORMATS + PROMPT_FORMATS
+PROMPT_ONLY_NEEDS_ONLINE = (
+    "this row is prompt-only (no chosen / rejected): prompt-only rows are prompts for online DPO, "
+    "which samples and judges the responses itself; set online.enabled=true with "
+    "online.pair_strategy=best_vs_worst and a judge (online.judge.function or "
+    "online.judge.reward_model), or give the row chosen and rejected responses"
+)
+"""Why a run that trains on given pairs refuses a prompt-only row (its bad-row message)."""
 ROLES = ("system", "user", "assistant", "tool")
 # ShareGPT speaker names -> chat roles. user/assistant appear in many "sharegpt" exports.
 SHAREGPT_ROLES = {
@@ -84,7 +100,8 @@ class NormalizedPair:
     assistant should answer; ``chosen`` / ``rejected`` are tuples of assistant messages.
     Text pairs: all three are plain strings, concatenated as prompt + response.
     An unpaired example (``label`` not None: True = desirable) has its completion as both
-    ``chosen`` and ``rejected``.
+    ``chosen`` and ``rejected``. A prompt-only row (``prompt_only``) has empty ``chosen`` and
+    ``rejected`` ("" or ()).
     """
 
     prompt: Union[str, Messages]
@@ -92,6 +109,7 @@ class NormalizedPair:
     rejected: Union[str, Messages]
     is_chat: bool
     label: Optional[bool] = None
+    prompt_only: bool = False
 
 
 @dataclass(frozen=True)
@@ -130,6 +148,8 @@ def detect_format(row: Any, *, source: str = "<unknown>", line: int = 0) -> str:
         return "unpaired"
     if "conversations" in row:
         return "sharegpt"
+    if ("prompt" in row or "messages" in row) and "chosen" not in row and "rejected" not in row:
+        return "prompt_only"
     if "prompt" in row:
         if any(isinstance(row.get(key), (list, dict)) for key in ("prompt", "chosen", "rejected")):
             return "conversational"
@@ -140,7 +160,8 @@ def detect_format(row: Any, *, source: str = "<unknown>", line: int = 0) -> str:
         f"unknown row format (keys: {sorted(row)}); expected prompt+chosen+rejected "
         "(standard or conversational), conversations+chosen+rejected (sharegpt), "
         "chosen+rejected whole conversations (implicit), prompt+completion+label (unpaired) or "
-        "conversations/messages+kto_tag (sharegpt_kto). Rename the fields or set data.format "
+        "conversations/messages+kto_tag (sharegpt_kto) or prompt / messages alone (prompt_only, "
+        "online runs). Rename the fields or set data.format "
         "explicitly."
     )
 
@@ -167,7 +188,7 @@ def normalize_row(
     elif not isinstance(row, dict):
         raise where.error(f"a row must be a JSON object, got {_type_name(row)}")
     pair = _NORMALISERS[fmt](row, where)
-    if pair.label is None and pair.chosen == pair.rejected:
+    if pair.label is None and not pair.prompt_only and pair.chosen == pair.rejected:
         raise where.error(
             "chosen and rejected are identical; a preference pair needs two different "
             "responses (fix one side or remove the row)"
@@ -397,3 +418,25 @@ def _sharegpt_kto(row: dict, where: _Where) -> NormalizedPair:
 
 _NORMALISERS["unpaired"] = _unpaired
 _NORMALISERS["sharegpt_kto"] = _sharegpt_kto
+
+
+# --------------------------------------------------------------------------- prompt-only (online)
+
+
+_PROMPT_ONLY_NEEDS = "'prompt' (a string or a list of messages) or 'messages' (a list of messages)"
+
+
+def _prompt_only(row: dict, where: _Where) -> NormalizedPair:
+    key = "prompt" if "prompt" in row else "messages"
+    value = _field(row, key, where, "prompt_only", _PROMPT_ONLY_NEEDS)
+    if isinstance(value, str):
+        return NormalizedPair(prompt=_text(value, key, where), chosen="", rejected="", is_chat=False, prompt_only=True)
+    messages = _messages(value, key, where)
+    if messages[-1]["role"] != "user":
+        raise where.error(f"{key} must end with a user turn, the one the policy answers; got a last "
+                          f"{messages[-1]['role']!r} message (a conversation with its answer is a "
+                          "preference or KTO row: give it chosen / rejected, or completion / label)")
+    return NormalizedPair(prompt=messages, chosen=(), rejected=(), is_chat=True, prompt_only=True)
+
+
+_NORMALISERS["prompt_only"] = _prompt_only

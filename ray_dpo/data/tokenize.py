@@ -15,6 +15,10 @@ assistant header they render raise ``ChatTemplateError``.
 Text pairs: prompt tokens (with BOS when the tokenizer adds one), response tokens + EOS
 (not added again when the response text already ends with the EOS token).
 
+Prompt-only rows (online DPO) give the prompt's ids as a pair would have them and empty
+``chosen_ids`` / ``rejected_ids``; a run whose settings carry ``refuse_prompt_only`` (a
+message; by default ``PROMPT_ONLY_NEEDS_ONLINE``) refuses them as bad rows with it.
+
 Every response ends with exactly one EOS unless it was truncated. Templates that emit
 whitespace after their end-of-turn token (``"<|im_end|>\\n"``) get that tail cut, since
 generation stops at EOS and never produces it.
@@ -35,7 +39,7 @@ import jinja2
 
 from ray_dpo.data.counters import TokenizeResult
 from ray_dpo.data.fitting import OVER_LENGTH_POLICIES, ChatFit, fit_chat_prompt, fit_lengths, prompt_tail
-from ray_dpo.data.formats import FORMATS, BadRowError, Messages, NormalizedPair, normalize_row
+from ray_dpo.data.formats import FORMATS, PROMPT_ONLY_NEEDS_ONLINE, BadRowError, Messages, NormalizedPair, normalize_row
 
 BAD_ROW_POLICIES = ("error", "skip")
 
@@ -79,6 +83,8 @@ class PairTokenizer:
         template is not prefix-stable.
         """
         result = self._tokenize(pair, source, line)
+        if pair.prompt_only:
+            return dataclasses.replace(result, prompt_only=True)
         return result if pair.label is None else dataclasses.replace(result, example=True)
 
     def _tokenize(self, pair: NormalizedPair, source: str, line: int) -> TokenizeResult:
@@ -99,7 +105,7 @@ class PairTokenizer:
             max_prompt_length=self.config.max_prompt_length,
             policy=self.config.over_length,
             bos_id=self._bos_prefix[0] if self._bos_prefix else None,
-            same_response_ok=pair.label is not None,
+            same_response_ok=pair.label is not None or pair.prompt_only,
         )
         if fitted.status == "dropped":
             return TokenizeResult(None, "dropped", f"{where}: {fitted.reason}", fitted.causes, lengths)
@@ -127,6 +133,7 @@ class PairTokenizer:
         """
         try:
             pair = normalize_row(raw_row, self.config.format, source=source, line=line)
+            check_prompt_only(pair, self.config, source=source, line=line)
             check_row_kind(pair, self.config, source=source, line=line)
             return self(pair, source=source, line=line)
         except BadRowError as err:
@@ -181,6 +188,8 @@ class PairTokenizer:
         return self.tokenizer(texts, add_special_tokens=False)["input_ids"]
 
     def _encode_text(self, pair: NormalizedPair) -> tuple[list[int], list[int], list[int]]:
+        if pair.prompt_only:
+            return self._bos_prefix + self._ids([pair.prompt])[0], [], []
         prompt, chosen, rejected = self._ids([pair.prompt, pair.chosen, pair.rejected])
         # A response that already ends with the EOS token keeps it, without a second one.
         return self._bos_prefix + prompt, self._end_with_eos(chosen), self._end_with_eos(rejected)
@@ -195,11 +204,14 @@ class PairTokenizer:
         else:
             fit = None
         prompt_text = self._render(prompt_messages, True, source, line)
+        fitted = fit is not None and not fit.dropped  # fit.ids are the ids of prompt_text already
+        if pair.prompt_only:
+            return fit, fit.ids if fitted else self._ids([prompt_text])[0], [], []
         responses = [
             self._response_text(prompt_messages, response, prompt_text, source, line)
             for response in (pair.chosen, pair.rejected)
         ]
-        if fit is not None and not fit.dropped:  # fit.ids are the ids of prompt_text already
+        if fitted:
             prompt = fit.ids
             chosen, rejected = self._ids(responses)
         else:
@@ -283,6 +295,14 @@ def check_row_kind(pair: NormalizedPair, config: Any, *, source: str, line: int)
                                         "examples; set data.unpair=true to split every pair into a desirable "
                                         "(chosen) and an undesirable (rejected) example, or give the row "
                                         "prompt / completion / label")
+
+
+def check_prompt_only(pair: NormalizedPair, config: Any, *, source: str, line: int) -> None:
+    """A prompt-only row where ``config.refuse_prompt_only`` (why, and what to do; missing:
+    PROMPT_ONLY_NEEDS_ONLINE, None: they are accepted) refuses them is a bad row."""
+    refusal = getattr(config, "refuse_prompt_only", PROMPT_ONLY_NEEDS_ONLINE)
+    if pair.prompt_only and refusal:
+        raise BadRowError(source, line, refusal)
 
 
 def _adds_bos(tokenizer: Any) -> bool:

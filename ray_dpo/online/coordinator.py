@@ -24,7 +24,7 @@ from typing import Any, Optional
 from ray_dpo.config import RunConfig
 from ray_dpo.feeder import BatchFeeder, BatchPlan, KeepsInitError, PairStore
 from ray_dpo.online import rounds as rounds_lib
-from ray_dpo.online.follower import FollowerSpec, PolicyFollower, start_actor
+from ray_dpo.online.follower import PROBE_SIZE, FollowerSpec, PolicyFollower, start_actor
 
 
 class OnlineCoordinator(PolicyFollower):
@@ -42,9 +42,10 @@ class OnlineCoordinator(PolicyFollower):
         from ray_dpo.online.round_builder import RoundProducer
         from ray_dpo.online.round_feeder import RoundFeeder
         from ray_dpo.online.round_store import RoundStore
+        from ray_dpo.online.weight_sync import row_probe
 
         store = PairStore.from_source(train)
-        probe = [(store.row(i)["prompt_ids"], store.row(i)["chosen_ids"]) for i in range(min(4, len(store)))]
+        probe = row_probe([store.row(i) for i in range(min(PROBE_SIZE, len(store)))])
         online = spec.online
         round_plan = rounds_lib.plan_rounds(num_rounds=online.rounds, prompts_per_round=online.prompts_per_round,
                                             global_batch=plan.global_batch, num_epochs=plan.num_epochs,
