@@ -12,7 +12,9 @@ import pytest
 
 from ray_dpo.testing import chaos
 
-pytestmark = [pytest.mark.ray, pytest.mark.slow]
+# Extended tier (several minutes each): CI keeps the engine restart itself, with real
+# processes, in test_generation.py::test_a_killed_engine_is_restarted_reloaded_and_asked_again.
+pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.extended]
 
 STEPS = 8
 JUDGE = "ray_dpo.testing.assets:judge_score"
@@ -65,7 +67,6 @@ def test_a_killed_vllm_engine_is_restarted_resynced_and_the_rounds_complete(ray_
     assert mlflow_run.data.metrics["sync/max_logprob_diff"] <= 1e-3
 
 
-@pytest.mark.extended
 def test_a_killed_coordinator_is_restarted_and_reads_its_round_back(ray_cluster, tiny_config, tmp_path):
     """Killed at step 2: round 1's last steps come from the restarted coordinator, which
     reads the round back instead of sampling it again."""

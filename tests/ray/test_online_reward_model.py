@@ -13,7 +13,8 @@ import os
 
 import pytest
 
-pytestmark = [pytest.mark.ray, pytest.mark.slow]
+# Extended tier: the reward-model judge itself is in CI (test_reward_model_judge.py).
+pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.extended]
 
 
 def test_online_run_judged_by_a_reward_model(tiny_config, tiny_assets, tmp_path, capsys, monkeypatch):
