@@ -44,7 +44,7 @@ def policy_worker(args, model_dir: str):
     import torch
 
     from ray_dpo.config import LossConfig, ModelConfig, PolicyConfig
-    from ray_dpo.policy.worker import Worker, model_pad_token_id, pair_terms, setup_engine, step_optimizer
+    from ray_dpo.policy.worker import RankState, model_pad_token_id, pair_terms, setup_engine, step_optimizer
     from vs_trl import init_single_rank_group
 
     init_single_rank_group()
@@ -52,7 +52,7 @@ def policy_worker(args, model_dir: str):
                           lr_scheduler="constant", warmup_steps=0)
     engine, _ = setup_engine(ModelConfig(name_or_path=model_dir, dtype="fp32", attn_implementation="sdpa"), policy,
                              device=torch.device("cpu"), world_size=1, total_steps=args.steps)
-    worker = Worker(engine=engine, feeder=None, loss=LossConfig(beta=0.1), policy=policy, rank=0, world_size=1,
+    worker = RankState(engine=engine, feeder=None, loss=LossConfig(beta=0.1), policy=policy, rank=0, world_size=1,
                     device=torch.device("cpu"), pad_token_id=model_pad_token_id(engine.module.config),
                     total_steps=args.steps, attn_implementation="sdpa")
 

@@ -45,7 +45,7 @@ Held-out evaluator (one, for every model directory), mirroring ray_dpo's in-run 
 select_prompts(eval.prompts_file, eval.num_prompts, run.seed), prompts tokenized by
 PairTokenizer.encode_prompt, eval.samples_per_prompt samples each from one in-process
 VLLMEngine (eval_sampling: temperature 1, top_p 1, online.sampling.max_new_tokens; seed
-run.seed + the coordinator's EVAL_SEED_OFFSET; weights swapped in with load_weights, as
+run.seed + heldout.EVAL_SEED_OFFSET; weights swapped in with load_weights, as
 ray_dpo's sync does), judged by online.judge on the completion text; KL = mean over
 samples of log pi(y|x) - log pi_ref(y|x), both summed over the sampled tokens (EOS
 included) by transformers fp32 forwards, pi_ref = the initial model.
@@ -324,7 +324,7 @@ def read_ray_dpo_run(cfg, run_name: str) -> dict:
 
 
 class HeldoutEvaluator:
-    """ray_dpo's held-out eval (online/coordinator.py _evaluate) for any model directory,
+    """ray_dpo's held-out eval (online/heldout.py) for any model directory,
     with both log-probs from transformers fp32 in this process (module docstring)."""
 
     def __init__(self, cfg, num_prompts: int, batch_size: int = 32):
@@ -365,7 +365,7 @@ class HeldoutEvaluator:
 
     def evaluate(self, model_dir: str) -> dict:
         """eval/judge_score, eval/kl, ... of model_dir, plus max |vLLM - transformers| log-prob."""
-        from ray_dpo.online.coordinator import EVAL_SEED_OFFSET
+        from ray_dpo.online.heldout import EVAL_SEED_OFFSET
         from ray_dpo.online.evaluation import eval_metrics, eval_sampling
 
         t0 = time.time()

@@ -139,7 +139,7 @@ def init_single_rank_group() -> None:
 def run_ray_dpo(args, policy_dir: str, rows: list[dict], layout: str, row_tokens: int | None = None):
     """(first-step loss, [step seconds]) of the policy worker's step code on `rows`."""
     from ray_dpo.config import LossConfig, ModelConfig, PolicyConfig
-    from ray_dpo.policy.worker import Worker, model_pad_token_id, pair_terms, setup_engine, step_optimizer
+    from ray_dpo.policy.worker import RankState, model_pad_token_id, pair_terms, setup_engine, step_optimizer
 
     init_single_rank_group()
     policy = PolicyConfig(num_workers=1, zero_stage=0, micro_batch_size=args.pairs, gradient_accumulation_steps=1,
@@ -147,7 +147,7 @@ def run_ray_dpo(args, policy_dir: str, rows: list[dict], layout: str, row_tokens
                           weight_decay=0.0, layout=layout, max_tokens_per_row=row_tokens)
     model_cfg = ModelConfig(name_or_path=policy_dir, dtype="fp32", attn_implementation="sdpa")
     engine, _ = setup_engine(model_cfg, policy, device=torch.device("cpu"), world_size=1, total_steps=args.steps)
-    worker = Worker(engine=engine, feeder=None, loss=LossConfig(beta=BETA), policy=policy, rank=0, world_size=1,
+    worker = RankState(engine=engine, feeder=None, loss=LossConfig(beta=BETA), policy=policy, rank=0, world_size=1,
                     device=torch.device("cpu"), pad_token_id=model_pad_token_id(engine.module.config),
                     total_steps=args.steps, attn_implementation="sdpa")
     losses, times = [], []

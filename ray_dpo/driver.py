@@ -22,11 +22,12 @@ import time
 import ray
 
 from ray_dpo import console
-from ray_dpo.config import RunConfig, flatten, join_path, local_cpus_needed, to_yaml, with_absolute_paths
+from ray_dpo.config import RunConfig, flatten, join_path, local_cluster_cpus, to_yaml, with_absolute_paths
 from ray_dpo.data.files import expand_files
 from ray_dpo.data.pipeline import build_pair_data
 from ray_dpo.data.report import data_metrics, data_report, format_report
 from ray_dpo.loss_rules import needs_reference, trains_unpaired
+from ray_dpo.online.pairs import prompt_only_refusal
 from ray_dpo.tracking.metrics import CountProgress
 
 logger = logging.getLogger("ray_dpo")
@@ -89,8 +90,9 @@ def init_ray(cfg: RunConfig) -> None:
         # Logical CPUs are scheduling tokens, not cores: Ray Data tasks, the reference
         # actors and the engines must not starve behind the train workers (with as many
         # tokens as cores, two workers on two cores deadlock a Ray Data stage).
-        num_cpus = cfg.run.local_num_cpus or max(4, os.cpu_count() or 1, local_cpus_needed(cfg))
+        num_cpus, why = local_cluster_cpus(cfg, cores=os.cpu_count() or 1)
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, runtime_env=runtime_env)
+        print(f"[ray_dpo] local Ray cluster: {num_cpus} logical CPUs ({why})", flush=True)
     if quiet and console.install_console_filter():
         where = console.ray_log_dir()
         print(f"[ray_dpo] Ray's own output (workers, Ray Train, Ray Data) goes to its logs"
@@ -118,7 +120,7 @@ def run_dpo(cfg: RunConfig) -> TrainSummary:
     init_ray(cfg)
     gpu = use_gpus(cfg)
     tracker = _start_tracking(cfg, mode="online" if cfg.online.enabled else "offline")
-    coordinator = None
+    follower = None  # the engines that follow the policy: the online coordinator, or offline eval
     try:
         train, evaluation = _load_data(cfg)
         report = {**data_report(train, evaluation), "loss": _loss_facts(cfg)}
@@ -126,37 +128,18 @@ def run_dpo(cfg: RunConfig) -> TrainSummary:
         tracker.log_json(report, "data_report.json")
         tracker.log_metrics(data_metrics(train.counters), step=0)
         watch: dict[str, list[str]] = {}  # role -> actor ids whose restarts MLflow counts
-        if cfg.online.enabled:
-            # Rounds: the coordinator is the feeder, and it drives the generation engines.
-            group = _reference_group(cfg, gpu)
-            watch["reference"] = group.actor_ids
-            coordinator = _start_coordinator(cfg, tracker, train=train, evaluation=evaluation,
-                                             reference=group, gpu=gpu, watch=watch)
-            feeder = coordinator
-            total_steps = ray.get(feeder.total_steps.remote())
-        else:
-            # A reference-free loss (SimPO, ORPO) starts no reference actor at all.
-            group = _reference_group(cfg, gpu) if needs_reference(cfg) else None
-            if group is not None and not cfg.reference.precompute:
-                watch["reference"] = group.actor_ids
-            feeder = _start_feeder(cfg, train, evaluation, group)
-            watch["feeder"] = [feeder._actor_id.hex()]
-            total_steps = ray.get(feeder.total_steps.remote())
-            if cfg.eval.prompts_file:
-                # Held-out sampling only, so offline runs log eval/judge_score and eval/kl too;
-                # it scores through the feeder's reference actors unless precompute freed them.
-                reference = _reference_group(cfg, gpu) if cfg.reference.precompute else group
-                coordinator = _start_coordinator(cfg, tracker, train=None, evaluation=None, reference=reference,
-                                                 gpu=gpu, watch=watch, total_steps=total_steps)
-        result = _fit_policy(cfg, feeder, tracker, total_steps=total_steps, gpu=gpu, sync=coordinator,
+        feeder, follower, total_steps = _start_roles(cfg, tracker, train, evaluation, gpu, watch)
+        result = _fit_policy(cfg, feeder, tracker, total_steps=total_steps, gpu=gpu, follower=follower,
                              watch=watch)
+        if follower is not None:
+            ray.get(follower.finish.remote())  # the last held-out eval, still being scored
         summary = _summarize(cfg, tracker, result, total_steps, report, time.monotonic() - t0)
     except BaseException:
         tracker.finish("FAILED")
         raise
     finally:
-        if coordinator is not None:
-            _close(coordinator)
+        if follower is not None:
+            _close(follower)
     tracker.finish("FINISHED")
     return summary
 
@@ -210,7 +193,8 @@ def _load_data(cfg: RunConfig):
     train_files = expand_files(cfg.data.train_files, key="data.train_files")
     unpaired = trains_unpaired(cfg)  # KTO: labelled examples, each with its KL completion
     train = build_pair_data(train_files, tokenizer_path=tokenizer, data=cfg.data,
-                            chat_template=cfg.model.chat_template, name="train", unpaired=unpaired)
+                            chat_template=cfg.model.chat_template, name="train", unpaired=unpaired,
+                            refuse_prompt_only=prompt_only_refusal(cfg.online))
     if train.num_pairs == 0:
         raise ValueError(f"data.train_files: no usable pair in {len(train_files)} file(s); "
                          f"counters: {train.counters.as_dict()}")
@@ -218,7 +202,8 @@ def _load_data(cfg: RunConfig):
     if cfg.data.eval_files:
         eval_files = expand_files(cfg.data.eval_files, key="data.eval_files")
         evaluation = build_pair_data(eval_files, tokenizer_path=tokenizer, data=cfg.data,
-                                     chat_template=cfg.model.chat_template, name="eval", unpaired=unpaired)
+                                     chat_template=cfg.model.chat_template, name="eval", unpaired=unpaired,
+                                     refuse_prompt_only=prompt_only_refusal(cfg.online, key="data.eval_files"))
     return train, evaluation
 
 
@@ -242,27 +227,55 @@ def _reference_group(cfg: RunConfig, gpu: bool):
     return ReferenceGroup(**reference_group_kwargs(cfg, gpu))
 
 
-def _start_coordinator(cfg: RunConfig, tracker, *, train, evaluation, reference, gpu: bool, watch: dict,
-                       total_steps: int | None = None):
-    """The OnlineCoordinator; its restarts and its engines' go to MLflow through ``watch``."""
-    from ray_dpo.online.coordinator import start_coordinator
+def _start_roles(cfg: RunConfig, tracker, train, evaluation, gpu: bool, watch: dict):
+    """(the workers' step source, the engines that follow the policy or None, total steps).
 
-    coordinator = start_coordinator(cfg, train=train, evaluation=evaluation, reference=reference,
-                                    tracking_uri=tracker.uri, run_id=tracker.run_id, use_gpu=gpu,
-                                    total_steps=total_steps)
-    watch["coordinator"] = [coordinator._actor_id.hex()]
-    watch["engine"] = ray.get(coordinator.engine_actor_ids.remote())
-    return coordinator
+    Online: the coordinator is both (rounds, engines, held-out eval). Offline: a BatchFeeder
+    over the reference group or cache, and with eval.prompts_file a PolicyFollower for the
+    held-out eval, so offline runs log eval/judge_score and eval/kl too.
+    """
+    if cfg.online.enabled:
+        from ray_dpo.online.coordinator import start_coordinator
+
+        group = _reference_group(cfg, gpu)
+        watch["reference"] = group.actor_ids
+        coordinator = start_coordinator(cfg, train=train, evaluation=evaluation, reference=group,
+                                        tracking_uri=tracker.uri, run_id=tracker.run_id, use_gpu=gpu)
+        _watch_engines(watch, coordinator, role="coordinator")
+        return coordinator, coordinator, ray.get(coordinator.total_steps.remote())
+    # A reference-free loss (SimPO, ORPO) starts no reference actor at all.
+    group = _reference_group(cfg, gpu) if needs_reference(cfg) else None
+    if group is not None and not cfg.reference.precompute:
+        watch["reference"] = group.actor_ids
+    feeder = _start_feeder(cfg, train, evaluation, group)
+    watch["feeder"] = [feeder._actor_id.hex()]
+    total_steps = ray.get(feeder.total_steps.remote())
+    follower = None
+    if cfg.eval.prompts_file:
+        from ray_dpo.online.follower import start_follower
+
+        # It scores through the feeder's reference actors unless precompute freed them.
+        reference = _reference_group(cfg, gpu) if cfg.reference.precompute else group
+        follower = start_follower(cfg, reference=reference, total_steps=total_steps, tracking_uri=tracker.uri,
+                                  run_id=tracker.run_id, use_gpu=gpu)
+        _watch_engines(watch, follower, role="eval")
+    return feeder, follower, total_steps
 
 
-def _close(coordinator) -> None:
-    """Stop the engines, judges and feeders the coordinator owns (best effort: the run's
-    outcome is already decided)."""
+def _watch_engines(watch: dict, follower, *, role: str) -> None:
+    """Count the restarts of the actor and of its generation engines in MLflow."""
+    watch[role] = [follower._actor_id.hex()]
+    watch["engine"] = ray.get(follower.engine_actor_ids.remote())
+
+
+def _close(follower) -> None:
+    """Stop the engines, judges and feeders the coordinator or eval actor owns (best effort:
+    the run's outcome is already decided)."""
     try:
-        ray.get(coordinator.close.remote(), timeout=60)
+        ray.get(follower.close.remote(), timeout=60)
     except Exception as err:  # noqa: BLE001
-        logger.warning("closing the online coordinator failed: %s", err)
-    ray.kill(coordinator)
+        logger.warning("closing the generation engines' actor failed: %s", err)
+    ray.kill(follower)
 
 
 def _start_feeder(cfg: RunConfig, train, evaluation, group):
@@ -311,7 +324,7 @@ def _precomputed_reference(cfg: RunConfig, group, train, evaluation, ref_model: 
     return cache.load(cache_dir, key)
 
 
-def _fit_policy(cfg: RunConfig, feeder, tracker, *, total_steps: int, gpu: bool, sync=None,
+def _fit_policy(cfg: RunConfig, feeder, tracker, *, total_steps: int, gpu: bool, follower=None,
                 watch: dict | None = None):
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig as TrainRunConfig, ScalingConfig
     from ray.train import TrainingFailedError
@@ -332,7 +345,7 @@ def _fit_policy(cfg: RunConfig, feeder, tracker, *, total_steps: int, gpu: bool,
         max_failures=cfg.policy.max_failures, watch=watch,
     )
     spec = TrainLoopSpec(model=cfg.model, policy=cfg.policy, loss=cfg.loss, eval_every=cfg.eval.every_steps,
-                         feeder=feeder, sync=sync, device="cuda" if gpu else "cpu", run_dir=_run_dir(cfg))
+                         feeder=feeder, follower=follower, device="cuda" if gpu else "cpu", run_dir=_run_dir(cfg))
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=spec.as_config(),

@@ -9,21 +9,21 @@ from __future__ import annotations
 from typing import NamedTuple, Sequence
 
 from ray_dpo.batching.layouts import Layout, layout_spec
-from ray_dpo.batching.padded import Pair
+from ray_dpo.batching.padded import TokenPair
 
 
 class TokenBudgetPlan(NamedTuple):
     """The forwards one micro-batch is cut into."""
 
-    micro_batches: list[list[Pair]]  # every pair exactly once, input order kept
+    micro_batches: list[list[TokenPair]]  # every pair exactly once, input order kept
     oversized: list[int]  # indices of micro-batches holding ONE pair over the budget
 
 
-def _pair_tokens(spec: Layout, pair: Pair) -> int:
+def _pair_tokens(spec: Layout, pair: TokenPair) -> int:
     return spec.pair_tokens(len(pair["prompt_ids"]), len(pair["chosen_ids"]), len(pair["rejected_ids"]))
 
 
-def micro_batch_cost(pairs: Sequence[Pair], *, layout: str) -> int:
+def micro_batch_cost(pairs: Sequence[TokenPair], *, layout: str) -> int:
     """Positions `build_batch(pairs, layout=...)` computes (packed / prefix_shared: real
     tokens, i.e. one row when max_tokens_per_row >= the cost)."""
     spec = layout_spec(layout)
@@ -33,16 +33,16 @@ def micro_batch_cost(pairs: Sequence[Pair], *, layout: str) -> int:
     return sum(sizes)
 
 
-def token_budget_micro_batches(pairs: Sequence[Pair], *, max_tokens: int, layout: str) -> TokenBudgetPlan:
+def token_budget_micro_batches(pairs: Sequence[TokenPair], *, max_tokens: int, layout: str) -> TokenBudgetPlan:
     """Greedy, order-stable split of `pairs` into micro-batches of <= max_tokens computed
     positions each (cost model of `micro_batch_cost`). A pair is never split; a pair over
     the budget on its own gets a micro-batch of its own and is listed in `oversized`."""
     spec = layout_spec(layout)
     if max_tokens < 1:
         raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
-    batches: list[list[Pair]] = []
+    batches: list[list[TokenPair]] = []
     oversized: list[int] = []
-    current: list[Pair] = []
+    current: list[TokenPair] = []
     total = widest = 0
     for pair in pairs:
         size = _pair_tokens(spec, pair)

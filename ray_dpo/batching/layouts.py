@@ -35,7 +35,7 @@ from typing import Callable, NamedTuple, Sequence
 import torch
 
 from ray_dpo.batching.logps import token_logps
-from ray_dpo.batching.padded import Pair, TokenCounts, check_pairs, concat_pairs
+from ray_dpo.batching.padded import TokenPair, TokenCounts, check_pairs, concat_pairs
 from ray_dpo.registry import Registry
 
 # token_roles values
@@ -111,7 +111,7 @@ class _Unit(NamedTuple):
     rejected: tuple[torch.Tensor, torch.Tensor, int]
 
 
-def _ids(pair: Pair, key: str) -> list[int]:
+def _ids(pair: TokenPair, key: str) -> list[int]:
     return [int(t) for t in pair[key]]
 
 
@@ -120,7 +120,7 @@ def _no_targets() -> tuple[torch.Tensor, torch.Tensor, int]:
     return empty, empty, 0
 
 
-def _single_units(b: int, pair: Pair) -> list[_Unit]:
+def _single_units(b: int, pair: TokenPair) -> list[_Unit]:
     """`packed`: prompt+chosen and prompt+rejected as two independent sequences."""
     prompt = _ids(pair, "prompt_ids")
     P = len(prompt)
@@ -137,7 +137,7 @@ def _single_units(b: int, pair: Pair) -> list[_Unit]:
     return units
 
 
-def _prefix_units(b: int, pair: Pair) -> list[_Unit]:
+def _prefix_units(b: int, pair: TokenPair) -> list[_Unit]:
     """`prefix_shared`: [prompt | chosen | rejected], rejected positions restart at P."""
     prompt, chosen, rejected = (_ids(pair, k) for k in ("prompt_ids", "chosen_ids", "rejected_ids"))
     P, C, R = len(prompt), len(chosen), len(rejected)
@@ -225,7 +225,7 @@ def _pack_units(
     )
 
 
-def _build_padded(pairs: Sequence[Pair], pad_token_id: int, max_tokens_per_row: int | None) -> PackedBatch:
+def _build_padded(pairs: Sequence[TokenPair], pad_token_id: int, max_tokens_per_row: int | None) -> PackedBatch:
     del max_tokens_per_row  # one row per sequence
     padded = concat_pairs(pairs, pad_token_id)
     B, (N, T) = len(pairs), padded["input_ids"].shape
@@ -253,8 +253,8 @@ def _build_padded(pairs: Sequence[Pair], pad_token_id: int, max_tokens_per_row: 
     )
 
 
-def _builder(make_units: Callable[[int, Pair], list[_Unit]], layout: str):
-    def build(pairs: Sequence[Pair], pad_token_id: int, max_tokens_per_row: int | None) -> PackedBatch:
+def _builder(make_units: Callable[[int, TokenPair], list[_Unit]], layout: str):
+    def build(pairs: Sequence[TokenPair], pad_token_id: int, max_tokens_per_row: int | None) -> PackedBatch:
         units = [u for b, pair in enumerate(pairs) for u in make_units(b, pair)]
         return _pack_units(layout, len(pairs), units, pad_token_id, max_tokens_per_row)
 
@@ -264,7 +264,7 @@ def _builder(make_units: Callable[[int, Pair], list[_Unit]], layout: str):
 class Layout(NamedTuple):
     """How one layout builds a batch, and what it costs (`budget.micro_batch_cost`)."""
 
-    build: Callable[[Sequence[Pair], int, int | None], PackedBatch]
+    build: Callable[[Sequence[TokenPair], int, int | None], PackedBatch]
     pair_tokens: Callable[[int, int, int], int]  # (P, C, R) -> positions one pair needs
     padded: bool  # micro-batch cost is 2 * n * max(P + max(C, R)), not a sum
     needs_4d_mask: bool = False  # flash attention (which takes no 4D mask) cannot run it
@@ -293,7 +293,7 @@ def layout_spec(name: str) -> Layout:
 
 
 def build_batch(
-    pairs: Sequence[Pair], *, layout: str, pad_token_id: int, max_tokens_per_row: int | None = None
+    pairs: Sequence[TokenPair], *, layout: str, pad_token_id: int, max_tokens_per_row: int | None = None
 ) -> PackedBatch:
     """B tokenized pairs (`prompt_ids`, `chosen_ids`, `rejected_ids`, all non-empty) -> one
     micro-batch in `layout` ("padded", "packed", "prefix_shared").

@@ -12,11 +12,11 @@ from typing import Mapping, NamedTuple, Sequence
 
 import torch
 
-Pair = Mapping[str, Sequence[int]]
+TokenPair = Mapping[str, Sequence[int]]
 PAIR_KEYS = ("prompt_ids", "chosen_ids", "rejected_ids")
 
 
-def check_pairs(pairs: Sequence[Pair], *, caller: str) -> None:
+def check_pairs(pairs: Sequence[TokenPair], *, caller: str) -> None:
     """Raise ValueError unless there is at least one pair and every prompt and response is
     non-empty: the first response token is scored by the logits of the last prompt token.
     caller: the function named in the error when there are no pairs."""
@@ -59,7 +59,7 @@ def padded_rows(
 
 
 def concat_pairs(
-    pairs: Sequence[Pair],
+    pairs: Sequence[TokenPair],
     pad_token_id: int,
     *,
     pad_to_multiple_of: int | None = None,

@@ -14,7 +14,7 @@ so a user fixes a config in one round trip instead of one error at a time.
     building.py   YAML values -> dataclasses by their type hints
     checks.py     check(cfg): ranges, consistency, files; asks the registries for facts
     names.py      OneOf: a field whose names come from a registry (ray_dpo.registry)
-    derived.py    to_yaml, flatten, with_absolute_paths, local_cpus_needed
+    derived.py    to_yaml, flatten, with_absolute_paths, local_cpus_needed, local_cluster_cpus
     paths.py      REMOTE_PREFIXES, join_path, is_remote
     errors.py     Problem, ConfigError
 
@@ -23,7 +23,8 @@ registries are imported when a config is checked).
 """
 
 from ray_dpo.config.checks import check
-from ray_dpo.config.derived import flatten, local_cpus_needed, to_dict, to_yaml, with_absolute_paths
+from ray_dpo.config.derived import (flatten, local_cluster_cpus, local_cpu_needs, local_cpus_needed, to_dict, to_yaml,
+                                    with_absolute_paths)
 from ray_dpo.config.errors import ConfigError, Problem
 from ray_dpo.config.loading import (
     RENAMED_KEYS,
@@ -54,6 +55,6 @@ __all__ = [
     "REMOTE_PREFIXES", "RENAMED_KEYS", "ConfigError", "DataConfig", "DeprecatedKeyWarning", "EvalConfig",
     "JudgeConfig", "LossConfig", "MLflowConfig", "ModelConfig", "OnlineConfig", "PolicyConfig", "Problem",
     "ReferenceConfig", "RunConfig", "RunSection", "SamplingConfig", "TrackingConfig", "apply_overrides",
-    "check", "duplicate_keys", "flatten", "from_dict", "join_path", "load_config", "local_cpus_needed",
-    "to_dict", "to_yaml", "with_absolute_paths",
+    "check", "duplicate_keys", "flatten", "from_dict", "join_path", "load_config", "local_cluster_cpus",
+    "local_cpu_needs", "local_cpus_needed", "to_dict", "to_yaml", "with_absolute_paths",
 ]

@@ -176,20 +176,31 @@ def _check_layouts(cfg: RunConfig, p: list[Problem]) -> None:
 
 
 def _check_judge(cfg: RunConfig, p: list[Problem]) -> None:
-    """Online rounds and held-out sampling need exactly one judge (ray_dpo.online.judges.JUDGES)."""
+    """Online rounds and held-out sampling need exactly one judge each (ray_dpo.online.judges.JUDGES);
+    the held-out eval's is eval.judge, else online.judge."""
+    from ray_dpo.config.derived import heldout_judge
     from ray_dpo.online.judges import configured_judges
 
-    judges = configured_judges(cfg.online.judge)
-    if cfg.online.enabled and not judges:
+    if cfg.online.enabled and not configured_judges(cfg.online.judge):
         p.append(Problem("online.judge", "online DPO needs a judge: set online.judge.function "
                                          "(package.module:function) or online.judge.reward_model"))
-    if cfg.eval.prompts_file and not judges:
-        p.append(Problem("eval.prompts_file", "held-out samples are scored by online.judge: set "
-                                              "online.judge.function or online.judge.reward_model"))
-    if len(judges) > 1:
-        p.append(Problem("online.judge", "set only one of online.judge.function and online.judge.reward_model"))
-    if cfg.online.judge.function and ":" not in cfg.online.judge.function:
-        p.append(Problem("online.judge.function", "must look like 'package.module:function'"))
+    if cfg.eval.prompts_file and not configured_judges(heldout_judge(cfg)):
+        p.append(Problem("eval.judge", "held-out samples (eval.prompts_file) need a judge: set eval.judge.function "
+                                       "(package.module:function) or eval.judge.reward_model (or online.judge, "
+                                       "which it falls back to)"))
+    for key, judge in (("online.judge", cfg.online.judge), ("eval.judge", cfg.eval.judge)):
+        if len(configured_judges(judge)) > 1:
+            p.append(Problem(key, f"set only one of {key}.function and {key}.reward_model"))
+        if judge.function and ":" not in judge.function:
+            p.append(Problem(f"{key}.function", "must look like 'package.module:function'"))
+    if cfg.eval.backend is not None:
+        from ray_dpo.online.generation import ENGINES
+
+        if cfg.eval.backend not in ENGINES:
+            p.append(Problem("eval.backend", f"got {cfg.eval.backend!r}, expected one of {ENGINES.names()}"))
+        elif cfg.online.enabled and cfg.eval.backend != cfg.online.backend:
+            p.append(Problem("eval.backend", "an online run samples the held-out prompts on its round engines "
+                                             f"(online.backend={cfg.online.backend!r}): unset eval.backend"))
 
 
 def _check_online(cfg: RunConfig, p: list[Problem]) -> None:
@@ -228,10 +239,11 @@ def _module_problem(module: str) -> Optional[str]:
 
 
 def _check_local_files(cfg: RunConfig, p: list[Problem]) -> None:
-    if cfg.online.judge.function and ":" in cfg.online.judge.function:
-        problem = _module_problem(cfg.online.judge.function.split(":", 1)[0].strip())
-        if problem:
-            p.append(Problem("online.judge.function", problem))
+    for key, judge in (("online.judge", cfg.online.judge), ("eval.judge", cfg.eval.judge)):
+        if judge.function and ":" in judge.function:
+            problem = _module_problem(judge.function.split(":", 1)[0].strip())
+            if problem:
+                p.append(Problem(f"{key}.function", problem))
     _check_files("data.train_files", cfg.data.train_files, p)
     _check_files("data.eval_files", cfg.data.eval_files, p)
     for key, path in [("model.name_or_path", cfg.model.name_or_path),

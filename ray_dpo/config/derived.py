@@ -4,6 +4,9 @@ made absolute for Ray workers, and the CPUs a local cluster needs for it.
     to_dict(cfg) / to_yaml(cfg) / flatten(cfg)   (flatten: dotted key -> str, MLflow params)
     with_absolute_paths(cfg)                      local paths resolved against the cwd
     local_cpus_needed(cfg)                        logical CPUs the run's actors hold at once, + 1
+    local_cpu_needs(cfg)                          the same, part by part
+    local_cluster_cpus(cfg, cores=)               a local cluster's logical CPUs, and why
+    heldout_judge(cfg), heldout_online(cfg)       the held-out eval's judge, engine and sampling settings
 
 Pure: imports neither torch, ray, deepspeed nor vllm at import time.
 """
@@ -18,28 +21,74 @@ from typing import Any, Optional
 import yaml
 
 from ray_dpo.config.paths import is_remote, looks_local
-from ray_dpo.config.sections import RunConfig
+from ray_dpo.config.sections import EvalConfig, JudgeConfig, OnlineConfig, RunConfig, SamplingConfig
 from ray_dpo.data.chat_template import is_inline_template
 
 
-def local_cpus_needed(cfg: RunConfig) -> int:
-    """Logical CPUs the run's actors hold at the same time, plus one for Ray Data tasks.
+def heldout_judge(cfg: RunConfig) -> JudgeConfig:
+    """The judge of the held-out eval: eval.judge if set, else online.judge."""
+    return cfg.eval.judge if _judge_set(cfg.eval.judge) else cfg.online.judge
 
-    Everything that can be up together during training: the policy workers, a reference
-    group (streamed, or the evaluation's group after a precompute), generation engines
-    (online rounds or held-out sampling) and reward-model judge actors. The feeder and the
-    coordinator take no CPU.
-    """
+
+def heldout_online(cfg: RunConfig) -> OnlineConfig:
+    """The online section as an offline run's held-out evaluator uses it: its engines'
+    backend (eval.backend, else online.backend) and judge (heldout_judge)."""
+    return dataclasses.replace(cfg.online, backend=cfg.eval.backend or cfg.online.backend, judge=heldout_judge(cfg),
+                               sampling=heldout_sampling(cfg.online.sampling, cfg.eval))
+
+
+def heldout_sampling(sampling: SamplingConfig, eval_: EvalConfig) -> SamplingConfig:
+    """online.sampling with the held-out eval's max_new_tokens (eval.max_new_tokens if set);
+    the evaluator then samples at temperature 1, top_p 1 (online.evaluation.eval_sampling)."""
+    return dataclasses.replace(sampling, max_new_tokens=eval_.max_new_tokens or sampling.max_new_tokens)
+
+
+def _judge_set(judge: JudgeConfig) -> bool:
+    return bool(judge.function or judge.reward_model)
+
+
+def local_cpu_needs(cfg: RunConfig) -> list[tuple[str, float]]:
+    """(what, logical CPUs) of everything that can be up together during training: the
+    policy workers, a reference group (streamed, or the evaluation's group after a
+    precompute), generation engines (online rounds or held-out sampling), reward-model judge
+    actors, and one CPU for Ray Data tasks. The feeder and the coordinator take no CPU."""
     from ray_dpo.loss_rules import needs_reference
 
-    need = cfg.policy.num_workers * cfg.policy.num_cpus_per_worker
+    def part(count: int, what: str, each: float) -> tuple[str, float]:
+        return f"{count} {what}{'s' if count != 1 else ''} x {each:g}", count * each
+
+    parts = [part(cfg.policy.num_workers, "policy worker", cfg.policy.num_cpus_per_worker)]
     if needs_reference(cfg):  # SimPO / ORPO start no reference group
-        need += cfg.reference.num_actors * cfg.reference.num_cpus_per_actor
+        parts.append(part(cfg.reference.num_actors, "reference actor", cfg.reference.num_cpus_per_actor))
     if cfg.online.enabled or cfg.eval.prompts_file:
-        need += cfg.online.num_engines * cfg.online.num_cpus_per_engine
-        if cfg.online.judge.reward_model:
-            need += cfg.online.judge.num_actors * cfg.online.judge.num_cpus_per_actor
-    return math.ceil(need) + 1
+        parts.append(part(cfg.online.num_engines, "generation engine", cfg.online.num_cpus_per_engine))
+        judges = [cfg.online.judge] if cfg.online.enabled else []
+        if cfg.eval.prompts_file and not any(j is heldout_judge(cfg) for j in judges):
+            judges.append(heldout_judge(cfg))  # a judge of its own
+        for judge in judges:
+            if judge.reward_model:
+                parts.append(part(judge.num_actors, "reward-model judge actor", judge.num_cpus_per_actor))
+    return parts + [("1 for Ray Data tasks", 1.0)]
+
+
+def local_cpus_needed(cfg: RunConfig) -> int:
+    """Logical CPUs the run's actors hold at the same time, plus one for Ray Data tasks
+    (``local_cpu_needs``, rounded up)."""
+    return math.ceil(sum(cpus for _, cpus in local_cpu_needs(cfg)))
+
+
+def local_cluster_cpus(cfg: RunConfig, *, cores: int) -> tuple[int, str]:
+    """(logical CPUs, why) of a local Ray cluster for ``cfg`` on a machine of ``cores`` cores:
+    run.local_num_cpus, else max(4, cores, local_cpus_needed). Logical CPUs are scheduling
+    tokens, not cores: Ray Data tasks, the reference actors and the engines must not starve
+    behind the train workers."""
+    need = local_cpus_needed(cfg)
+    parts = f"{need} the run's actors hold at once: " + " + ".join(what for what, _ in local_cpu_needs(cfg))
+    given = cfg.run.local_num_cpus
+    if given:
+        short = " (fewer: some actors wait for a CPU that never frees)" if given < need else ""
+        return given, f"run.local_num_cpus{short}; {parts}"
+    return max(4, cores, need), f"the most of 4, this machine's {cores} cores and {parts}"
 
 
 def to_dict(cfg: Any) -> dict:

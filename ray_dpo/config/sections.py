@@ -65,7 +65,8 @@ class DataConfig:
     """Optional held-out preference pairs, same formats."""
     format: Annotated[str, OneOf("ray_dpo.data.formats:FORMATS")] = "auto"
     """Row format; auto detects it per row. unpaired (TRL: prompt, completion, label) and
-    sharegpt_kto (LLaMA-Factory: messages + kto_tag) are labelled examples for loss.type=kto."""
+    sharegpt_kto (LLaMA-Factory: messages + kto_tag) are labelled examples for loss.type=kto;
+    prompt_only (prompt or messages alone) are prompts for online.pair_strategy=best_vs_worst."""
     unpair: bool = False
     """Unpaired losses (kto) only: each preference pair becomes two examples, chosen
     desirable and rejected undesirable (counted as two rows in the data report)."""
@@ -293,10 +294,20 @@ class EvalConfig:
     """Cap on eval pairs (default: all)."""
     prompts_file: Optional[str] = None
     """Held-out prompts (JSONL with "prompt", or one per line) sampled from the policy at
-    step 0, every every_steps and at the end; scored by online.judge (eval/judge_score) and
-    KL to the reference (eval/kl). Offline and online runs alike, so they compare."""
+    step 0, every every_steps and at the end; scored by eval.judge (eval/judge_score) and
+    KL to the reference (eval/kl). Offline and online runs alike, so they compare. The
+    samples are scored while training goes on: no step waits for an eval."""
     num_prompts: int = 32
     samples_per_prompt: int = 4
+    judge: JudgeConfig = field(default_factory=JudgeConfig)
+    """What scores the held-out samples; unset: online.judge (so offline and online runs
+    that compare use one judge)."""
+    backend: Optional[str] = None
+    """Engines that sample the held-out prompts in an offline run (vllm | transformers;
+    unset: online.backend). Online runs sample them on their round engines."""
+    max_new_tokens: Optional[int] = None
+    """Tokens per held-out sample (unset: online.sampling.max_new_tokens). Temperature and
+    top_p are always 1: the KL estimate needs samples of the policy itself."""
 
 
 @dataclass

@@ -46,7 +46,8 @@ class TokenizeResult:
     for people. causes: the same as stable keys of CAUSES (one for dropped / skipped, one
     per kind of cut for truncated). lengths: (prompt, longest response) tokens before
     fitting; None when the row never got tokenized (skipped). example: the row was an
-    unpaired example (KTO), not a pair, even when it was dropped.
+    unpaired example (KTO), not a pair, even when it was dropped. prompt_only: the row was a
+    prompt without responses (online DPO; its row has empty chosen_ids / rejected_ids).
     """
 
     row: Optional[dict]
@@ -55,6 +56,7 @@ class TokenizeResult:
     causes: tuple[str, ...] = ()
     lengths: Optional[tuple[int, int]] = None
     example: bool = False
+    prompt_only: bool = False
 
 
 _EXACT_BELOW = 128
@@ -143,6 +145,8 @@ class DataCounters:
     ``lengths``: LengthHistogram per LENGTHS entry, over every tokenized row (kept or
     dropped; skipped rows never got tokenized).
     ``skip_reasons`` / ``drop_reasons`` keep at most ``max_examples`` messages each.
+    ``prompt_only``: rows read that were prompts without responses (online DPO), whatever
+    their status (a refused one is skipped as a bad row, and not counted here).
     """
 
     read: int = 0
@@ -158,6 +162,7 @@ class DataCounters:
     skipped_by: dict[str, int] = field(default_factory=_by_cause)
     lengths: dict[str, LengthHistogram] = field(
         default_factory=lambda: {name: LengthHistogram() for name in LENGTHS})
+    prompt_only: int = 0
 
     @property
     def kept(self) -> int:
@@ -169,6 +174,7 @@ class DataCounters:
         if result.status not in STATUSES:
             raise ValueError(f"unknown status {result.status!r}; valid: {', '.join(STATUSES)}")
         self.read += 1
+        self.prompt_only += result.prompt_only
         setattr(self, result.status, getattr(self, result.status) + 1)
         if result.status == "skipped":
             self._keep(self.skip_reasons, [result.reason])
@@ -190,7 +196,7 @@ class DataCounters:
 
     def merge(self, other: "DataCounters") -> "DataCounters":
         """Add another stage's counts (in place); returns self, so it works with reduce."""
-        for name in ("read", "ok", "truncated", "dropped", "skipped"):
+        for name in ("read", "ok", "truncated", "dropped", "skipped", "prompt_only"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         self._keep(self.skip_reasons, other.skip_reasons)
         self._keep(self.drop_reasons, other.drop_reasons)

@@ -38,6 +38,7 @@ def _summary_columns(batch: pa.Table) -> pa.Table:
         "causes": batch.column("causes"),
         "raw_prompt": batch.column("raw_prompt"),
         "raw_response": batch.column("raw_response"),
+        "prompt_only": batch.column("prompt_only"),
         "n_prompt": pc.list_value_length(batch.column("prompt_ids")),
         "n_chosen": pc.list_value_length(batch.column("chosen_ids")),
         "n_rejected": pc.list_value_length(batch.column("rejected_ids")),
@@ -55,11 +56,13 @@ def summarize(staged: Any) -> tuple[DataCounters, str, dict]:
     table = table.take(pa.array(order, pa.int64()))
 
     counters = DataCounters()
-    for status, reason, causes, raw_prompt, raw_response in zip(
-        *(table.column(name).to_pylist() for name in ("status", "reason", "causes", "raw_prompt", "raw_response"))
+    columns = ("status", "reason", "causes", "raw_prompt", "raw_response", "prompt_only")
+    for status, reason, causes, raw_prompt, raw_response, prompt_only in zip(
+        *(table.column(name).to_pylist() for name in columns)
     ):
         lengths = (raw_prompt, raw_response) if raw_prompt >= 0 else None
-        counters.add(TokenizeResult(None, status, reason, tuple(c for c in causes.split(",") if c), lengths))
+        counters.add(TokenizeResult(None, status, reason, tuple(c for c in causes.split(",") if c), lengths,
+                                    prompt_only=prompt_only))
     kept = table.filter(pc.is_in(table.column("status"), value_set=pa.array(KEPT_STATUSES)))
     digest = hashlib.sha256()
     for row_digest in kept.column("row_hash").to_pylist():

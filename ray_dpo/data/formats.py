@@ -1,4 +1,4 @@
-"""Preference row formats: turn one raw JSON row into a normalised ``Pair``.
+"""Preference row formats: turn one raw JSON row into a normalised ``NormalizedPair``.
 
 Supported formats (``data.format`` in the run config; ``auto`` detects it per row):
 
@@ -26,6 +26,14 @@ implicit        no ``prompt``: ``chosen`` and ``rejected`` are whole conversatio
                 responses start with the same word, so the prompt/response split - the
                 only thing DPO's loss mask depends on - would be silently wrong. Give such
                 rows an explicit ``prompt`` (standard format) instead.
+prompt_only     a prompt without responses, for online DPO (the policy's samples become the
+                pairs): ``{"prompt": str}`` (text, as in standard), ``{"prompt": [messages]}``
+                or ``{"messages": [messages]}`` (chat, ending with a user turn). ``auto``
+                picks it for rows with ``prompt`` or ``messages`` and none of ``chosen``,
+                ``rejected``, ``completion``, ``conversations``; set explicitly, it reads
+                ``prompt`` (or ``messages``) of any row and ignores the rest. Only online
+                runs whose pair strategy makes both responses read it
+                (``PROMPT_ONLY_NEEDS_ONLINE``).
 
 Messages are reduced to ``{"role", "content"}``; other keys (``name``, ``tool_calls``,
 ...) are dropped. Roles are system / user / assistant / tool; content must be a
@@ -45,7 +53,15 @@ from typing import Any, Callable, Optional, Union
 
 PAIRED_FORMATS = ("standard", "conversational", "sharegpt", "implicit")
 UNPAIRED_FORMATS = ("unpaired", "sharegpt_kto")  # ray_dpo/data/unpaired.py
-FORMATS = ("auto",) + PAIRED_FORMATS + UNPAIRED_FORMATS
+PROMPT_FORMATS = ("prompt_only",)  # online DPO: the rounds make the pairs
+FORMATS = ("auto",) + PAIRED_FORMATS + UNPAIRED_FORMATS + PROMPT_FORMATS
+PROMPT_ONLY_NEEDS_ONLINE = (
+    "this row is prompt-only (no chosen / rejected): prompt-only rows are prompts for online DPO, "
+    "which samples and judges the responses itself; set online.enabled=true with "
+    "online.pair_strategy=best_vs_worst and a judge (online.judge.function or "
+    "online.judge.reward_model), or give the row chosen and rejected responses"
+)
+"""Why a run that trains on given pairs refuses a prompt-only row (its bad-row message)."""
 ROLES = ("system", "user", "assistant", "tool")
 # ShareGPT speaker names -> chat roles. user/assistant appear in many "sharegpt" exports.
 SHAREGPT_ROLES = {
@@ -77,14 +93,15 @@ class BadRowError(ValueError):
 
 
 @dataclass(frozen=True)
-class Pair:
+class NormalizedPair:
     """A normalised preference pair.
 
     Chat pairs (``is_chat=True``): ``prompt`` is a tuple of messages ending where the
     assistant should answer; ``chosen`` / ``rejected`` are tuples of assistant messages.
     Text pairs: all three are plain strings, concatenated as prompt + response.
     An unpaired example (``label`` not None: True = desirable) has its completion as both
-    ``chosen`` and ``rejected``.
+    ``chosen`` and ``rejected``. A prompt-only row (``prompt_only``) has empty ``chosen`` and
+    ``rejected`` ("" or ()).
     """
 
     prompt: Union[str, Messages]
@@ -92,6 +109,7 @@ class Pair:
     rejected: Union[str, Messages]
     is_chat: bool
     label: Optional[bool] = None
+    prompt_only: bool = False
 
 
 @dataclass(frozen=True)
@@ -130,6 +148,8 @@ def detect_format(row: Any, *, source: str = "<unknown>", line: int = 0) -> str:
         return "unpaired"
     if "conversations" in row:
         return "sharegpt"
+    if ("prompt" in row or "messages" in row) and "chosen" not in row and "rejected" not in row:
+        return "prompt_only"
     if "prompt" in row:
         if any(isinstance(row.get(key), (list, dict)) for key in ("prompt", "chosen", "rejected")):
             return "conversational"
@@ -140,15 +160,16 @@ def detect_format(row: Any, *, source: str = "<unknown>", line: int = 0) -> str:
         f"unknown row format (keys: {sorted(row)}); expected prompt+chosen+rejected "
         "(standard or conversational), conversations+chosen+rejected (sharegpt), "
         "chosen+rejected whole conversations (implicit), prompt+completion+label (unpaired) or "
-        "conversations/messages+kto_tag (sharegpt_kto). Rename the fields or set data.format "
+        "conversations/messages+kto_tag (sharegpt_kto) or prompt / messages alone (prompt_only, "
+        "online runs). Rename the fields or set data.format "
         "explicitly."
     )
 
 
 def normalize_row(
     row: Any, fmt: str = "auto", *, source: str = "<unknown>", line: int = 0
-) -> Pair:
-    """Normalise one raw row into a ``Pair``.
+) -> NormalizedPair:
+    """Normalise one raw row into a ``NormalizedPair``.
 
     Args:
         row: the decoded JSON object (dict) of one line / record.
@@ -167,7 +188,7 @@ def normalize_row(
     elif not isinstance(row, dict):
         raise where.error(f"a row must be a JSON object, got {_type_name(row)}")
     pair = _NORMALISERS[fmt](row, where)
-    if pair.label is None and pair.chosen == pair.rejected:
+    if pair.label is None and not pair.prompt_only and pair.chosen == pair.rejected:
         raise where.error(
             "chosen and rejected are identical; a preference pair needs two different "
             "responses (fix one side or remove the row)"
@@ -257,16 +278,16 @@ _SHAREGPT_NEEDS = "'conversations' (list of {from, value}), 'chosen' and 'reject
 _IMPLICIT_NEEDS = "'chosen' and 'rejected', two whole conversations (lists of messages)"
 
 
-def _standard(row: dict, where: _Where) -> Pair:
+def _standard(row: dict, where: _Where) -> NormalizedPair:
     hint = " (rows with message lists need format 'conversational')"
     texts = [
         _text(_field(row, key, where, "standard", _STANDARD_NEEDS), key, where, hint)
         for key in ("prompt", "chosen", "rejected")
     ]
-    return Pair(prompt=texts[0], chosen=texts[1], rejected=texts[2], is_chat=False)
+    return NormalizedPair(prompt=texts[0], chosen=texts[1], rejected=texts[2], is_chat=False)
 
 
-def _conversational(row: dict, where: _Where) -> Pair:
+def _conversational(row: dict, where: _Where) -> NormalizedPair:
     prompt = _field(row, "prompt", where, "conversational", _CONV_NEEDS)
     if isinstance(prompt, str):
         prompt_messages: Messages = ({"role": "user", "content": _text(prompt, "prompt", where)},)
@@ -280,10 +301,10 @@ def _conversational(row: dict, where: _Where) -> Pair:
         else:
             messages = _messages(value, key, where, allow_single=True)
             responses.append(_assistant_only(messages, key, where))
-    return Pair(prompt=prompt_messages, chosen=responses[0], rejected=responses[1], is_chat=True)
+    return NormalizedPair(prompt=prompt_messages, chosen=responses[0], rejected=responses[1], is_chat=True)
 
 
-def _sharegpt(row: dict, where: _Where) -> Pair:
+def _sharegpt(row: dict, where: _Where) -> NormalizedPair:
     keys = ("from", "value")
     conversations = _field(row, "conversations", where, "sharegpt", _SHAREGPT_NEEDS)
     prompt = _messages(conversations, "conversations", where, keys=keys, roles=SHAREGPT_ROLES)
@@ -294,10 +315,10 @@ def _sharegpt(row: dict, where: _Where) -> Pair:
             value, key, where, keys=keys, roles=SHAREGPT_ROLES, allow_single=True
         )
         responses.append(_assistant_only(messages, key, where, hint=" (from 'gpt')"))
-    return Pair(prompt=prompt, chosen=responses[0], rejected=responses[1], is_chat=True)
+    return NormalizedPair(prompt=prompt, chosen=responses[0], rejected=responses[1], is_chat=True)
 
 
-def _implicit(row: dict, where: _Where) -> Pair:
+def _implicit(row: dict, where: _Where) -> NormalizedPair:
     chosen = _field(row, "chosen", where, "implicit", _IMPLICIT_NEEDS)
     rejected = _field(row, "rejected", where, "implicit", _IMPLICIT_NEEDS)
     if isinstance(chosen, str) or isinstance(rejected, str):
@@ -334,10 +355,10 @@ def _implicit(row: dict, where: _Where) -> Pair:
                 "non-assistant turns after that point; implicit format needs both "
                 "conversations identical up to their final assistant response(s)"
             )
-    return Pair(prompt=chosen_m[:k], chosen=chosen_m[k:], rejected=rejected_m[k:], is_chat=True)
+    return NormalizedPair(prompt=chosen_m[:k], chosen=chosen_m[k:], rejected=rejected_m[k:], is_chat=True)
 
 
-_NORMALISERS: dict[str, Callable[[dict, _Where], Pair]] = {
+_NORMALISERS: dict[str, Callable[[dict, _Where], NormalizedPair]] = {
     "standard": _standard,
     "conversational": _conversational,
     "sharegpt": _sharegpt,
@@ -360,12 +381,12 @@ def _label(row: dict, key: str, where: _Where, fmt: str, needs: str) -> bool:
     return value
 
 
-def _unpaired(row: dict, where: _Where) -> Pair:
+def _unpaired(row: dict, where: _Where) -> NormalizedPair:
     prompt = _field(row, "prompt", where, "unpaired", _UNPAIRED_NEEDS)
     completion = _field(row, "completion", where, "unpaired", _UNPAIRED_NEEDS)
     label = _label(row, "label", where, "unpaired", _UNPAIRED_NEEDS)
     if isinstance(prompt, str) and isinstance(completion, str):
-        return Pair(prompt=_text(prompt, "prompt", where), chosen=_text(completion, "completion", where),
+        return NormalizedPair(prompt=_text(prompt, "prompt", where), chosen=_text(completion, "completion", where),
                     rejected=completion, is_chat=False, label=label)
     if isinstance(prompt, str):
         prompt_messages: Messages = ({"role": "user", "content": _text(prompt, "prompt", where)},)
@@ -375,10 +396,10 @@ def _unpaired(row: dict, where: _Where) -> Pair:
         response: Messages = ({"role": "assistant", "content": _text(completion, "completion", where)},)
     else:
         response = _assistant_only(_messages(completion, "completion", where, allow_single=True), "completion", where)
-    return Pair(prompt=prompt_messages, chosen=response, rejected=response, is_chat=True, label=label)
+    return NormalizedPair(prompt=prompt_messages, chosen=response, rejected=response, is_chat=True, label=label)
 
 
-def _sharegpt_kto(row: dict, where: _Where) -> Pair:
+def _sharegpt_kto(row: dict, where: _Where) -> NormalizedPair:
     key = "conversations" if "conversations" in row else "messages"
     value = _field(row, key, where, "sharegpt_kto", _KTO_NEEDS)
     tag = "kto_tag" if "kto_tag" in row or "label" not in row else "label"
@@ -392,8 +413,30 @@ def _sharegpt_kto(row: dict, where: _Where) -> Pair:
         raise where.error(f"{key} must end with the assistant's completion after at least one prompt "
                           f"message (the last message is the one {tag} judges); got a last "
                           f"{messages[-1]['role']!r} message of {len(messages)}")
-    return Pair(prompt=messages[:-1], chosen=messages[-1:], rejected=messages[-1:], is_chat=True, label=label)
+    return NormalizedPair(prompt=messages[:-1], chosen=messages[-1:], rejected=messages[-1:], is_chat=True, label=label)
 
 
 _NORMALISERS["unpaired"] = _unpaired
 _NORMALISERS["sharegpt_kto"] = _sharegpt_kto
+
+
+# --------------------------------------------------------------------------- prompt-only (online)
+
+
+_PROMPT_ONLY_NEEDS = "'prompt' (a string or a list of messages) or 'messages' (a list of messages)"
+
+
+def _prompt_only(row: dict, where: _Where) -> NormalizedPair:
+    key = "prompt" if "prompt" in row else "messages"
+    value = _field(row, key, where, "prompt_only", _PROMPT_ONLY_NEEDS)
+    if isinstance(value, str):
+        return NormalizedPair(prompt=_text(value, key, where), chosen="", rejected="", is_chat=False, prompt_only=True)
+    messages = _messages(value, key, where)
+    if messages[-1]["role"] != "user":
+        raise where.error(f"{key} must end with a user turn, the one the policy answers; got a last "
+                          f"{messages[-1]['role']!r} message (a conversation with its answer is a "
+                          "preference or KTO row: give it chosen / rejected, or completion / label)")
+    return NormalizedPair(prompt=messages, chosen=(), rejected=(), is_chat=True, prompt_only=True)
+
+
+_NORMALISERS["prompt_only"] = _prompt_only

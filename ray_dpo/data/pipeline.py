@@ -47,6 +47,7 @@ from ray_dpo.data.counters import DataCounters
 from ray_dpo.data.errors import DataError, unwrapped_errors
 from ray_dpo.data.files import source_names
 from ray_dpo.data.fingerprint import summarize
+from ray_dpo.data.formats import PROMPT_ONLY_NEEDS_ONLINE
 from ray_dpo.data.readers import READ_NUM_CPUS, read_file
 from ray_dpo.data.schemas import HELPER_COLUMNS, KEPT_STATUSES
 from ray_dpo.data.tokenize import PairTokenizer
@@ -110,6 +111,7 @@ def build_pair_data(
     name: str = "train",
     max_tokenize_tasks: Optional[int] = None,
     unpaired: bool = False,
+    refuse_prompt_only: Optional[str] = PROMPT_ONLY_NEEDS_ONLINE,
 ) -> PairData:
     """Read, normalise and tokenize ``files`` with Ray Data (module docstring).
 
@@ -123,6 +125,10 @@ def build_pair_data(
         unpaired: the loss trains on unpaired examples (KTO): rows are examples with a
             "label" column and a mismatched completion as rejected_ids (data/unpaired.py);
             pairs are an error unless data.unpair splits them.
+        refuse_prompt_only: why prompt-only rows (a prompt, no responses) cannot be used here
+            and what to do, their bad-row message; None accepts them (online runs whose pair
+            strategy makes both responses: ray_dpo.online.pairs.prompt_only_refusal). An
+            accepted one is a row with empty chosen_ids / rejected_ids (CONTRACTS.md).
         max_tokenize_tasks: cap on concurrent tokenize tasks (None: as many as CPUs).
             Every new worker process pays the transformers import (~3 CPU-seconds, it
             pulls in torch) once; later builds on the same cluster reuse warm workers.
@@ -142,7 +148,8 @@ def build_pair_data(
 
     # A plain namespace: unpickling a DataConfig in a data task would import
     # ray_dpo.config, hence torch, in every worker process.
-    settings = SimpleNamespace(**{k: getattr(data, k) for k in _DATA_FIELDS}, unpaired=unpaired)
+    settings = SimpleNamespace(**{k: getattr(data, k) for k in _DATA_FIELDS}, unpaired=unpaired,
+                               refuse_prompt_only=refuse_prompt_only)
     ds = _staged_dataset(files, tokenizer_path=tokenizer_path, template=template, settings=settings,
                          max_tokenize_tasks=max_tokenize_tasks)
     with unwrapped_errors():

@@ -12,6 +12,9 @@ artifact); ``format_report`` turns that dict into console lines, e.g.
 (A truncated pair counts under each kind of cut it got, so the truncated causes may add
 up to more than the truncated count.)
 
+A split with prompt-only rows (online DPO) counts "rows" and says how many of those read
+were prompt-only (``read 512, prompt-only 512, ok 512, ...``).
+
 ``data_metrics`` gives the data/* metrics logged at step 0. Cause keys are
 ``ray_dpo.data.counters.CAUSES``.
 
@@ -30,9 +33,12 @@ if TYPE_CHECKING:  # the pipeline imports ray; the report only reads PairData
 
 def data_metrics(counters: DataCounters) -> dict[str, float]:
     """data/* metrics of one split's counters: data/<status>, data/<status>/<cause> (keys of
-    ray_dpo.data.counters.CAUSES) and data/tokens/<prompt|response|total>_<p50|p90|p99|max>."""
+    ray_dpo.data.counters.CAUSES), data/tokens/<prompt|response|total>_<p50|p90|p99|max>, and
+    data/prompt_only when some rows read were prompt-only."""
     metrics = {f"data/{name}": float(getattr(counters, name))
                for name in ("read", "ok", "truncated", "dropped", "skipped")}
+    if counters.prompt_only:
+        metrics["data/prompt_only"] = float(counters.prompt_only)
     for status in ("truncated", "dropped", "skipped"):
         for cause, count in getattr(counters, f"{status}_by").items():
             metrics[f"data/{status}/{cause}"] = float(count)
@@ -64,9 +70,10 @@ def format_report(report: dict) -> str:
         if not part:
             continue
         c = part["counters"]
-        read = c["read"]
+        read, prompts = c["read"], c.get("prompt_only", 0)
         lines.append(
-            f"{split}: {part['num_pairs']} {unit} from {part['num_files']} file(s); read {read}, "
+            f"{split}: {part['num_pairs']} {'rows' if prompts else unit} from {part['num_files']} file(s); "
+            f"read {read}, {f'prompt-only {prompts}, ' if prompts else ''}"
             f"ok {c['ok']}, truncated {c['truncated']}, dropped {c['dropped']}, "
             f"skipped {c['skipped']}; fingerprint {part['fingerprint'][:12]}"
         )

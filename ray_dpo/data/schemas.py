@@ -26,7 +26,8 @@ PAIR_SCHEMA = pa.schema([
     ("rejected_ids", IDS),
     ("truncated", pa.bool_()),
 ])
-"""Schema of PairData.dataset: the tokenized pair row of CONTRACTS.md (ids as int32)."""
+"""Schema of PairData.dataset: the tokenized pair row of CONTRACTS.md (ids as int32); a
+prompt-only row has empty chosen_ids and rejected_ids."""
 
 STAGE_SCHEMA = pa.schema(list(PAIR_SCHEMA) + [
     ("status", pa.string()),
@@ -37,6 +38,7 @@ STAGE_SCHEMA = pa.schema(list(PAIR_SCHEMA) + [
     ("causes", pa.string()),  # TokenizeResult.causes joined by ","; "" when ok
     ("raw_prompt", pa.int32()),  # prompt tokens before fitting; -1 when never tokenized
     ("raw_response", pa.int32()),  # longer response's tokens before fitting; -1 likewise
+    ("prompt_only", pa.bool_()),  # a prompt without responses (online DPO), tokenized
 ])
 HELPER_COLUMNS = [f.name for f in STAGE_SCHEMA if f.name not in PAIR_SCHEMA.names]
 EXAMPLE_STAGE_SCHEMA = STAGE_SCHEMA.append(pa.field("label", pa.bool_()))

@@ -1,6 +1,6 @@
 """Tokenize normalised preference pairs into the tokenized pair rows of CONTRACTS.md.
 
-    raw row --normalize_row--> Pair --PairTokenizer--> {"pair_id", "prompt_ids",
+    raw row --normalize_row--> NormalizedPair --PairTokenizer--> {"pair_id", "prompt_ids",
                                                         "chosen_ids", "rejected_ids",
                                                         "truncated"}
 
@@ -14,6 +14,10 @@ assistant header they render raise ``ChatTemplateError``.
 
 Text pairs: prompt tokens (with BOS when the tokenizer adds one), response tokens + EOS
 (not added again when the response text already ends with the EOS token).
+
+Prompt-only rows (online DPO) give the prompt's ids as a pair would have them and empty
+``chosen_ids`` / ``rejected_ids``; a run whose settings carry ``refuse_prompt_only`` (a
+message; by default ``PROMPT_ONLY_NEEDS_ONLINE``) refuses them as bad rows with it.
 
 Every response ends with exactly one EOS unless it was truncated. Templates that emit
 whitespace after their end-of-turn token (``"<|im_end|>\\n"``) get that tail cut, since
@@ -35,7 +39,7 @@ import jinja2
 
 from ray_dpo.data.counters import TokenizeResult
 from ray_dpo.data.fitting import OVER_LENGTH_POLICIES, ChatFit, fit_chat_prompt, fit_lengths, prompt_tail
-from ray_dpo.data.formats import FORMATS, BadRowError, Messages, Pair, normalize_row
+from ray_dpo.data.formats import FORMATS, PROMPT_ONLY_NEEDS_ONLINE, BadRowError, Messages, NormalizedPair, normalize_row
 
 BAD_ROW_POLICIES = ("error", "skip")
 
@@ -49,7 +53,7 @@ class ChatTemplateError(ValueError):
 
 
 class PairTokenizer:
-    """Callable that turns a ``Pair`` into a ``TokenizeResult``.
+    """Callable that turns a ``NormalizedPair`` into a ``TokenizeResult``.
 
     Args:
         tokenizer: a Hugging Face tokenizer (fast or slow) with an EOS token; chat pairs
@@ -69,7 +73,7 @@ class PairTokenizer:
 
     # ---- public
 
-    def __call__(self, pair: Pair, *, source: str = "<unknown>", line: int = 0) -> TokenizeResult:
+    def __call__(self, pair: NormalizedPair, *, source: str = "<unknown>", line: int = 0) -> TokenizeResult:
         """Tokenize one pair; ``row["pair_id"]`` is ``f"{source}:{line}"``. An unpaired
         example (``pair.label`` set) gives a row with its completion as both responses and
         a "label" column.
@@ -79,9 +83,11 @@ class PairTokenizer:
         template is not prefix-stable.
         """
         result = self._tokenize(pair, source, line)
+        if pair.prompt_only:
+            return dataclasses.replace(result, prompt_only=True)
         return result if pair.label is None else dataclasses.replace(result, example=True)
 
-    def _tokenize(self, pair: Pair, source: str, line: int) -> TokenizeResult:
+    def _tokenize(self, pair: NormalizedPair, source: str, line: int) -> TokenizeResult:
         where = f"{source}:{line}"
         chat_fit = None
         if pair.is_chat:
@@ -99,7 +105,7 @@ class PairTokenizer:
             max_prompt_length=self.config.max_prompt_length,
             policy=self.config.over_length,
             bos_id=self._bos_prefix[0] if self._bos_prefix else None,
-            same_response_ok=pair.label is not None,
+            same_response_ok=pair.label is not None or pair.prompt_only,
         )
         if fitted.status == "dropped":
             return TokenizeResult(None, "dropped", f"{where}: {fitted.reason}", fitted.causes, lengths)
@@ -127,6 +133,7 @@ class PairTokenizer:
         """
         try:
             pair = normalize_row(raw_row, self.config.format, source=source, line=line)
+            check_prompt_only(pair, self.config, source=source, line=line)
             check_row_kind(pair, self.config, source=source, line=line)
             return self(pair, source=source, line=line)
         except BadRowError as err:
@@ -180,12 +187,14 @@ class PairTokenizer:
         # Special tokens come from the template (chat) or are added explicitly (text).
         return self.tokenizer(texts, add_special_tokens=False)["input_ids"]
 
-    def _encode_text(self, pair: Pair) -> tuple[list[int], list[int], list[int]]:
+    def _encode_text(self, pair: NormalizedPair) -> tuple[list[int], list[int], list[int]]:
+        if pair.prompt_only:
+            return self._bos_prefix + self._ids([pair.prompt])[0], [], []
         prompt, chosen, rejected = self._ids([pair.prompt, pair.chosen, pair.rejected])
         # A response that already ends with the EOS token keeps it, without a second one.
         return self._bos_prefix + prompt, self._end_with_eos(chosen), self._end_with_eos(rejected)
 
-    def _encode_chat(self, pair: Pair, source: str, line: int):
+    def _encode_chat(self, pair: NormalizedPair, source: str, line: int):
         """(ChatFit or None, prompt, chosen, rejected); the prompt is fitted (truncate_prompt)."""
         prompt_messages = tuple(pair.prompt)
         if self.config.over_length == "truncate_prompt":
@@ -195,11 +204,14 @@ class PairTokenizer:
         else:
             fit = None
         prompt_text = self._render(prompt_messages, True, source, line)
+        fitted = fit is not None and not fit.dropped  # fit.ids are the ids of prompt_text already
+        if pair.prompt_only:
+            return fit, fit.ids if fitted else self._ids([prompt_text])[0], [], []
         responses = [
             self._response_text(prompt_messages, response, prompt_text, source, line)
             for response in (pair.chosen, pair.rejected)
         ]
-        if fit is not None and not fit.dropped:  # fit.ids are the ids of prompt_text already
+        if fitted:
             prompt = fit.ids
             chosen, rejected = self._ids(responses)
         else:
@@ -270,7 +282,7 @@ class PairTokenizer:
         return ids + [self.eos_id]
 
 
-def check_row_kind(pair: Pair, config: Any, *, source: str, line: int) -> None:
+def check_row_kind(pair: NormalizedPair, config: Any, *, source: str, line: int) -> None:
     """A pair where the loss trains on unpaired examples (``config.unpaired``, KTO) without
     ``config.unpair``, or an unpaired example where it trains on pairs, is a bad row."""
     unpaired = getattr(config, "unpaired", False)
@@ -283,6 +295,14 @@ def check_row_kind(pair: Pair, config: Any, *, source: str, line: int) -> None:
                                         "examples; set data.unpair=true to split every pair into a desirable "
                                         "(chosen) and an undesirable (rejected) example, or give the row "
                                         "prompt / completion / label")
+
+
+def check_prompt_only(pair: NormalizedPair, config: Any, *, source: str, line: int) -> None:
+    """A prompt-only row where ``config.refuse_prompt_only`` (why, and what to do; missing:
+    PROMPT_ONLY_NEEDS_ONLINE, None: they are accepted) refuses them is a bad row."""
+    refusal = getattr(config, "refuse_prompt_only", PROMPT_ONLY_NEEDS_ONLINE)
+    if pair.prompt_only and refusal:
+        raise BadRowError(source, line, refusal)
 
 
 def _adds_bos(tokenizer: Any) -> bool:

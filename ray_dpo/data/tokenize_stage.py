@@ -1,7 +1,8 @@
 """Tokenize stage: blocks of READ_SCHEMA rows -> blocks of STAGE_SCHEMA rows.
 
-Every row comes out, with its status: "ok" / "truncated" rows carry ids; "dropped" (over
-length) and "skipped" (bad row, on_bad_row=skip) rows have empty id lists. The small
+Every row comes out, with its status: "ok" / "truncated" rows carry ids (a prompt-only row
+its prompt's only); "dropped" (over length) and "skipped" (bad row, on_bad_row=skip) rows
+have empty id lists. The small
 helper columns feed the counters, the fingerprint and the token stats
 (ray_dpo.data.fingerprint).
 
@@ -83,6 +84,7 @@ class _TokenizeRows:
             raw_prompt, raw_response = result.lengths if result.lengths is not None else (-1, -1)
             out["raw_prompt"].append(raw_prompt)
             out["raw_response"].append(raw_response)
+            out["prompt_only"].append(result.prompt_only)
             if "label" in out:
                 out["label"].append(bool(row.get("label", True)))
         arrays = [

@@ -161,8 +161,9 @@ class BatchFeeder:
             waited = self._wait_for(lambda: self._scored(self._ref, indices), step)
             self._record_fetch(step, waited)
         mine = indices[np.arange(len(indices)) % self.plan.num_workers == rank]
-        gas = self.plan.gradient_accumulation_steps
-        return [self._rows(self.train, None if self.reference_free else self._ref, mine[m::gas]) for m in range(gas)]
+        accumulation = self.plan.gradient_accumulation_steps
+        ref = None if self.reference_free else self._ref
+        return [self._rows(self.train, ref, mine[m::accumulation]) for m in range(accumulation)]
 
     def get_eval(self, rank: int) -> list[list[dict]]:
         """Eval micro-batches of ``rank`` (micro_batch_size pairs, round-robin over ranks).
@@ -180,11 +181,11 @@ class BatchFeeder:
             t0 = time.monotonic()
             self._wait_for(lambda: self._scored(self._eval_ref, everything), None)
             self._stats["eval_wait_seconds"] += time.monotonic() - t0
-        w, mbs = self.plan.num_workers, self.plan.micro_batch_size
-        count = math.ceil(math.ceil(len(self.eval) / w) / mbs)
-        mine = everything[rank::w]
+        workers, micro = self.plan.num_workers, self.plan.micro_batch_size
+        count = math.ceil(math.ceil(len(self.eval) / workers) / micro)
+        mine = everything[rank::workers]
         ref = None if self.reference_free else self._eval_ref
-        return [self._rows(self.eval, ref, mine[m * mbs:(m + 1) * mbs]) for m in range(count)]
+        return [self._rows(self.eval, ref, mine[m * micro:(m + 1) * micro]) for m in range(count)]
 
     def stats(self) -> dict:
         """Counters for perf metrics: steps_served (fetched by every rank), get_step_calls,

@@ -3,12 +3,12 @@
     engine_group.GenerationGroup(*, model_path, config: OnlineConfig, use_gpu)
         .generate(prompts, n=, sampling=, seed=) -> list[list[Completion]]
         .sync_weights(weights, method=, probe=, expected=) -> SyncReport
-        .verify(probe, expected) -> float, .probe_logps(probe), .shutdown()
+        .verify(probe, expected) -> float, .shutdown()
     generation.VLLMEngine / TransformersEngine       one engine (plain classes)
     weight_sync.WeightSyncError, random_probe, SyncReport
     judges.build_judge(config: JudgeConfig) -> FunctionJudge | RewardModelJudge
         .score(prompts, completions) -> list[float]; load_function_judge("pkg.mod:fn")
-    pairs.make_pairs(groups, strategy=) -> (pairs, counters); PromptGroup, Candidate, Pair
+    pairs.make_pairs(groups, strategy=) -> (pairs, counters); PromptGroup, Candidate, ScoredPair
     evaluation: held-out prompt sampling, judge score and KL-to-reference summaries (pure)
     registries (ray_dpo.registry.Registry): ENGINES, SYNC_METHODS, JUDGES, PAIR_STRATEGIES
 
@@ -45,7 +45,7 @@ _LAZY = {
     "load_function_judge": "ray_dpo.online.judges",
     "register_judge": "ray_dpo.online.judges",
     "Candidate": "ray_dpo.online.pairs",
-    "Pair": "ray_dpo.online.pairs",
+    "ScoredPair": "ray_dpo.online.pairs",
     "PromptGroup": "ray_dpo.online.pairs",
     "group_samples": "ray_dpo.online.pairs",
     "make_pairs": "ray_dpo.online.pairs",

@@ -4,33 +4,24 @@
         .generate(prompts, n=, sampling=, seed=) -> list[list[Completion]]  (input order)
         .submit(...) -> [Chunk], .collect(chunks)                           (the same, split)
         .sync_weights(weights, method=, probe=, expected=) -> SyncReport    (see weight_sync)
-        .verify(probe, expected) -> max |log-prob diff|, .probe_logps(probe), .shutdown()
+        .verify(probe, expected) -> max |log-prob diff|, .shutdown()
 
-A dead engine (process killed, node lost) is restarted by Ray up to ``max_restarts`` times.
-The group notices it on the first call that fails (Ray's ActorUnavailableError: the actor
-was restarted), then, before the engine generates again:
-
-    wait until the new process answers (a new ``incarnation`` id)
-    load the last synced weights into it (the same method and source as that sync;
-        object_store keeps the last weights' object alive for this, see docs/fault-tolerance.md)
-    verify it on the last sync's probe (|engine - policy| <= online.sync_tolerance)
-    send it its unfinished chunks again: the same prompts, n, sampling and seed
-
-so a round's samples are complete. A sample generated again after a sync that came later
-(online.overlap) is from the newer weights; its round's metrics count it as usual.
-nccl weight sync cannot re-send outside a sync point (GPU path, not testable on CPU CI):
-a restarted engine then fails the run, which resumes from its checkpoint.
+A dead engine (process killed, node lost) is restarted by Ray up to ``max_restarts`` times;
+the group's EngineKeeper (engine_restarts.py) reloads the last synced weights into it and
+checks them on the probe before the group sends it its unfinished chunks again (the same
+prompts, n, sampling and seed), so a round's samples are complete. A sample generated again
+after a later sync (online.overlap) is from the newer weights.
 """
 
 from __future__ import annotations
 
 import logging
-import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
 from ray_dpo.config import OnlineConfig, SamplingConfig
+from ray_dpo.online.engine_restarts import EngineKeeper, error_line
 from ray_dpo.online.generation import ENGINES, Completion, engine_actor_options
 from ray_dpo.batching.probe import Probe
 from ray_dpo.online.weight_sync import (
@@ -45,10 +36,6 @@ from ray_dpo.online.weight_sync import (
 logger = logging.getLogger("ray_dpo.online")
 
 
-class EngineLostError(RuntimeError):
-    """A generation engine died and could not be brought back (restarts spent, start failed)."""
-
-
 @dataclass
 class Chunk:
     """One engine's share of a submit(): what it was asked, so a restarted engine is asked again."""
@@ -58,17 +45,6 @@ class Chunk:
     kwargs: dict  # n, sampling, seed
     ref: Any = None
     incarnation: str = ""  # the engine process it was sent to
-
-
-@dataclass
-class _Restore:
-    """How to bring a restarted engine to the current weights: the last sync, and its check."""
-
-    method: Optional[str] = None  # None: the engines still hold the model they started with
-    weights: Any = None
-    options: dict = field(default_factory=dict)
-    probe: Optional[Probe] = None
-    expected: Optional[list[float]] = None
 
 
 class GenerationGroup:
@@ -94,13 +70,8 @@ class GenerationGroup:
             raise ValueError(f"online.num_engines must be >= 1, got {config.num_engines}")
         self.config = config
         self.model_path = model_path
-        self.max_restarts = max_restarts
-        self.restart_timeout_s = start_timeout_s
-        self.restarts = 0  # engine restarts this group has seen and recovered from
         self._seed = seed
         self._calls = 0
-        self._lock = threading.Lock()  # one recovery at a time; syncs wait for it
-        self._restore = _Restore()
         device = "cuda" if use_gpu else "cpu"
         options = engine_actor_options(config, use_gpu=use_gpu, num_cpus_per_engine=num_cpus_per_engine)
         # The group, not Ray, resends a dead engine's work: it must reload weights first.
@@ -111,7 +82,9 @@ class GenerationGroup:
             for _ in range(config.num_engines)
         ]
         t0 = time.perf_counter()
-        self._incarnations = ray.get([a.incarnation.remote() for a in self._actors], timeout=start_timeout_s)
+        incarnations = ray.get([a.incarnation.remote() for a in self._actors], timeout=start_timeout_s)
+        self.keeper = EngineKeeper(self._actors, incarnations, backend=config.backend, max_restarts=max_restarts,
+                                   timeout_s=start_timeout_s, verify=self._verify)
         logger.info("%d %s generation engine(s) up in %.1fs", len(self._actors), config.backend,
                     time.perf_counter() - t0)
 
@@ -159,7 +132,7 @@ class GenerationGroup:
         return [comps for chunk in chunks for comps in self._result(chunk)]
 
     def _send(self, chunk: Chunk) -> None:
-        chunk.incarnation = self._incarnations[chunk.engine]
+        chunk.incarnation = self.keeper.incarnations[chunk.engine]
         chunk.ref = self._actors[chunk.engine].tagged.remote("generate", chunk.prompts, **chunk.kwargs)
 
     def _result(self, chunk: Chunk) -> list[list[Completion]]:
@@ -177,14 +150,14 @@ class GenerationGroup:
                 incarnation, out = ray.get(chunk.ref)
             except RayActorError as err:
                 logger.warning("generation engine %d failed on %d prompt(s): %s", chunk.engine,
-                               len(chunk.prompts), _cause(err))
-                self.recover(chunk.engine, cause=err)
+                               len(chunk.prompts), error_line(err))
+                self.keeper.recover(chunk.engine, cause=err)
             else:
                 if incarnation == chunk.incarnation:
                     return out
                 # Another process than the one it was sent to (restarted while idle): its
                 # weights may be the initial ones. Recover (if nobody did) and ask again.
-                self.recover(chunk.engine, cause=None)
+                self.keeper.recover(chunk.engine, cause=None)
             self._send(chunk)
 
     # ------------------------------------------------------------------ weights
@@ -204,11 +177,9 @@ class GenerationGroup:
         """
         method = method or self.config.weight_sync
         t0 = time.perf_counter()
-        with self._lock:
+        with self.keeper.lock:
             # What a restarted engine loads from now on (also one that dies during this sync).
-            self._restore = _Restore(method, weights, dict(options),
-                                     list(probe) if probe is not None else None,
-                                     list(expected) if expected is not None else None)
+            self.keeper.remember(method, weights, options, probe, expected)
             refs = sync_method(method)(self._actors, weights, **options)
         outcomes = [self._load_result(i, ref) for i, ref in enumerate(refs)]  # every engine's, none unread
         failed = [(i, out) for i, out in enumerate(outcomes) if isinstance(out, BaseException)]
@@ -216,7 +187,7 @@ class GenerationGroup:
             i, err = failed[0]
             raise WeightSyncError(
                 f"generation engine {i} ({self.config.backend}) failed to load the weights "
-                f"(method={method}; {len(failed)} of {len(outcomes)} engines failed): {_cause(err)}. "
+                f"(method={method}; {len(failed)} of {len(outcomes)} engines failed): {error_line(err)}. "
                 "Its weights may now be partly updated: fix the state dict (names and shapes as in "
                 "the HF checkpoint) and sync again."
             ) from err
@@ -242,23 +213,15 @@ class GenerationGroup:
         except RayTaskError as err:
             return err
         except RayActorError as err:
-            report = self.recover(i, cause=err)
-            return report if report is not None else ray.get(self._load(i))
+            report = self.keeper.recover(i, cause=err)
+            return report if report is not None else ray.get(self.keeper.load(i))
 
     def verify(self, probe: Probe, expected: Sequence[float], *, tolerance: Optional[float] = None) -> float:
         """Max |engine - policy| summed log-prob over engines and probe items; raises
         WeightSyncError above ``tolerance`` (default online.sync_tolerance). The probe and
         expected values become what a restarted engine is checked against."""
-        with self._lock:
-            self._restore.probe, self._restore.expected = list(probe), list(expected)
+        self.keeper.remember_probe(probe, expected)
         return max(self._verify(probe, expected, tolerance, method="verify"))
-
-    def probe_logps(self, probe: Probe) -> list[list[float]]:
-        """Every engine's summed log-probs on the probe: [engine][probe item]."""
-        import ray
-
-        probe = [(list(p), list(c)) for p, c in probe]
-        return ray.get([a.probe_logps.remote(probe) for a in self._actors])
 
     def init_nccl(self, *, master_address: str, master_port: int) -> list:
         """GPU path: not testable on CPU CI. Engines join an NCCL group as ranks 1..N; returns
@@ -285,79 +248,6 @@ class GenerationGroup:
                     method=method)
         return diffs
 
-    # ------------------------------------------------------------------ restarts
-
-    def recover(self, i: int, *, cause: Optional[BaseException]) -> Optional[Any]:
-        """Bring engine i back after a call to it failed or came from a new process: wait for
-        Ray's restart, load the last synced weights, verify them on the probe. Returns the
-        LoadReport of that load; None when the engine answers with the incarnation already
-        known (another thread recovered it, or it never restarted) or had nothing to load."""
-        import ray
-
-        with self._lock:
-            incarnation = self._await(i, cause)
-            if incarnation == self._incarnations[i]:
-                return None
-            t0 = time.perf_counter()
-            restore, report, diff = self._restore, None, None
-            if restore.method is not None:
-                report = ray.get(self._load(i))
-                check_loads([report], backend=self.config.backend)
-            if restore.probe is not None and restore.expected is not None:
-                diff = max(self._verify(restore.probe, restore.expected, None, "restart", engines=[i]))
-            self._incarnations[i] = incarnation
-            self.restarts += 1
-        weights = "its initial model" if restore.method is None else f"the last synced weights ({restore.method})"
-        check = "no probe yet" if diff is None else f"probe max |log-prob diff| {diff:.2e}"
-        print(f"[ray_dpo] generation engine {i} restarted ({self.restarts} restart(s) so far): reloaded "
-              f"{weights} in {time.perf_counter() - t0:.1f}s, {check}; its unfinished work is sent again",
-              flush=True)
-        return report
-
-    def _load(self, i: int):
-        """Send engine i the weights of the last sync (a ref to its LoadReport)."""
-        from ray_dpo.online.weight_sync import SYNC_METHODS
-
-        restore = self._restore
-        if SYNC_METHODS.get(restore.method).not_wired:
-            # nccl (GPU path, not testable on CPU CI): a broadcast needs policy rank 0 as the sender.
-            raise EngineLostError(
-                f"generation engine {i} was restarted, but weight_sync=nccl cannot send it the policy's "
-                "weights outside a sync point; run the same command again to resume from the checkpoint "
-                "(or use online.weight_sync=object_store, which survives engine restarts)")
-        [ref] = sync_method(restore.method)([self._actors[i]], restore.weights, **restore.options)
-        return ref
-
-    def _await(self, i: int, cause: Optional[BaseException]) -> str:
-        """Ping engine i until it answers (with backoff); its incarnation id. ActorDiedError:
-        Ray will not restart it (restarts spent, or its start failed)."""
-        import ray
-        from ray.exceptions import ActorDiedError, GetTimeoutError, RayActorError
-
-        deadline = time.monotonic() + self.restart_timeout_s
-        delay, pending = 0.05, None
-        while True:
-            pending = pending or self._actors[i].incarnation.remote()
-            try:
-                return ray.get(pending, timeout=max(0.1, min(10.0, deadline - time.monotonic())))
-            except ActorDiedError as err:
-                raise EngineLostError(
-                    f"generation engine {i} ({self.config.backend}) died and Ray will not restart it "
-                    f"({self.restarts} restart(s) recovered, at most {self.max_restarts} per engine: "
-                    f"policy.max_failures). Read its log for why (out of memory?); run the same command "
-                    f"again to resume from the last checkpoint. Last error: {_cause(err)}") from cause
-            except GetTimeoutError:
-                pass  # the same ping runs as soon as the engine is up
-            except RayActorError:  # unavailable: this ping died with the old process
-                pending = None
-            if time.monotonic() >= deadline:
-                raise EngineLostError(f"generation engine {i} did not come back within "
-                                      f"{self.restart_timeout_s:.0f}s; last error: "
-                                      f"{_cause(cause) if cause else '-'}") from cause
-            time.sleep(delay)
-            delay = min(2 * delay, 2.0)
-
-
 def _chunks(total: int, parts: int) -> list[tuple[int, int]]:
     """[lo, hi) bounds of ``parts`` contiguous chunks whose sizes differ by at most one."""
     base, extra = divmod(total, parts)
@@ -367,9 +257,3 @@ def _chunks(total: int, parts: int) -> list[tuple[int, int]]:
         bounds.append((lo, hi))
         lo = hi
     return bounds
-
-
-def _cause(err: BaseException) -> str:
-    cause = getattr(err, "cause", None) or err
-    text = f"{type(cause).__name__}: {cause}"
-    return text.strip().splitlines()[-1] if "\n" in text else text

@@ -1,13 +1,15 @@
-"""Pair strategies for online DPO: scored candidates of one prompt -> at most one pair.
+"""ScoredPair strategies for online DPO: scored candidates of one prompt -> at most one pair.
 
     Candidate(response, score)                   one scored response; ``response`` is opaque
                                                  (token ids, text, a Completion)
     PromptGroup(prompt_id, prompt, samples, chosen=None)
                                                  a prompt's policy samples, and the data set's
                                                  chosen response scored by the same judge
-    Pair(pair_id, prompt, chosen, rejected, chosen_score, rejected_score)
+    ScoredPair(pair_id, prompt, chosen, rejected, chosen_score, rejected_score)
     register_pair_strategy(name, needs_chosen=, min_samples=) / PAIR_STRATEGIES / pair_strategy_names()
     make_pairs(groups, strategy=, min_margin=0.0, id_prefix="") -> (pairs, counters)
+    prompt_only_refusal(online, key=)            why a data split may not hold prompt-only rows
+                                                 (None: it may), asked of the strategies' facts
 
 Strategies (both keep a pair only when chosen_score - rejected_score > min_margin; a pair
 without such a margin teaches nothing but noise, so it is dropped and counted):
@@ -27,6 +29,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
 
+from ray_dpo.data.formats import PROMPT_ONLY_NEEDS_ONLINE
 from ray_dpo.registry import Registry
 
 
@@ -51,7 +54,7 @@ class PromptGroup:
 
 
 @dataclass(frozen=True)
-class Pair:
+class ScoredPair:
     pair_id: str
     prompt: Any
     chosen: Any
@@ -104,6 +107,27 @@ def pair_strategy_names() -> list[str]:
     return PAIR_STRATEGIES.names()
 
 
+def prompt_only_refusal(online: Any, *, key: str = "data.train_files") -> Optional[str]:
+    """Why the rows of ``key`` may not be prompt-only under ``online`` (an OnlineConfig): the
+    bad-row message, saying what to set; None when they may. They may only in an online run's
+    data.train_files, with a strategy that needs no chosen response from the data set
+    (PairStrategySpec.needs_chosen). data.eval_files rows are the DPO eval's pairs."""
+    if key != "data.train_files":
+        return (f"this row is prompt-only (no chosen / rejected), but {key} rows are preference pairs "
+                "for the eval/* DPO metrics; put held-out prompts in eval.prompts_file (the judge "
+                "scores the policy's samples of them), or give the row chosen and rejected")
+    if not online.enabled:
+        return PROMPT_ONLY_NEEDS_ONLINE
+    spec = PAIR_STRATEGIES.get(online.pair_strategy)
+    if spec.needs_chosen:
+        fits = " or ".join(PAIR_STRATEGIES.names(needs_chosen=False))
+        return (f"this row is prompt-only (no chosen response), but online.pair_strategy={spec.name} "
+                "pairs the policy's samples with the data set's chosen response; set "
+                f"online.pair_strategy={fits} (pairs made of the policy's own samples), or give the row "
+                "chosen and rejected")
+    return None
+
+
 def get_pair_strategy(name: str) -> PairStrategy:
     """The strategy ``name``; ValueError naming the valid ones if there is none."""
     return PAIR_STRATEGIES.get(name).pick
@@ -135,7 +159,7 @@ def best_vs_worst(group: PromptGroup) -> Optional[tuple[Candidate, Candidate]]:
 
 
 def make_pairs(groups: Sequence[PromptGroup], *, strategy: str, min_margin: float = 0.0,
-               id_prefix: str = "") -> tuple[list[Pair], dict[str, int]]:
+               id_prefix: str = "") -> tuple[list[ScoredPair], dict[str, int]]:
     """One pair per group that has a margin, in group order; plus the counters.
 
     min_margin: a pair is kept only if chosen_score - rejected_score > min_margin (>= 0).
@@ -145,14 +169,14 @@ def make_pairs(groups: Sequence[PromptGroup], *, strategy: str, min_margin: floa
     if min_margin < 0:
         raise ValueError(f"min_margin must be >= 0, got {min_margin}")
     pick = get_pair_strategy(strategy)
-    pairs: list[Pair] = []
+    pairs: list[ScoredPair] = []
     for group in groups:
         picked = pick(group)
         if picked is None:
             continue
         chosen, rejected = picked
         if chosen.score - rejected.score > min_margin:
-            pairs.append(Pair(pair_id=f"{id_prefix}{group.prompt_id}", prompt=group.prompt,
+            pairs.append(ScoredPair(pair_id=f"{id_prefix}{group.prompt_id}", prompt=group.prompt,
                               chosen=chosen.response, rejected=rejected.response,
                               chosen_score=chosen.score, rejected_score=rejected.score))
     counters = {"candidates": len(groups), "kept": len(pairs), "dropped_no_margin": len(groups) - len(pairs)}

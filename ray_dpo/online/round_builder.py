@@ -34,7 +34,7 @@ def build_round(r: int, *, rows: Sequence[dict], completions: Sequence[Sequence[
     .score(prompts, responses); decode: token ids -> text."""
     import time
 
-    from ray_dpo.online.pairs import Candidate, group_samples, make_pairs
+    from ray_dpo.online.pairs import PAIR_STRATEGIES, Candidate, group_samples, make_pairs
 
     prompt_texts = [decode(row["prompt_ids"]) for row in rows]
     flat = [c for comps in completions for c in comps]
@@ -42,7 +42,7 @@ def build_round(r: int, *, rows: Sequence[dict], completions: Sequence[Sequence[
     scores = judge.score([p for p, comps in zip(prompt_texts, completions) for _ in comps],
                          [c.text if c.text is not None else decode(c.token_ids) for c in flat])
     chosen = None
-    if online.pair_strategy == "regenerate_rejected":
+    if PAIR_STRATEGIES.get(online.pair_strategy).needs_chosen:
         chosen_scores = judge.score(prompt_texts, [decode(row["chosen_ids"]) for row in rows])
         chosen = [Candidate(row["chosen_ids"], s) for row, s in zip(rows, chosen_scores)]
     judge_seconds = time.perf_counter() - t0
@@ -75,3 +75,63 @@ def build_round(r: int, *, rows: Sequence[dict], completions: Sequence[Sequence[
                f"{len(train_rows)} pairs kept, {counters['dropped_no_margin']} without margin, "
                f"{fitted['dropped_length']} over length")
     return BuiltRound(train_rows, metrics, summary)
+
+
+class RoundProducer:
+    """Makes online rounds on the engines: submit a round's prompts now, then in a thread
+    collect -> build_round -> the round store -> the RoundFeeder.
+
+    rounds: RoundFeeder. prompt_rows: PairStore the prompts are drawn from. generation:
+    GenerationGroup. judge + judge_lock, decode (token ids -> text), online / data: config
+    sections. bos_id: the tokenizer's BOS. seed: the run's. log(metrics, step).
+    """
+
+    def __init__(self, *, rounds: Any, prompt_rows: Any, generation: Any, judge: Any, judge_lock: Any,
+                 decode: Callable[[list[int]], str], online: OnlineConfig, data: DataConfig, bos_id: Optional[int],
+                 seed: int, log: Callable[[dict, int], None]):
+        self.rounds, self.prompt_rows, self.generation = rounds, prompt_rows, generation
+        self.judge, self.judge_lock, self.decode = judge, judge_lock, decode
+        self.online, self.data, self.bos_id, self.seed = online, data, bos_id, seed
+        self._log = log
+
+    def ensure(self, r: int, *, step: int) -> None:
+        """Round r exists, is being made, is read back, or starts now: its prompts go to the
+        engines before this returns (so a later weight sync cannot change its samples), the
+        rest runs in a thread. ``step``: the policy step whose weights the engines hold."""
+        import threading
+
+        if self.rounds.is_claimed(r) or not self.rounds.claim(r):
+            return
+        try:
+            indices = rounds_lib.round_prompt_indices(len(self.prompt_rows), per_round=self.online.prompts_per_round,
+                                                      round_index=r, seed=self.seed)
+            chunks = self.generation.submit([self.prompt_rows.row(i)["prompt_ids"] for i in indices],
+                                            seed=self.seed + 1_000_003 * (r + 1))
+        except BaseException:
+            self.rounds.release(r)
+            raise
+        threading.Thread(target=self._produce, args=(r, step, indices, chunks), name=f"online-round-{r}",
+                         daemon=True).start()
+
+    def _produce(self, r: int, step: int, indices: list[int], chunks: list) -> None:
+        import time
+
+        try:
+            t0 = time.perf_counter()
+            completions = self.generation.collect(chunks)
+            with self.judge_lock:
+                built = build_round(r, rows=[self.prompt_rows.row(i) for i in indices], completions=completions,
+                                    judge=self.judge, decode=self.decode, online=self.online, data=self.data,
+                                    bos_id=self.bos_id, gen_seconds=time.perf_counter() - t0,
+                                    rounds_run=self.rounds.plan.rounds_run)
+            start = self.rounds.plan.round_start(r)
+            # How many optimizer steps older than the round's first step the sampling policy is.
+            built.metrics["online/sample_staleness_steps"] = float(start - step)
+            self.rounds.store.save(r, built.rows, built.metrics)
+            self.rounds.install(r, built.rows)
+        except BaseException as err:  # noqa: BLE001 - handed to the ranks waiting for round r
+            self.rounds.release(r)
+            self.rounds.fail(err)
+            return
+        print(f"[ray_dpo] {built.summary}", flush=True)
+        self._log(built.metrics, start)

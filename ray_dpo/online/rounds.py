@@ -114,7 +114,7 @@ def round_prompt_indices(num_prompts: int, *, per_round: int, round_index: int, 
 
 def pair_rows(pairs: Sequence[Any], *, max_length: int, max_prompt_length: int, over_length: str,
               bos_id: Optional[int]) -> tuple[list[dict], dict[str, int]]:
-    """Tokenized pair rows (CONTRACTS.md) for online pairs (ray_dpo.online.pairs.Pair with
+    """Tokenized pair rows (CONTRACTS.md) for online pairs (ray_dpo.online.pairs.ScoredPair with
     token-id prompt/chosen/rejected), fitted to the data limits exactly like data rows.
 
     counters: {"rows", "truncated", "dropped_length"}; rows + dropped_length == len(pairs).

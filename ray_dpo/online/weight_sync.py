@@ -61,6 +61,23 @@ def random_probe(
     return [(draw(prompt_len), draw(continuation_len)) for _ in range(num_sequences)]
 
 
+def row_probe(rows: Sequence[Mapping[str, Any]], *, max_continuation: int = 8) -> list[tuple[list[int], list[int]]]:
+    """A probe from data rows (CONTRACTS.md): a pair's (prompt, chosen response); a prompt-only
+    row's prompt split before its last tokens (at most ``max_continuation``, at most half),
+    which become the continuation. Real tokens of the data, in the engines' own prompt
+    format: with chat data the scored tail is the generation header that every sample
+    starts from. Rows whose prompt has fewer than two tokens are left out."""
+    probe = []
+    for row in rows:
+        prompt, chosen = list(row["prompt_ids"]), list(row["chosen_ids"])
+        if chosen:
+            probe.append((prompt, chosen))
+        elif len(prompt) >= 2:
+            cut = len(prompt) - min(max_continuation, len(prompt) // 2)
+            probe.append((prompt[:cut], prompt[cut:]))
+    return probe
+
+
 # --------------------------------------------------------------------------- reports
 
 

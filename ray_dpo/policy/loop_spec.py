@@ -27,8 +27,9 @@ class TrainLoopSpec:
     """Where steps come from: a BatchFeeder or OnlineCoordinator actor handle."""
     eval_every: int = 0
     """Evaluate every this-many optimizer steps (0: only at the end)."""
-    sync: Any = None
-    """OnlineCoordinator handle whose generation engines follow the policy, or None."""
+    follower: Any = None
+    """Actor handle whose generation engines follow the policy (OnlineCoordinator, or an
+    offline run's held-out PolicyFollower), or None; rank 0 advances it at its sync points."""
     device: Optional[str] = None
     """"cpu" | "cuda" | None (cuda if available)."""
     run_dir: Optional[str] = None

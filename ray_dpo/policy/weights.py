@@ -22,15 +22,15 @@ import torch.distributed as dist
 from ray_dpo.data.chat_template import export_tokenizer
 
 if TYPE_CHECKING:
-    from ray_dpo.policy.worker import Worker
+    from ray_dpo.policy.worker import RankState
 
 
-def sync_policy(worker: Worker, syncer, step: int, probe, *, send_weights: bool) -> None:
+def sync_policy(worker: RankState, follower, step: int, probe, *, send_weights: bool) -> None:
     """Hand the current weights to the generation engines (through the coordinator).
 
     Every rank calls this at the same step: under ZeRO-3 the probe forward and the gather
     are collective. Rank 0 puts the full state dict (Hugging Face names) in the object
-    store and blocks in the coordinator's sync; no collective waits on that, so a long
+    store and blocks in the coordinator's advance; no collective waits on that, so a long
     generation never hits the process group's timeout. The other ranks go on to the next
     step and wait in get_step until its data exists.
     """
@@ -38,10 +38,10 @@ def sync_policy(worker: Worker, syncer, step: int, probe, *, send_weights: bool)
     weights = _gather_weights(worker) if send_weights else None
     if worker.rank == 0:
         refs = [ray.put(weights)] if weights is not None else None  # in a list: passed as a reference
-        ray.get(syncer.sync.remote(step, refs, expected))
+        ray.get(follower.advance.remote(step, refs, expected))
 
 
-def _probe_logps(worker: Worker, probe) -> Optional[list[float]]:
+def _probe_logps(worker: RankState, probe) -> Optional[list[float]]:
     from ray_dpo.batching.probe import torch_probe_logps
 
     if worker.rank != 0 and not worker.engine.zero_optimization_partition_weights():
@@ -49,7 +49,7 @@ def _probe_logps(worker: Worker, probe) -> Optional[list[float]]:
     return torch_probe_logps(worker.engine.module, probe, pad_token_id=worker.pad_token_id)
 
 
-def _gather_weights(worker: Worker) -> Optional[dict[str, torch.Tensor]]:
+def _gather_weights(worker: RankState) -> Optional[dict[str, torch.Tensor]]:
     """The full state dict on rank 0 (CPU copies, Hugging Face names), None elsewhere.
 
     Parameters only (tied weights once, by their first name; buffers such as rotary
@@ -66,7 +66,7 @@ def _gather_weights(worker: Worker) -> Optional[dict[str, torch.Tensor]]:
     return out
 
 
-def export_hf(worker: Worker, model_cfg, out_dir: str) -> None:
+def export_hf(worker: RankState, model_cfg, out_dir: str) -> None:
     """Write the policy as a Hugging Face model (rank 0 writes; every rank must call this,
     since under ZeRO-3 gathering the partitioned weights is collective)."""
     engine, module = worker.engine, worker.engine.module

@@ -65,7 +65,7 @@ _PEAK_BF16_FLOPS = (("H200", 989e12), ("H100 PCIe", 756e12), ("H100", 989e12), (
 
 
 @dataclasses.dataclass
-class Worker:
+class RankState:
     """What the loop carries between steps on one rank."""
 
     engine: Any  # deepspeed.DeepSpeedEngine
@@ -113,13 +113,13 @@ def _train(spec: TrainLoopSpec) -> None:
     tags = {"attempt": uuid.uuid4().hex, "node": ray.util.get_node_ip_address(), "resumed_from": step}
     if step >= worker.total_steps:
         return  # a finished run started again: its last checkpoint is already final
-    syncer = spec.sync  # OnlineCoordinator: generation engines that follow the policy
+    follower = spec.follower
     sync_points, probe = set(), None
-    if syncer is not None:
-        sync_points, probe = set(ray.get(syncer.sync_points.remote())), ray.get(syncer.probe.remote())
+    if follower is not None:
+        sync_points, probe = set(ray.get(follower.sync_points.remote())), ray.get(follower.probe.remote())
         # Always at the start: step 0 verifies the engines (and is the initial policy's
         # eval); a resumed run must bring the engines to the checkpoint's weights.
-        sync_policy(worker, syncer, step, probe, send_weights=step > 0)
+        sync_policy(worker, follower, step, probe, send_weights=step > 0)
     eval_every = spec.eval_every or 0
     every = policy.checkpoint_every_steps
     sigterm_saved = False
@@ -133,7 +133,7 @@ def _train(spec: TrainLoopSpec) -> None:
         if last or (eval_every and step % eval_every == 0):
             metrics.update(evaluate(worker))
         if step in sync_points:
-            sync_policy(worker, syncer, step, probe, send_weights=True)
+            sync_policy(worker, follower, step, probe, send_weights=True)
         if last or (every and step % every == 0) or sigterm:
             model = spec.model if last and policy.save_hf_model else None
             export = (lambda out_dir: export_hf(worker, model, out_dir)) if model is not None else None
@@ -148,7 +148,7 @@ def _train(spec: TrainLoopSpec) -> None:
             ray.train.report(metrics)
 
 
-def _make_worker(spec: TrainLoopSpec) -> Worker:
+def _make_worker(spec: TrainLoopSpec) -> RankState:
     ctx = ray.train.get_context()
     rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
     policy, feeder = spec.policy, spec.feeder
@@ -160,7 +160,7 @@ def _make_worker(spec: TrainLoopSpec) -> Worker:
         total_steps = min(total_steps, policy.max_steps)
     engine, hf_ds_config = setup_engine(spec.model, policy, device=device, world_size=world_size,
                                         total_steps=total_steps)
-    return Worker(engine=engine, feeder=feeder, loss=spec.loss, policy=policy, rank=rank, world_size=world_size,
+    return RankState(engine=engine, feeder=feeder, loss=spec.loss, policy=policy, rank=rank, world_size=world_size,
                   device=device, pad_token_id=model_pad_token_id(engine.module.config),
                   total_steps=total_steps, steps_per_epoch=steps_per_epoch, hf_ds_config=hf_ds_config,
                   attn_implementation=engine.module.config._attn_implementation or "eager",
@@ -255,7 +255,7 @@ def _disable_dropout(model: torch.nn.Module) -> None:
 # --------------------------------------------------------------------------- forward / loss
 
 
-def pair_terms(worker: Worker, pairs: list[dict]):
+def pair_terms(worker: RankState, pairs: list[dict]):
     """One chosen+rejected forward over `pairs` in worker.policy.layout: (LossOutput, TokenCounts(real
     tokens, computed positions)). Unpaired rows (KTO) are the labelled completion as "chosen"
     and the mismatched completion as "rejected"; a reference-free loss reads no ref_* column."""
@@ -301,7 +301,7 @@ def _dummy_pair(pad_token_id: int) -> dict:
 # --------------------------------------------------------------------------- train / eval
 
 
-def run_step(worker: Worker, step: int) -> dict[str, Any]:
+def run_step(worker: RankState, step: int) -> dict[str, Any]:
     """Train feeder step `step` (0-based); returns the metrics every rank reports."""
     t0 = time.perf_counter()
     feeder = worker.feeder
@@ -350,7 +350,7 @@ def run_step(worker: Worker, step: int) -> dict[str, Any]:
             "step": step + 1, "epoch": epoch, "pair_ids": pair_ids, "sigterm": totals["sigterm"] > 0}
 
 
-def _budget_forwards(worker: Worker, micro_batches: list[list[dict]]) -> list[list[dict]]:
+def _budget_forwards(worker: RankState, micro_batches: list[list[dict]]) -> list[list[dict]]:
     """The rank's step re-cut by token budget: each feeder micro-batch split, in order, into
     forwards of <= policy.max_tokens_per_micro_batch computed positions (batching.budget.token_budget_micro_batches;
     a pair over the budget alone gets its own forward). Every pair stays exactly once and the
@@ -367,7 +367,7 @@ def _budget_forwards(worker: Worker, micro_batches: list[list[dict]]) -> list[li
     return forwards + [[] for _ in range(int(count.item()) - len(forwards))]
 
 
-def _perf_metrics(worker: Worker, totals: dict[str, float], step_time: float) -> dict[str, float]:
+def _perf_metrics(worker: RankState, totals: dict[str, float], step_time: float) -> dict[str, float]:
     """perf/tokens_per_s (real tokens), perf/padding_fraction (1 - real / computed positions,
     over all ranks) and, when the device's peak is known (GPU), perf/mfu: 6 * params FLOPs per
     computed position (forward + backward, attention's T^2 term ignored) over the peak of all
@@ -399,7 +399,7 @@ def step_optimizer(engine) -> float:
 
 
 @torch.no_grad()
-def evaluate(worker: Worker) -> dict[str, float]:
+def evaluate(worker: RankState) -> dict[str, float]:
     """eval/... metrics over every rank's eval micro-batches; {} if there is no eval data."""
     batches = ray.get(worker.feeder.get_eval.remote(worker.rank))
     # Ranks may hold different numbers of eval batches; under ZeRO-3 each forward gathers

@@ -108,7 +108,7 @@ class ReferenceGroup:
             "scheduling_strategy": "SPREAD",
         })
         remote_cls = ray.remote(ReferenceActor)
-        self.names = _free_names(name_prefix, config.num_actors)
+        self.names = free_actor_names(name_prefix, config.num_actors)
         self._actors = [
             remote_cls.options(name=name, **options).remote(
                 model_path, dtype=dtype, device="cuda" if use_gpu else "cpu",
@@ -318,7 +318,7 @@ class ReferenceGroup:
         )
 
 
-def _free_names(prefix: str, n: int) -> list[str]:
+def free_actor_names(prefix: str, n: int) -> list[str]:
     """prefix-0 .. prefix-(n-1), or with a random infix if one of them is taken."""
     names = [f"{prefix}-{i}" for i in range(n)]
     for name in names:

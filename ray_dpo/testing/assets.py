@@ -274,6 +274,30 @@ def build_tiny_model(
     return str(out)
 
 
+def build_tiny_reward_model(out_dir: PathLike, tokenizer: Any, *, num_labels: int = 1, seed: int = 0) -> str:
+    """Random ``LlamaForSequenceClassification`` (``num_labels`` outputs; 1 for a reward model,
+    online.judge.reward_model) on ``tokenizer``, saved with it to ``out_dir``; returns the dir.
+    Its scores are arbitrary but fixed for a seed: enough to run the reward-model judge."""
+    import torch
+    from safetensors.torch import save_file
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256,
+                         num_labels=num_labels, pad_token_id=tokenizer.pad_token_id,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    config.architectures = ["LlamaForSequenceClassification"]
+    with torch.random.fork_rng(devices=[]):  # seed the init without touching global RNG
+        torch.manual_seed(seed)
+        model = LlamaForSequenceClassification(config)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / "model.safetensors"))
+    config.save_pretrained(str(out))
+    tokenizer.save_pretrained(str(out))
+    return str(out)
+
+
 def _num_heads(hidden_size: int) -> int:
     return max(1, hidden_size // _HEAD_DIM)
 

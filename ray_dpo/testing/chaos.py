@@ -83,6 +83,14 @@ def kill_when(proc: subprocess.Popen, run_dir: str, *, steps: int, pid_of: Calla
 
 def ledger_problems(run_dir: str, *, steps: int, pairs_per_step: int) -> list[str]:
     """Why the ledger is not steps 1..steps once each with every pair once; empty if it is."""
+    problems, counts = _steps_once_pairs_once(run_dir, steps)
+    if len(counts) != steps * pairs_per_step:
+        problems.append(f"{len(counts)} distinct pairs, expected {steps * pairs_per_step}")
+    return problems
+
+
+def _steps_once_pairs_once(run_dir: str, steps: int) -> tuple[list[str], collections.Counter]:
+    """(problems with "steps 1..steps once each, no pair twice", pair id -> times trained)."""
     entries = ledger(run_dir)
     problems = []
     if [e["step"] for e in entries] != list(range(1, steps + 1)):
@@ -91,9 +99,7 @@ def ledger_problems(run_dir: str, *, steps: int, pairs_per_step: int) -> list[st
     twice = [pid for pid, n in counts.items() if n > 1]
     if twice:
         problems.append(f"{len(twice)} pair(s) trained twice, e.g. {twice[:3]}")
-    if len(counts) != steps * pairs_per_step:
-        problems.append(f"{len(counts)} distinct pairs, expected {steps * pairs_per_step}")
-    return problems
+    return problems, counts
 
 
 def round_pair_ids(run_dir: str) -> set[str]:
@@ -110,14 +116,7 @@ def round_pair_ids(run_dir: str) -> set[str]:
 def online_ledger_problems(run_dir: str, *, steps: int) -> list[str]:
     """Why the ledger of a one-epoch online run is not steps 1..steps once each with every
     kept pair of every round exactly once; empty if it is."""
-    entries = ledger(run_dir)
-    problems = []
-    if [e["step"] for e in entries] != list(range(1, steps + 1)):
-        problems.append(f"ledger steps {[e['step'] for e in entries]}, expected 1..{steps}")
-    counts = collections.Counter(pid for e in entries for pid in e["pair_ids"])
-    twice = [pid for pid, n in counts.items() if n > 1]
-    if twice:
-        problems.append(f"{len(twice)} pair(s) trained twice, e.g. {twice[:3]}")
+    problems, counts = _steps_once_pairs_once(run_dir, steps)
     kept = round_pair_ids(run_dir)
     if not kept:
         problems.append("no round in the round store")

@@ -38,8 +38,23 @@ JUDGE_KEY, KL_KEY = "eval/judge_score", "eval/kl"
 # Params that define the held-out measurement: runs differing in one of them do not give
 # comparable eval/judge_score or eval/kl (e.g. KL is summed over sampled tokens, so longer
 # max_new_tokens alone raises it).
-EVAL_PARAMS = ("eval.prompts_file", "eval.num_prompts", "eval.samples_per_prompt",
-               "online.sampling.max_new_tokens", "online.judge.function", "online.judge.reward_model")
+EVAL_PARAMS = ("eval.prompts_file", "eval.num_prompts", "eval.samples_per_prompt", "eval.max_new_tokens",
+               "eval.judge.function", "eval.judge.reward_model")
+
+
+def heldout_params(params: dict[str, str]) -> dict[str, str]:
+    """A run's EVAL_PARAMS as the run used them: eval.max_new_tokens and eval.judge fall back
+    to online.sampling.max_new_tokens and online.judge when unset (runs logged before eval
+    had them too)."""
+    unset = ("None", "")
+    out = {k: params[k] for k in EVAL_PARAMS[:3] if k in params}
+    tokens = params.get("eval.max_new_tokens", "None")
+    out["eval.max_new_tokens"] = tokens if tokens not in unset else params.get("online.sampling.max_new_tokens", "None")
+    kinds = ("function", "reward_model")
+    own = any(params.get(f"eval.judge.{kind}", "None") not in unset for kind in kinds)
+    for kind in kinds:
+        out[f"eval.judge.{kind}"] = params.get(f"{'eval' if own else 'online'}.judge.{kind}", "None")
+    return out
 
 
 @dataclass
@@ -102,7 +117,7 @@ def load_runs(client, experiment: str) -> list[RunData]:
                            mode=run.data.tags.get(MODE_TAG, "?"), status=run.info.status,
                            loss=run.data.tags.get(LOSS_TAG, run.data.params.get("loss.type", "?")),
                            final=final, history=history,
-                           params={k: run.data.params[k] for k in EVAL_PARAMS if k in run.data.params}))
+                           params=heldout_params(run.data.params)))
     return out
 
 

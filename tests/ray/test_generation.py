@@ -230,12 +230,12 @@ def test_a_killed_engine_is_restarted_reloaded_and_asked_again(ray_cluster, mode
 
         os.kill(pids[1], signal.SIGKILL)  # idle: the next call may run on the new process unfailed
         assert_same_completions(g.generate(many, sampling=sampling, seed=3), want)
-        assert g.restarts == 1
+        assert g.keeper.restarts == 1
 
         chunks = g.submit(many, sampling=sampling, seed=3)
         os.kill(pids[0], signal.SIGKILL)  # its chunk is queued or running
         assert_same_completions(g.collect(chunks), want)
-        assert g.restarts == 2
+        assert g.keeper.restarts == 2
         new_pids = [ray.get(a.info.remote())["pid"] for a in g._actors]
         assert all(new != old for new, old in zip(new_pids, pids))
     finally:

@@ -109,9 +109,11 @@ def test_offline_run_logs_the_same_held_out_metrics_and_compares(ray_cluster, ti
     needs_vllm()
     from ray_dpo.driver import run_dpo
 
+    # Its own eval section, no online.* key: the same judge and sampling as the online run.
     cfg = tiny_config("offline-with-eval", **store, **{
         "eval.prompts_file": tiny_assets["eval_file"], "eval.num_prompts": 32, "eval.every_steps": 4,
-        "online.judge.function": JUDGE, "online.sampling.max_new_tokens": 16, "policy.max_steps": 8})
+        "eval.judge.function": JUDGE, "eval.max_new_tokens": 16, "policy.max_steps": 8})
+    assert cfg.online == type(cfg.online)(), "no online.* setting"
     summary = run_dpo(cfg)
     scores = history(summary, "eval/judge_score")
     assert [s for s, _ in scores] == [0, 4, 8]
@@ -187,7 +189,7 @@ def test_a_broken_sync_stops_with_a_clear_error(ray_cluster, tiny_config, tiny_a
     try:
         model = AutoModelForCausalLM.from_pretrained(cfg.model.name_or_path)
         probe = ray.get(coordinator.probe.remote())
-        metrics = ray.get(coordinator.sync.remote(0, None, torch_probe_logps(model, probe)))
+        metrics = ray.get(coordinator.advance.remote(0, None, torch_probe_logps(model, probe)))
         assert metrics["sync/max_logprob_diff"] <= TOLERANCE
         assert ray.get(coordinator.num_pairs_in_step.remote(0)) > 0  # round 0 was built
 
@@ -198,7 +200,7 @@ def test_a_broken_sync_stops_with_a_clear_error(ray_cluster, tiny_config, tiny_a
                 p.add_(0.05 * torch.randn(p.shape, generator=gen))
         steps_per_round = ray.get(coordinator.steps_per_epoch.remote())
         with pytest.raises(WeightSyncError, match=r"engine 0 \(transformers.*online\.sync_tolerance = 0\.001"):
-            ray.get(coordinator.sync.remote(steps_per_round, [ray.put(stale)], torch_probe_logps(model, probe)))
+            ray.get(coordinator.advance.remote(steps_per_round, [ray.put(stale)], torch_probe_logps(model, probe)))
         with pytest.raises(WeightSyncError):  # a worker asking for round 1 does not hang
             ray.get(coordinator.get_step.remote(steps_per_round, 0), timeout=120)
     finally:

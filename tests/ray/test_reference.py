@@ -222,12 +222,12 @@ def test_actor_that_cannot_start_fails_clearly(ray_cluster, tmp_path):
 def test_names_held_by_a_live_group_get_a_random_infix(group):
     import ray
 
-    from ray_dpo.reference.group import _free_names
+    from ray_dpo.reference.group import free_actor_names
 
     assert group.names == ["test-ref-a-0", "test-ref-a-1"]
     assert ray.get(ray.get_actor("test-ref-a-1").ping.remote()) is True
-    assert _free_names("test-ref-free", 2) == ["test-ref-free-0", "test-ref-free-1"]
-    other = _free_names("test-ref-a", 2)
+    assert free_actor_names("test-ref-free", 2) == ["test-ref-free-0", "test-ref-free-1"]
+    other = free_actor_names("test-ref-a", 2)
     assert other[0] != "test-ref-a-0" and other[0].startswith("test-ref-a-") and other[1].endswith("-1")
 
 

@@ -12,30 +12,13 @@ import torch
 
 from ray_dpo.config import JudgeConfig
 from ray_dpo.online.judges import FunctionJudge, JudgeError, RewardModelJudge, build_judge, reward_model_text
+from ray_dpo.testing.assets import build_tiny_reward_model
 
 pytestmark = pytest.mark.ray
 
 PROMPTS = ["describe the river", [{"role": "user", "content": "write about a garden"}], "tell a story",
            "list the boat", "sketch a tower"]
 COMPLETIONS = ["bright calm kind", "angry", "the river near the bridge and the mountain", "", "witty warm rude"]
-
-
-def _save_reward_model(out, tokenizer, *, num_labels: int, seed: int = 0) -> str:
-    from safetensors.torch import save_file
-    from transformers import LlamaConfig, LlamaForSequenceClassification
-
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256,
-                         num_labels=num_labels, pad_token_id=tokenizer.pad_token_id,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
-    config.architectures = ["LlamaForSequenceClassification"]
-    torch.manual_seed(seed)
-    model = LlamaForSequenceClassification(config)
-    out.mkdir(parents=True)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / "model.safetensors"))
-    config.save_pretrained(str(out))
-    tokenizer.save_pretrained(str(out))
-    return str(out)
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +30,7 @@ def tokenizer(tiny_assets):
 
 @pytest.fixture(scope="module")
 def reward_model(tmp_path_factory, tokenizer) -> str:
-    return _save_reward_model(tmp_path_factory.mktemp("rm") / "rm", tokenizer, num_labels=1)
+    return build_tiny_reward_model(tmp_path_factory.mktemp("rm") / "rm", tokenizer, num_labels=1)
 
 
 def _local_scores(path, tokenizer) -> list[float]:
@@ -86,7 +69,7 @@ def test_build_judge_starts_reward_model_actors(ray_cluster, reward_model):
 
 
 def test_reward_model_with_several_labels_is_refused(ray_cluster, tmp_path, tokenizer):
-    path = _save_reward_model(tmp_path / "rm2", tokenizer, num_labels=2)
+    path = build_tiny_reward_model(tmp_path / "rm2", tokenizer, num_labels=2)
     with pytest.raises(JudgeError, match=r"online\.judge\.reward_model: .*num_labels=2; a reward model must "
                                          r"output one score"):
         RewardModelJudge(model_path=path, config=JudgeConfig(reward_model=path))

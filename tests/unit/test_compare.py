@@ -106,18 +106,33 @@ def test_compare_defaults_to_mlflow_tracking_uri(store, tmp_path, capsys, monkey
 
 
 def test_comparability_notes_name_the_param_that_differs():
-    from ray_dpo.tracking.compare import RunData, comparability_notes
+    from ray_dpo.tracking.compare import RunData, comparability_notes, heldout_params
 
     def run(name, tokens, judged=True):
         history = {"eval/judge_score": [(0, 0.3)], "eval/kl": [(0, 0.0)]} if judged else {}
         return RunData(run_id=name, name=name, mode="offline", status="FINISHED", history=history,
-                       params={"eval.prompts_file": "/p/eval.jsonl", "online.sampling.max_new_tokens": tokens})
+                       params=heldout_params({"eval.prompts_file": "/p/eval.jsonl",
+                                              "online.sampling.max_new_tokens": tokens}))
 
     assert comparability_notes([run("a", "16"), run("b", "16")]) == []
     # A run without held-out metrics does not count.
     assert comparability_notes([run("a", "16"), run("c", "128", judged=False)]) == []
     (note,) = comparability_notes([run("a", "16"), run("b", "128")])
-    assert "online.sampling.max_new_tokens differs (a=16, b=128)" in note
+    assert "eval.max_new_tokens differs (a=16, b=128)" in note
+
+
+def test_heldout_params_are_what_the_run_used():
+    """eval.judge / eval.max_new_tokens unset fall back to online.*, so an offline run judged
+    through eval.judge compares with an online run judged through online.judge."""
+    from ray_dpo.tracking.compare import heldout_params
+
+    offline = heldout_params({"eval.judge.function": "m:f", "eval.judge.reward_model": "None",
+                              "online.judge.function": "None", "eval.max_new_tokens": "16",
+                              "online.sampling.max_new_tokens": "64"})
+    online = heldout_params({"eval.judge.function": "None", "online.judge.function": "m:f",
+                             "eval.max_new_tokens": "None", "online.sampling.max_new_tokens": "16"})
+    assert offline == online
+    assert offline["eval.judge.function"] == "m:f" and offline["eval.max_new_tokens"] == "16"
 
 
 def test_a_dpo_and_a_simpo_run_share_their_rows(tmp_path, capsys):

@@ -263,11 +263,29 @@ def prompts_file(tmp_path):
 
 
 def test_eval_prompts_file_needs_a_judge(data_file, prompts_file):
+    from ray_dpo.config.derived import heldout_judge, heldout_online
+
     problems = problems_of(minimal(data_file, eval={"prompts_file": str(prompts_file)}))
-    assert set(problems) == {"eval.prompts_file"}
-    assert "scored by online.judge" in problems["eval.prompts_file"]
+    assert set(problems) == {"eval.judge"}
+    assert "set eval.judge.function" in problems["eval.judge"] and "online.judge" in problems["eval.judge"]
     cfg = from_dict(minimal(data_file, eval={"prompts_file": str(prompts_file)}, online=JUDGE))
     assert cfg.eval.prompts_file == str(prompts_file) and not cfg.online.enabled  # offline run, judged eval
+    assert heldout_judge(cfg) is cfg.online.judge  # falls back to online.judge
+    # Its own section: an offline run needs no online.* key to evaluate.
+    own = {"prompts_file": str(prompts_file), "backend": "transformers", **JUDGE}
+    cfg = from_dict(minimal(data_file, eval=own))
+    assert heldout_judge(cfg).function == JUDGE["judge"]["function"] and not cfg.online.judge.function
+    assert heldout_online(cfg).backend == "transformers" and heldout_online(cfg).judge == cfg.eval.judge
+
+
+def test_eval_judge_and_backend_are_checked(data_file, prompts_file):
+    eval_ = {"prompts_file": str(prompts_file), "backend": "sglang", "judge": {"function": "no_such_pkg.mod:fn"}}
+    problems = problems_of(minimal(data_file, eval=eval_))
+    assert set(problems) == {"eval.backend", "eval.judge.function"}
+    assert "no module named 'no_such_pkg'" in problems["eval.judge.function"]
+    online = {"enabled": True, "backend": "vllm", **JUDGE}
+    problems = problems_of(minimal(data_file, online=online, eval={**eval_, "backend": "transformers", **JUDGE}))
+    assert set(problems) == {"eval.backend"} and "round engines" in problems["eval.backend"]
 
 
 def test_only_one_judge_may_be_set(data_file):

@@ -4,7 +4,7 @@ import pickle
 
 import pytest
 
-from ray_dpo.data.formats import FORMATS, BadRowError, Pair, detect_format, normalize_row
+from ray_dpo.data.formats import FORMATS, BadRowError, NormalizedPair, detect_format, normalize_row
 
 SRC = "data/train-00001.jsonl"
 
@@ -28,7 +28,7 @@ def test_standard_row():
     row = {"prompt": "describe the river", "chosen": "bright calm", "rejected": "dull grim"}
     assert detect_format(row) == "standard"
     pair = normalize_row(row, source=SRC, line=3)
-    assert pair == Pair(prompt="describe the river", chosen="bright calm", rejected="dull grim",
+    assert pair == NormalizedPair(prompt="describe the river", chosen="bright calm", rejected="dull grim",
                         is_chat=False)
 
 

@@ -13,14 +13,14 @@ def test_spec_round_trips_through_the_train_loop_config_dict():
     spec = TrainLoopSpec(model=ModelConfig(name_or_path="m"), policy=PolicyConfig(), loss=LossConfig(beta=0.2),
                          feeder=feeder, eval_every=5, device="cpu", run_dir="/runs/x")
     config = spec.as_config()
-    assert set(config) == {"model", "policy", "loss", "feeder", "eval_every", "sync", "device", "run_dir"}
-    assert config["feeder"] is feeder and config["loss"] is spec.loss and config["sync"] is None
+    assert set(config) == {"model", "policy", "loss", "feeder", "eval_every", "follower", "device", "run_dir"}
+    assert config["feeder"] is feeder and config["loss"] is spec.loss and config["follower"] is None
     assert TrainLoopSpec.from_config(config) == spec
 
 
 def test_spec_defaults_and_unknown_keys():
     spec = TrainLoopSpec(model=ModelConfig(name_or_path="m"), policy=PolicyConfig(), loss=LossConfig(), feeder=None)
-    assert (spec.eval_every, spec.sync, spec.device, spec.run_dir) == (0, None, None, None)
+    assert (spec.eval_every, spec.follower, spec.device, spec.run_dir) == (0, None, None, None)
     with pytest.raises(dataclasses.FrozenInstanceError):
         spec.eval_every = 3
     with pytest.raises(TypeError, match="log_every"):

@@ -1,4 +1,4 @@
-"""Pair strategies on hand-made scores (pure, no Ray)."""
+"""ScoredPair strategies on hand-made scores (pure, no Ray)."""
 
 import subprocess
 import sys
@@ -7,7 +7,7 @@ import pytest
 
 from ray_dpo.online.pairs import (
     Candidate,
-    Pair,
+    ScoredPair,
     PromptGroup,
     group_samples,
     make_pairs,
@@ -38,8 +38,8 @@ def test_regenerate_rejected_keeps_data_chosen_and_takes_the_lowest_sample():
     pairs, counters = make_pairs(groups, strategy="regenerate_rejected", id_prefix="online-r1:")
     assert counters == {"candidates": 5, "kept": 2, "dropped_no_margin": 3}
     assert pairs == [
-        Pair("online-r1:a", "prompt-a", "a-data", "a-s1", 0.9, 0.1),
-        Pair("online-r1:c", "prompt-c", "c-data", "c-s2", 0.4, 0.2),
+        ScoredPair("online-r1:a", "prompt-a", "a-data", "a-s1", 0.9, 0.1),
+        ScoredPair("online-r1:c", "prompt-c", "c-data", "c-s2", 0.4, 0.2),
     ]
     assert pairs[0].margin == pytest.approx(0.8)
 

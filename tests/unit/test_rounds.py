@@ -4,7 +4,7 @@ from collections import Counter
 
 import pytest
 
-from ray_dpo.online.pairs import Pair
+from ray_dpo.online.pairs import ScoredPair
 from ray_dpo.online.rounds import RoundPlan, pair_rows, plan_rounds, round_prompt_indices, sync_points
 
 # --------------------------------------------------------------------------- plan_rounds
@@ -154,7 +154,7 @@ BOS, EOS = 1, 2
 
 
 def _pair(pid, prompt, chosen, rejected):
-    return Pair(pair_id=pid, prompt=prompt, chosen=chosen, rejected=rejected, chosen_score=1.0, rejected_score=0.0)
+    return ScoredPair(pair_id=pid, prompt=prompt, chosen=chosen, rejected=rejected, chosen_score=1.0, rejected_score=0.0)
 
 
 def _pairs():

@@ -9,7 +9,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from ray_dpo.data.counters import TokenizeResult
-from ray_dpo.data.formats import BadRowError, Pair, detect_format, normalize_row
+from ray_dpo.data.formats import BadRowError, NormalizedPair, detect_format, normalize_row
 from ray_dpo.data.tokenize import PairTokenizer
 from ray_dpo.data.unpaired import assign_kl_completions, example_results, mismatched_index
 from ray_dpo.testing.assets import make_preference_rows, unpaired_rows
@@ -31,7 +31,7 @@ def assistant(text):
 def test_trl_unpaired_text_row():
     row = {"prompt": "describe the river", "completion": "bright calm", "label": False}
     assert detect_format(row) == "unpaired"
-    assert normalize_row(row, source=SRC, line=2) == Pair(
+    assert normalize_row(row, source=SRC, line=2) == NormalizedPair(
         prompt="describe the river", chosen="bright calm", rejected="bright calm", is_chat=False, label=False)
 
 
@@ -51,7 +51,7 @@ def test_trl_unpaired_conversational_row():
 def test_llama_factory_kto_rows(row):
     assert detect_format(row) == "sharegpt_kto"
     pair = normalize_row(row, source=SRC, line=4)
-    assert pair == Pair(prompt=(user("describe the river"),), chosen=(assistant("bright calm"),),
+    assert pair == NormalizedPair(prompt=(user("describe the river"),), chosen=(assistant("bright calm"),),
                         rejected=(assistant("bright calm"),), is_chat=True, label=True)
 
 

@@ -1,0 +1,239 @@
+"""PolicyFollower: generation engines that follow the policy, and the held-out evaluator on them.
+
+Policy rank 0 calls it at every sync point (rounds.sync_points):
+
+    sync_points() -> steps, probe() -> probe items
+    advance(step, [weights_ref] | None, expected_probe_logps) -> sync metrics
+        weights -> every engine (online.weight_sync), probe re-scored by every engine:
+            |engine - policy| > online.sync_tolerance  ->  WeightSyncError (the run stops)
+        step is an eval point -> the held-out prompts are queued on the engines and scored
+            in a thread (heldout.py): training goes on, eval/* are logged at that step
+    finish() -> waits for the evals still running (the end of the run)
+
+An offline run with eval.prompts_file runs one as its own actor (``start_follower``), so
+its eval/judge_score and eval/kl compare with online runs'. The OnlineCoordinator is one
+too, and also builds rounds from the engines' samples.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from ray_dpo.config import DataConfig, EvalConfig, JudgeConfig, ModelConfig, OnlineConfig, RunConfig
+from ray_dpo.config.derived import heldout_judge, heldout_online, heldout_sampling
+from ray_dpo.feeder import KeepsInitError
+from ray_dpo.online.weight_sync import random_probe
+
+logger = logging.getLogger("ray_dpo.online")
+
+PROBE_SIZE = 4
+
+
+@dataclass
+class FollowerSpec:
+    """The parts of a run's config the engines' side needs (sections, not the RunConfig)."""
+
+    model: ModelConfig
+    online: OnlineConfig  # engines, sampling, judge, weight sync
+    eval: EvalConfig
+    data: DataConfig  # prompt tokenization and length limits
+    seed: int
+    run_dir: str  # rounds and checkpoint weight syncs are written under it
+    reference_batch_size: int
+    max_restarts: int  # of each engine (policy.max_failures)
+    eval_judge: JudgeConfig  # the held-out eval's (eval.judge, else online.judge)
+    total_steps: Optional[int] = None  # the run's length (an online run computes its own)
+
+    @classmethod
+    def of(cls, cfg: RunConfig, *, total_steps: Optional[int] = None) -> "FollowerSpec":
+        """An online run's (its round engines sample the held-out prompts too), or with
+        total_steps an offline run's held-out evaluator (eval.backend, eval.judge)."""
+        online = cfg.online if cfg.online.enabled else heldout_online(cfg)
+        return cls(model=cfg.model, online=online, eval=cfg.eval, data=cfg.data, seed=cfg.run.seed,
+                   run_dir=cfg.run_dir, reference_batch_size=cfg.reference.batch_size,
+                   max_restarts=cfg.policy.max_failures, eval_judge=heldout_judge(cfg), total_steps=total_steps)
+
+
+class PolicyFollower:
+    """See the module docstring. reference: ReferenceGroup (the eval's KL). tracking_uri /
+    run_id: the MLflow run to log to (None: no logging). probe_rows: [(prompt ids,
+    continuation ids)] to check synced weights on (None: random tokens)."""
+
+    def __init__(self, spec: FollowerSpec, *, reference: Any, tracking_uri: Optional[str], run_id: Optional[str],
+                 use_gpu: bool, probe_rows: Optional[list] = None):
+        from ray_dpo.data.chat_template import resolve_chat_template
+        from ray_dpo.data.tokenizer_cache import load_tokenizer
+        from ray_dpo.online.engine_group import GenerationGroup
+        from ray_dpo.online.generation import ENGINES
+        from ray_dpo.online.judges import build_judge
+
+        self.spec = spec
+        self.reference = reference
+        self.tokenizer = load_tokenizer(spec.model.tokenizer or spec.model.name_or_path,
+                                        resolve_chat_template(spec.model.chat_template))
+        self._total = spec.total_steps
+        self._probe = probe_rows or random_probe(len(self.tokenizer), num_sequences=PROBE_SIZE, seed=spec.seed)
+        self.judge = build_judge(spec.online.judge, use_ray=False, use_gpu=use_gpu, dtype=spec.model.dtype)
+        self.eval_judge = self.judge if spec.eval_judge == spec.online.judge else build_judge(
+            spec.eval_judge, use_ray=False, use_gpu=use_gpu, dtype=spec.model.dtype)
+        self.judge_lock = threading.Lock()  # rounds and evals score in different threads
+        engine_options = {}
+        if ENGINES.get(spec.online.backend).takes_max_model_len:
+            new_tokens = max(spec.online.sampling.max_new_tokens, spec.eval.max_new_tokens or 0)
+            engine_options["max_model_len"] = spec.data.max_length + new_tokens
+        self.generation = GenerationGroup(
+            model_path=spec.model.name_or_path, config=spec.online, use_gpu=use_gpu, dtype=spec.model.dtype,
+            seed=spec.seed, engine_options=engine_options, max_restarts=spec.max_restarts)
+        self.evaluator = make_evaluator(self)
+        self._tracking = (tracking_uri, run_id)
+        self._client = None
+        self._error: Optional[BaseException] = None
+
+    # ------------------------------------------------------------------ what rank 0 calls
+
+    def ping(self) -> bool:
+        return True
+
+    def sync_points(self) -> list[int]:
+        return self.evaluator.points(self._total)
+
+    def probe(self) -> list:
+        return self._probe
+
+    def engine_actor_ids(self) -> list[str]:
+        """The generation engines' Ray actor ids, whose restarts MLflow counts."""
+        return self.generation.actor_ids
+
+    def advance(self, step: int, weights: Optional[list], expected: list[float]) -> dict[str, float]:
+        """Step ``step`` reached: load the policy's weights (``[ObjectRef]``; None: the engines
+        already hold them, e.g. at step 0), verify them on the probe, then start what this
+        step starts (an eval; rounds in the coordinator). Returns (and logs) sync/*."""
+        try:
+            if self._error is not None:
+                raise self._error
+            metrics = self._sync_weights(step, weights, expected)
+            self.log(metrics, step)
+            self._started(step)
+            if step in self.evaluator.points(self._total):
+                self.evaluator.start(step)
+        except BaseException as err:
+            self.fail(err)
+            raise
+        return metrics
+
+    def finish(self, timeout_s: Optional[float] = None) -> None:
+        """Wait for the evals still running; raise the first error the engines' side had."""
+        self.evaluator.wait(timeout_s)
+        if self._error is not None:
+            raise self._error
+
+    def close(self) -> None:
+        for judge in {id(j): j for j in (self.judge, self.eval_judge)}.values():
+            judge.shutdown()
+        self.generation.shutdown()
+
+    # ------------------------------------------------------------------ for the parts
+
+    def _started(self, step: int) -> None:
+        """What else step ``step`` starts (the coordinator: rounds)."""
+
+    def _sync_weights(self, step: int, weights: Optional[list], expected: list[float]) -> dict[str, float]:
+        from ray_dpo.online.weight_sync import SYNC_METHODS
+
+        t0, online = time.perf_counter(), self.spec.online
+        if weights is None:
+            diff = self.generation.verify(self._probe, expected)
+            metrics = {"sync/seconds": time.perf_counter() - t0, "sync/max_logprob_diff": diff}
+        else:
+            options = {}
+            if SYNC_METHODS.get(online.weight_sync).needs_checkpoint_dir:
+                options["checkpoint_dir"] = os.path.join(self.spec.run_dir, "weight_sync")
+            metrics = self.generation.sync_weights(weights[0], probe=self._probe, expected=expected,
+                                                   **options).metrics()
+        print(f"[ray_dpo] step {step}: weights synced to {self.generation.num_engines} {online.backend} "
+              f"engine(s) in {metrics['sync/seconds']:.2f}s, max |log-prob diff| "
+              f"{metrics['sync/max_logprob_diff']:.2e} (tolerance {online.sync_tolerance:g})", flush=True)
+        return metrics
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def fail(self, err: BaseException) -> None:
+        if self._error is None:
+            self._error = err
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        uri, run_id = self._tracking
+        if not uri or not run_id or not metrics:
+            return
+        from ray_dpo.tracking.mlflow_sink import log_metrics, mlflow_client
+
+        if self._client is None:
+            self._client = mlflow_client(uri)
+        log_metrics(self._client, run_id, {k: v for k, v in metrics.items() if math.isfinite(v)}, step)
+
+
+def make_evaluator(follower: "PolicyFollower"):
+    """The follower's HeldOutEvaluator: its engines, eval judge and logger, eval.* prompts."""
+    from ray_dpo.data.tokenize import PairTokenizer
+    from ray_dpo.online.evaluation import load_prompts, select_prompts
+    from ray_dpo.online.heldout import HeldOutEvaluator
+
+    prompts, path = [], follower.spec.eval.prompts_file
+    if path:
+        encode = PairTokenizer(follower.tokenizer, follower.spec.data).encode_prompt
+        chosen = select_prompts(load_prompts(path), num=follower.spec.eval.num_prompts, seed=follower.spec.seed)
+        prompts = [(p.prompt, encode(p.prompt, source=path, line=i)) for i, p in enumerate(chosen, start=1)]
+    spec = follower.spec
+    return HeldOutEvaluator(spec.eval, prompts=prompts, generation=follower.generation, judge=follower.eval_judge,
+                            judge_lock=follower.judge_lock, reference=follower.reference,
+                            sampling=heldout_sampling(spec.online.sampling, spec.eval), seed=spec.seed,
+                            reference_batch_size=spec.reference_batch_size, decode=follower.decode,
+                            log=follower.log, on_error=follower.fail)
+
+
+class _FollowerActor(KeepsInitError, PolicyFollower):
+    """PolicyFollower as an actor whose constructor errors reach start_actor intact."""
+
+
+def start_actor(actor_cls: type, *args: Any, max_concurrency: int, max_restarts: int,
+                start_timeout_s: float = 900.0, **kwargs: Any) -> Any:
+    """``actor_cls`` as a threaded actor on this node (num_cpus=0: it must never wait for a CPU the
+    workers hold), restarted by Ray up to ``max_restarts`` times with the calls in flight
+    sent again; returns once it is up. Constructor errors (a bad judge spec, an engine that
+    cannot load the model) are raised here."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    handle = ray.remote(actor_cls).options(
+        num_cpus=0, max_concurrency=max_concurrency, max_restarts=max_restarts,
+        max_task_retries=-1 if max_restarts else 0,
+        scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(),
+                                                           soft=True),
+    ).remote(*args, **kwargs)
+    try:
+        ray.get(handle.ping.remote(), timeout=start_timeout_s)
+    except ray.exceptions.RayTaskError as err:
+        ray.kill(handle)
+        raise err.cause from None
+    return handle
+
+
+def start_follower(cfg: RunConfig, *, reference: Any, total_steps: int, tracking_uri: Optional[str] = None,
+                   run_id: Optional[str] = None, use_gpu: bool = False) -> Any:
+    """The held-out evaluator of an offline run, as an actor the policy workers sync."""
+    handle = start_actor(_FollowerActor, FollowerSpec.of(cfg, total_steps=total_steps), reference=reference,
+                         tracking_uri=tracking_uri, run_id=run_id, use_gpu=use_gpu,
+                         max_concurrency=4, max_restarts=cfg.policy.max_failures)
+    online = heldout_online(cfg)
+    print(f"[ray_dpo] held-out eval: {online.num_engines} {online.backend} engine(s) ready", file=sys.stdout,
+          flush=True)
+    return handle
+

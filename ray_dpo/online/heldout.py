@@ -1,0 +1,103 @@
+"""Held-out evaluation that never stops training: sample at step k, score while step k+1 runs.
+
+At an eval point the engines already hold (and have verified) the policy of step k. The
+evaluator queues the held-out prompts on them right away — an engine runs its calls in
+order, so a weight sync sent later cannot change these samples — and returns; a thread
+then collects the samples, judges them, scores their KL to the reference and logs
+``eval/*`` at step k. The policy workers go on training meanwhile. ``wait()`` returns once
+every eval started has been logged (the run's end needs its last one).
+
+The maths (judge score, KL estimate, which prompts) is in online/evaluation.py.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any, Callable, Optional, Sequence
+
+from ray_dpo.config import EvalConfig, SamplingConfig
+
+logger = logging.getLogger("ray_dpo.online")
+
+EVAL_SEED_OFFSET = 7919  # every eval samples with the same seed: differences come from the policy
+
+
+class HeldOutEvaluator:
+    """eval/judge_score and eval/kl of the policy at eval points, off the training path.
+
+    config: the eval section (every_steps, samples_per_prompt). prompts: [(prompt as the
+    judge reads it, prompt token ids)]. generation: GenerationGroup whose engines follow
+    the policy. judge: .score(prompts, responses); judge_lock serializes it with other
+    users in this process. reference: ReferenceGroup for the KL. decode: token ids -> text
+    (for engines without a tokenizer). log(metrics, step); on_error(err): a failed eval.
+    """
+
+    def __init__(self, config: EvalConfig, *, prompts: Sequence[tuple[Any, list[int]]], generation: Any,
+                 judge: Any, judge_lock: threading.Lock, reference: Any, sampling: SamplingConfig, seed: int,
+                 reference_batch_size: int, decode: Callable[[list[int]], str], log: Callable[[dict, int], None],
+                 on_error: Callable[[BaseException], None]):
+        from ray_dpo.online.evaluation import eval_sampling
+
+        self.config = config
+        self.prompts = list(prompts)
+        self.generation = generation
+        self.judge, self._judge_lock = judge, judge_lock
+        self.reference = reference
+        self.sampling = eval_sampling(sampling)
+        self.seed = seed + EVAL_SEED_OFFSET
+        self.reference_batch_size = reference_batch_size
+        self._decode, self._log, self._on_error = decode, log, on_error
+        self._threads: list[threading.Thread] = []
+
+    def points(self, total_steps: int) -> list[int]:
+        """Steps to evaluate at: 0, every eval.every_steps, the last (none without prompts)."""
+        from ray_dpo.online import rounds as rounds_lib
+
+        if not self.prompts:
+            return []
+        return rounds_lib.sync_points(total_steps=total_steps, steps_per_round=None,
+                                      eval_every=self.config.every_steps, eval_sampling=True)
+
+    def start(self, step: int) -> None:
+        """Queue the held-out prompts on the engines now (the weights of ``step``); judge,
+        score and log in a thread."""
+        chunks = self.generation.submit([ids for _, ids in self.prompts], n=self.config.samples_per_prompt,
+                                        sampling=self.sampling, seed=self.seed)
+        thread = threading.Thread(target=self._finish, args=(step, chunks), name=f"heldout-eval-{step}",
+                                  daemon=True)
+        self._threads = [t for t in self._threads if t.is_alive()] + [thread]
+        thread.start()
+
+    def wait(self, timeout_s: Optional[float] = None) -> None:
+        """Until every eval started has been logged."""
+        for thread in list(self._threads):
+            thread.join(timeout_s)
+
+    def _finish(self, step: int, chunks: list) -> None:
+        try:
+            metrics = self._score(self.generation.collect(chunks))
+            self._log(metrics, step)
+            print(f"[ray_dpo] step {step}: held-out eval/judge_score {metrics['eval/judge_score']:.4f}, "
+                  f"eval/kl {metrics['eval/kl']:.4f} ({len(self.prompts)} prompts x "
+                  f"{self.config.samples_per_prompt})", flush=True)
+        except BaseException as err:  # noqa: BLE001 - the run must hear of it, not a dead thread
+            logger.error("held-out eval at step %d failed: %s", step, err)
+            self._on_error(err)
+
+    def _score(self, completions: list) -> dict[str, float]:
+        from ray_dpo.online.evaluation import as_pair_rows, eval_metrics
+
+        n = self.config.samples_per_prompt
+        flat = [c for comps in completions for c in comps]
+        prompts = [p for p, _ in self.prompts for _ in range(n)]
+        texts = [c.text if c.text is not None else self._decode(c.token_ids) for c in flat]
+        with self._judge_lock:
+            scores = self.judge.score(prompts, texts)
+        rows = as_pair_rows([ids for _, ids in self.prompts for _ in range(n)], [c.token_ids for c in flat])
+        size = self.reference_batch_size
+        scored = [r for batch in self.reference.score_batches(rows[i:i + size] for i in range(0, len(rows), size))
+                  for r in batch]
+        return eval_metrics(scores=scores, policy_logps=[c.logprob_sum for c in flat],
+                            ref_logps=[r["ref_chosen_logp"] for r in scored],
+                            response_lengths=[len(c.token_ids) for c in flat])
