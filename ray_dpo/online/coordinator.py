@@ -18,6 +18,7 @@ Its parts log to the run's MLflow run at step k: sync/*, online/* of each round,
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from typing import Any, Optional
 
@@ -37,7 +38,6 @@ class OnlineCoordinator(PolicyFollower):
     def __init__(self, spec: FollowerSpec, plan: BatchPlan, *, train: Any, evaluation: Any, reference: Any,
                  tracking_uri: Optional[str], run_id: Optional[str], use_gpu: bool,
                  eval_max_pairs: Optional[int] = None, max_steps: Optional[int] = None):
-        import dataclasses
 
         from ray_dpo.online.round_builder import RoundProducer
         from ray_dpo.online.round_feeder import RoundFeeder
@@ -124,8 +124,6 @@ class OnlineCoordinator(PolicyFollower):
 def round_fingerprint(spec: FollowerSpec, plan: BatchPlan, data_fingerprint: str) -> dict:
     """What a saved round must match to be reused (round_store): the same prompts in the same
     order, sampled from the same model with the same settings, paired the same way."""
-    import dataclasses
-
     online = spec.online
     return {"seed": spec.seed, "model": spec.model.name_or_path, "data": data_fingerprint,
             "rounds": online.rounds, "prompts_per_round": online.prompts_per_round,

@@ -8,6 +8,8 @@ comes back to ``build_round``, and serves the rows through a BatchFeeder.
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
 
@@ -32,8 +34,6 @@ def build_round(r: int, *, rows: Sequence[dict], completions: Sequence[Sequence[
     """Round r's pairs. rows: the sampled prompts' data rows (pair_id, prompt_ids, and
     chosen_ids for regenerate_rejected); completions[i]: prompt i's Completions; judge:
     .score(prompts, responses); decode: token ids -> text."""
-    import time
-
     from ray_dpo.online.pairs import PAIR_STRATEGIES, Candidate, group_samples, make_pairs
 
     prompt_texts = [decode(row["prompt_ids"]) for row in rows]
@@ -98,8 +98,6 @@ class RoundProducer:
         """Round r exists, is being made, is read back, or starts now: its prompts go to the
         engines before this returns (so a later weight sync cannot change its samples), the
         rest runs in a thread. ``step``: the policy step whose weights the engines hold."""
-        import threading
-
         if self.rounds.is_claimed(r) or not self.rounds.claim(r):
             return
         try:
@@ -114,8 +112,6 @@ class RoundProducer:
                          daemon=True).start()
 
     def _produce(self, r: int, step: int, indices: list[int], chunks: list) -> None:
-        import time
-
         try:
             t0 = time.perf_counter()
             completions = self.generation.collect(chunks)
