@@ -18,6 +18,7 @@ import dataclasses
 import logging
 import os
 import time
+from typing import Any
 
 import ray
 
@@ -128,12 +129,13 @@ def run_dpo(cfg: RunConfig) -> TrainSummary:
         tracker.log_json(report, "data_report.json")
         tracker.log_metrics(data_metrics(train.counters), step=0)
         watch: dict[str, list[str]] = {}  # role -> actor ids whose restarts MLflow counts
-        feeder, follower, total_steps = _start_roles(cfg, tracker, train, evaluation, gpu, watch)
-        result = _fit_policy(cfg, feeder, tracker, total_steps=total_steps, gpu=gpu, follower=follower,
-                             watch=watch)
+        roles = _start_roles(cfg, tracker, train, evaluation, gpu, watch)
+        follower = roles.follower
+        result = _fit_policy(cfg, roles.source, tracker, total_steps=roles.total_steps, gpu=gpu,
+                             follower=follower, watch=watch)
         if follower is not None:
             ray.get(follower.finish.remote())  # the last held-out eval, still being scored
-        summary = _summarize(cfg, tracker, result, total_steps, report, time.monotonic() - t0)
+        summary = _summarize(cfg, tracker, result, roles.total_steps, report, time.monotonic() - t0)
     except BaseException:
         tracker.finish("FAILED")
         raise
@@ -227,8 +229,22 @@ def _reference_group(cfg: RunConfig, gpu: bool):
     return ReferenceGroup(**reference_group_kwargs(cfg, gpu))
 
 
-def _start_roles(cfg: RunConfig, tracker, train, evaluation, gpu: bool, watch: dict):
-    """(the workers' step source, the engines that follow the policy or None, total steps).
+@dataclasses.dataclass
+class Roles:
+    """What _start_roles started. ``groups`` are the reference groups the driver holds until
+    the run ends: a Ray actor lives while some process holds its handle, and the handles
+    inside a restartable actor's constructor arguments do not count (Ray 2.60). A
+    coordinator or feeder that was the last holder and is SIGKILLed would take the
+    reference actors with it, and its restarted process would find them dead."""
+
+    source: Any  # the workers' step source: BatchFeeder actor or OnlineCoordinator
+    follower: Any  # the engines that follow the policy, or None
+    total_steps: int
+    groups: list = dataclasses.field(default_factory=list)
+
+
+def _start_roles(cfg: RunConfig, tracker, train, evaluation, gpu: bool, watch: dict) -> Roles:
+    """The workers' step source, the engines that follow the policy, the run's steps.
 
     Online: the coordinator is both (rounds, engines, held-out eval). Offline: a BatchFeeder
     over the reference group or cache, and with eval.prompts_file a PolicyFollower for the
@@ -242,7 +258,7 @@ def _start_roles(cfg: RunConfig, tracker, train, evaluation, gpu: bool, watch: d
         coordinator = start_coordinator(cfg, train=train, evaluation=evaluation, reference=group,
                                         tracking_uri=tracker.uri, run_id=tracker.run_id, use_gpu=gpu)
         _watch_engines(watch, coordinator, role="coordinator")
-        return coordinator, coordinator, ray.get(coordinator.total_steps.remote())
+        return Roles(coordinator, coordinator, ray.get(coordinator.total_steps.remote()), groups=[group])
     # A reference-free loss (SimPO, ORPO) starts no reference actor at all.
     group = _reference_group(cfg, gpu) if needs_reference(cfg) else None
     if group is not None and not cfg.reference.precompute:
@@ -250,7 +266,7 @@ def _start_roles(cfg: RunConfig, tracker, train, evaluation, gpu: bool, watch: d
     feeder = _start_feeder(cfg, train, evaluation, group)
     watch["feeder"] = [feeder._actor_id.hex()]
     total_steps = ray.get(feeder.total_steps.remote())
-    follower = None
+    follower, reference = None, None
     if cfg.eval.prompts_file:
         from ray_dpo.online.follower import start_follower
 
@@ -259,7 +275,7 @@ def _start_roles(cfg: RunConfig, tracker, train, evaluation, gpu: bool, watch: d
         follower = start_follower(cfg, reference=reference, total_steps=total_steps, tracking_uri=tracker.uri,
                                   run_id=tracker.run_id, use_gpu=gpu)
         _watch_engines(watch, follower, role="eval")
-    return feeder, follower, total_steps
+    return Roles(feeder, follower, total_steps, groups=[g for g in (group, reference) if g is not None])
 
 
 def _watch_engines(watch: dict, follower, *, role: str) -> None:

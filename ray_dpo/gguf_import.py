@@ -82,16 +82,17 @@ def _load_plain(gguf_file: str, dtype: str):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder, name = os.path.split(gguf_file)
+    target = torch_dtype(dtype)
     try:
-        loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch_dtype(dtype))
+        loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=target)
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     except (ValueError, KeyError) as err:  # e.g. "GGUF model with architecture X is not supported"
         raise GGUFImportError(f"{gguf_file}: transformers cannot import it: {err}") from err
     config = loaded.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config
-    config.dtype = torch_dtype
-    plain = type(loaded)(config).to(torch_dtype)
+    config.dtype = target
+    plain = type(loaded)(config).to(target)
     missing, unexpected = plain.load_state_dict(loaded.state_dict(), strict=False)
     # Tied output embeddings are not separate tensors in the state dict: allowed to be missing.
     missing = [k for k in missing if not (config.tie_word_embeddings and k == "lm_head.weight")]
