@@ -16,7 +16,12 @@ console:
 * the driver's own Ray loggers (``ray``, ``ray.data``) print warnings and errors only; Ray
   Data keeps writing its INFO lines to ``logs/ray-data`` in the session folder;
 * errors still reach the console: a failure in a worker or actor comes back to the driver
-  as an exception, which the CLI prints.
+  as an exception, which the CLI prints;
+* Ray's own error reports (``(raylet) A worker died or was killed ...``, ``Task X failed.
+  There are infinite retries remaining ...``, out-of-memory kills) come from the cluster,
+  not from a worker's output. ray_dpo survives most of them (a restarted actor), so the
+  console gets their first sentence as one ``[ray_dpo] Ray reports:`` line, and the whole
+  text goes to ``ray_dpo-ray-errors.log`` in the session's log folder.
 
 ``RAY_DPO_CONSOLE=all`` turns all of this off (Ray's default console) for debugging.
 """
@@ -64,8 +69,8 @@ def _print_own_lines(batch: dict) -> None:
 
 def install_console_filter() -> bool:
     """Replace Ray's printer of forwarded worker output (in this driver, after ray.init) by
-    one that prints ray_dpo's lines only. False if Ray's internals are not as expected, in
-    which case the console stays as Ray makes it."""
+    one that prints ray_dpo's lines only, and shorten Ray's cluster error reports. False if
+    Ray's internals are not as expected, in which case the console stays as Ray makes it."""
     try:
         from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
     except ImportError:
@@ -75,7 +80,58 @@ def install_console_filter() -> bool:
         return False  # log_to_driver=False, or Ray renamed it
     dispatcher.remove_handler(_RAY_PRINT_HANDLER)
     dispatcher.add_handler(_RAY_PRINT_HANDLER, _print_own_lines)
+    _shorten_cluster_errors()
     return True
+
+
+# Ray 2.60's driver thread that prints the cluster's error reports (listen_error_messages)
+# calls ray._private.worker.print_to_stdstream with pid "raylet"; this wraps that function.
+_CLUSTER_PIDS = ("raylet", "autoscaler")
+ERRORS_FILE = "ray_dpo-ray-errors.log"
+
+
+def _shorten_cluster_errors() -> None:
+    from ray._private import worker
+
+    original = getattr(worker, "print_to_stdstream", None)
+    if original is None or getattr(original, "_ray_dpo", False):
+        return
+
+    def print_to_stdstream(data, ignore_prefix: bool):
+        if data.get("pid") not in _CLUSTER_PIDS:
+            return original(data, ignore_prefix)
+        for line in short_cluster_errors(data.get("lines") or (), save_to=_errors_file()):
+            print(line, file=sys.stderr, flush=True)
+
+    print_to_stdstream._ray_dpo = True  # type: ignore[attr-defined]
+    worker.print_to_stdstream = print_to_stdstream
+
+
+def short_cluster_errors(messages, save_to: str | None) -> list[str]:
+    """One ``[ray_dpo] Ray reports: <first sentence>`` line per message of Ray's; the whole
+    messages are appended to ``save_to`` (if given)."""
+    messages = [m for m in messages if m and m.strip()]
+    if save_to and messages:
+        try:
+            with open(save_to, "a", encoding="utf-8") as f:
+                f.write("".join(m.rstrip() + "\n" for m in messages))
+        except OSError:
+            save_to = None
+    where = f" (full text: {save_to})" if save_to else ""
+    return [f"{OWN_PREFIX}] Ray reports: {_first_sentence(m)}{where}" for m in messages]
+
+
+def _first_sentence(message: str, limit: int = 200) -> str:
+    text = " ".join(message.split())
+    for stop in (". ", ": "):
+        if stop in text[:limit]:
+            return text[:text.index(stop) + 1]
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _errors_file() -> str | None:
+    where = ray_log_dir()
+    return os.path.join(where, ERRORS_FILE) if where else None
 
 
 def quiet_driver_loggers() -> None:

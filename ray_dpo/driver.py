@@ -27,8 +27,7 @@ from ray_dpo.config import RunConfig, flatten, join_path, local_cluster_cpus, to
 from ray_dpo.data.files import expand_files
 from ray_dpo.data.pipeline import build_pair_data
 from ray_dpo.data.report import data_metrics, data_report, format_report
-from ray_dpo.loss_rules import needs_reference, trains_unpaired
-from ray_dpo.online.pairs import prompt_only_refusal
+from ray_dpo.loss_rules import needs_reference, prompt_only_refusal, trains_unpaired
 from ray_dpo.tracking.metrics import CountProgress
 
 logger = logging.getLogger("ray_dpo")
@@ -348,7 +347,7 @@ def _fit_policy(cfg: RunConfig, feeder, tracker, *, total_steps: int, gpu: bool,
 
     from ray_dpo.policy.loop_spec import TrainLoopSpec
     from ray_dpo.policy.worker import train_loop_per_worker
-    from ray_dpo.tracking.callback import TrackingCallback
+    from ray_dpo.tracking.callback import FailFastOnLostRoles, TrackingCallback
 
     storage = storage_root(cfg)
     resources = {"CPU": cfg.policy.num_cpus_per_worker, **cfg.policy.resources}
@@ -368,7 +367,7 @@ def _fit_policy(cfg: RunConfig, feeder, tracker, *, total_steps: int, gpu: bool,
         scaling_config=ScalingConfig(num_workers=cfg.policy.num_workers, use_gpu=gpu,
                                      resources_per_worker=resources),
         run_config=TrainRunConfig(
-            name=cfg.run.name, storage_path=storage, callbacks=[callback],
+            name=cfg.run.name, storage_path=storage, callbacks=[callback, FailFastOnLostRoles()],
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.policy.num_checkpoints_to_keep),
             # A dead worker restarts the group from the latest complete checkpoint (faults.py).
             failure_config=FailureConfig(max_failures=cfg.policy.max_failures),

@@ -213,6 +213,7 @@ class Failure:
     step: int  # the last step every rank reported
     reason: str  # one line
     checkpoint_step: Optional[int] = None  # the latest checkpoint Ray registered (resume point)
+    lost_role: bool = False  # a role no worker restart brings back (LOST_FOR_GOOD): fail now
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self))
@@ -242,19 +243,31 @@ def first_line(err: BaseException) -> str:
     return line[:300]
 
 
+# Errors that say a role outside the worker group is gone for good (its Ray restarts are
+# spent): restarting the policy workers cannot bring it back, so the run fails at once.
+# Matched by name: they reach the controller wrapped in Ray's RayTaskError, maybe twice.
+LOST_FOR_GOOD = ("EngineLostError", "ReferenceActorLostError")
+
+
+def is_lost_for_good(err: BaseException) -> bool:
+    text = f"{type(err).__name__}: {err}"
+    return any(name in text for name in LOST_FOR_GOOD)
+
+
 def describe_worker_errors(errors: dict[int, BaseException], nodes: dict[int, str], step: int,
                            checkpoint_step: Optional[int] = None) -> Failure:
-    """The failure to report from Ray Train's {rank: error}: the first rank whose process
-    died (the others usually fail in a collective because of it), else the lowest rank."""
+    """The failure to report from Ray Train's {rank: error}: a rank that lost a role for
+    good (LOST_FOR_GOOD), else the first rank whose process died (the others usually fail
+    in a collective because of it), else the lowest rank."""
     def died(err: BaseException) -> bool:
         cause = getattr(err, "health_check_failure", err)
         return type(cause).__name__ in ("ActorDiedError", "RayActorError", "ActorUnavailableError")
 
-    rank = min(errors, key=lambda r: (not died(errors[r]), r))
+    rank = min(errors, key=lambda r: (not is_lost_for_good(errors[r]), not died(errors[r]), r))
     err = errors[rank]
     reason = "the process died (killed, out of memory, or its node was lost)" if died(err) else first_line(err)
     return Failure(rank=rank, node=nodes.get(rank, "(unknown: it failed before its first step)"), step=step, reason=reason,
-                   checkpoint_step=checkpoint_step)
+                   checkpoint_step=checkpoint_step, lost_role=is_lost_for_good(err))
 
 
 def failure_line(failure: Optional[Failure], *, max_failures: int,
@@ -266,7 +279,10 @@ def failure_line(failure: Optional[Failure], *, max_failures: int,
     else:
         what = (f"policy worker rank {failure.rank} on node {failure.node} failed after step "
                 f"{failure.step}: {failure.reason}")
-    budget = f"{max_failures} restart(s) of policy.max_failures={max_failures} used"
+    if failure is not None and failure.lost_role:
+        budget = "not restarted: a policy worker restart cannot bring that role back"
+    else:
+        budget = f"{max_failures} restart(s) of policy.max_failures={max_failures} used"
     if checkpoint_step:
         where = f"the same command resumes from the checkpoint at step {checkpoint_step}"
     elif failure is not None:

@@ -2,6 +2,7 @@
 
     needs_reference(cfg)   False for SimPO / ORPO: no reference actor, no reference forward
     trains_unpaired(cfg)   True for KTO: rows are (prompt, completion, label) examples
+    prompt_only_refusal(online, key=)   why a data split may not hold prompt-only rows
     loss_problems(cfg)     (key, message) pairs for config.check: loss.* keys the loss does
                            not read, data formats it cannot train on, reference / online /
                            held-out settings that a reference-free loss contradicts
@@ -11,9 +12,9 @@ Pure: imports neither ray, deepspeed nor vllm (ray_dpo.config.checks wraps the p
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
-from ray_dpo.data.formats import PAIRED_FORMATS, UNPAIRED_FORMATS
+from ray_dpo.data.formats import PAIRED_FORMATS, PROMPT_ONLY_NEEDS_ONLINE, UNPAIRED_FORMATS
 from ray_dpo.losses import LOSSES, OPTIONAL_KEYS
 
 
@@ -25,6 +26,29 @@ def needs_reference(cfg: Any) -> bool:
 def trains_unpaired(cfg: Any) -> bool:
     """Whether the run's loss trains on unpaired, labelled examples (KTO)."""
     return cfg.loss.type in LOSSES and LOSSES[cfg.loss.type].data == "unpaired"
+
+
+def prompt_only_refusal(online: Any, *, key: str = "data.train_files") -> Optional[str]:
+    """Why the rows of ``key`` may not be prompt-only under ``online`` (an OnlineConfig): the
+    bad-row message, saying what to set; None when they may. They may only in an online run's
+    data.train_files, with a strategy that needs no chosen response from the data set
+    (PairStrategySpec.needs_chosen). data.eval_files rows are the DPO eval's pairs."""
+    if key != "data.train_files":
+        return (f"this row is prompt-only (no chosen / rejected), but {key} rows are preference pairs "
+                "for the eval/* DPO metrics; put held-out prompts in eval.prompts_file (the judge "
+                "scores the policy's samples of them), or give the row chosen and rejected")
+    if not online.enabled:
+        return PROMPT_ONLY_NEEDS_ONLINE
+    from ray_dpo.online.pairs import PAIR_STRATEGIES  # online runs only: offline never imports online/
+
+    spec = PAIR_STRATEGIES.get(online.pair_strategy)
+    if spec.needs_chosen:
+        fits = " or ".join(PAIR_STRATEGIES.names(needs_chosen=False))
+        return (f"this row is prompt-only (no chosen response), but online.pair_strategy={spec.name} "
+                "pairs the policy's samples with the data set's chosen response; set "
+                f"online.pair_strategy={fits} (pairs made of the policy's own samples), or give the row "
+                "chosen and rejected")
+    return None
 
 
 def _readers(key: str) -> str:

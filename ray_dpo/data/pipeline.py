@@ -127,7 +127,7 @@ def build_pair_data(
             pairs are an error unless data.unpair splits them.
         refuse_prompt_only: why prompt-only rows (a prompt, no responses) cannot be used here
             and what to do, their bad-row message; None accepts them (online runs whose pair
-            strategy makes both responses: ray_dpo.online.pairs.prompt_only_refusal). An
+            strategy makes both responses: ray_dpo.loss_rules.prompt_only_refusal). An
             accepted one is a row with empty chosen_ids / rejected_ids (CONTRACTS.md).
         max_tokenize_tasks: cap on concurrent tokenize tasks (None: as many as CPUs).
             Every new worker process pays the transformers import (~3 CPU-seconds, it

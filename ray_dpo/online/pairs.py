@@ -8,7 +8,6 @@
     ScoredPair(pair_id, prompt, chosen, rejected, chosen_score, rejected_score)
     register_pair_strategy(name, needs_chosen=, min_samples=) / PAIR_STRATEGIES / pair_strategy_names()
     make_pairs(groups, strategy=, min_margin=0.0, id_prefix="") -> (pairs, counters)
-    prompt_only_refusal(online, key=)            why a data split may not hold prompt-only rows
                                                  (None: it may), asked of the strategies' facts
 
 Strategies (both keep a pair only when chosen_score - rejected_score > min_margin; a pair
@@ -29,7 +28,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
 
-from ray_dpo.data.formats import PROMPT_ONLY_NEEDS_ONLINE
 from ray_dpo.registry import Registry
 
 
@@ -105,27 +103,6 @@ def register_pair_strategy(name: str, *, needs_chosen: bool = False,
 def pair_strategy_names() -> list[str]:
     """Sorted names of the registered strategies."""
     return PAIR_STRATEGIES.names()
-
-
-def prompt_only_refusal(online: Any, *, key: str = "data.train_files") -> Optional[str]:
-    """Why the rows of ``key`` may not be prompt-only under ``online`` (an OnlineConfig): the
-    bad-row message, saying what to set; None when they may. They may only in an online run's
-    data.train_files, with a strategy that needs no chosen response from the data set
-    (PairStrategySpec.needs_chosen). data.eval_files rows are the DPO eval's pairs."""
-    if key != "data.train_files":
-        return (f"this row is prompt-only (no chosen / rejected), but {key} rows are preference pairs "
-                "for the eval/* DPO metrics; put held-out prompts in eval.prompts_file (the judge "
-                "scores the policy's samples of them), or give the row chosen and rejected")
-    if not online.enabled:
-        return PROMPT_ONLY_NEEDS_ONLINE
-    spec = PAIR_STRATEGIES.get(online.pair_strategy)
-    if spec.needs_chosen:
-        fits = " or ".join(PAIR_STRATEGIES.names(needs_chosen=False))
-        return (f"this row is prompt-only (no chosen response), but online.pair_strategy={spec.name} "
-                "pairs the policy's samples with the data set's chosen response; set "
-                f"online.pair_strategy={fits} (pairs made of the policy's own samples), or give the row "
-                "chosen and rejected")
-    return None
 
 
 def get_pair_strategy(name: str) -> PairStrategy:

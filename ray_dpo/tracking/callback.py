@@ -20,6 +20,9 @@ import time
 from typing import Any
 
 from ray.train import UserCallback
+# Ray Train 2.60's controller-side hooks: internal API, which a run_config callback that is
+# not a UserCallback may implement (ray/train/v2/api/data_parallel_trainer.py).
+from ray.train.v2._internal.execution.callback import ControllerCallback, WorkerGroupCallback
 
 from ray_dpo import faults
 from ray_dpo.tracking.metrics import StepClock, loggable, progress_line
@@ -171,3 +174,24 @@ class TrackingCallback(UserCallback):
         os.makedirs(os.path.dirname(self.ledger_path), exist_ok=True)
         with open(self.ledger_path, "a", encoding="utf-8") as f:
             f.write(json.dumps({"step": step, "pair_ids": ids}) + "\n")
+
+
+
+class FailFastOnLostRoles(WorkerGroupCallback, ControllerCallback):
+    """Ends the run at once, instead of restarting the policy workers, when a rank failed
+    because a role outside the worker group is gone for good (faults.LOST_FOR_GOOD: a
+    generation engine or reference actor whose Ray restarts are spent). Every worker
+    restart would meet the same dead role; the user gets the one failure line sooner."""
+
+    def __init__(self) -> None:
+        self.lost: str | None = None
+
+    def after_worker_group_poll_status(self, worker_group_status) -> None:
+        errors = list((getattr(worker_group_status, "errors", None) or {}).values())
+        lost = [err for err in errors if faults.is_lost_for_good(err)]
+        if lost:
+            self.lost = faults.first_line(lost[0])
+
+    def before_controller_execute_failure_decision(self, failure_decision) -> None:
+        if self.lost is not None and getattr(failure_decision, "name", "") == "RETRY":
+            raise faults.RunFailedError(f"not restarting the policy workers: {self.lost}")

@@ -111,6 +111,31 @@ def test_exhausted_failures_end_with_one_line_saying_how_to_resume(ray_cluster, 
 
 
 @pytest.mark.extended
+def test_a_reference_lost_for_good_ends_the_run_at_once(ray_cluster, tiny_config, tmp_path):
+    """reference.max_restarts=0: the killed reference actor never comes back, so restarting
+    the policy workers (policy.max_failures=2) could only fail again. The run ends at the
+    first failure with one line that names the lost actor."""
+    from ray._private import state
+
+    def train_workers_ever():
+        return sum(a["ActorClassName"].endswith("RayTrainWorker") for a in state.actors().values())
+
+    cfg = tiny_config("reference-lost", **{**FAST, "reference.max_restarts": 0, "policy.max_failures": 2})
+    before = train_workers_ever()
+    code, console = run_killing(cfg, tmp_path, ray_cluster, "reference", steps=5)
+    assert train_workers_ever() - before == cfg.policy.num_workers, "the worker group was started again"
+    assert code == 1, console[-6000:]
+    [line] = [line for line in console.splitlines() if line.startswith("[ray_dpo] run failed:")]
+    for part in ("ReferenceActorLostError", "reference actor", "not restarted",
+                 "resumes from the checkpoint at step 4", "ray-dpo train "):
+        assert part in line, line
+    assert "Traceback" not in console, console[-6000:]
+    run = chaos.mlflow_run(cfg.run.storage_path, cfg.run_dir)[1]
+    assert run.info.status == "FAILED"
+    assert run.data.metrics.get("faults/worker_restarts", 0) == 0
+
+
+@pytest.mark.extended
 def test_seeded_chaos_two_random_kills_in_one_run(ray_cluster, tiny_config, tmp_path):
     """A random role at a random step, twice in one run (seeded; more runs:
     benchmarks/chaos.py)."""

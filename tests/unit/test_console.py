@@ -60,3 +60,39 @@ def test_worker_logging_prefixes_ray_dpo_records_once(capsys):
         log.handlers[:] = saved[0]
         log.setLevel(saved[1])
         log.propagate = saved[2]
+
+
+WORKER_DIED = ("A worker died or was killed while executing a task by an unexpected system error. To "
+               "troubleshoot the problem, check the logs for the dead worker. Worker PID: 4646")
+RETRY = ("Task _CoordinatorActor.advance failed. There are infinite retries remaining, so the task "
+         "will be retried. Error: The actor is temporarily unavailable")
+
+
+def test_cluster_errors_become_one_line_each_and_are_kept_whole(tmp_path):
+    saved = tmp_path / "errors.log"
+    lines = console.short_cluster_errors([WORKER_DIED, "", RETRY], save_to=str(saved))
+    assert lines == [
+        f"[ray_dpo] Ray reports: A worker died or was killed while executing a task by an unexpected "
+        f"system error. (full text: {saved})",
+        f"[ray_dpo] Ray reports: Task _CoordinatorActor.advance failed. (full text: {saved})"]
+    assert saved.read_text() == WORKER_DIED + "\n" + RETRY + "\n"
+    long = "x" * 500
+    assert console.short_cluster_errors([long], save_to=None) == [f"[ray_dpo] Ray reports: {'x' * 197}..."]
+
+
+def test_installed_filter_shortens_the_clusters_reports_and_passes_worker_output(monkeypatch, capsys):
+    from ray._private import ray_logging, worker
+
+    passed = []
+    monkeypatch.setattr(worker, "print_to_stdstream", lambda data, ignore_prefix: passed.append(data))
+    monkeypatch.setattr(console, "ray_log_dir", lambda: None)
+    dispatcher = ray_logging.WorkerStandardStreamDispatcher()
+    dispatcher.add_handler("ray_print_logs", lambda batch: None)
+    monkeypatch.setattr(ray_logging, "global_worker_stdstream_dispatcher", dispatcher)
+    assert console.install_console_filter() is True
+    worker.print_to_stdstream({"lines": [WORKER_DIED], "pid": "raylet", "is_err": False}, ignore_prefix=False)
+    worker.print_to_stdstream(batch(["[ray_dpo] step 1/6"]), ignore_prefix=False)
+    err = capsys.readouterr().err
+    assert err == ("[ray_dpo] Ray reports: A worker died or was killed while executing a task by an "
+                   "unexpected system error.\n")
+    assert passed == [batch(["[ray_dpo] step 1/6"])]

@@ -124,6 +124,42 @@ def test_the_failure_line_names_role_node_step_and_resume_point():
     assert "ValueError: x" in line and "latest checkpoint" in line
 
 
+class EngineLostError(RuntimeError):
+    """Stands in for ray_dpo.online.engine_restarts.EngineLostError as Ray wraps it."""
+
+
+def test_a_role_lost_for_good_is_named_and_not_restarted_for():
+    lost = EngineLostError("generation engine 0 died and Ray will not restart it: 3 restart(s) used")
+    errors = {0: RuntimeError(f"Traceback ...\nray.exceptions.RayTaskError(EngineLostError): {lost}"),
+              1: WorkerHealthCheckFailedError("health check failed", ActorDiedError("The actor died"))}
+    failure = faults.describe_worker_errors(errors, {0: "10.0.0.1", 1: "10.0.0.2"}, step=9, checkpoint_step=8)
+    assert (failure.rank, failure.lost_role) == (0, True)
+    assert "EngineLostError" in failure.reason and "generation engine 0" in failure.reason
+    assert faults.Failure.from_json(failure.to_json()) == failure
+    line = faults.failure_line(failure, max_failures=3)
+    assert "not restarted" in line and "policy.max_failures" not in line and "step 8" in line
+    assert not faults.describe_worker_errors({1: errors[1]}, {}, step=9).lost_role
+
+
+def test_fail_fast_turns_a_retry_into_a_raise_only_for_a_lost_role():
+    from types import SimpleNamespace
+
+    from ray.train.v2._internal.execution.failure_handling import FailureDecision
+
+    from ray_dpo.tracking.callback import FailFastOnLostRoles
+
+    guard = FailFastOnLostRoles()
+    guard.after_worker_group_poll_status(SimpleNamespace(errors={0: RuntimeError("Connection reset")}))
+    guard.before_controller_execute_failure_decision(FailureDecision.RETRY)  # an ordinary failure: retried
+    guard.after_worker_group_poll_status(SimpleNamespace(errors={}))
+    guard.after_worker_group_poll_status(
+        SimpleNamespace(errors={1: EngineLostError("generation engine 0 did not come back within 600s")}))
+    guard.before_controller_execute_failure_decision(FailureDecision.RAISE)  # already ending: nothing to add
+    with pytest.raises(faults.RunFailedError, match="not restarting the policy workers: EngineLostError: "
+                                                     "generation engine 0 did not come back"):
+        guard.before_controller_execute_failure_decision(FailureDecision.RETRY)
+
+
 @pytest.mark.parametrize("name,step", [("checkpoint_000016", 16), ("checkpoint_000016_2", 16), ("other", None)])
 def test_checkpoint_names(name, step):
     assert faults.step_of_checkpoint(f"/runs/r/{name}") == step

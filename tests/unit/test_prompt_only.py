@@ -15,7 +15,8 @@ from ray_dpo.data.report import data_metrics, format_report
 from ray_dpo.data.schemas import READ_SCHEMA
 from ray_dpo.data.tokenize import PairTokenizer
 from ray_dpo.data.tokenize_stage import tokenize_batch
-from ray_dpo.online.pairs import PAIR_STRATEGIES, prompt_only_refusal, register_pair_strategy
+from ray_dpo.loss_rules import prompt_only_refusal
+from ray_dpo.online.pairs import PAIR_STRATEGIES, register_pair_strategy
 
 USER = {"role": "user", "content": "describe the river"}
 ASSISTANT = {"role": "assistant", "content": "bright calm"}

@@ -54,3 +54,19 @@ def test_pure_modules_import_neither_ray_deepspeed_nor_vllm():
     # A fresh interpreter: pytest plugins or other tests may already have imported ray.
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert proc.stdout.strip() == "", f"pure modules pulled in: {proc.stdout.strip()}"
+
+
+def test_the_offline_driver_imports_nothing_from_online():
+    """An offline run's code path (the driver, feeder, policy worker, reference, tracking)
+    loads no online/ module; only an offline run with held-out prompts starts the
+    evaluator (online/follower.py), and the driver imports it when it does."""
+    offline = ["ray_dpo.driver", "ray_dpo.feeder", "ray_dpo.policy.worker", "ray_dpo.reference.group",
+               "ray_dpo.tracking.callback", "ray_dpo.loss_rules", "ray_dpo.data.pipeline"]
+    code = (
+        "import importlib, sys\n"
+        f"for m in {offline!r}: importlib.import_module(m)\n"
+        "print('online:' + ','.join(sorted(m for m in sys.modules if m.startswith('ray_dpo.online'))))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    [line] = [line for line in proc.stdout.splitlines() if line.startswith("online:")]  # DeepSpeed prints too
+    assert line == "online:", f"the offline path imported: {line}"
