@@ -78,6 +78,8 @@ def test_a_killed_feeder_is_restarted_and_loses_no_pair(ray_cluster, tiny_config
     assert run.data.metrics["faults/worker_restarts"] == 0
 
 
+# Extended tier since stop 19 (187 s here; CI's 35 minutes): CI keeps the worker kill above.
+@pytest.mark.extended
 def test_a_killed_driver_reruns_past_a_truncated_checkpoint(ray_cluster, tiny_config, tmp_path):
     """The driver dies (its job's actors with it); the latest checkpoint is then damaged:
     the same command resumes from the one before, says so, and the ledger is exact."""
