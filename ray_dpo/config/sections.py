@@ -263,8 +263,12 @@ class OnlineConfig:
     checkpoint: a safetensors directory under <storage_path>/<run.name>/weight_sync."""
     sync_tolerance: float = 1e-3
     """Largest allowed |log-prob| difference between engine and policy after a sync."""
-    overlap: bool = False
-    """Generate round r+1 while round r trains (one round of staleness)."""
+    overlap: bool = True
+    """Generate round r+1 while round r trains (the default): its samples come from the
+    policy as it was at round r's start, one round stale (online/sample_staleness_steps).
+    false: every round samples the newest policy and training waits for its generation.
+    On the sentiment example (3 rounds of 8 steps, 2 CPU cores) overlap took 17% less wall
+    time; BENCHMARKS.md has the numbers."""
 
 
 @dataclass
