@@ -132,7 +132,9 @@ class RoundFeeder:
         if not self.is_claimed(r) and self.claim(r):
             self.release(r)  # not in the store either: the sync that starts round r builds it
         with self._cond:
-            while r not in self._rounds:
+            # A failed coordinator (a sync that failed its probe) serves no more steps, even
+            # of a round made before (online.overlap): the run is ending with that error.
+            while self._error is not None or r not in self._rounds:
                 if self._error is not None:
                     raise self._error
                 if self._closed:

