@@ -91,8 +91,6 @@ def child(args) -> None:
             losses.append(step(scored))
             times.append(time.perf_counter() - t0)
     else:
-        import ray
-
         from ray_dpo.config import ReferenceConfig
         from ray_dpo.reference import ReferenceGroup
 

@@ -118,7 +118,10 @@ class PolicyFollower:
         try:
             if self._error is not None:
                 raise self._error
+            busy = self.evaluator.still_sampling()
             metrics = self._sync_weights(step, weights, expected)
+            if busy:
+                _warn_eval_behind(step, busy, metrics["sync/seconds"], self.spec.eval.every_steps)
             self.log(metrics, step)
             self._started(step)
             if step in self.evaluator.points(self._total):
@@ -178,6 +181,16 @@ class PolicyFollower:
         if self._client is None:
             self._client = mlflow_client(uri)
         log_metrics(self._client, run_id, {k: v for k, v in metrics.items() if math.isfinite(v)}, step)
+
+
+def _warn_eval_behind(step: int, busy: list[int], seconds: float, every: int) -> None:
+    """The engines were still on an earlier held-out eval when step ``step``'s weights came:
+    the sync (and so training) waited behind it. Say so once per sync, with the way out."""
+    cost = f"an eval point takes the engine longer than {every} steps take" if every else "the eval was not done"
+    print(f"[ray_dpo] WARNING: step {step}: the held-out eval of step {', '.join(map(str, busy))} was still "
+          f"running, so this weight sync waited behind it on the engine ({seconds:.1f} s, training waited too): "
+          f"{cost}. Raise eval.every_steps, lower eval.num_prompts or eval.samples_per_prompt, or give the "
+          f"engine CPUs/GPUs of its own.", flush=True)
 
 
 def make_evaluator(follower: "PolicyFollower"):

@@ -49,6 +49,7 @@ class HeldOutEvaluator:
         self.reference_batch_size = reference_batch_size
         self._decode, self._log, self._on_error = decode, log, on_error
         self._threads: list[threading.Thread] = []
+        self._sampling: set[int] = set()
 
     def points(self, total_steps: int) -> list[int]:
         """Steps to evaluate at: 0, every eval.every_steps, the last (none without prompts)."""
@@ -62,12 +63,18 @@ class HeldOutEvaluator:
     def start(self, step: int) -> None:
         """Queue the held-out prompts on the engines now (the weights of ``step``); judge,
         score and log in a thread."""
+        self._sampling.add(step)
         chunks = self.generation.submit([ids for _, ids in self.prompts], n=self.config.samples_per_prompt,
                                         sampling=self.sampling, seed=self.seed)
         thread = threading.Thread(target=self._finish, args=(step, chunks), name=f"heldout-eval-{step}",
                                   daemon=True)
         self._threads = [t for t in self._threads if t.is_alive()] + [thread]
         thread.start()
+
+    def still_sampling(self) -> list[int]:
+        """Steps whose held-out samples the engines have not all returned yet (a weight sync
+        sent now waits behind them)."""
+        return sorted(self._sampling)
 
     def wait(self, timeout_s: Optional[float] = None) -> None:
         """Until every eval started has been logged."""
@@ -76,7 +83,11 @@ class HeldOutEvaluator:
 
     def _finish(self, step: int, chunks: list) -> None:
         try:
-            metrics = self._score(self.generation.collect(chunks))
+            try:
+                completions = self.generation.collect(chunks)
+            finally:
+                self._sampling.discard(step)
+            metrics = self._score(completions)
             self._log(metrics, step)
             print(f"[ray_dpo] step {step}: held-out eval/judge_score {metrics['eval/judge_score']:.4f}, "
                   f"eval/kl {metrics['eval/kl']:.4f} ({len(self.prompts)} prompts x "
