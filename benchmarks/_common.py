@@ -84,3 +84,18 @@ def tiny_llama(*, hidden: int = 256, layers: int = 4, vocab: int = 8192, seed: i
                          vocab_size=vocab, max_position_embeddings=4096, pad_token_id=0, bos_token_id=1,
                          eos_token_id=2, use_cache=False, attn_implementation=attn)
     return LlamaForCausalLM(config).float()
+
+
+def find_run(client, experiment: str, run_name: str, *, status: str | None = None):
+    """The newest MLflow run named ``run_name`` in ``experiment`` (only runs with ``status``,
+    e.g. "FINISHED", if given); SystemExit naming the runs there if there is none."""
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        raise SystemExit(f"no MLflow experiment {experiment!r} in this store")
+    where = f"attributes.run_name = '{run_name}'" + (f" and attributes.status = '{status}'" if status else "")
+    runs = client.search_runs([exp.experiment_id], filter_string=where, order_by=["attributes.start_time DESC"])
+    if not runs:
+        names = sorted({r.info.run_name for r in client.search_runs([exp.experiment_id])})
+        raise SystemExit(f"no {status + ' ' if status else ''}run {run_name!r} in experiment {experiment!r}; "
+                         f"runs: {', '.join(names)}")
+    return runs[0]

@@ -14,6 +14,8 @@ from __future__ import annotations
 import argparse
 import statistics
 
+from _common import find_run
+
 
 def times(client, run, steps_per_round: int) -> dict:
     loss = sorted(client.get_metric_history(run.info.run_id, "train/loss"), key=lambda m: (m.step, m.timestamp))
@@ -41,14 +43,8 @@ def main() -> None:
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(args.tracking_uri)
-    experiment = client.get_experiment_by_name(args.experiment)
     for name in args.names:
-        runs = client.search_runs([experiment.experiment_id], f"attributes.run_name = '{name}' and attributes.status = 'FINISHED'",
-                                  order_by=["attributes.end_time DESC"], max_results=1)
-        if not runs:
-            print(f"{name}: no FINISHED run")
-            continue
-        t = times(client, runs[0], args.steps_per_round)
+        t = times(client, find_run(client, args.experiment, name, status="FINISHED"), args.steps_per_round)
         rounds = " rounds " + " ".join(f"{s:.0f}" for s in t["round_s"]) if "round_s" in t else ""
         sync = f" sync {min(t['sync_s']):.1f}-{max(t['sync_s']):.1f} s" if "sync_s" in t else ""
         print(f"{name}: {t['steps']} steps, wall {t['wall_s']:.0f} s, median step {t['median_step_s']:.1f} s{rounds}{sync}")

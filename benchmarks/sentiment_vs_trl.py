@@ -78,7 +78,7 @@ warnings.filterwarnings("ignore")
 
 import torch  # noqa: E402
 
-from _common import ROOT, record, table  # noqa: E402
+from _common import ROOT, find_run, record, table  # noqa: E402
 
 CONFIG = "examples/sentiment/sentiment.yaml"
 
@@ -256,18 +256,6 @@ def _history(client, run_id: str, key: str) -> dict[int, tuple[float, float]]:
             for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.timestamp)}
 
 
-def _find_run(client, experiment: str, run_name: str):
-    exp = client.get_experiment_by_name(experiment)
-    if exp is None:
-        raise SystemExit(f"no MLflow experiment {experiment!r} in this store")
-    runs = client.search_runs([exp.experiment_id], filter_string=f"attributes.run_name = '{run_name}'",
-                              order_by=["attributes.start_time DESC"])
-    if not runs:
-        names = sorted({r.info.run_name for r in client.search_runs([exp.experiment_id])})
-        raise SystemExit(f"no run {run_name!r} in experiment {experiment!r}; runs: {', '.join(names)}")
-    return runs[0]
-
-
 def _ref_cache_note(cfg, params: dict, start: float, first_step: float) -> tuple[str, str]:
     """(short, long) note on whether the run computed its reference log-probs (cache files' mtimes).
 
@@ -291,7 +279,7 @@ def read_ray_dpo_run(cfg, run_name: str) -> dict:
     from ray_dpo.tracking.mlflow_sink import mlflow_client, resolve_tracking_uri
 
     client = mlflow_client(resolve_tracking_uri(cfg.tracking.mlflow, cfg.run.storage_path))
-    run = _find_run(client, cfg.tracking.mlflow.experiment, run_name)
+    run = find_run(client, cfg.tracking.mlflow.experiment, run_name)
     rid = run.info.run_id
     loss, judge, kl = (_history(client, rid, k) for k in ("train/loss", "eval/judge_score", "eval/kl"))
     if not loss:

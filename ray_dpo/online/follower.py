@@ -187,10 +187,10 @@ def _warn_eval_behind(step: int, busy: list[int], seconds: float, every: int) ->
     """The engines were still on an earlier held-out eval when step ``step``'s weights came:
     the sync (and so training) waited behind it. Say so once per sync, with the way out."""
     cost = f"an eval point takes the engine longer than {every} steps take" if every else "the eval was not done"
-    print(f"[ray_dpo] WARNING: step {step}: the held-out eval of step {', '.join(map(str, busy))} was still "
-          f"running, so this weight sync waited behind it on the engine ({seconds:.1f} s, training waited too): "
-          f"{cost}. Raise eval.every_steps, lower eval.num_prompts or eval.samples_per_prompt, or give the "
-          f"engine CPUs/GPUs of its own.", flush=True)
+    logger.warning("step %d: the held-out eval of step %s was still running, so this weight sync waited behind "
+                   "it on the engine (%.1f s, training waited too): %s. Raise eval.every_steps, lower "
+                   "eval.num_prompts or eval.samples_per_prompt, or give the engine CPUs/GPUs of its own.",
+                   step, ", ".join(map(str, busy)), seconds, cost)
 
 
 def make_evaluator(follower: "PolicyFollower"):
