@@ -85,8 +85,11 @@ def _print_summary(s) -> None:
         unit = " nats/sequence" if key == "eval/kl" else ""
         print(f"[ray_dpo]   held-out {key} = {first:.4f} at step {first_step} -> {last:.4f} at step "
               f"{last_step} ({last - first:+.4f}){unit}")
+    if s.adapter_path:
+        print(f"[ray_dpo] final LoRA adapter (peft; PeftModel.from_pretrained or vLLM LoRA): {s.adapter_path}")
     if s.hf_model_path:
-        print(f"[ray_dpo] final model (Hugging Face format): {s.hf_model_path}")
+        merged = " with the LoRA adapter merged in" if s.adapter_path else ""
+        print(f"[ray_dpo] final model (Hugging Face format{merged}): {s.hf_model_path}")
     print(f"[ray_dpo] MLflow run id: {s.run_id} (experiment {s.experiment!r})")
     print(f"[ray_dpo] look at it: mlflow ui --backend-store-uri {s.tracking_uri}")
 

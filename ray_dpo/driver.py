@@ -27,7 +27,7 @@ from ray_dpo.config import RunConfig, flatten, join_path, local_cluster_cpus, to
 from ray_dpo.data.files import expand_files
 from ray_dpo.data.pipeline import build_pair_data
 from ray_dpo.data.report import data_metrics, data_report, format_report
-from ray_dpo.loss_rules import needs_reference, prompt_only_refusal, trains_unpaired
+from ray_dpo.loss_rules import prompt_only_refusal, reference_source, trains_unpaired
 from ray_dpo.tracking.metrics import CountProgress
 
 logger = logging.getLogger("ray_dpo")
@@ -55,6 +55,7 @@ class TrainSummary:
     steps: int
     checkpoint_path: str | None
     hf_model_path: str | None
+    adapter_path: str | None
     final_metrics: dict
     data_report: dict
     seconds: float
@@ -165,15 +166,32 @@ def _start_tracking(cfg: RunConfig, *, mode: str):
     tracker.set_tags({"ray_dpo.mode": mode, "ray_dpo.run_name": cfg.run.name, "ray_dpo.loss": cfg.loss.type,
                       "ray_dpo.reference": _reference_mode(cfg), **cfg.tracking.mlflow.tags})
     tracker.log_params(flatten(cfg))
+    if cfg.policy.lora.enabled:
+        tracker.log_params(_lora_counts(cfg))
     tracker.log_text(to_yaml(cfg), "config/resolved.yaml")
     print(f"[ray_dpo] MLflow run {tracker.run_id} in {tracker.uri}", flush=True)
     return tracker
 
 
+def _lora_counts(cfg: RunConfig) -> dict:
+    """Trainable and total parameters of the LoRA policy (MLflow params), said on the console;
+    counted on the model's architecture on the meta device, no weights read."""
+    from ray_dpo import lora
+
+    model = lora.wrap(lora.meta_model(cfg.model.name_or_path, trust_remote_code=cfg.model.trust_remote_code),
+                      cfg.policy.lora)
+    trainable, total = lora.param_counts(model)
+    print(f"[ray_dpo] LoRA rank {cfg.policy.lora.rank} on {', '.join(cfg.policy.lora.target_modules)}: "
+          f"{trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.2f}%)", flush=True)
+    return {"lora/trainable_params": trainable, "lora/total_params": total}
+
+
 def _reference_mode(cfg: RunConfig) -> str:
-    """The ray_dpo.reference tag: none (reference-free loss), precomputed or streamed."""
-    if not needs_reference(cfg):
-        return "none"
+    """The ray_dpo.reference tag: none (reference-free loss), adapters_off (LoRA: the policy's
+    base model), precomputed or streamed."""
+    source = reference_source(cfg)
+    if source != "group":
+        return source
     return "precomputed" if cfg.reference.precompute else "streamed"
 
 
@@ -182,8 +200,10 @@ def _loss_facts(cfg: RunConfig) -> dict:
     unpaired, reference = trains_unpaired(cfg), _reference_mode(cfg)
     rows = "unpaired examples" + (" (pairs unpaired: data.unpair)" if cfg.data.unpair else "") if unpaired \
         else "preference pairs"
-    ref = ("none: reference-free, no reference actors, no reference forward" if reference == "none"
-           else f"{reference} by {cfg.reference.num_actors} reference actor(s)")
+    ref = {"none": "none: reference-free, no reference actors, no reference forward",
+           "adapters_off": "the base model, scored by the policy workers with the LoRA adapters off "
+                           "(no reference actors for training)"}.get(
+        reference, f"{reference} by {cfg.reference.num_actors} reference actor(s)")
     return {"type": cfg.loss.type, "rows": "examples" if unpaired else "pairs", "reference": reference,
             "summary": f"loss.type={cfg.loss.type} on {rows}; reference: {ref}"}
 
@@ -258,8 +278,9 @@ def _start_roles(cfg: RunConfig, tracker, train, evaluation, gpu: bool, watch: d
                                         tracking_uri=tracker.uri, run_id=tracker.run_id, use_gpu=gpu)
         _watch_engines(watch, coordinator, role="coordinator")
         return Roles(coordinator, coordinator, ray.get(coordinator.total_steps.remote()), groups=[group])
-    # A reference-free loss (SimPO, ORPO) starts no reference actor at all.
-    group = _reference_group(cfg, gpu) if needs_reference(cfg) else None
+    # A reference-free loss (SimPO, ORPO) starts no reference actor at all, nor does a LoRA
+    # run that scores its base model itself (adapters_off).
+    group = _reference_group(cfg, gpu) if reference_source(cfg) == "group" else None
     if group is not None and not cfg.reference.precompute:
         watch["reference"] = group.actor_ids
     feeder = _start_feeder(cfg, train, evaluation, group)
@@ -269,8 +290,9 @@ def _start_roles(cfg: RunConfig, tracker, train, evaluation, gpu: bool, watch: d
     if cfg.eval.prompts_file:
         from ray_dpo.online.follower import start_follower
 
-        # It scores through the feeder's reference actors unless precompute freed them.
-        reference = _reference_group(cfg, gpu) if cfg.reference.precompute else group
+        # It scores through the feeder's reference actors unless precompute freed them
+        # (or adapters_off never needed any for training).
+        reference = group if group is not None and not cfg.reference.precompute else _reference_group(cfg, gpu)
         follower = start_follower(cfg, reference=reference, total_steps=total_steps, tracking_uri=tracker.uri,
                                   run_id=tracker.run_id, use_gpu=gpu)
         _watch_engines(watch, follower, role="eval")
@@ -315,7 +337,7 @@ def _start_feeder(cfg: RunConfig, train, evaluation, group):
     )
     return start_feeder(train=train, plan=plan, reference=group, ref_cache=ref_cache,
                         evaluation=evaluation, eval_max_pairs=cfg.eval.max_pairs,
-                        reference_free=not needs_reference(cfg), max_restarts=cfg.policy.max_failures)
+                        reference_free=reference_source(cfg) != "group", max_restarts=cfg.policy.max_failures)
 
 
 def _precomputed_reference(cfg: RunConfig, group, train, evaluation, ref_model: str) -> dict:
@@ -404,12 +426,12 @@ def _run_failed(cfg: RunConfig, tracker, error: BaseException) -> BaseException:
 
 def _summarize(cfg: RunConfig, tracker, result, total_steps: int, report: dict, seconds: float) -> TrainSummary:
     ckpt = result.checkpoint.path if result.checkpoint is not None else None
-    hf = os.path.join(ckpt, "hf_model") if ckpt and os.path.isdir(os.path.join(ckpt, "hf_model")) else None
+    hf, adapter = (os.path.join(ckpt, name) if ckpt and os.path.isdir(os.path.join(ckpt, name)) else None
+                   for name in ("hf_model", "adapter"))
     metrics = {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))}
-    if hf:
-        tracker.set_tags({"ray_dpo.hf_model": hf})
+    tracker.set_tags({key: path for key, path in (("ray_dpo.hf_model", hf), ("ray_dpo.adapter", adapter)) if path})
     heldout = {key: span for key in HELDOUT_METRICS if (span := tracker.first_and_last(key))}
     return TrainSummary(run_id=tracker.run_id, tracking_uri=tracker.uri,
                         experiment=cfg.tracking.mlflow.experiment, steps=total_steps,
-                        checkpoint_path=ckpt, hf_model_path=hf, final_metrics=metrics,
+                        checkpoint_path=ckpt, hf_model_path=hf, adapter_path=adapter, final_metrics=metrics,
                         data_report=report, seconds=seconds, heldout=heldout)

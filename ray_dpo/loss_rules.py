@@ -1,6 +1,8 @@
 """What the loss (`loss.type`) asks of the rest of a run config, from the loss registry's facts.
 
     needs_reference(cfg)   False for SimPO / ORPO: no reference actor, no reference forward
+    reference_source(cfg)  none | adapters_off (LoRA: the policy's base) | group (reference actors)
+    needs_reference_group(cfg)   whether reference actors start (training or held-out eval/kl)
     trains_unpaired(cfg)   True for KTO: rows are (prompt, completion, label) examples
     prompt_only_refusal(online, key=)   why a data split may not hold prompt-only rows
     loss_problems(cfg)     (key, message) pairs for config.check: loss.* keys the loss does
@@ -21,6 +23,24 @@ from ray_dpo.losses import LOSSES, OPTIONAL_KEYS
 def needs_reference(cfg: Any) -> bool:
     """Whether the run's loss needs reference log-probs (unknown types: True, the safe side)."""
     return cfg.loss.type not in LOSSES or LOSSES[cfg.loss.type].needs_reference
+
+
+def reference_source(cfg: Any) -> str:
+    """Where training's reference log-probs come from: "none" (a reference-free loss),
+    "adapters_off" (a LoRA policy scores its own base model, policy.lora.reference) or
+    "group" (the reference actors, streamed or precomputed)."""
+    if not needs_reference(cfg):
+        return "none"
+    lora = cfg.policy.lora
+    return "adapters_off" if lora.enabled and lora.reference == "adapters_off" else "group"
+
+
+def needs_reference_group(cfg: Any) -> bool:
+    """Whether the run starts reference actors: training's reference is the group, or held-out
+    sampling (eval.prompts_file, online rounds' eval) scores eval/kl against the reference
+    (under adapters_off too: the actors then serve the base model for that alone)."""
+    source = reference_source(cfg)
+    return source == "group" or (source == "adapters_off" and bool(cfg.eval.prompts_file))
 
 
 def trains_unpaired(cfg: Any) -> bool:

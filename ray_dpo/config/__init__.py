@@ -39,6 +39,7 @@ from ray_dpo.config.sections import (
     DataConfig,
     EvalConfig,
     JudgeConfig,
+    LoraSection,
     LossConfig,
     MLflowConfig,
     ModelConfig,
@@ -53,7 +54,7 @@ from ray_dpo.config.sections import (
 
 __all__ = [
     "REMOTE_PREFIXES", "RENAMED_KEYS", "ConfigError", "DataConfig", "DeprecatedKeyWarning", "EvalConfig",
-    "JudgeConfig", "LossConfig", "MLflowConfig", "ModelConfig", "OnlineConfig", "PolicyConfig", "Problem",
+    "JudgeConfig", "LoraSection", "LossConfig", "MLflowConfig", "ModelConfig", "OnlineConfig", "PolicyConfig", "Problem",
     "ReferenceConfig", "RunConfig", "RunSection", "SamplingConfig", "TrackingConfig", "apply_overrides",
     "check", "duplicate_keys", "flatten", "from_dict", "join_path", "load_config", "local_cluster_cpus",
     "local_cpu_needs", "local_cpus_needed", "to_dict", "to_yaml", "with_absolute_paths",

@@ -145,6 +145,7 @@ def _check_consistency(cfg: RunConfig, p: list[Problem]) -> None:
         p.append(Problem("online.sampling.top_p", f"must be in (0, 1], got {cfg.online.sampling.top_p}"))
     _check_judge(cfg, p)
     _check_online(cfg, p)
+    _check_lora(cfg, p)
     if is_remote(cfg.run.storage_path) and not cfg.tracking.mlflow.tracking_uri:
         p.append(Problem("tracking.mlflow.tracking_uri", "the default SQLite store needs a local "
                          "run.storage_path; set a tracking URI (e.g. http://mlflow:5000)"))
@@ -222,6 +223,52 @@ def _check_online(cfg: RunConfig, p: list[Problem]) -> None:
                                                f"({sync.not_wired}); use {wired}"))
 
 
+def _check_lora(cfg: RunConfig, p: list[Problem]) -> None:
+    """policy.lora's ranges, and its reference mode against the reference settings."""
+    lora = cfg.policy.lora
+    _positive(p, "policy.lora.rank", lora.rank, allow_zero=True)
+    if not lora.enabled:
+        return
+    _positive(p, "policy.lora.alpha", lora.alpha)
+    if not 0.0 <= lora.dropout < 1.0:
+        p.append(Problem("policy.lora.dropout", f"must be in [0, 1), got {lora.dropout}"))
+    if not lora.target_modules:
+        p.append(Problem("policy.lora.target_modules", "is empty: name the linear layers to adapt "
+                                                       "(e.g. [q_proj, v_proj]) or use all-linear"))
+    if cfg.online.enabled or cfg.eval.prompts_file:
+        key = "online.enabled" if cfg.online.enabled else "eval.prompts_file"
+        p.append(Problem(key, "policy.lora: weight sync of LoRA adapters to generation engines is not wired yet; "
+                              "run LoRA offline without eval.prompts_file (data.eval_files gives eval/* metrics)"))
+    from ray_dpo.loss_rules import needs_reference
+
+    if lora.reference != "adapters_off" or not needs_reference(cfg):
+        return
+    why = "policy.lora.reference=adapters_off: the reference is the policy's own base model with its adapters off"
+    if cfg.reference.model:
+        p.append(Problem("reference.model", f"{why}; unset it, or set policy.lora.reference=group to serve "
+                                            "another reference model from the reference actors"))
+    if cfg.reference.precompute:
+        p.append(Problem("reference.precompute", f"{why}, scored in the training step, so nothing is precomputed; "
+                                                 "set policy.lora.reference=group for a cached reference pass"))
+
+
+def _check_lora_targets(cfg: RunConfig, p: list[Problem]) -> None:
+    """Every policy.lora.target_modules name matches a linear layer of the model (read on the
+    meta device: its config, no weights)."""
+    lora, path = cfg.policy.lora, cfg.model.name_or_path
+    if not lora.enabled or lora.target_modules in ([], ["all-linear"]) or not path \
+            or not os.path.isdir(os.path.expanduser(path)):
+        return
+    from ray_dpo.lora import target_problem  # torch + transformers: only for LoRA configs
+
+    try:
+        problem = target_problem(os.path.expanduser(path), lora, trust_remote_code=cfg.model.trust_remote_code)
+    except (OSError, ValueError) as e:  # no config.json, an architecture transformers does not know
+        problem = f"cannot read the linear layers of model.name_or_path={path!r}: {e}"
+    if problem:
+        p.append(Problem("policy.lora.target_modules", problem))
+
+
 def _module_problem(module: str) -> Optional[str]:
     """Why ``module`` cannot be imported here, or None. A top-level package found only in the
     current directory (a job's working_dir) is accepted without looking further."""
@@ -244,6 +291,7 @@ def _check_local_files(cfg: RunConfig, p: list[Problem]) -> None:
             problem = _module_problem(judge.function.split(":", 1)[0].strip())
             if problem:
                 p.append(Problem(f"{key}.function", problem))
+    _check_lora_targets(cfg, p)
     _check_files("data.train_files", cfg.data.train_files, p)
     _check_files("data.eval_files", cfg.data.eval_files, p)
     for key, path in [("model.name_or_path", cfg.model.name_or_path),

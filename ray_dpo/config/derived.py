@@ -52,13 +52,13 @@ def local_cpu_needs(cfg: RunConfig) -> list[tuple[str, float]]:
     policy workers, a reference group (streamed, or the evaluation's group after a
     precompute), generation engines (online rounds or held-out sampling), reward-model judge
     actors, and one CPU for Ray Data tasks. The feeder and the coordinator take no CPU."""
-    from ray_dpo.loss_rules import needs_reference
+    from ray_dpo.loss_rules import needs_reference_group
 
     def part(count: int, what: str, each: float) -> tuple[str, float]:
         return f"{count} {what}{'s' if count != 1 else ''} x {each:g}", count * each
 
     parts = [part(cfg.policy.num_workers, "policy worker", cfg.policy.num_cpus_per_worker)]
-    if needs_reference(cfg):  # SimPO / ORPO start no reference group
+    if needs_reference_group(cfg):  # SimPO / ORPO, LoRA adapters_off start no reference group
         parts.append(part(cfg.reference.num_actors, "reference actor", cfg.reference.num_cpus_per_actor))
     if cfg.online.enabled or cfg.eval.prompts_file:
         parts.append(part(cfg.online.num_engines, "generation engine", cfg.online.num_cpus_per_engine))

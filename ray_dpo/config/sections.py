@@ -144,6 +144,43 @@ class ReferenceConfig:
 
 
 @dataclass
+class LoraSection:
+    """LoRA (low-rank adapters, through peft): train small adapter matrices beside frozen
+    base weights instead of every parameter. Off unless rank > 0."""
+
+    rank: int = 0
+    """Adapter rank r; 0 (default) trains every parameter (no LoRA)."""
+    alpha: float = 16.0
+    """Scaling numerator: the adapter's update is multiplied by alpha / rank."""
+    dropout: float = 0.0
+    """Dropout on the adapter's input (training only). The base model's dropout stays off
+    whatever this says, so the step-0 loss is still ln 2."""
+    target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
+    """Which linear layers get adapters: module names matched as peft does (a name matches
+    a module whose path ends with it, e.g. q_proj), or all-linear: every linear layer but
+    the output head. A name that matches no linear layer of the model is a config error
+    that lists the model's linear layer names."""
+    modules_to_save: list[str] = field(default_factory=list)
+    """Modules trained in full beside the adapters and saved with them (e.g. lm_head)."""
+    reference: Literal["adapters_off", "group"] = "adapters_off"
+    """Where the base model's (the reference's) log-probs come from:
+    adapters_off: the policy worker runs its own model with the adapters switched off
+        (one extra no-grad forward per micro-batch, no reference actor, no second copy of
+        the weights: the default, since LoRA is what people use when memory is short);
+    group: the reference actor group serves the base model, streamed or precomputed
+        (reference.precompute); the cache key is the base model + data + tokenizer, so
+        every LoRA run on that base and data (a beta or rank sweep, a rerun) reuses one
+        reference pass."""
+    merge_on_export: bool = False
+    """At the end, also write hf_model/: the base model with the adapters merged in, a plain
+    transformers model (the adapter alone is always written, to adapter/)."""
+
+    @property
+    def enabled(self) -> bool:
+        return self.rank > 0
+
+
+@dataclass
 class PolicyConfig:
     num_workers: int = 1
     """Ray Train workers, each one DeepSpeed engine (one per GPU on a GPU cluster)."""
@@ -215,6 +252,8 @@ class PolicyConfig:
     right choice for flash_attention_2 (varlen kernels skip cross-sequence blocks). sdpa /
     eager compute the dense T x T attention of each row, so on long data rows of ~1k tokens
     are faster despite some tail padding (see BENCHMARKS.md)."""
+    lora: LoraSection = field(default_factory=LoraSection)
+    """LoRA adapters instead of full-parameter training (policy.lora.rank > 0)."""
 
 
 @dataclass

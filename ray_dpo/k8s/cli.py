@@ -16,7 +16,7 @@ from ray_dpo.k8s.groups import GroupPlan, plan_groups
 from ray_dpo.k8s.manifests import documents, k8s_name
 from ray_dpo.k8s.options import (DEFAULT_STORAGE_MOUNT, EXIT_BAD_CONFIG, EXIT_OK, MLFLOW_KEYS, OBJECT_STORE_KEYS,
                                  ClusterShape, K8sError, K8sOptions, Storage, entrypoint)
-from ray_dpo.loss_rules import needs_reference
+from ray_dpo.loss_rules import needs_reference_group, reference_source
 
 
 class _Dumper(yaml.SafeDumper):
@@ -45,9 +45,12 @@ class Rendered:
         for g in self.groups:
             lines.append(f"# worker group {g.name}: {g.sizing} -> {g.replicas} pod(s) of {g.per_pod}, "
                          f"each {g.gpus_per_pod} GPU / {g.cpus_per_pod} CPU / {g.memory_gi}Gi")
-        if not needs_reference(self.config):
+        if reference_source(self.config) == "none":
             lines.append(f"# reference: none, loss.type={self.config.loss.type} is reference-free "
                          f"(no reference actors, no worker group)")
+        elif not needs_reference_group(self.config):
+            lines.append("# reference: the LoRA policy's base model, scored by the policy workers with the "
+                         "adapters off (policy.lora.reference=adapters_off; no reference actors, no worker group)")
         elif not any(g.name == "reference" for g in self.groups):
             ref = self.config.reference
             lines.append(f"# reference: reference.precompute, {ref.num_actors} actor(s) score the data on the "

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from ray_dpo.config import RunConfig
 from ray_dpo.resources import gpus_per_actor
 from ray_dpo.k8s.options import ClusterShape, K8sError
-from ray_dpo.loss_rules import needs_reference
+from ray_dpo.loss_rules import needs_reference_group
 
 
 @dataclass(frozen=True)
@@ -74,7 +74,7 @@ def uses_gpu(cfg: RunConfig) -> bool:
     if cfg.run.device != "auto":
         return cfg.run.device == "cuda"
     online = _runs_engines(cfg) and (cfg.online.num_gpus_per_engine > 0 or cfg.online.judge.num_gpus_per_actor > 0)
-    reference = needs_reference(cfg) and cfg.reference.num_gpus_per_actor > 0
+    reference = needs_reference_group(cfg) and cfg.reference.num_gpus_per_actor > 0
     return cfg.policy.num_gpus_per_worker > 0 or reference or online
 
 
@@ -95,8 +95,8 @@ def plan_groups(cfg: RunConfig, shape: ClusterShape) -> tuple[list[GroupPlan], l
     # ReferenceGroup gives each actor num_gpus_per_actor GPUs, or 1 when that is 0, on a GPU run.
     ref_gpus = gpus_per_actor(ref.num_gpus_per_actor, use_gpu=gpu)
     sizing = f"reference.num_actors={ref.num_actors} x {ref_gpus:g} GPU"
-    if not needs_reference(cfg):
-        pass  # SimPO / ORPO: the run starts no reference actor, so it gets no pods
+    if not needs_reference_group(cfg):
+        pass  # SimPO / ORPO, LoRA with adapters_off: the run starts no reference actor, so no pods
     elif _reference_time_shared(cfg):
         _check_time_shared(groups[0], ref.num_actors, ref_gpus, ref.num_cpus_per_actor)
     else:

@@ -7,7 +7,8 @@ Layout of one checkpoint directory (Ray merges every rank's files into it):
                                               schedule, client_state {"step": k})
     rng/rank<r>.pt                            each rank's torch / numpy / Python RNG states
     manifest/rank<r>.json                     written last: the rank's files and their sizes
-    hf_model/                                 final checkpoint only (rank 0)
+    hf_model/                                 final checkpoint only (rank 0); LoRA: merged, on request
+    adapter/                                  final checkpoint of a LoRA run: the peft adapter
 
 Every rank saves into its own local temp dir and reports it; Ray 2.60 gives all ranks one
 checkpoint_dir_name (broadcast from rank 0) and copies every rank's files into it. DeepSpeed
@@ -39,34 +40,39 @@ from ray_dpo import faults
 logger = logging.getLogger("ray_dpo.policy")
 
 DS_DIR = "deepspeed"
-HF_DIR = "hf_model"
 RNG_DIR = "rng"
 
 
 def save_checkpoint(worker, step: int, metrics: dict, *, run_dir: Optional[str] = None,
                     export: Optional[Callable[[str], None]] = None) -> None:
     """Every rank saves its DeepSpeed shard, its RNG states and, last, its manifest, then
-    reports the directory; ``export(out_dir)`` (every rank) adds the Hugging Face model."""
+    reports the directory; ``export(root)`` (every rank) adds the final model files under the
+    checkpoint's root (policy/weights.export_final)."""
     name = f"checkpoint_{step:06d}"
     if run_dir is not None:
         fs, path = faults.storage_fs(run_dir)
         name = faults.fresh_checkpoint_name(fs, path, step)
     with tempfile.TemporaryDirectory(prefix=f"ray_dpo_ckpt_rank{worker.rank}_") as tmp:
+        # LoRA: the frozen base weights are the model directory's, so a checkpoint holds the
+        # adapters and their optimizer state only (MBs, not the whole model every time).
         worker.engine.save_checkpoint(os.path.join(tmp, DS_DIR), tag=f"step{step}",
-                                      client_state={"step": step})
+                                      client_state={"step": step},
+                                      exclude_frozen_parameters=worker.policy.lora.enabled)
         if export is not None:
-            export(os.path.join(tmp, HF_DIR))
+            export(tmp)
         _save_rng(os.path.join(tmp, RNG_DIR, f"rank{worker.rank}.pt"))
         faults.write_manifest(tmp, rank=worker.rank, world_size=worker.world_size, step=step)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
                          checkpoint_dir_name=name)
 
 
-def load_checkpoint(engine, *, rank: int = 0) -> int:
+def load_checkpoint(engine, *, rank: int = 0, frozen_excluded: bool = False) -> int:
     """Restore engine state (weights, optimizer, LR schedule) and this rank's RNG from the
     newest complete checkpoint at or before Ray's latest; returns the steps already done.
 
-    Every rank reads the same manifests on the same storage, so all pick the same one."""
+    Every rank reads the same manifests on the same storage, so all pick the same one.
+    frozen_excluded: the checkpoint holds trainable parameters only (LoRA); the frozen ones
+    keep the values the engine was built with (the base model)."""
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
         return 0
@@ -83,7 +89,8 @@ def load_checkpoint(engine, *, rank: int = 0) -> int:
                        "run again", chosen, checkpoint.path)
     source = ray.train.Checkpoint(path=chosen, filesystem=checkpoint.filesystem)
     with source.as_directory() as path:
-        load_path, client_state = engine.load_checkpoint(os.path.join(path, DS_DIR))
+        load_path, client_state = engine.load_checkpoint(os.path.join(path, DS_DIR),
+                                                         load_module_strict=not frozen_excluded)
         if load_path is None:
             raise RuntimeError(f"checkpoint {chosen} has no DeepSpeed state under {DS_DIR}/; "
                                "was it written by ray_dpo.policy.worker?")

@@ -2,7 +2,8 @@
 
     sync_policy    at the coordinator's sync points: the current weights, through the object
                    store, to the online generation engines (with a probe to verify them)
-    export_hf      the final policy in Hugging Face format (hf_model/ of the last checkpoint)
+    export_final   the final policy: hf_model/ (Hugging Face format) of the last checkpoint, or
+                   for LoRA adapter/ (peft) and, on request, hf_model/ with the adapters merged
 
 Both are collective: every rank calls them at the same step.
 """
@@ -20,6 +21,9 @@ import torch
 import torch.distributed as dist
 
 from ray_dpo.data.chat_template import export_tokenizer
+
+HF_DIR = "hf_model"  # the final model, loadable by from_pretrained and vLLM (merged, for LoRA)
+ADAPTER_DIR = "adapter"  # LoRA runs: the peft adapter of the final policy
 
 if TYPE_CHECKING:
     from ray_dpo.policy.worker import RankState
@@ -64,6 +68,49 @@ def _gather_weights(worker: RankState) -> Optional[dict[str, torch.Tensor]]:
             if out is not None:
                 out[name] = param.data.detach().to("cpu", copy=True)
     return out
+
+
+def export_final(worker: RankState, model_cfg, root: str) -> None:
+    """The final checkpoint's model files under ``root`` (every rank calls this): hf_model/
+    for a full-parameter run; for a LoRA run adapter/ (a peft adapter directory), plus
+    hf_model/ with the adapters merged in when policy.lora.merge_on_export."""
+    lora = worker.policy.lora
+    if not lora.enabled:
+        export_hf(worker, model_cfg, os.path.join(root, HF_DIR))
+        return
+    adapter_dir = os.path.join(root, ADAPTER_DIR)
+    export_adapter(worker, model_cfg, adapter_dir)
+    if lora.merge_on_export and worker.rank == 0:
+        from ray_dpo.lora import merge_adapter
+
+        merge_adapter(model_cfg, adapter_dir, os.path.join(root, HF_DIR))
+        _copy_tokenizer(model_cfg, os.path.join(root, HF_DIR))
+    dist.barrier()
+
+
+def trainable_state_dict(worker: RankState) -> Optional[dict[str, torch.Tensor]]:
+    """The trainable parameters (LoRA: adapters and modules_to_save) on rank 0 as CPU copies
+    under the peft model's names, None elsewhere; gathered one by one under ZeRO-3."""
+    out: Optional[dict[str, torch.Tensor]] = {} if worker.rank == 0 else None
+    zero3 = worker.engine.zero_optimization_partition_weights()
+    for name, param in worker.engine.module.named_parameters():
+        if not param.requires_grad:
+            continue
+        whole = deepspeed.zero.GatheredParameters([param], modifier_rank=None) if zero3 else contextlib.nullcontext()
+        with whole:
+            if out is not None:
+                out[name] = param.data.detach().to("cpu", copy=True)
+    return out
+
+
+def export_adapter(worker: RankState, model_cfg, out_dir: str) -> None:
+    """A peft adapter directory (adapter_config.json, adapter_model.safetensors) with the
+    tokenizer and chat template: PeftModel.from_pretrained(base, out_dir) and vLLM's LoRA
+    loading take it. Every rank calls this (gathering is collective under ZeRO-3)."""
+    state_dict = trainable_state_dict(worker)
+    if worker.rank == 0:
+        worker.engine.module.save_pretrained(out_dir, state_dict=state_dict)
+        _copy_tokenizer(model_cfg, out_dir)
 
 
 def export_hf(worker: RankState, model_cfg, out_dir: str) -> None:

@@ -11,8 +11,8 @@
                                        held-out sampling): weights -> generation engines
                                        (policy/weights.py)
         save_checkpoint / report       every rank reports, every step (Ray Train V2 needs it)
-      export_hf                        the final policy in Hugging Face format, under hf_model/
-                                       (policy/weights.py)
+      export_final                     the final policy in Hugging Face format, under hf_model/,
+                                       or for LoRA a peft adapter under adapter/ (policy/weights.py)
 
 Step numbering: the feeder's steps are 0-based indices; the reported "step" is the number
 of optimizer steps completed (1 after the first update), which is also what a checkpoint's
@@ -42,18 +42,18 @@ import ray.train
 import torch
 import torch.distributed as dist
 
-from ray_dpo import faults
+from ray_dpo import faults, lora
 from ray_dpo.batching.budget import token_budget_micro_batches
 from ray_dpo.batching.layouts import batch_stats, build_batch, model_inputs, pair_logps
 from ray_dpo.batching.logps import mean_nll
 from ray_dpo.config import LossConfig, PolicyConfig
 from ray_dpo.dtypes import torch_dtype
 from ray_dpo.losses import LossSpec, dpo_loss, loss_spec
-from ray_dpo.policy.checkpoints import DS_DIR, HF_DIR, load_checkpoint, save_checkpoint  # noqa: F401
+from ray_dpo.policy.checkpoints import DS_DIR, load_checkpoint, save_checkpoint  # noqa: F401
 from ray_dpo.policy.ds_config import build_ds_config, lr_lambda
 from ray_dpo.policy.loop_spec import TrainLoopSpec
 from ray_dpo.policy.step_metrics import SUMS, all_reduce_sums, global_kl, loss_metrics, metric_sums, sum_names
-from ray_dpo.policy.weights import export_hf, sync_policy
+from ray_dpo.policy.weights import HF_DIR, export_final, sync_policy  # noqa: F401
 
 # Dense bf16 peak FLOP/s per GPU (no sparsity), matched against torch.cuda.get_device_name()
 # by substring, first match wins (so "H100" variants go before a bare "H100"). perf/mfu is
@@ -84,6 +84,9 @@ class RankState:
     # transformers reads ZeRO-3 settings through a weak reference to this object: it must
     # outlive the model, or transformers silently stops treating parameters as partitioned.
     hf_ds_config: Optional[Any] = None
+    # LoRA with policy.lora.reference=adapters_off: the reference log-probs come from this
+    # rank's own model with its adapters off, not from the feeder's rows
+    adapters_off_reference: bool = False
     # the loss's registry entry (from loss.type): reference or not, pairs or unpaired, metrics
     loss_spec: LossSpec = dataclasses.field(init=False)
 
@@ -108,7 +111,7 @@ def train_loop_per_worker(config: dict) -> None:
 def _train(spec: TrainLoopSpec) -> None:
     policy = spec.policy
     worker = _make_worker(spec)
-    step = load_checkpoint(worker.engine, rank=worker.rank)
+    step = load_checkpoint(worker.engine, rank=worker.rank, frozen_excluded=policy.lora.enabled)
     # Which start of the worker group a report comes from, and where this rank runs.
     tags = {"attempt": uuid.uuid4().hex, "node": ray.util.get_node_ip_address(), "resumed_from": step}
     if step >= worker.total_steps:
@@ -136,7 +139,7 @@ def _train(spec: TrainLoopSpec) -> None:
             sync_policy(worker, follower, step, probe, send_weights=True)
         if last or (every and step % every == 0) or sigterm:
             model = spec.model if last and policy.save_hf_model else None
-            export = (lambda out_dir: export_hf(worker, model, out_dir)) if model is not None else None
+            export = (lambda root: export_final(worker, model, root)) if model is not None else None
             save_checkpoint(worker, step, metrics, run_dir=spec.run_dir, export=export)
             if sigterm:
                 # Every rank: Ray Train registers the checkpoint only once it has every
@@ -164,7 +167,8 @@ def _make_worker(spec: TrainLoopSpec) -> RankState:
                   device=device, pad_token_id=model_pad_token_id(engine.module.config),
                   total_steps=total_steps, steps_per_epoch=steps_per_epoch, hf_ds_config=hf_ds_config,
                   attn_implementation=engine.module.config._attn_implementation or "eager",
-                  num_params=_num_params(engine), peak_flops=_peak_flops(device))
+                  num_params=_num_params(engine), peak_flops=_peak_flops(device),
+                  adapters_off_reference=policy.lora.enabled and policy.lora.reference == "adapters_off")
 
 
 def _pick_device(name: Optional[str]) -> torch.device:
@@ -226,9 +230,12 @@ def setup_engine(model_cfg, policy, *, device: torch.device, world_size: int, to
                                                  trust_remote_code=model_cfg.trust_remote_code, **extra)
     if model_cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    _disable_dropout(model)
+    _disable_dropout(model)  # before the adapters: policy.lora.dropout is the adapters' own
+    if policy.lora.enabled:
+        model = lora.wrap(model, policy.lora)  # base weights frozen, adapters trainable
     model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=policy.learning_rate,
+    # Only what trains is handed to the optimizer (with LoRA: the adapters, a few MB of state).
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=policy.learning_rate,
                                   betas=tuple(policy.adam_betas), weight_decay=policy.weight_decay)
     schedule = {"warmup_steps": policy.warmup_steps, "total_steps": total_steps,
                 "schedule": policy.lr_scheduler}
@@ -265,14 +272,16 @@ def pair_terms(worker: RankState, pairs: list[dict]):
     batch = build_batch(pairs, layout=worker.policy.layout, pad_token_id=worker.pad_token_id,
                         max_tokens_per_row=worker.policy.max_tokens_per_row).to(worker.device)
     dtype = next(worker.engine.module.parameters()).dtype
-    logits = worker.engine(**model_inputs(batch, attn_implementation=worker.attn_implementation,
-                                          dtype=dtype)).logits
-    chosen, rejected, chosen_n, rejected_n = pair_logps(logits, batch)
+    inputs = model_inputs(batch, attn_implementation=worker.attn_implementation, dtype=dtype)
     ref = (None, None)
-    if worker.loss_spec.needs_reference:
+    if worker.loss_spec.needs_reference and worker.adapters_off_reference:
+        ref = lora.adapters_off_logps(worker.engine, inputs, batch)
+    elif worker.loss_spec.needs_reference:
         both = torch.tensor([[p["ref_chosen_logp"], p["ref_rejected_logp"]] for p in pairs],
                             dtype=torch.float32, device=worker.device)
         ref = (both[:, 0], both[:, 1])
+    logits = worker.engine(**inputs).logits
+    chosen, rejected, chosen_n, rejected_n = pair_logps(logits, batch)
     labels, kl = None, None
     if worker.loss_spec.data == "unpaired":
         labels = torch.tensor([bool(p.get("label", True)) for p in pairs], device=worker.device)

@@ -604,3 +604,19 @@ def test_a_reference_free_loss_gets_no_reference_worker_group(loss):
     assert set(worker_groups(rendered.documents[1])) == {"policy"}
     text = rendered.text(source=path)
     assert f"# reference: none, loss.type={loss} is reference-free" in text
+
+
+@pytest.mark.parametrize("reference, groups", [("adapters_off", ["policy"]), ("group", ["policy", "reference"])])
+def test_a_lora_config_renders_a_reference_group_only_when_the_group_serves_the_base(reference, groups):
+    """policy.lora.reference=adapters_off: the policy workers score the base model themselves,
+    so no reference worker group is rendered; =group keeps it."""
+    path = str(ROOT / "configs" / "llama3-8b-offline-2x8.yaml")
+    storage = k8s.Storage.parse(STORAGE)
+    sets = ["reference.precompute=false", "reference.resources={}", "policy.lora.rank=16",
+            "policy.lora.target_modules=all-linear", f"policy.lora.reference={reference}"]
+    rendered = k8s.render(k8s.load_for_cluster(path, sets, storage), k8s.K8sOptions(storage=storage))
+    assert [g.name for g in rendered.groups] == groups
+    assert sorted(worker_groups(rendered.documents[1])) == sorted(groups)
+    text = rendered.text(source=path)
+    assert ("policy.lora.reference=adapters_off; no reference actors" in text) == (reference == "adapters_off")
+    assert "rank: 16" in text  # the ConfigMap carries the LoRA section to the job
