@@ -27,7 +27,7 @@ from ray_dpo.config import RunConfig, flatten, join_path, local_cluster_cpus, to
 from ray_dpo.data.files import expand_files
 from ray_dpo.data.pipeline import build_pair_data
 from ray_dpo.data.report import data_metrics, data_report, format_report
-from ray_dpo.loss_rules import prompt_only_refusal, reference_source, trains_unpaired
+from ray_dpo.loss_rules import needs_reference_group, prompt_only_refusal, reference_source, trains_unpaired
 from ray_dpo.tracking.metrics import CountProgress
 
 logger = logging.getLogger("ray_dpo")
@@ -272,12 +272,16 @@ def _start_roles(cfg: RunConfig, tracker, train, evaluation, gpu: bool, watch: d
     if cfg.online.enabled:
         from ray_dpo.online.coordinator import start_coordinator
 
-        group = _reference_group(cfg, gpu)
-        watch["reference"] = group.actor_ids
+        # LoRA with adapters_off scores the rounds' pairs in the policy workers: reference
+        # actors only for the held-out eval/kl, if any.
+        group = _reference_group(cfg, gpu) if needs_reference_group(cfg) else None
+        if group is not None:
+            watch["reference"] = group.actor_ids
         coordinator = start_coordinator(cfg, train=train, evaluation=evaluation, reference=group,
                                         tracking_uri=tracker.uri, run_id=tracker.run_id, use_gpu=gpu)
         _watch_engines(watch, coordinator, role="coordinator")
-        return Roles(coordinator, coordinator, ray.get(coordinator.total_steps.remote()), groups=[group])
+        return Roles(coordinator, coordinator, ray.get(coordinator.total_steps.remote()),
+                     groups=[group] if group is not None else [])
     # A reference-free loss (SimPO, ORPO) starts no reference actor at all, nor does a LoRA
     # run that scores its base model itself (adapters_off).
     group = _reference_group(cfg, gpu) if reference_source(cfg) == "group" else None

@@ -144,3 +144,37 @@ def merge_adapter(model_cfg: Any, adapter_dir: str, out_dir: str) -> None:
                                                 trust_remote_code=model_cfg.trust_remote_code)
     merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
     merged.save_pretrained(out_dir)
+
+
+def merged_tensors(peft_model: Any, *, gather: Any) -> dict:
+    """The model's full weights under Hugging Face names with every LoRA update merged in
+    (base + delta, fresh CPU tensors; the model is not modified). ``gather(params)``: a
+    context manager that makes ``params`` whole (ZeRO-3's GatheredParameters, else a no-op)."""
+    from peft.tuners.lora import LoraLayer
+
+    model = peft_model.base_model.model  # the transformers model, LoRA layers inside
+    out: dict = {}
+    for name, module in model.named_modules():
+        if isinstance(module, LoraLayer):
+            with gather(module.parameters()):
+                base = module.get_base_layer()
+                delta = sum(module.get_delta_weight(a) for a in module.active_adapters)
+                out[f"{name}.weight"] = (base.weight.data + delta.to(base.weight.dtype)).detach().to("cpu").clone()
+                if getattr(base, "bias", None) is not None:
+                    out[f"{name}.bias"] = base.bias.data.detach().to("cpu").clone()
+    for name, param in model.named_parameters():
+        plain = _hf_name(name)
+        if plain is None or plain in out:
+            continue
+        with gather([param]):
+            out[plain] = param.data.detach().to("cpu", copy=True)
+    return out
+
+
+def _hf_name(name: str) -> Optional[str]:
+    """A parameter name inside a peft-wrapped model as the plain model names it; None for the
+    adapters themselves and for the frozen originals of modules_to_save."""
+    if "lora_" in name or ".original_module." in name:
+        return None
+    name = name.replace(".base_layer.", ".")
+    return name.replace(".modules_to_save.default.", ".")

@@ -235,10 +235,6 @@ def _check_lora(cfg: RunConfig, p: list[Problem]) -> None:
     if not lora.target_modules:
         p.append(Problem("policy.lora.target_modules", "is empty: name the linear layers to adapt "
                                                        "(e.g. [q_proj, v_proj]) or use all-linear"))
-    if cfg.online.enabled or cfg.eval.prompts_file:
-        key = "online.enabled" if cfg.online.enabled else "eval.prompts_file"
-        p.append(Problem(key, "policy.lora: weight sync of LoRA adapters to generation engines is not wired yet; "
-                              "run LoRA offline without eval.prompts_file (data.eval_files gives eval/* metrics)"))
     from ray_dpo.loss_rules import needs_reference
 
     if lora.reference != "adapters_off" or not needs_reference(cfg):

@@ -171,6 +171,13 @@ class LoraSection:
         (reference.precompute); the cache key is the base model + data + tokenizer, so
         every LoRA run on that base and data (a beta or rank sweep, a rerun) reuses one
         reference pass."""
+    sync: Literal["adapter", "merged"] = "adapter"
+    """What online rounds and held-out sampling send to the generation engines at a sync:
+    adapter: the adapter alone (a few MB), loaded through the engine's LoRA support on top
+        of the base model it started with (vLLM: a new adapter version per sync);
+    merged: the whole model with the adapter merged in, as a full-parameter run sends it:
+        for engines or architectures without LoRA support (the weights are merged into a
+        copy; training's are untouched)."""
     merge_on_export: bool = False
     """At the end, also write hf_model/: the base model with the adapters merged in, a plain
     transformers model (the adapter alone is always written, to adapter/)."""

@@ -108,6 +108,9 @@ class OnlineCoordinator(PolicyFollower):
         super().close()
 
     def _make_feeder(self, rows: list[dict]) -> BatchFeeder:
+        if self.spec.training_reference != "group":  # LoRA adapters_off: the policy scores its base itself
+            return BatchFeeder(rows, self.plan, reference_free=True, evaluation=self.evaluation,
+                               eval_max_pairs=self.eval_max_pairs)
         return BatchFeeder(rows, self.plan, reference=self.reference, ref_cache=dict(self._eval_ref_cache) or None,
                            evaluation=self.evaluation, eval_max_pairs=self.eval_max_pairs)
 

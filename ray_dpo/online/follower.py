@@ -23,10 +23,10 @@ import os
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from ray_dpo.config import DataConfig, EvalConfig, JudgeConfig, ModelConfig, OnlineConfig, RunConfig
+from ray_dpo.config import DataConfig, EvalConfig, JudgeConfig, LoraSection, ModelConfig, OnlineConfig, RunConfig
 from ray_dpo.config.derived import heldout_judge, heldout_online, heldout_sampling
 from ray_dpo.feeder import KeepsInitError
 from ray_dpo.online.weight_sync import random_probe
@@ -50,15 +50,20 @@ class FollowerSpec:
     max_restarts: int  # of each engine (policy.max_failures)
     eval_judge: JudgeConfig  # the held-out eval's (eval.judge, else online.judge)
     total_steps: Optional[int] = None  # the run's length (an online run computes its own)
+    lora: LoraSection = field(default_factory=LoraSection)  # policy.lora: engines load adapters
+    training_reference: str = "group"  # loss_rules.reference_source: who scores rounds' pairs
 
     @classmethod
     def of(cls, cfg: RunConfig, *, total_steps: Optional[int] = None) -> "FollowerSpec":
         """An online run's (its round engines sample the held-out prompts too), or with
         total_steps an offline run's held-out evaluator (eval.backend, eval.judge)."""
         online = cfg.online if cfg.online.enabled else heldout_online(cfg)
+        from ray_dpo.loss_rules import reference_source
+
         return cls(model=cfg.model, online=online, eval=cfg.eval, data=cfg.data, seed=cfg.run.seed,
                    run_dir=cfg.run_dir, reference_batch_size=cfg.reference.batch_size,
-                   max_restarts=cfg.policy.max_failures, eval_judge=heldout_judge(cfg), total_steps=total_steps)
+                   max_restarts=cfg.policy.max_failures, eval_judge=heldout_judge(cfg), total_steps=total_steps,
+                   lora=cfg.policy.lora, training_reference=reference_source(cfg))
 
 
 class PolicyFollower:
@@ -88,6 +93,8 @@ class PolicyFollower:
         if ENGINES.get(spec.online.backend).takes_max_model_len:
             new_tokens = max(spec.online.sampling.max_new_tokens, spec.eval.max_new_tokens or 0)
             engine_options["max_model_len"] = spec.data.max_length + new_tokens
+        if spec.lora.enabled and spec.lora.sync == "adapter":
+            engine_options["lora_rank"] = spec.lora.rank  # engines serve the base model + the policy's adapter
         self.generation = GenerationGroup(
             model_path=spec.model.name_or_path, config=spec.online, use_gpu=use_gpu, dtype=spec.model.dtype,
             seed=spec.seed, engine_options=engine_options, max_restarts=spec.max_restarts)

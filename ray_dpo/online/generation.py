@@ -35,11 +35,14 @@ from ray_dpo.config import OnlineConfig, SamplingConfig
 from ray_dpo.dtypes import dtype_name, torch_dtype
 from ray_dpo.registry import Registry
 from ray_dpo.online.weight_sync import (
+    AdapterWeights,
     LoadReport,
     checkpoint_shapes,
+    is_adapter_dir,
     nccl_communicator,
     nccl_receive,
     plan_load,
+    read_adapter,
     tracked,
 )
 from ray_dpo.resources import actor_options
@@ -113,10 +116,27 @@ class GenerationEngine:
 
     # -- shared helpers
 
-    def _report(self, received: Sequence[str], t0: float, ignored: Sequence[str] = ()) -> LoadReport:
+    def _report(self, received: Sequence[str], t0: float, ignored: Sequence[str] = (), *,
+                nbytes: int = 0) -> LoadReport:
         missing = sorted(set(self._shapes) - set(received))
         return LoadReport(received=len(received), missing=missing, ignored=list(ignored),
-                          seconds=time.perf_counter() - t0)
+                          seconds=time.perf_counter() - t0, bytes=nbytes)
+
+    @staticmethod
+    def _adapter(weights: Any, path: Optional[str]) -> Optional[AdapterWeights]:
+        """The LoRA adapter a sync carries (AdapterWeights, or a peft adapter directory), else None."""
+        if isinstance(weights, AdapterWeights):
+            return weights
+        if path is not None and is_adapter_dir(path):
+            return read_adapter(path)
+        return None
+
+    def _adapter_report(self, adapter: AdapterWeights, t0: float) -> LoadReport:
+        return LoadReport(received=len(adapter.tensors), seconds=time.perf_counter() - t0, bytes=adapter.nbytes)
+
+
+def _nbytes(weights: Mapping[str, torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in weights.values())
 
 
 # --------------------------------------------------------------------------- vLLM
@@ -145,7 +165,8 @@ class VLLMEngine(GenerationEngine):
 
     def __init__(self, model_path: str, *, seed: int = 0, dtype: str = "fp32", device: str = "cpu",
                  max_model_len: Optional[int] = None, gpu_memory_utilization: float = 0.85,
-                 enforce_eager: Optional[bool] = None, tokenizer: Optional[str] = None):
+                 enforce_eager: Optional[bool] = None, tokenizer: Optional[str] = None,
+                 lora_rank: Optional[int] = None):
         # Read by vLLM when the engine starts, so setting them here works; setdefault
         # keeps whatever the actor's runtime_env or the user chose.
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -162,6 +183,9 @@ class VLLMEngine(GenerationEngine):
         }
         if max_model_len:
             kwargs["max_model_len"] = max_model_len
+        if lora_rank:
+            # One adapter at a time (the policy's newest); vLLM takes a few fixed maximum ranks.
+            kwargs.update(enable_lora=True, max_loras=1, max_lora_rank=vllm_lora_rank(lora_rank))
         if device != "cpu":
             kwargs["gpu_memory_utilization"] = gpu_memory_utilization  # GPU path: not testable on CPU CI
         t0 = time.perf_counter()
@@ -180,6 +204,10 @@ class VLLMEngine(GenerationEngine):
         if getattr(text_config, "tie_word_embeddings", False) and "lm_head.weight" not in self._shapes:
             self._tied = {"lm_head.weight": "model.embed_tokens.weight"}
         self._nccl = None
+        self._lora_enabled = bool(lora_rank)
+        self._lora = None  # the LoRARequest of the policy's adapter; None: the base model
+        self._lora_count = 0
+        self._lora_root = None
         logger.info("vLLM engine ready in %.1fs: %s (%s on %s)", time.perf_counter() - t0, model_path, dtype, device)
 
     def generate(self, prompts, *, n, sampling, seed=None):
@@ -194,7 +222,8 @@ class VLLMEngine(GenerationEngine):
             )
             for i in range(len(prompts))
         ]
-        outputs = self.llm.generate([{"prompt_token_ids": list(p)} for p in prompts], params, use_tqdm=False)
+        outputs = self.llm.generate([{"prompt_token_ids": list(p)} for p in prompts], params, use_tqdm=False,
+                                    lora_request=self._lora)
         result = []
         for out in outputs:
             comps = [Completion(list(c.token_ids), float(c.cumulative_logprob),
@@ -206,20 +235,50 @@ class VLLMEngine(GenerationEngine):
     def probe_logps(self, probe):
         from vllm import SamplingParams
 
+        if self._lora_enabled:
+            return self._forced_logps(probe)
         # prompt_logprobs=0: the log-prob of each actual prompt token (plus nothing else),
         # computed from raw logits in float32 over the whole prompt+continuation.
         params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, detokenize=False)
         seqs = [list(p) + list(c) for p, c in probe]
-        outputs = self.llm.generate([{"prompt_token_ids": s} for s in seqs], params, use_tqdm=False)
+        outputs = self.llm.generate([{"prompt_token_ids": s} for s in seqs], params, use_tqdm=False,
+                                    lora_request=self._lora)
         sums = []
         for (prompt, _), seq, out in zip(probe, seqs, outputs):
             sums.append(sum(out.prompt_logprobs[t][seq[t]].logprob for t in range(len(prompt), len(seq))))
         return sums
 
+    def _forced_logps(self, probe):
+        """probe_logps for an engine with LoRA enabled, where vLLM 0.32's prompt_logprobs fail
+        (LoRA's logits mapping covers sampled tokens only: vllm-project/vllm#29955). Each
+        continuation token is forced as a one-token sample (allowed_token_ids) after its prefix;
+        its log-prob is the raw one, taken before the whitelist applies (logprobs_mode
+        raw_logprobs, vLLM's default). len(continuation) requests per probe item, sharing
+        their prefixes through the prefix cache."""
+        from vllm import SamplingParams
+
+        requests, params, owner = [], [], []
+        for i, (prompt, continuation) in enumerate(probe):
+            for t, token in enumerate(continuation):
+                requests.append({"prompt_token_ids": list(prompt) + list(continuation[:t])})
+                params.append(SamplingParams(max_tokens=1, temperature=0.0, logprobs=0, detokenize=False,
+                                             allowed_token_ids=[int(token)]))
+                owner.append((i, int(token)))
+        outputs = self.llm.generate(requests, params, use_tqdm=False, lora_request=self._lora)
+        sums = [0.0] * len(probe)
+        for (i, token), out in zip(owner, outputs):
+            sums[i] += out.outputs[0].logprobs[0][token].logprob
+        return sums
+
     def load_weights(self, weights=None, *, path=None):
         t0 = time.perf_counter()
+        adapter = self._adapter(weights, path)
+        if adapter is not None:
+            self._load_adapter(adapter)
+            return self._adapter_report(adapter, t0)
         received: list[str] = []
         ignored: list[str] = []
+        nbytes = _nbytes(weights) if path is None else 0
         if path is not None:
             # Streamed from the files (not reload_weights(weights_path=...)), so the
             # tied-head fix below applies to checkpoints as well.
@@ -233,7 +292,36 @@ class VLLMEngine(GenerationEngine):
         # the model's own load_weights maps HF names onto vLLM's fused parameters
         # (qkv_proj, gate_up_proj) through their weight_loaders.
         self._reload(weights_iterator=tracked(_with_tied(items, self._tied), received))
-        return self._report([n for n in received if n not in self._tied], t0, ignored)
+        if path is not None:
+            nbytes = sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path) if f.endswith(".safetensors"))
+        return self._report([n for n in received if n not in self._tied], t0, ignored, nbytes=nbytes)
+
+    def _load_adapter(self, adapter: AdapterWeights) -> None:
+        """Serve ``adapter`` from now on: written as a peft directory on this node's disk (vLLM
+        loads adapters from files) under a new name and id, loaded now (so a bad adapter fails
+        the sync, not a later generate), then the previous version is dropped. A new id every
+        time: vLLM keeps adapters by id and would serve a cached older one under an old id."""
+        import shutil
+        import tempfile
+
+        from vllm.lora.request import LoRARequest
+
+        from ray_dpo.online.weight_sync import save_adapter
+
+        if not self._lora_enabled:
+            raise ValueError("this vLLM engine was started without LoRA support (lora_rank unset); "
+                             "set policy.lora.sync=merged to send whole weights")
+        if self._lora_root is None:
+            self._lora_root = tempfile.mkdtemp(prefix="ray_dpo_lora_")
+        self._lora_count += 1
+        directory = save_adapter(adapter, os.path.join(self._lora_root, f"v{self._lora_count}"))
+        request = LoRARequest(f"policy-{self._lora_count}", self._lora_count, directory)
+        self.llm.llm_engine.add_lora(request)
+        old, self._lora = self._lora, request
+        if old is not None:
+            self.llm.llm_engine.remove_lora(old.lora_int_id)
+            shutil.rmtree(old.lora_path, ignore_errors=True)
+        self.llm.reset_prefix_cache()  # cached KV blocks were computed with the old adapter
 
     def _reload(self, **kwargs: Any) -> None:
         try:
@@ -324,6 +412,10 @@ class TransformersEngine(GenerationEngine):
     @torch.no_grad()
     def load_weights(self, weights=None, *, path=None):
         t0 = time.perf_counter()
+        adapter = self._adapter(weights, path)
+        if adapter is not None:
+            self._load_adapter(adapter)
+            return self._adapter_report(adapter, t0)
         if path is not None:
             weights = _read_safetensors_dir(path)
         weights, ignored = plan_load(weights, self._shapes)
@@ -333,7 +425,21 @@ class TransformersEngine(GenerationEngine):
             raise ValueError(f"not parameters of this model: {', '.join(sorted(unknown)[:5])}")
         for name, tensor in weights.items():
             params[name].copy_(tensor)  # in place: tied weights stay tied, dtype converts
-        return self._report(list(weights), t0, ignored)
+        return self._report(list(weights), t0, ignored, nbytes=_nbytes(weights))
+
+    def _load_adapter(self, adapter: AdapterWeights) -> None:
+        """Serve ``adapter``: the model gets peft adapters (zero, i.e. the base model) at the
+        first one, whose values every sync then replaces in place."""
+        from peft import PeftConfig, get_peft_model, set_peft_model_state_dict
+
+        if not hasattr(self.model, "peft_config"):
+            config = PeftConfig.from_peft_type(**{k: v for k, v in adapter.config.items()
+                                                  if k not in ("inference_mode",)})
+            self.model = get_peft_model(self.model, config).eval().requires_grad_(False)
+        result = set_peft_model_state_dict(self.model, adapter.tensors)
+        unexpected = list(getattr(result, "unexpected_keys", []) or [])
+        if unexpected:
+            raise ValueError(f"adapter tensors this model has no place for: {', '.join(unexpected[:5])}")
 
     # -- NCCL (GPU path: not testable on CPU CI)
 
@@ -405,6 +511,15 @@ def _read_safetensors_dir(path: str) -> dict[str, torch.Tensor]:
     for f in files:
         weights.update(load_file(os.path.join(path, f)))
     return weights
+
+
+def vllm_lora_rank(rank: int) -> int:
+    """The smallest maximum LoRA rank vLLM accepts (1, 8, 16, 32, ...) that holds ``rank``."""
+    allowed = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+    fits = [r for r in allowed if r >= rank]
+    if not fits:
+        raise ValueError(f"vLLM serves LoRA ranks up to {allowed[-1]}, got {rank}; set policy.lora.sync=merged")
+    return fits[0]
 
 
 ENGINES: Registry[type[GenerationEngine]] = Registry(

@@ -1,8 +1,9 @@
 """Weight sync from the policy to the generation engines, and its verification.
 
 The policy side hands over its full state dict (HF parameter names, CPU tensors,
-gathered under ZeRO-3 by the policy workers) or an ObjectRef to it. A method moves it
-into every engine without restarting the engine:
+gathered under ZeRO-3 by the policy workers), or for a LoRA policy its adapter alone
+(AdapterWeights), or an ObjectRef to either. A method moves it into every engine without
+restarting the engine:
 
     object_store  (default, CPU and GPU) ray.put once; every engine reads the same object
                   and copies it into its model in memory. vLLM: the weights go straight
@@ -78,6 +79,65 @@ def row_probe(rows: Sequence[Mapping[str, Any]], *, max_continuation: int = 8) -
     return probe
 
 
+# --------------------------------------------------------------------------- LoRA adapters
+
+
+@dataclass
+class AdapterWeights:
+    """A LoRA policy's adapter, what a sync sends instead of the whole model (policy.lora):
+    a few MB where the model is GBs. Engines load it through their LoRA support (vLLM: a new
+    adapter version per sync; transformers: peft) on top of the base model they started with.
+
+    config: the peft LoraConfig as a JSON-able dict (adapter_config.json).
+    tensors: peft's saved names (adapter name stripped, as in adapter_model.safetensors) ->
+        CPU tensors; gathered whole under ZeRO-3.
+    version: how many adapters the policy has sent before this one (engines name each
+        version apart, so a cached older adapter is never served).
+    """
+
+    config: dict
+    tensors: dict
+    version: int = 0
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+
+
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+def save_adapter(adapter: AdapterWeights, directory: str) -> str:
+    """Write ``adapter`` as a peft adapter directory (adapter_config.json,
+    adapter_model.safetensors) that PeftModel.from_pretrained and vLLM's LoRA loader read."""
+    import json
+
+    from safetensors.torch import save_file
+
+    os.makedirs(directory, exist_ok=True)
+    tensors = {name: t.detach().to("cpu").contiguous() for name, t in adapter.tensors.items()}
+    save_file(tensors, os.path.join(directory, "adapter_model.safetensors"), metadata={"format": "pt"})
+    with open(os.path.join(directory, ADAPTER_CONFIG), "w", encoding="utf-8") as f:
+        json.dump(adapter.config, f)
+    return directory
+
+
+def read_adapter(directory: str, *, version: int = 0) -> AdapterWeights:
+    """A peft adapter directory back as AdapterWeights."""
+    import json
+
+    from safetensors.torch import load_file
+
+    with open(os.path.join(directory, ADAPTER_CONFIG), encoding="utf-8") as f:
+        config = json.load(f)
+    return AdapterWeights(config=config, tensors=load_file(os.path.join(directory, "adapter_model.safetensors")),
+                          version=version)
+
+
+def is_adapter_dir(path: str) -> bool:
+    return os.path.exists(os.path.join(path, ADAPTER_CONFIG))
+
+
 # --------------------------------------------------------------------------- reports
 
 
@@ -93,6 +153,8 @@ class LoadReport:
     ignored: list[str] = field(default_factory=list)
     """Received names that are not in the checkpoint (e.g. a tied lm_head.weight)."""
     seconds: float = 0.0
+    bytes: int = 0
+    """Bytes of the tensors received (a LoRA adapter: the adapter's alone)."""
 
 
 @dataclass
@@ -110,6 +172,8 @@ class SyncReport:
 
     def metrics(self) -> dict[str, float]:
         out = {"sync/seconds": self.seconds}
+        if self.loads:
+            out["sync/bytes"] = float(max(load.bytes for load in self.loads))  # what each engine received
         if self.engine_diffs:
             out["sync/max_logprob_diff"] = self.max_logprob_diff
         return out
@@ -275,7 +339,9 @@ def _object_store(actors: Sequence[Any], weights: Any, **_: Any) -> list:
     """One ray.put; every engine resolves the same object (Ray passes the value, not the ref)."""
     import ray
 
-    ref = weights if isinstance(weights, ray.ObjectRef) else ray.put(dict(weights))
+    if not isinstance(weights, (ray.ObjectRef, AdapterWeights)):
+        weights = dict(weights)
+    ref = weights if isinstance(weights, ray.ObjectRef) else ray.put(weights)
     return [a.load_weights.remote(ref) for a in actors]
 
 
@@ -300,6 +366,11 @@ def _checkpoint(actors: Sequence[Any], weights: Any, *, checkpoint_dir: Optional
         weights = ray.get(weights)
     if isinstance(weights, (str, os.PathLike)):
         directory = os.fspath(weights)
+    elif isinstance(weights, AdapterWeights):
+        if not checkpoint_dir:
+            raise ValueError("weight_sync=checkpoint with an adapter needs checkpoint_dir: a directory every "
+                             "engine can read (shared storage on a cluster)")
+        directory = save_adapter(weights, os.path.join(checkpoint_dir, f"adapter-v{weights.version}"))
     else:
         if not checkpoint_dir:
             raise ValueError("weight_sync=checkpoint with a state dict needs checkpoint_dir: a "

@@ -39,7 +39,7 @@ def sync_policy(worker: RankState, follower, step: int, probe, *, send_weights: 
     step and wait in get_step until its data exists.
     """
     expected = _probe_logps(worker, probe)
-    weights = _gather_weights(worker) if send_weights else None
+    weights = _weights_to_send(worker, step) if send_weights else None
     if worker.rank == 0:
         refs = [ray.put(weights)] if weights is not None else None  # in a list: passed as a reference
         ray.get(follower.advance.remote(step, refs, expected))
@@ -51,6 +51,54 @@ def _probe_logps(worker: RankState, probe) -> Optional[list[float]]:
     if worker.rank != 0 and not worker.engine.zero_optimization_partition_weights():
         return None
     return torch_probe_logps(worker.engine.module, probe, pad_token_id=worker.pad_token_id)
+
+
+def _weights_to_send(worker: RankState, step: int):
+    """What a sync sends: the full state dict, or for a LoRA policy its adapter alone
+    (policy.lora.sync=adapter) or the base weights with the adapter merged in (=merged, for
+    engines without LoRA support). Rank 0 gets it, None elsewhere; collective under ZeRO-3."""
+    if not worker.policy.lora.enabled:
+        return _gather_weights(worker)
+    if worker.policy.lora.sync == "merged":
+        return merged_weights(worker)
+    return adapter_weights(worker, version=step)
+
+
+def adapter_weights(worker: RankState, *, version: int):
+    """The policy's adapter as AdapterWeights (peft's saved names) on rank 0, None elsewhere."""
+    from peft import get_peft_model_state_dict
+
+    from ray_dpo.online.weight_sync import AdapterWeights
+
+    state = trainable_state_dict(worker)
+    if state is None:
+        return None
+    module = worker.engine.module
+    config = module.peft_config["default"].to_dict()
+    return AdapterWeights(config=_json_able(config), tensors=dict(get_peft_model_state_dict(module, state_dict=state)),
+                          version=version)
+
+
+def _json_able(config: dict) -> dict:
+    """peft's config dict with sets (target_modules) as sorted lists: adapter_config.json."""
+    return {k: sorted(v) if isinstance(v, set) else v for k, v in config.items()}
+
+
+def merged_weights(worker: RankState) -> Optional[dict[str, torch.Tensor]]:
+    """Hugging Face names -> the base weights with the LoRA update merged in (W + B A alpha/r),
+    as a full-model sync sends them; rank 0 gets them, None elsewhere. Each adapted layer is
+    gathered (base weight and adapter together) and merged into a fresh CPU copy: the
+    training weights are never modified."""
+    from ray_dpo.lora import merged_tensors
+
+    zero3 = worker.engine.zero_optimization_partition_weights()
+
+    def gather(params):
+        return deepspeed.zero.GatheredParameters(list(params), modifier_rank=None) if zero3 \
+            else contextlib.nullcontext()
+
+    out = merged_tensors(worker.engine.module, gather=gather)
+    return out if worker.rank == 0 else None
 
 
 def _gather_weights(worker: RankState) -> Optional[dict[str, torch.Tensor]]:
