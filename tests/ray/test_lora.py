@@ -207,3 +207,22 @@ def test_online_lora_merged_sync_under_zero3_with_transformers_engines(ray_clust
     diffs = history(summary, "sync/max_logprob_diff")
     assert len(diffs) >= 2 and all(0 <= d <= 1e-3 for _, d in diffs), diffs
     assert all(b >= dir_bytes(tiny_assets["model"]) / 2 for _, b in history(summary, "sync/bytes"))
+
+
+@pytest.mark.extended
+def test_a_killed_lora_worker_restarts_from_the_adapter_checkpoint(ray_cluster, tiny_config, tmp_path):
+    """A policy worker SIGKILLed mid-run: the group restarts from the adapter-only checkpoint
+    inside the same run and every pair is trained once."""
+    from ray_dpo.config import to_yaml
+
+    cfg = tiny_config("lora-kill-worker", **FAST)
+    path = tmp_path / "lora.yaml"
+    path.write_text(to_yaml(cfg), encoding="utf-8")
+    proc, out = chaos.start_cli(str(path), str(tmp_path / "run.log"), ray_cluster.get_runtime_context().gcs_address)
+    pid = chaos.kill_when(proc, cfg.run_dir, steps=6, pid_of=lambda: chaos.role_pid("worker", proc))
+    assert pid is not None, f"the run ended (exit {proc.poll()}) before step 6"
+    code, console = chaos.finish(proc, out)
+    assert code == 0, console[-6000:]
+    assert "policy workers restarted (1 of policy.max_failures=3)" in console
+    problems = chaos.ledger_problems(cfg.run_dir, steps=12, pairs_per_step=16)
+    assert not problems, "\n".join(problems)
