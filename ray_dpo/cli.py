@@ -1,4 +1,4 @@
-"""ray-dpo command line: train | validate | compare | make-assets | import-gguf | k8s.
+"""ray-dpo command line: train | validate | compare | make-assets | import-gguf | merge-lora | k8s.
 
 Exit codes: 0 success, 1 the run failed, 2 the config (or the command line) is wrong.
 Heavy imports (ray, deepspeed, mlflow) happen inside the commands that need them, so
@@ -139,6 +139,36 @@ def cmd_import_gguf(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_merge_lora(args: argparse.Namespace) -> int:
+    """A trained adapter merged into its base model: a plain Hugging Face directory."""
+    import json
+    import os
+
+    from ray_dpo.config import ModelConfig
+    from ray_dpo.lora import merge_adapter
+
+    config = os.path.join(args.adapter, "adapter_config.json")
+    if not os.path.exists(config):
+        print(f"[ray_dpo] {args.adapter} holds no adapter_config.json: pass the adapter/ directory of a LoRA "
+              "run's final checkpoint", file=sys.stderr)
+        return EXIT_BAD_CONFIG
+    with open(config, encoding="utf-8") as f:
+        base = args.base or json.load(f).get("base_model_name_or_path")
+    if not base or not os.path.exists(base):
+        print(f"[ray_dpo] base model {base!r} not found: pass --base, the model.name_or_path the adapter was "
+              "trained on", file=sys.stderr)
+        return EXIT_BAD_CONFIG
+    if os.path.exists(args.out):
+        print(f"[ray_dpo] {args.out} exists: pass another --out", file=sys.stderr)
+        return EXIT_BAD_CONFIG
+    merge_adapter(ModelConfig(name_or_path=base, dtype=args.dtype), args.adapter, args.out)
+    from ray_dpo.data.chat_template import export_tokenizer
+
+    export_tokenizer(args.adapter, args.out)  # the adapter's tokenizer carries the run's chat template
+    print(f"[ray_dpo] merged model (Hugging Face format): {args.out}")
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ray-dpo", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -173,6 +203,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="fp32", choices=tuple(DTYPES))
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
     p.set_defaults(func=cmd_import_gguf)
+
+    p = sub.add_parser("merge-lora", help="merge a LoRA run's adapter/ into its base model: a plain Hugging "
+                                          "Face directory (what policy.lora.merge_on_export writes)")
+    p.add_argument("adapter", help="the adapter/ directory of a LoRA run's final checkpoint")
+    p.add_argument("--out", required=True, help="output directory (must not exist)")
+    p.add_argument("--base", default=None, help="base model directory (default: the one the adapter names)")
+    p.add_argument("--dtype", default="fp32", choices=tuple(DTYPES))
+    p.set_defaults(func=cmd_merge_lora)
 
     from ray_dpo import k8s  # pure (yaml + config): keeps `ray-dpo validate` fast
 

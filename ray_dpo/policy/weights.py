@@ -70,7 +70,7 @@ def adapter_weights(worker: RankState, *, version: int):
 
     from ray_dpo.online.weight_sync import AdapterWeights
 
-    state = trainable_state_dict(worker)
+    state = _gather_weights(worker, trainable_only=True)
     if state is None:
         return None
     module = worker.engine.module
@@ -91,31 +91,36 @@ def merged_weights(worker: RankState) -> Optional[dict[str, torch.Tensor]]:
     training weights are never modified."""
     from ray_dpo.lora import merged_tensors
 
-    zero3 = worker.engine.zero_optimization_partition_weights()
-
-    def gather(params):
-        return deepspeed.zero.GatheredParameters(list(params), modifier_rank=None) if zero3 \
-            else contextlib.nullcontext()
-
-    out = merged_tensors(worker.engine.module, gather=gather)
+    out = merged_tensors(worker.engine.module, gather=_gatherer(worker))
     return out if worker.rank == 0 else None
 
 
-def _gather_weights(worker: RankState) -> Optional[dict[str, torch.Tensor]]:
-    """The full state dict on rank 0 (CPU copies, Hugging Face names), None elsewhere.
+def _gather_weights(worker: RankState, *, trainable_only: bool = False) -> Optional[dict[str, torch.Tensor]]:
+    """The full state dict on rank 0 (CPU copies, the module's parameter names: Hugging Face
+    names, or peft's for a LoRA model), None elsewhere; trainable_only: the parameters that
+    train (LoRA: the adapters and modules_to_save).
 
     Parameters only (tied weights once, by their first name; buffers such as rotary
     tables are not in checkpoints). Under ZeRO-3 each parameter is gathered on all ranks
     in turn, so whole weights never sit in one rank's device memory at once.
     """
     out: Optional[dict[str, torch.Tensor]] = {} if worker.rank == 0 else None
-    zero3 = worker.engine.zero_optimization_partition_weights()
+    gather = _gatherer(worker)
     for name, param in worker.engine.module.named_parameters():
-        whole = deepspeed.zero.GatheredParameters([param], modifier_rank=None) if zero3 else contextlib.nullcontext()
-        with whole:
+        if trainable_only and not param.requires_grad:
+            continue
+        with gather([param]):
             if out is not None:
                 out[name] = param.data.detach().to("cpu", copy=True)
     return out
+
+
+def _gatherer(worker: RankState):
+    """``gather(params)``: a context in which ``params`` are whole on every rank (ZeRO-3's
+    GatheredParameters, collective), or a no-op when the weights are not partitioned."""
+    if not worker.engine.zero_optimization_partition_weights():
+        return lambda params: contextlib.nullcontext()
+    return lambda params: deepspeed.zero.GatheredParameters(list(params), modifier_rank=None)
 
 
 def export_final(worker: RankState, model_cfg, root: str) -> None:
@@ -136,26 +141,11 @@ def export_final(worker: RankState, model_cfg, root: str) -> None:
     dist.barrier()
 
 
-def trainable_state_dict(worker: RankState) -> Optional[dict[str, torch.Tensor]]:
-    """The trainable parameters (LoRA: adapters and modules_to_save) on rank 0 as CPU copies
-    under the peft model's names, None elsewhere; gathered one by one under ZeRO-3."""
-    out: Optional[dict[str, torch.Tensor]] = {} if worker.rank == 0 else None
-    zero3 = worker.engine.zero_optimization_partition_weights()
-    for name, param in worker.engine.module.named_parameters():
-        if not param.requires_grad:
-            continue
-        whole = deepspeed.zero.GatheredParameters([param], modifier_rank=None) if zero3 else contextlib.nullcontext()
-        with whole:
-            if out is not None:
-                out[name] = param.data.detach().to("cpu", copy=True)
-    return out
-
-
 def export_adapter(worker: RankState, model_cfg, out_dir: str) -> None:
     """A peft adapter directory (adapter_config.json, adapter_model.safetensors) with the
     tokenizer and chat template: PeftModel.from_pretrained(base, out_dir) and vLLM's LoRA
     loading take it. Every rank calls this (gathering is collective under ZeRO-3)."""
-    state_dict = trainable_state_dict(worker)
+    state_dict = _gather_weights(worker, trainable_only=True)
     if worker.rank == 0:
         worker.engine.module.save_pretrained(out_dir, state_dict=state_dict)
         _copy_tokenizer(model_cfg, out_dir)

@@ -54,7 +54,7 @@ def dir_bytes(path: str) -> int:
 
 
 def test_lora_learns_without_reference_actors_and_exports_adapter_and_merged_model(
-        ray_cluster, tiny_config, tiny_assets):
+        ray_cluster, tiny_config, tiny_assets, tmp_path):
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -94,6 +94,19 @@ def test_lora_learns_without_reference_actors_and_exports_adapter_and_merged_mod
     ids = torch.tensor([[5, 9, 17, 33, 2, 41, 8, 12]])
     with torch.no_grad():
         assert torch.allclose(merged(input_ids=ids).logits, adapted(input_ids=ids).logits, atol=1e-5, rtol=0)
+
+    # `ray-dpo merge-lora` does the same after the fact, from the adapter alone.
+    import subprocess
+    import sys
+
+    out = tmp_path / "merged-cli"
+    proc = subprocess.run([sys.executable, "-m", "ray_dpo.cli", "merge-lora", summary.adapter_path, "--out", str(out)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    again = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
+    with torch.no_grad():
+        assert torch.allclose(again(input_ids=ids).logits, adapted(input_ids=ids).logits, atol=1e-5, rtol=0)
+    assert os.path.exists(out / "tokenizer_config.json")
 
 
 def test_lora_under_zero3_with_the_reference_group_shares_one_cached_reference_pass(
@@ -211,11 +224,12 @@ def test_online_lora_merged_sync_under_zero3_with_transformers_engines(ray_clust
 
 @pytest.mark.extended
 def test_a_killed_lora_worker_restarts_from_the_adapter_checkpoint(ray_cluster, tiny_config, tmp_path):
-    """A policy worker SIGKILLed mid-run: the group restarts from the adapter-only checkpoint
-    inside the same run and every pair is trained once."""
+    """A policy worker SIGKILLed mid-run under ZeRO-3: the group restarts from the adapter-only
+    checkpoint (partitioned adapters and optimizer state) inside the same run and every pair
+    is trained once."""
     from ray_dpo.config import to_yaml
 
-    cfg = tiny_config("lora-kill-worker", **FAST)
+    cfg = tiny_config("lora-kill-worker", **{**FAST, "policy.zero_stage": 3})
     path = tmp_path / "lora.yaml"
     path.write_text(to_yaml(cfg), encoding="utf-8")
     proc, out = chaos.start_cli(str(path), str(tmp_path / "run.log"), ray_cluster.get_runtime_context().gcs_address)

@@ -194,3 +194,24 @@ def test_merged_tensors_are_peft_merge_under_plain_names_and_leave_the_model_alo
     assert set(sent) == set(want)
     for name, tensor in want.items():
         assert torch.allclose(sent[name], tensor, atol=1e-6, rtol=0), name
+
+
+def test_adapters_train_under_gradient_checkpointing(tiny_assets):
+    """model.gradient_checkpointing (non-reentrant, as the worker enables it) with frozen base
+    weights: the adapters still get gradients, the base none."""
+    from transformers import AutoModelForCausalLM
+
+    from ray_dpo import lora
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_assets["model"], dtype=torch.float32)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = lora.wrap(model, LoraSection(rank=4))
+    model.train()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.fill_(0.01)  # B = 0 would leave A without gradient
+    model(input_ids=torch.tensor([[5, 9, 17, 33, 2, 41]])).logits.logsumexp(-1).sum().backward()
+    grads = {n: p.grad for n, p in model.named_parameters()}
+    assert all(g is not None and g.abs().sum() > 0 for n, g in grads.items() if "lora_" in n)
+    assert all(g is None for n, g in grads.items() if "lora_" not in n)
