@@ -178,8 +178,12 @@ def _lora_counts(cfg: RunConfig) -> dict:
     counted on the model's architecture on the meta device, no weights read."""
     from ray_dpo import lora
 
-    model = lora.wrap(lora.meta_model(cfg.model.name_or_path, trust_remote_code=cfg.model.trust_remote_code),
-                      cfg.policy.lora)
+    try:
+        model = lora.wrap(lora.meta_model(cfg.model.name_or_path, trust_remote_code=cfg.model.trust_remote_code),
+                          cfg.policy.lora)
+    except (OSError, ValueError) as err:  # e.g. a hub id this head node cannot reach: the workers may
+        logger.warning("LoRA parameter counts unknown (the model's config did not load here: %s)", err)
+        return {}
     trainable, total = lora.param_counts(model)
     print(f"[ray_dpo] LoRA rank {cfg.policy.lora.rank} on {', '.join(cfg.policy.lora.target_modules)}: "
           f"{trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.2f}%)", flush=True)
