@@ -231,7 +231,9 @@ class PolicyConfig:
     Off by default: not yet measured, and surviving ranks of a group Ray Train stops after a
     failure would also wait it out before exiting."""
     save_hf_model: bool = True
-    """Save the final policy in Hugging Face format (loadable by from_pretrained / vLLM)."""
+    """Save the final policy in Hugging Face format (loadable by from_pretrained / vLLM) under
+    the last checkpoint's hf_model/; a LoRA run saves its peft adapter under adapter/ instead
+    (and hf_model/, merged, with policy.lora.merge_on_export)."""
     offload_optimizer: bool = False
     """ZeRO optimizer-state offload to CPU (GPU runs)."""
     layout: Annotated[str, OneOf("ray_dpo.batching.layouts:LAYOUTS")] = "padded"

@@ -145,20 +145,25 @@ def eval_metrics(*, scores: Sequence[float], policy_logps: Optional[Sequence[flo
 
     scores: judge scores, one per sample. policy_logps / ref_logps: summed log-probs of the
     same samples (both or neither). response_lengths: tokens per sample.
-    Keys: eval/judge_score (mean), eval/judge_score_std, eval/samples, and with log-probs
-    eval/kl (nats per sequence); with lengths eval/response_len (mean tokens) and, with
-    log-probs too, eval/kl_per_token (total log-ratio / total tokens).
+    Keys: eval/judge_score (mean), eval/judge_score_std, eval/judge_score_se (the standard
+    error of that mean, std / sqrt(samples)), eval/samples, and with log-probs eval/kl (nats
+    per sequence) and eval/kl_se; with lengths eval/response_len (mean tokens) and, with
+    log-probs too, eval/kl_per_token (total log-ratio / total tokens). The standard errors
+    treat samples as independent (several samples of one prompt are not quite).
     """
     if not scores:
         raise ValueError("no judge scores")
     mean, std = _mean_std([float(s) for s in scores])
-    out = {"eval/judge_score": mean, "eval/judge_score_std": std, "eval/samples": float(len(scores))}
+    out = {"eval/judge_score": mean, "eval/judge_score_std": std, "eval/judge_score_se": std / math.sqrt(len(scores)),
+           "eval/samples": float(len(scores))}
     if (policy_logps is None) != (ref_logps is None):
         raise ValueError("pass both policy_logps and ref_logps, or neither")
     if policy_logps is not None:
         if len(policy_logps) != len(scores):
             raise ValueError(f"{len(scores)} scores but {len(policy_logps)} log-probs")
         out["eval/kl"] = kl_estimate(policy_logps, ref_logps)
+        _, kl_std = _mean_std([float(p) - float(r) for p, r in zip(policy_logps, ref_logps)])
+        out["eval/kl_se"] = kl_std / math.sqrt(len(scores))
     if response_lengths is not None:
         if len(response_lengths) != len(scores):
             raise ValueError(f"{len(scores)} scores but {len(response_lengths)} lengths")

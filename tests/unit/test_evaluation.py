@@ -70,9 +70,12 @@ def test_kl_estimate_is_the_mean_log_ratio():
 
 def test_eval_metrics_hand_computed():
     m = eval_metrics(scores=[0.2, 0.6], policy_logps=[-3.0, -6.0], ref_logps=[-4.0, -8.0], response_lengths=[2, 4])
+    # log-ratios 1.0 and 2.0: std 0.5; standard errors are std / sqrt(2)
     assert m == pytest.approx({"eval/judge_score": 0.4, "eval/judge_score_std": 0.2, "eval/samples": 2.0,
-                               "eval/kl": 1.5, "eval/response_len": 3.0, "eval/kl_per_token": 0.5})
-    assert set(eval_metrics(scores=[1.0])) == {"eval/judge_score", "eval/judge_score_std", "eval/samples"}
+                               "eval/judge_score_se": 0.2 / 2 ** 0.5, "eval/kl": 1.5, "eval/kl_se": 0.5 / 2 ** 0.5,
+                               "eval/response_len": 3.0, "eval/kl_per_token": 0.5})
+    assert set(eval_metrics(scores=[1.0])) == {"eval/judge_score", "eval/judge_score_std", "eval/judge_score_se",
+                                               "eval/samples"}
     with pytest.raises(ValueError, match="both policy_logps and ref_logps"):
         eval_metrics(scores=[1.0], policy_logps=[-1.0])
 
