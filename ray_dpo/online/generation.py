@@ -418,6 +418,7 @@ class TransformersEngine(GenerationEngine):
             return self._adapter_report(adapter, t0)
         if path is not None:
             weights = _read_safetensors_dir(path)
+        nbytes = _nbytes(weights)  # what arrived, ignored names included (as vLLM counts)
         weights, ignored = plan_load(weights, self._shapes)
         params = dict(self.model.state_dict())
         unknown = [name for name in weights if name not in params]
@@ -425,7 +426,7 @@ class TransformersEngine(GenerationEngine):
             raise ValueError(f"not parameters of this model: {', '.join(sorted(unknown)[:5])}")
         for name, tensor in weights.items():
             params[name].copy_(tensor)  # in place: tied weights stay tied, dtype converts
-        return self._report(list(weights), t0, ignored, nbytes=_nbytes(weights))
+        return self._report(list(weights), t0, ignored, nbytes=nbytes)
 
     def _load_adapter(self, adapter: AdapterWeights) -> None:
         """Serve ``adapter``: the model gets peft adapters (zero, i.e. the base model) at the

@@ -128,7 +128,8 @@ def test_object_store_sync_matches_policy(group, local, initial_state, synced):
           f"max |log-prob diff| {report.max_logprob_diff:.3g}")
     assert report.method == "object_store"
     assert report.max_logprob_diff <= TOLERANCE
-    assert set(report.metrics()) == {"sync/seconds", "sync/max_logprob_diff"}
+    assert set(report.metrics()) == {"sync/seconds", "sync/max_logprob_diff", "sync/bytes"}
+    assert report.metrics()["sync/bytes"] == sum(t.numel() * t.element_size() for t in trained.values())
     for load in report.loads:  # the tied lm_head is not in the checkpoint: ignored, not missing
         assert (load.received, load.missing, load.ignored) == (len(trained) - 1, [], ["lm_head.weight"])
     # Samples now come from the new weights (and not from stale cached KV).
