@@ -8,6 +8,7 @@ PURE = [
     "ray_dpo.registry",
     "ray_dpo.losses",
     "ray_dpo.loss_rules",
+    "ray_dpo.lora",
     "ray_dpo.batching.logps",
     "ray_dpo.batching.padded",
     "ray_dpo.data.formats",
