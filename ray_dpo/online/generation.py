@@ -150,6 +150,8 @@ class VLLMEngine(GenerationEngine):
     CPU backend this knob means host memory, so the KV cache is sized by
     VLLM_CPU_KVCACHE_SPACE GiB instead, default 1 here).
     enforce_eager: skip torch.compile / CUDA graphs (default: True on CPU, False on GPU).
+    lora_rank: serve a LoRA policy (policy.lora.rank): the engine keeps the base model and
+    loads each synced adapter (AdapterWeights) under a new id; None: whole-weight syncs only.
     """
 
     backend = "vllm"
