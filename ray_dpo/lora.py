@@ -146,17 +146,22 @@ def merge_adapter(model_cfg: Any, adapter_dir: str, out_dir: str) -> None:
     merged.save_pretrained(out_dir)
 
 
-def merged_tensors(peft_model: Any, *, gather: Any) -> dict:
+def merged_tensors(peft_model: Any, *, gather: Any, keep: bool = True) -> dict:
     """The model's full weights under Hugging Face names with every LoRA update merged in
     (base + delta, fresh CPU tensors; the model is not modified). ``gather(params)``: a
-    context manager that makes ``params`` whole (ZeRO-3's GatheredParameters, else a no-op)."""
+    context manager that makes ``params`` whole (ZeRO-3's GatheredParameters, else a no-op).
+    keep=False: only join the gathers (the other ranks under ZeRO-3) and return {}."""
     from peft.tuners.lora import LoraLayer
 
     model = peft_model.base_model.model  # the transformers model, LoRA layers inside
     out: dict = {}
+    merged: set[str] = set()  # the same on every rank, so every rank joins the same gathers
     for name, module in model.named_modules():
         if isinstance(module, LoraLayer):
+            merged.update((f"{name}.weight", f"{name}.bias"))
             with gather(module.parameters()):
+                if not keep:
+                    continue
                 base = module.get_base_layer()
                 delta = sum(module.get_delta_weight(a) for a in module.active_adapters)
                 out[f"{name}.weight"] = (base.weight.data + delta.to(base.weight.dtype)).detach().to("cpu").clone()
@@ -164,10 +169,11 @@ def merged_tensors(peft_model: Any, *, gather: Any) -> dict:
                     out[f"{name}.bias"] = base.bias.data.detach().to("cpu").clone()
     for name, param in model.named_parameters():
         plain = _hf_name(name)
-        if plain is None or plain in out:
+        if plain is None or plain in merged:
             continue
         with gather([param]):
-            out[plain] = param.data.detach().to("cpu", copy=True)
+            if keep:
+                out[plain] = param.data.detach().to("cpu", copy=True)
     return out
 
 

@@ -256,7 +256,7 @@ _VLLM_NO_LORA = ("lm_head", "embed_tokens")
 def _check_lora_engines(cfg: RunConfig, p: list[Problem]) -> None:
     """policy.lora.sync=adapter on vLLM engines: only adapters vLLM serves as trained."""
     lora = cfg.policy.lora
-    backend = cfg.online.backend if cfg.online.enabled else (cfg.eval.backend or cfg.online.backend)
+    backend = cfg.eval.backend or cfg.online.backend  # online runs may not set another eval.backend (_check_judge)
     if lora.sync != "adapter" or backend != "vllm" or not (cfg.online.enabled or cfg.eval.prompts_file):
         return
     fix = "set policy.lora.sync=merged (the engines then get whole merged weights)"

@@ -43,6 +43,7 @@ from ray_dpo.online.weight_sync import (
     nccl_receive,
     plan_load,
     read_adapter,
+    tensor_bytes,
     tracked,
 )
 from ray_dpo.resources import actor_options
@@ -133,10 +134,6 @@ class GenerationEngine:
 
     def _adapter_report(self, adapter: AdapterWeights, t0: float) -> LoadReport:
         return LoadReport(received=len(adapter.tensors), seconds=time.perf_counter() - t0, bytes=adapter.nbytes)
-
-
-def _nbytes(weights: Mapping[str, torch.Tensor]) -> int:
-    return sum(t.numel() * t.element_size() for t in weights.values())
 
 
 # --------------------------------------------------------------------------- vLLM
@@ -280,7 +277,7 @@ class VLLMEngine(GenerationEngine):
             return self._adapter_report(adapter, t0)
         received: list[str] = []
         ignored: list[str] = []
-        nbytes = _nbytes(weights) if path is None else 0
+        nbytes = tensor_bytes(weights) if path is None else 0
         if path is not None:
             # Streamed from the files (not reload_weights(weights_path=...)), so the
             # tied-head fix below applies to checkpoints as well.
@@ -420,7 +417,7 @@ class TransformersEngine(GenerationEngine):
             return self._adapter_report(adapter, t0)
         if path is not None:
             weights = _read_safetensors_dir(path)
-        nbytes = _nbytes(weights)  # what arrived, ignored names included (as vLLM counts)
+        nbytes = tensor_bytes(weights)  # what arrived, ignored names included (as vLLM counts)
         weights, ignored = plan_load(weights, self._shapes)
         params = dict(self.model.state_dict())
         unknown = [name for name in weights if name not in params]

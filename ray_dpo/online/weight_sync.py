@@ -91,8 +91,8 @@ class AdapterWeights:
     config: the peft LoraConfig as a JSON-able dict (adapter_config.json).
     tensors: peft's saved names (adapter name stripped, as in adapter_model.safetensors) ->
         CPU tensors; gathered whole under ZeRO-3.
-    version: how many adapters the policy has sent before this one (engines name each
-        version apart, so a cached older adapter is never served).
+    version: the policy step it was taken at; names the checkpoint method's directory
+        (engines number the adapters they load themselves).
     """
 
     config: dict
@@ -101,7 +101,12 @@ class AdapterWeights:
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+        return tensor_bytes(self.tensors)
+
+
+def tensor_bytes(tensors: Mapping[str, torch.Tensor]) -> int:
+    """Bytes of the tensors' data (what a sync moves)."""
+    return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -122,7 +127,7 @@ def save_adapter(adapter: AdapterWeights, directory: str) -> str:
     return directory
 
 
-def read_adapter(directory: str, *, version: int = 0) -> AdapterWeights:
+def read_adapter(directory: str) -> AdapterWeights:
     """A peft adapter directory back as AdapterWeights."""
     import json
 
@@ -130,8 +135,7 @@ def read_adapter(directory: str, *, version: int = 0) -> AdapterWeights:
 
     with open(os.path.join(directory, ADAPTER_CONFIG), encoding="utf-8") as f:
         config = json.load(f)
-    return AdapterWeights(config=config, tensors=load_file(os.path.join(directory, "adapter_model.safetensors")),
-                          version=version)
+    return AdapterWeights(config=config, tensors=load_file(os.path.join(directory, "adapter_model.safetensors")))
 
 
 def is_adapter_dir(path: str) -> bool:

@@ -91,7 +91,7 @@ def merged_weights(worker: RankState) -> Optional[dict[str, torch.Tensor]]:
     training weights are never modified."""
     from ray_dpo.lora import merged_tensors
 
-    out = merged_tensors(worker.engine.module, gather=_gatherer(worker))
+    out = merged_tensors(worker.engine.module, gather=_gatherer(worker), keep=worker.rank == 0)
     return out if worker.rank == 0 else None
 
 
