@@ -1,4 +1,4 @@
-"""ray-dpo command line: train | validate | compare | make-assets | import-gguf | merge-lora | k8s.
+"""ray-dpo command line: train | sweep | validate | compare | make-assets | import-gguf | merge-lora | k8s.
 
 Exit codes: 0 success, 1 the run failed, 2 the config (or the command line) is wrong.
 Heavy imports (ray, deepspeed, mlflow) happen inside the commands that need them, so
@@ -24,6 +24,12 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
                    help="override a config value, e.g. --set loss.beta=0.2 (repeatable)")
 
 
+def _add_grid_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
+                   help="sweep over a config key, e.g. --grid loss.beta=0.05,0.1,0.3 (repeatable; adds to or "
+                        "replaces the config's sweep.grid)")
+
+
 def _load(args: argparse.Namespace):
     try:
         return load_config(args.config, args.overrides)
@@ -37,8 +43,56 @@ def cmd_validate(args: argparse.Namespace) -> int:
     cfg = _load(args)
     if cfg is None:
         return EXIT_BAD_CONFIG
-    print(f"# {args.config}: valid. Resolved config:")
+    if _is_sweep(cfg):  # every trial's config is checked too, as `ray-dpo sweep` would before starting
+        trials = _sweep_trials(cfg, args)
+        if trials is None:
+            return EXIT_BAD_CONFIG
+        print(f"# {args.config}: valid, and so are the {len(trials)} trial(s) of its sweep section:")
+        for trial in trials:
+            print(f"#   {trial.name}: {trial.label}")
+    else:
+        print(f"# {args.config}: valid. Resolved config:")
     print(to_yaml(cfg), end="")
+    return EXIT_OK
+
+
+def _is_sweep(cfg) -> bool:
+    return bool(cfg.sweep.grid or cfg.sweep.sample)
+
+
+def _sweep_trials(cfg, args: argparse.Namespace):
+    """The sweep's trials, every config checked; None (errors printed) if any is wrong."""
+    from ray_dpo.sweep.trials import expand, grid_args
+
+    try:
+        return expand(cfg, grid=grid_args(getattr(args, "grid", None) or []), source=args.config)
+    except ConfigError as e:
+        print(e, file=sys.stderr)
+        print("Fix the sweep's values above (they are applied to the config like --set) and run again.",
+              file=sys.stderr)
+        return None
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    cfg = _load(args)
+    if cfg is None:
+        return EXIT_BAD_CONFIG
+    trials = _sweep_trials(cfg, args)
+    if trials is None:
+        return EXIT_BAD_CONFIG
+    from ray_dpo.sweep.runner import print_summary, run_sweep
+
+    try:
+        summary = run_sweep(cfg, trials)
+    except KeyboardInterrupt:
+        print("[ray_dpo] interrupted; run the same command again: finished trials are skipped, the others "
+              "resume from their checkpoints", file=sys.stderr)
+        return EXIT_FAILED
+    print_summary(summary, cfg.sweep.metric)
+    if summary.failed:
+        print(f"[ray_dpo] {len(summary.failed)} trial(s) failed; run the same command again to retry them: "
+              f"{_this_command()}", file=sys.stderr)
+        return EXIT_FAILED
     return EXIT_OK
 
 
@@ -46,6 +100,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = _load(args)
     if cfg is None:
         return EXIT_BAD_CONFIG
+    if _is_sweep(cfg):
+        print("[ray_dpo] note: train runs the config as it is; its sweep section is read by `ray-dpo sweep`",
+              flush=True)
     from ray_dpo.driver import run_dpo
     from ray_dpo.faults import RunFailedError
 
@@ -179,7 +236,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("validate", help="check a config; print it resolved (exit 0) or its errors (exit 2)")
     _add_config_args(p)
+    _add_grid_arg(p)
     p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("sweep", help="run a grid of configs (sweep: section, --grid) as Ray Tune trials that "
+                                     "share one reference pass; rerun to resume")
+    _add_config_args(p)
+    _add_grid_arg(p)
+    p.set_defaults(func=cmd_sweep)
+
 
     p = sub.add_parser("compare", help="table + PNG plots of an MLflow experiment's runs (offline vs online)")
     p.add_argument("--experiment", required=True, help="MLflow experiment name (tracking.mlflow.experiment)")

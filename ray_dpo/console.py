@@ -67,6 +67,29 @@ def _print_own_lines(batch: dict) -> None:
     sink.flush()
 
 
+class OwnLinesOnly:
+    """A stdout that passes ray_dpo's lines and drops the rest: what a library driving the
+    console from this process (Ray Tune's experiment banners and trial tables) prints goes
+    nowhere, as the other processes' output already does (``own_lines``)."""
+
+    def __init__(self, sink):
+        self._sink, self._partial = sink, ""
+
+    def write(self, text: str) -> int:
+        lines = (self._partial + text).split("\n")
+        self._partial = lines.pop()
+        kept = [line + "\n" for line in lines if is_own_line(line)]
+        if kept:
+            self._sink.write("".join(kept))
+        return len(text)
+
+    def flush(self) -> None:
+        self._sink.flush()
+
+    def __getattr__(self, name: str):
+        return getattr(self._sink, name)
+
+
 def install_console_filter() -> bool:
     """Replace Ray's printer of forwarded worker output (in this driver, after ray.init) by
     one that prints ray_dpo's lines only, and shorten Ray's cluster error reports. False if

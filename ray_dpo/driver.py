@@ -41,6 +41,8 @@ _ENV_DEFAULTS = {
 }
 
 
+REFERENCE_CACHE_TAG = "ray_dpo.reference_cache"  # "hit <key>" | "computed <key>": counts a sweep's passes
+
 # Printed before -> after at the end of a run that sampled held-out prompts.
 HELDOUT_METRICS = ("eval/judge_score", "eval/kl")
 
@@ -113,14 +115,15 @@ def use_gpus(cfg: RunConfig) -> bool:
     return cfg.run.device == "cuda"
 
 
-def run_dpo(cfg: RunConfig) -> TrainSummary:
+def run_dpo(cfg: RunConfig, *, tags: dict[str, str] | None = None) -> TrainSummary:
     """Run offline DPO, or online DPO when online.enabled, end to end; the MLflow run is
-    FAILED if anything raises."""
+    FAILED if anything raises. ``tags`` go on the MLflow run (a sweep's trial: its parent
+    run and overrides)."""
     t0 = time.monotonic()
     cfg = with_absolute_paths(cfg)
     init_ray(cfg)
     gpu = use_gpus(cfg)
-    tracker = _start_tracking(cfg, mode="online" if cfg.online.enabled else "offline")
+    tracker = _start_tracking(cfg, mode="online" if cfg.online.enabled else "offline", tags=tags)
     follower = None  # the engines that follow the policy: the online coordinator, or offline eval
     try:
         train, evaluation = _load_data(cfg)
@@ -130,6 +133,8 @@ def run_dpo(cfg: RunConfig) -> TrainSummary:
         tracker.log_metrics(data_metrics(train.counters), step=0)
         watch: dict[str, list[str]] = {}  # role -> actor ids whose restarts MLflow counts
         roles = _start_roles(cfg, tracker, train, evaluation, gpu, watch)
+        if roles.reference_cache:
+            tracker.set_tags({REFERENCE_CACHE_TAG: roles.reference_cache})
         follower = roles.follower
         result = _fit_policy(cfg, roles.source, tracker, total_steps=roles.total_steps, gpu=gpu,
                              follower=follower, watch=watch)
@@ -149,7 +154,7 @@ def run_dpo(cfg: RunConfig) -> TrainSummary:
 # --------------------------------------------------------------------------- stages
 
 
-def _start_tracking(cfg: RunConfig, *, mode: str):
+def _start_tracking(cfg: RunConfig, *, mode: str, tags: dict[str, str] | None = None):
     from ray_dpo.tracking.mlflow_sink import MLflowRun, resolve_tracking_uri
 
     storage = storage_root(cfg)
@@ -161,9 +166,9 @@ def _start_tracking(cfg: RunConfig, *, mode: str):
         artifact_root=os.path.join(storage, "mlartifacts") if local else None,
         # Reopening the same MLflow run on resume (a rerun, a KubeRay retry) needs its id
         # next to the checkpoints, on a local path or the object store alike.
-        id_file=join_path(_run_dir(cfg), "mlflow_run_id"),
+        id_file=run_id_file(cfg),
     )
-    tracker.set_tags({"ray_dpo.mode": mode, "ray_dpo.run_name": cfg.run.name, "ray_dpo.loss": cfg.loss.type,
+    tracker.set_tags({**(tags or {}), "ray_dpo.mode": mode, "ray_dpo.run_name": cfg.run.name, "ray_dpo.loss": cfg.loss.type,
                       "ray_dpo.reference": _reference_mode(cfg), **cfg.tracking.mlflow.tags})
     tracker.log_params(flatten(cfg))
     if cfg.policy.lora.enabled:
@@ -237,6 +242,11 @@ def _run_dir(cfg: RunConfig) -> str:
     return join_path(storage_root(cfg), cfg.run.name)
 
 
+def run_id_file(cfg: RunConfig) -> str:
+    """Where a run keeps its MLflow run id: a rerun (a resume, a sweep's rerun) reopens that run."""
+    return join_path(_run_dir(cfg), "mlflow_run_id")
+
+
 def reference_group_kwargs(cfg: RunConfig, gpu: bool) -> dict:
     """ReferenceGroup's arguments: the reference loads its model the way the policy does
     (dtype, remote code, attention implementation: config validation checks
@@ -264,6 +274,7 @@ class Roles:
     follower: Any  # the engines that follow the policy, or None
     total_steps: int
     groups: list = dataclasses.field(default_factory=list)
+    reference_cache: str | None = None  # "hit <key>" | "computed <key>" with reference.precompute
 
 
 def _start_roles(cfg: RunConfig, tracker, train, evaluation, gpu: bool, watch: dict) -> Roles:
@@ -291,7 +302,7 @@ def _start_roles(cfg: RunConfig, tracker, train, evaluation, gpu: bool, watch: d
     group = _reference_group(cfg, gpu) if reference_source(cfg) == "group" else None
     if group is not None and not cfg.reference.precompute:
         watch["reference"] = group.actor_ids
-    feeder = _start_feeder(cfg, train, evaluation, group)
+    feeder, cache_status = _start_feeder(cfg, train, evaluation, group)
     watch["feeder"] = [feeder._actor_id.hex()]
     total_steps = ray.get(feeder.total_steps.remote())
     follower, reference = None, None
@@ -304,7 +315,8 @@ def _start_roles(cfg: RunConfig, tracker, train, evaluation, gpu: bool, watch: d
         follower = start_follower(cfg, reference=reference, total_steps=total_steps, tracking_uri=tracker.uri,
                                   run_id=tracker.run_id, use_gpu=gpu)
         _watch_engines(watch, follower, role="eval")
-    return Roles(feeder, follower, total_steps, groups=[g for g in (group, reference) if g is not None])
+    return Roles(feeder, follower, total_steps, groups=[g for g in (group, reference) if g is not None],
+                 reference_cache=cache_status)
 
 
 def _watch_engines(watch: dict, follower, *, role: str) -> None:
@@ -324,14 +336,14 @@ def _close(follower) -> None:
 
 
 def _start_feeder(cfg: RunConfig, train, evaluation, group):
-    """Reference log-probs come from the cache, a precompute pass (which then shuts
-    ``group`` down), or are streamed through ``group``."""
+    """The BatchFeeder actor, and how its reference log-probs were found ("hit <key>" or
+    "computed <key>"; None when streamed). They come from the cache, a precompute pass
+    (which then shuts ``group`` down), or are streamed through ``group``."""
     from ray_dpo.feeder import BatchPlan, start_feeder
 
-    ref_model = cfg.reference.model or cfg.model.name_or_path
-    ref_cache = None
+    ref_cache, status = None, None
     if cfg.reference.precompute:
-        ref_cache = _precomputed_reference(cfg, group, train, evaluation, ref_model)
+        ref_cache, status = _precomputed_reference(cfg, lambda: group, train, evaluation)
         group.shutdown()  # its resources go back to the cluster for training
         group = None
     plan = BatchPlan(
@@ -343,30 +355,53 @@ def _start_feeder(cfg: RunConfig, train, evaluation, group):
         seed=cfg.run.seed,
         shuffle=cfg.data.shuffle,
     )
-    return start_feeder(train=train, plan=plan, reference=group, ref_cache=ref_cache,
-                        evaluation=evaluation, eval_max_pairs=cfg.eval.max_pairs,
-                        reference_free=reference_source(cfg) != "group", max_restarts=cfg.policy.max_failures)
+    feeder = start_feeder(train=train, plan=plan, reference=group, ref_cache=ref_cache,
+                          evaluation=evaluation, eval_max_pairs=cfg.eval.max_pairs,
+                          reference_free=reference_source(cfg) != "group", max_restarts=cfg.policy.max_failures)
+    return feeder, status
 
 
-def _precomputed_reference(cfg: RunConfig, group, train, evaluation, ref_model: str) -> dict:
+def _precomputed_reference(cfg: RunConfig, reference_group, train, evaluation) -> tuple[dict, str]:
+    """(reference log-probs by pair id, "hit <key>" | "computed <key>"): read from the cache,
+    else scored by ``reference_group()`` and cached."""
     from ray_dpo.reference import cache
 
     cache_dir = cfg.reference.cache_dir or os.path.join(cfg.run.storage_path, "reference_cache")
     fingerprint = train.fingerprint + (evaluation.fingerprint if evaluation else "")
-    key = cache.cache_key(data_fingerprint=fingerprint, model_path=ref_model, dtype=cfg.model.dtype,
-                          extra={"format": cfg.data.format})
+    key = cache.cache_key(data_fingerprint=fingerprint, model_path=cfg.reference.model or cfg.model.name_or_path,
+                          dtype=cfg.model.dtype, extra={"format": cfg.data.format})
     found = cache.load(cache_dir, key)
     if found is not None:
         print(f"[ray_dpo] reference log-probs: cache hit {key[:12]} ({len(found)} pairs)", flush=True)
-        return found
+        return found, f"hit {key[:12]}"
     t0 = time.monotonic()
     datasets = [d for d in (train, evaluation) if d is not None]
     progress = CountProgress("[ray_dpo] reference log-probs", sum(d.num_pairs for d in datasets), unit="pairs")
-    scored = cache.score_datasets(group, datasets, batch_size=cfg.reference.batch_size, progress=progress.update)
+    scored = cache.score_datasets(reference_group(), datasets, batch_size=cfg.reference.batch_size,
+                                  progress=progress.update)
     cache.save(cache_dir, key, *scored)
     print(f"[ray_dpo] reference log-probs: computed {len(scored[0])} pairs in "
           f"{time.monotonic() - t0:.1f}s, cached as {key[:12]} under {cache_dir}", flush=True)
-    return cache.load(cache_dir, key)
+    return cache.load(cache_dir, key), f"computed {key[:12]}"
+
+
+def share_reference_pass(cfg: RunConfig) -> str:
+    """Make sure the reference cache ``cfg`` reads exists (a sweep runs this once, before its
+    trials, so no two trials ever score the same pass): "hit <key>" or "computed <key>".
+    The reference actors start only on a miss, and stop before this returns."""
+    cfg = with_absolute_paths(cfg)
+    train, evaluation = _load_data(cfg)
+    groups = []
+
+    def group():
+        groups.append(_reference_group(cfg, use_gpus(cfg)))
+        return groups[-1]
+
+    try:
+        return _precomputed_reference(cfg, group, train, evaluation)[1]
+    finally:
+        for g in groups:
+            g.shutdown()
 
 
 def _fit_policy(cfg: RunConfig, feeder, tracker, *, total_steps: int, gpu: bool, follower=None,

@@ -49,13 +49,14 @@ from ray_dpo.config.sections import (
     RunConfig,
     RunSection,
     SamplingConfig,
+    SweepConfig,
     TrackingConfig,
 )
 
 __all__ = [
     "REMOTE_PREFIXES", "RENAMED_KEYS", "ConfigError", "DataConfig", "DeprecatedKeyWarning", "EvalConfig",
     "JudgeConfig", "LoraSection", "LossConfig", "MLflowConfig", "ModelConfig", "OnlineConfig", "PolicyConfig", "Problem",
-    "ReferenceConfig", "RunConfig", "RunSection", "SamplingConfig", "TrackingConfig", "apply_overrides",
+    "ReferenceConfig", "RunConfig", "RunSection", "SamplingConfig", "SweepConfig", "TrackingConfig", "apply_overrides",
     "check", "duplicate_keys", "flatten", "from_dict", "join_path", "load_config", "local_cluster_cpus",
     "local_cpu_needs", "local_cpus_needed", "to_dict", "to_yaml", "with_absolute_paths",
 ]

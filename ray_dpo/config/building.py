@@ -56,6 +56,8 @@ def type_name(tp: Any) -> str:
 def convert(value: Any, tp: Any, key: str, problems: list[Problem]) -> Any:
     """Convert a YAML value to ``tp``; on failure record a Problem and return None."""
     origin = typing.get_origin(tp)
+    if tp is Any:  # a value checked where it is used (e.g. sweep.grid's, as a config value)
+        return value
     if dataclasses.is_dataclass(tp):
         return tp() if value is None else build(tp, value, key, problems)
     if origin in (Union, types.UnionType):

@@ -146,6 +146,7 @@ def _check_consistency(cfg: RunConfig, p: list[Problem]) -> None:
     _check_judge(cfg, p)
     _check_online(cfg, p)
     _check_lora(cfg, p)
+    _check_sweep(cfg, p)
     if is_remote(cfg.run.storage_path) and not cfg.tracking.mlflow.tracking_uri:
         p.append(Problem("tracking.mlflow.tracking_uri", "the default SQLite store needs a local "
                          "run.storage_path; set a tracking URI (e.g. http://mlflow:5000)"))
@@ -221,6 +222,38 @@ def _check_online(cfg: RunConfig, p: list[Problem]) -> None:
         wired = " or ".join(name for name in SYNC_METHODS if SYNC_METHODS[name].not_wired is None)
         p.append(Problem("online.weight_sync", f"{sync.name} is not wired into training runs yet "
                                                f"({sync.not_wired}); use {wired}"))
+
+
+def _check_sweep(cfg: RunConfig, p: list[Problem]) -> None:
+    """The sweep section's own shape; each trial's config is checked when the sweep expands
+    it (ray_dpo.sweep.trials)."""
+    s = cfg.sweep
+    _positive(p, "sweep.num_samples", s.num_samples)
+    _positive(p, "sweep.max_concurrent_trials", s.max_concurrent_trials, allow_zero=True)
+    _positive(p, "sweep.grace_period", s.grace_period)
+    _positive(p, "sweep.max_trial_failures", s.max_trial_failures, allow_zero=True)
+    if s.reduction_factor <= 1:
+        p.append(Problem("sweep.reduction_factor", f"must be > 1 (ASHA keeps 1/reduction_factor of the trials at "
+                                                   f"each rung), got {s.reduction_factor}"))
+    for key, values in s.grid.items():
+        if not isinstance(values, list) or not values:
+            p.append(Problem(f"sweep.grid.{key}", f"must be a non-empty list of values to try, got {values!r}"))
+    for key in set(s.grid) & set(s.sample):
+        p.append(Problem(f"sweep.sample.{key}", "is in sweep.grid too: give each key in one of them"))
+    for key, dist in s.sample.items():
+        kinds = sorted(dist)
+        if len(kinds) != 1 or kinds[0] not in ("uniform", "loguniform", "choice"):
+            p.append(Problem(f"sweep.sample.{key}", "must be one of {uniform: [low, high]}, {loguniform: "
+                                                    f"[low, high]}} or {{choice: [a, b, ...]}}, got {dist!r}"))
+            continue
+        kind, args = kinds[0], dist[kinds[0]]
+        numbers = all(isinstance(a, (int, float)) and not isinstance(a, bool) for a in args)
+        if kind != "choice" and (len(args) != 2 or not numbers or not args[0] < args[1]
+                                 or (kind == "loguniform" and args[0] <= 0)):
+            p.append(Problem(f"sweep.sample.{key}.{kind}", f"must be [low, high] with low < high"
+                                                          f"{' and low > 0' if kind == 'loguniform' else ''}, got {args}"))
+        if kind == "choice" and not args:
+            p.append(Problem(f"sweep.sample.{key}.choice", "must list at least one value"))
 
 
 def _check_lora(cfg: RunConfig, p: list[Problem]) -> None:

@@ -13,7 +13,7 @@ Pure: imports neither torch, ray, deepspeed nor vllm.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Annotated, Literal, Optional
+from typing import Annotated, Any, Literal, Optional
 
 from ray_dpo.config.names import OneOf
 from ray_dpo.config.paths import join_path
@@ -363,6 +363,43 @@ class EvalConfig:
 
 
 @dataclass
+class SweepConfig:
+    """Read by ``ray-dpo sweep`` only (``ray-dpo train`` runs the config as it is, without
+    it): the trials, how Ray Tune runs them and which ones it stops early."""
+
+    name: Optional[str] = None
+    """The sweep's name: its parent MLflow run, and the prefix of every trial's run.name
+    (default: run.name). Running the same sweep again resumes it: finished trials are skipped."""
+    grid: dict[str, list[Any]] = field(default_factory=dict)
+    """Dotted config key -> the values to try, e.g. {loss.beta: [0.05, 0.1, 0.3]}; every
+    combination of the keys' values is a trial (``--grid key=v1,v2`` adds or replaces a key)."""
+    sample: dict[str, dict[str, list[Any]]] = field(default_factory=dict)
+    """Dotted key -> one distribution, drawn num_samples times per grid point with run.seed:
+    {uniform: [low, high]}, {loguniform: [low, high]} or {choice: [a, b, ...]}."""
+    num_samples: int = 1
+    """Draws of the sample keys per grid point (trials = grid points x num_samples)."""
+    max_concurrent_trials: int = 0
+    """Trials running at once; 0: as many as the cluster's CPUs (GPUs) hold, one on a
+    local cluster ray-dpo starts itself (raise run.local_num_cpus for more)."""
+    share_reference: bool = True
+    """Offline trials whose reference log-probs would be equal (same reference model, data,
+    tokenizer) read one cached pass, computed once before the first trial starts
+    (reference.precompute is turned on for them). Online trials score their own samples."""
+    scheduler: Literal["none", "asha", "median"] = "none"
+    """Stop weak trials early on ``metric`` (Ray Tune's ASHA or median stopping rule)."""
+    metric: str = "eval/rewards/accuracies"
+    """The metric the scheduler compares, as logged in MLflow, e.g. eval/judge_score."""
+    mode: Literal["max", "min"] = "max"
+    grace_period: int = 1
+    """Steps a trial runs before the scheduler may stop it."""
+    reduction_factor: float = 2.0
+    """ASHA: the fraction 1/reduction_factor of trials goes on at each rung."""
+    max_trial_failures: int = 1
+    """Times Ray Tune starts a failed trial again (it resumes from its last checkpoint);
+    a dead policy worker inside a trial is policy.max_failures' business first."""
+
+
+@dataclass
 class RunConfig:
     run: RunSection = field(default_factory=RunSection)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -373,6 +410,7 @@ class RunConfig:
     online: OnlineConfig = field(default_factory=OnlineConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
 
     @property
     def run_dir(self) -> str:

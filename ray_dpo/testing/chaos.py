@@ -31,11 +31,12 @@ def ledger(run_dir: str) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def start_cli(config_path: str, log_path: str, gcs_address: str) -> tuple[subprocess.Popen, object]:
-    """``ray-dpo train CONFIG`` joining the cluster at ``gcs_address``; output to ``log_path``."""
+def start_cli(config_path: str, log_path: str, gcs_address: str, command: str = "train") -> tuple[subprocess.Popen, object]:
+    """``ray-dpo <command> CONFIG`` (train or sweep) joining the cluster at ``gcs_address``;
+    output to ``log_path``."""
     env = dict(os.environ, RAY_ADDRESS=gcs_address)
     out = open(log_path, "w+", encoding="utf-8")
-    proc = subprocess.Popen([sys.executable, "-m", "ray_dpo.cli", "train", config_path], env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "ray_dpo.cli", command, config_path], env=env,
                             stdout=out, stderr=subprocess.STDOUT, text=True)
     return proc, out
 

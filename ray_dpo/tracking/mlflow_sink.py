@@ -59,7 +59,7 @@ class MLflowRun:
         Reopening keeps a resumed run's metrics on one MLflow run instead of scattering them.
         """
         client = mlflow_client(uri)
-        previous = _read(id_file)
+        previous = read_text(id_file)
         if previous:
             try:
                 client.update_run(previous, status="RUNNING")
@@ -138,7 +138,7 @@ def log_metrics(client, run_id: str, metrics: Mapping[str, float], step: int) ->
         client.log_batch(run_id, metrics=items[i : i + _MAX_METRICS_PER_BATCH])
 
 
-def _read(path: str | None) -> str | None:
+def read_text(path: str | None) -> str | None:
     """The text of ``path`` (local or object store), None if it does not exist."""
     if not path:
         return None
