@@ -226,6 +226,16 @@ def cmd_merge_lora(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    """Any model on a config's yardstick: its held-out eval and pair metrics as a run's at step 0."""
+    cfg = _load(args)
+    if cfg is None:
+        return EXIT_BAD_CONFIG
+    from ray_dpo.evaluate import command
+
+    return command(cfg, model=args.model, name=args.name, chat_mode=args.chat)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ray-dpo", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -276,6 +286,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base", default=None, help="base model directory (default: the one the adapter names)")
     p.add_argument("--dtype", default="fp32", choices=tuple(DTYPES))
     p.set_defaults(func=cmd_merge_lora)
+
+    p = sub.add_parser("eval", help="evaluate any model (HF directory, merged model or LoRA adapter) with a "
+                                    "config's held-out eval and eval pairs, logged beside its runs; --chat to talk")
+    _add_config_args(p)
+    p.add_argument("--model", required=True, help="the model: a Hugging Face directory or a LoRA adapter/ directory")
+    p.add_argument("--name", default=None, help="MLflow run name (default: eval-<model directory name>)")
+    p.add_argument("--chat", action="store_true", help="talk to the model instead: stdin lines -> replies "
+                                                       "(its chat template, transformers on CPU, no Ray)")
+    p.set_defaults(func=cmd_eval)
 
     from ray_dpo import k8s  # pure (yaml + config): keeps `ray-dpo validate` fast
 
