@@ -67,6 +67,59 @@ def _print_own_lines(batch: dict) -> None:
     sink.flush()
 
 
+class Recording:
+    """Keeps a copy of what this process prints to stdout and stderr while it is entered
+    (the run's console, for its MLflow run), up to ``limit`` characters: past it the start
+    and the last ``limit // 2`` characters are kept."""
+
+    def __init__(self, limit: int = 4_000_000):
+        self.limit, self._head, self._tail, self._dropped = limit, [], [], 0
+        self._size = 0
+        self._saved: tuple = ()
+
+    def __enter__(self) -> "Recording":
+        self._saved = (sys.stdout, sys.stderr)
+        sys.stdout, sys.stderr = _Tee(sys.stdout, self._keep), _Tee(sys.stderr, self._keep)
+        # ray_dpo's log records: their handler writes to the stream it was given at start-up.
+        self._handler = logging.Handler()
+        self._handler.setFormatter(logging.Formatter(LOG_FORMAT))
+        self._handler.emit = lambda record: self._keep(self._handler.format(record) + "\n")
+        logging.getLogger("ray_dpo").addHandler(self._handler)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        sys.stdout, sys.stderr = self._saved
+        logging.getLogger("ray_dpo").removeHandler(self._handler)
+
+    def _keep(self, text: str) -> None:
+        if self._size + len(text) <= self.limit // 2 and not self._tail:
+            self._head.append(text)
+        else:
+            self._tail.append(text)
+            while self._tail and sum(map(len, self._tail)) > self.limit // 2:
+                self._dropped += len(self._tail.pop(0))
+        self._size += len(text)
+
+    def text(self) -> str:
+        cut = f"\n[... {self._dropped} characters left out ...]\n" if self._dropped else ""
+        return "".join(self._head) + cut + "".join(self._tail)
+
+
+class _Tee:
+    def __init__(self, sink, keep):
+        self._sink, self._keep = sink, keep
+
+    def write(self, text: str) -> int:
+        self._keep(text)
+        return self._sink.write(text)
+
+    def flush(self) -> None:
+        self._sink.flush()
+
+    def __getattr__(self, name: str):
+        return getattr(self._sink, name)
+
+
 class OwnLinesOnly:
     """A stdout that passes ray_dpo's lines and drops the rest: what a library driving the
     console from this process (Ray Tune's experiment banners and trial tables) prints goes

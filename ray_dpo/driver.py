@@ -26,7 +26,7 @@ from ray_dpo import console
 from ray_dpo.config import RunConfig, flatten, join_path, local_cluster_cpus, to_yaml, with_absolute_paths
 from ray_dpo.data.files import expand_files
 from ray_dpo.data.pipeline import build_pair_data
-from ray_dpo.data.report import data_metrics, data_report, format_report
+from ray_dpo.data.report import data_metrics, data_report, format_report, kto_balance, kto_line
 from ray_dpo.loss_rules import needs_reference_group, prompt_only_refusal, reference_source, trains_unpaired
 from ray_dpo.tracking.metrics import CountProgress
 
@@ -119,18 +119,30 @@ def run_dpo(cfg: RunConfig, *, tags: dict[str, str] | None = None) -> TrainSumma
     """Run offline DPO, or online DPO when online.enabled, end to end; the MLflow run is
     FAILED if anything raises. ``tags`` go on the MLflow run (a sweep's trial: its parent
     run and overrides)."""
-    t0 = time.monotonic()
-    cfg = with_absolute_paths(cfg)
-    init_ray(cfg)
+    with console.Recording() as recording:  # the console, kept in the MLflow run as console.log
+        t0 = time.monotonic()
+        cfg = with_absolute_paths(cfg)
+        init_ray(cfg)
+        tracker = _start_tracking(cfg, mode="online" if cfg.online.enabled else "offline", tags=tags)
+        try:
+            return _run(cfg, tracker, t0)
+        finally:
+            _log_console(tracker, recording)
+
+
+def _run(cfg: RunConfig, tracker, t0: float) -> TrainSummary:
     gpu = use_gpus(cfg)
-    tracker = _start_tracking(cfg, mode="online" if cfg.online.enabled else "offline", tags=tags)
     follower = None  # the engines that follow the policy: the online coordinator, or offline eval
     try:
         train, evaluation = _load_data(cfg)
-        report = {**data_report(train, evaluation), "loss": _loss_facts(cfg)}
+        report = {**data_report(train, evaluation), "loss": _loss_facts(cfg, train)}
         print("[ray_dpo] data: " + format_report(report).replace("\n", "\n[ray_dpo] "), flush=True)
         tracker.log_json(report, "data_report.json")
-        tracker.log_metrics(data_metrics(train.counters), step=0)
+        tracker.log_metrics(_data_metrics(train, evaluation, report), step=0)
+        kto = report["loss"].get("kto")
+        if kto and not kto["advised"]:
+            logger.warning("%s: set loss.desirable_weight / loss.undesirable_weight to bring it inside",
+                           kto_line(kto))
         watch: dict[str, list[str]] = {}  # role -> actor ids whose restarts MLflow counts
         roles = _start_roles(cfg, tracker, train, evaluation, gpu, watch)
         if roles.reference_cache:
@@ -149,6 +161,26 @@ def run_dpo(cfg: RunConfig, *, tags: dict[str, str] | None = None) -> TrainSumma
             _close(follower)
     tracker.finish("FINISHED")
     return summary
+
+
+def _log_console(tracker, recording) -> None:
+    try:
+        tracker.log_text(recording.text(), "console.log")
+    except Exception as err:  # noqa: BLE001 - the run's outcome is decided; its console is a record
+        logger.warning("could not keep the console in the MLflow run: %s", err)
+
+
+def _data_metrics(train, evaluation, report: dict) -> dict[str, float]:
+    """data/* of the train split, data/eval/* of the eval split, data/kto/* of a KTO run."""
+    metrics = data_metrics(train.counters)
+    if evaluation is not None:
+        metrics.update(data_metrics(evaluation.counters, prefix="data/eval/"))
+    kto = report["loss"].get("kto")
+    if kto:
+        metrics.update({"data/kto/desirable": kto["desirable"], "data/kto/undesirable": kto["undesirable"]})
+        if kto["weighted_ratio"] is not None:
+            metrics["data/kto/weighted_ratio"] = kto["weighted_ratio"]
+    return metrics
 
 
 # --------------------------------------------------------------------------- stages
@@ -204,8 +236,9 @@ def _reference_mode(cfg: RunConfig) -> str:
     return "precomputed" if cfg.reference.precompute else "streamed"
 
 
-def _loss_facts(cfg: RunConfig) -> dict:
-    """The data report's "loss" entry: what the loss trains on and whether a reference runs."""
+def _loss_facts(cfg: RunConfig, train=None) -> dict:
+    """The data report's "loss" entry: what the loss trains on and whether a reference runs;
+    for KTO, the train split's desirable / undesirable balance (report.kto_balance)."""
     unpaired, reference = trains_unpaired(cfg), _reference_mode(cfg)
     rows = "unpaired examples" + (" (pairs unpaired: data.unpair)" if cfg.data.unpair else "") if unpaired \
         else "preference pairs"
@@ -213,8 +246,17 @@ def _loss_facts(cfg: RunConfig) -> dict:
            "adapters_off": "the base model, scored by the policy workers with the LoRA adapters off "
                            "(no reference actors for training)"}.get(
         reference, f"{reference} by {cfg.reference.num_actors} reference actor(s)")
-    return {"type": cfg.loss.type, "rows": "examples" if unpaired else "pairs", "reference": reference,
-            "summary": f"loss.type={cfg.loss.type} on {rows}; reference: {ref}"}
+    facts = {"type": cfg.loss.type, "rows": "examples" if unpaired else "pairs", "reference": reference,
+             "summary": f"loss.type={cfg.loss.type} on {rows}; reference: {ref}"}
+    labels = (train.token_stats or {}).get("labels") if train is not None else None
+    if unpaired and labels:
+        facts["kto"] = kto_balance(labels, desirable_weight=_weight(cfg.loss.desirable_weight),
+                                   undesirable_weight=_weight(cfg.loss.undesirable_weight))
+    return facts
+
+
+def _weight(value: float | None) -> float:
+    return 1.0 if value is None else value
 
 
 def _load_data(cfg: RunConfig):
@@ -453,6 +495,22 @@ def _fit_policy(cfg: RunConfig, feeder, tracker, *, total_steps: int, gpu: bool,
     return result
 
 
+def _log_exported_model(cfg: RunConfig, tracker, exported: dict) -> None:
+    """Copy the exported model's files into the MLflow run (model/<adapter|hf_model>/) when
+    they fit tracking.mlflow.log_model_max_mb; else the tags are the link, and the console says so."""
+    limit = cfg.tracking.mlflow.log_model_max_mb * 1e6
+    for name, path in exported.items():
+        if not path or "://" in path:
+            continue
+        size = sum(os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(path) for f in files)
+        if size <= limit:
+            tracker.client.log_artifacts(tracker.run_id, path, artifact_path=f"model/{name}")
+        else:
+            print(f"[ray_dpo] {name}/ ({size / 1e6:.0f} MB) is linked from the MLflow run (tag ray_dpo.{name}), "
+                  f"not copied into it: tracking.mlflow.log_model_max_mb is {cfg.tracking.mlflow.log_model_max_mb:g}",
+                  flush=True)
+
+
 def _run_failed(cfg: RunConfig, tracker, error: BaseException) -> BaseException:
     """The one-line error of a run whose worker failures are exhausted (faults.failure_line),
     from what the callback recorded in MLflow."""
@@ -473,6 +531,7 @@ def _summarize(cfg: RunConfig, tracker, result, total_steps: int, report: dict, 
                    for name in ("hf_model", "adapter"))
     metrics = {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))}
     tracker.set_tags({key: path for key, path in (("ray_dpo.hf_model", hf), ("ray_dpo.adapter", adapter)) if path})
+    _log_exported_model(cfg, tracker, {"adapter": adapter, "hf_model": hf})
     heldout = {key: span for key in HELDOUT_METRICS if (span := tracker.first_and_last(key))}
     return TrainSummary(run_id=tracker.run_id, tracking_uri=tracker.uri,
                         experiment=cfg.tracking.mlflow.experiment, steps=total_steps,

@@ -328,6 +328,10 @@ class MLflowConfig:
     run_name: Optional[str] = None
     """Default: run.name."""
     tags: dict[str, str] = field(default_factory=dict)
+    log_model_max_mb: float = 50.0
+    """The exported model (hf_model/, or a LoRA run's adapter/) is copied into the MLflow run
+    as artifacts when its files take at most this many MB; a larger one is linked by its path
+    (the ray_dpo.hf_model / ray_dpo.adapter tags) only. 0: always only linked."""
 
 
 @dataclass

@@ -28,8 +28,10 @@ def row_hash(pair_id: str, prompt: list[int], chosen: list[int], rejected: list[
 
 
 def _summary_columns(batch: pa.Table) -> pa.Table:
-    """Small per-row columns the driver needs for counters, fingerprint and token stats."""
-    return pa.table({
+    """Small per-row columns the driver needs for counters, fingerprint and token stats
+    (and an unpaired split's labels, for its desirable / undesirable counts)."""
+    labels = {"label": batch.column("label")} if "label" in batch.column_names else {}
+    return pa.table({**labels, 
         "file_index": batch.column("file_index"),
         "line": batch.column("line"),
         "status": batch.column("status"),
@@ -75,4 +77,7 @@ def summarize(staged: Any) -> tuple[DataCounters, str, dict]:
             "max": int(lengths.max()) if len(lengths) else 0,
             "total": int(lengths.sum()),
         }
+    if "label" in kept.column_names:  # KTO: what its lambda_D n_D / (lambda_U n_U) ratio counts
+        desirable = sum(bool(v) for v in kept.column("label").to_pylist())
+        stats["labels"] = {"desirable": desirable, "undesirable": kept.num_rows - desirable}
     return counters, digest.hexdigest(), stats

@@ -31,21 +31,46 @@ if TYPE_CHECKING:  # the pipeline imports ray; the report only reads PairData
     from ray_dpo.data.pipeline import PairData
 
 
-def data_metrics(counters: DataCounters) -> dict[str, float]:
+def data_metrics(counters: DataCounters, prefix: str = "data/") -> dict[str, float]:
     """data/* metrics of one split's counters: data/<status>, data/<status>/<cause> (keys of
     ray_dpo.data.counters.CAUSES), data/tokens/<prompt|response|total>_<p50|p90|p99|max>, and
-    data/prompt_only when some rows read were prompt-only."""
-    metrics = {f"data/{name}": float(getattr(counters, name))
+    data/prompt_only when some rows read were prompt-only. The train split's keys start with
+    ``data/``, the eval split's with ``data/eval/``."""
+    metrics = {f"{prefix}{name}": float(getattr(counters, name))
                for name in ("read", "ok", "truncated", "dropped", "skipped")}
     if counters.prompt_only:
-        metrics["data/prompt_only"] = float(counters.prompt_only)
+        metrics[f"{prefix}prompt_only"] = float(counters.prompt_only)
     for status in ("truncated", "dropped", "skipped"):
         for cause, count in getattr(counters, f"{status}_by").items():
-            metrics[f"data/{status}/{cause}"] = float(count)
+            metrics[f"{prefix}{status}/{cause}"] = float(count)
     for part, summary in counters.length_summary().items():
         for stat in ("p50", "p90", "p99", "max"):
-            metrics[f"data/tokens/{part}_{stat}"] = float(summary[stat])
+            metrics[f"{prefix}tokens/{part}_{stat}"] = float(summary[stat])
     return metrics
+
+
+KTO_ADVISED = (1.0, 4.0 / 3.0)
+"""The range the KTO paper advises for lambda_D n_D / (lambda_U n_U)."""
+
+
+def kto_balance(labels: dict, *, desirable_weight: float, undesirable_weight: float) -> dict:
+    """An unpaired split's desirable / undesirable counts and lambda_D n_D / (lambda_U n_U)
+    (None without undesirable examples), with whether it is in KTO_ADVISED."""
+    n_d, n_u = labels["desirable"], labels["undesirable"]
+    ratio = desirable_weight * n_d / (undesirable_weight * n_u) if n_u and undesirable_weight else None
+    return {"desirable": n_d, "undesirable": n_u, "desirable_weight": desirable_weight,
+            "undesirable_weight": undesirable_weight, "weighted_ratio": ratio,
+            "advised": ratio is not None and KTO_ADVISED[0] <= ratio <= KTO_ADVISED[1] + 1e-9}
+
+
+def kto_line(balance: dict) -> str:
+    ratio = balance["weighted_ratio"]
+    shown = f"{ratio:.3f}" if ratio is not None else "undefined (no undesirable example)"
+    verdict = "inside" if balance["advised"] else "OUTSIDE"
+    return (f"KTO examples: {balance['desirable']} desirable, {balance['undesirable']} undesirable; "
+            f"lambda_D*n_D/(lambda_U*n_U) = {balance['desirable_weight']:g}*{balance['desirable']}/"
+            f"({balance['undesirable_weight']:g}*{balance['undesirable']}) = {shown}, {verdict} the KTO paper's "
+            f"advised [1, 4/3]")
 
 
 def _share(count: int, read: int) -> str:
@@ -92,6 +117,8 @@ def format_report(report: dict) -> str:
             lines.append(f"    e.g. {reason}")
     if loss.get("summary"):
         lines.append(f"loss: {loss['summary']}")
+    if loss.get("kto"):
+        lines.append(kto_line(loss["kto"]))
     return "\n".join(lines)
 
 

@@ -91,6 +91,10 @@ def test_kto_learns_from_unpaired_rows(ray_cluster, tiny_config, tiny_assets, tm
     # 512 tiny pairs -> 1024 examples, each row counted (a pair twice when unpaired)
     assert report["train"]["num_pairs"] == report["train"]["counters"]["read"] == 1024
     assert report["loss"]["rows"] == "examples"
+    # The balance the KTO paper asks about, stated and logged: 512 of each, ratio 1.
+    kto = report["loss"]["kto"]
+    assert (kto["desirable"], kto["undesirable"], kto["weighted_ratio"], kto["advised"]) == (512, 512, 1.0, True)
+    assert final_metric(summary, "data/kto/desirable") == 512 and final_metric(summary, "data/kto/weighted_ratio") == 1
     assert final_metric(summary, "eval/rewards/accuracies") >= 0.9
     assert final_metric(summary, "train/rewards/margins") > 0  # desirable rewards above undesirable ones
     assert final_metric(summary, "train/kto/kl") >= 0

@@ -73,6 +73,15 @@ def test_offline_run_learns_and_logs_everything(ray_cluster, tiny_config, monkey
 
     assert_no_secret(MlflowClient(summary.tracking_uri), summary.run_id)
 
+    # What a person comparing runs later finds in MLflow: the console, both splits' data
+    # report as metrics, and the exported model's files (the tiny model fits the size limit).
+    client = MlflowClient(summary.tracking_uri)
+    console_log = open(client.download_artifacts(summary.run_id, "console.log"), encoding="utf-8").read()
+    assert "[ray_dpo] data: train: 512 pairs" in console_log and "[ray_dpo] training:" in console_log
+    assert run.data.metrics["data/read"] == 512 and run.data.metrics["data/eval/read"] == 128
+    assert {"config.json", "model.safetensors"} <= {os.path.basename(f.path) for f in
+                                                     client.list_artifacts(summary.run_id, "model/hf_model")}
+
     # Every pair of each epoch trained exactly once (the ledger records trained pair ids).
     counts = collections.Counter(pid for entry in ledger(cfg) for pid in entry["pair_ids"])
     assert len(counts) == summary.data_report["train"]["num_pairs"]

@@ -96,3 +96,17 @@ def test_installed_filter_shortens_the_clusters_reports_and_passes_worker_output
     assert err == ("[ray_dpo] Ray reports: A worker died or was killed while executing a task by an "
                    "unexpected system error.\n")
     assert passed == [batch(["[ray_dpo] step 1/6"])]
+
+
+def test_a_recording_keeps_prints_and_log_records_and_cuts_the_middle(capsys):
+    with console.Recording(limit=200) as recording:
+        print("[ray_dpo] first line")
+        logging.getLogger("ray_dpo.test").warning("a warning %d", 7)
+        for i in range(50):
+            print(f"line {i:02d}")
+    text = recording.text()
+    assert text.startswith("[ray_dpo] first line\n[ray_dpo.test] a warning 7\n")
+    assert text.endswith("line 49\n") and "line 20\n" not in text and "characters left out" in text
+    assert "line 49" in capsys.readouterr().out  # the console still gets everything
+    print("after")
+    assert "after" not in recording.text()

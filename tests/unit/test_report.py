@@ -58,3 +58,27 @@ def test_report_names_examples_and_a_reference_free_loss():
     lines = format_report(report).splitlines()
     assert lines[0].startswith("train: 8 examples from 1 file(s)")
     assert lines[-1] == "loss: loss.type=kto on unpaired examples; reference: streamed"
+
+
+def test_the_eval_split_gets_its_own_metric_prefix():
+    counters = DataCounters()
+    counters.add(TokenizeResult(None, "ok", "", (), (3, 4)))
+    assert data_metrics(counters, prefix="data/eval/")["data/eval/read"] == 1
+    assert "data/read" not in data_metrics(counters, prefix="data/eval/")
+
+
+def test_kto_balance_states_the_weighted_ratio_and_whether_it_is_advised():
+    from ray_dpo.data.report import kto_balance, kto_line
+
+    even = kto_balance({"desirable": 300, "undesirable": 300}, desirable_weight=1.0, undesirable_weight=1.0)
+    assert even["weighted_ratio"] == 1.0 and even["advised"]
+    # 100 desirable of 400: 1*100/(1*300) = 0.333, outside [1, 4/3]; lambda_D = 3 brings it to 1.
+    skewed = kto_balance({"desirable": 100, "undesirable": 300}, desirable_weight=1.0, undesirable_weight=1.0)
+    assert skewed["weighted_ratio"] == 100 / 300 and not skewed["advised"]
+    assert "= 0.333, OUTSIDE the KTO paper's advised [1, 4/3]" in kto_line(skewed)
+    fixed = kto_balance({"desirable": 100, "undesirable": 300}, desirable_weight=4.0, undesirable_weight=1.0)
+    assert fixed["weighted_ratio"] == 4 / 3 and fixed["advised"]
+    none = kto_balance({"desirable": 5, "undesirable": 0}, desirable_weight=1.0, undesirable_weight=1.0)
+    assert none["weighted_ratio"] is None and not none["advised"] and "undefined" in kto_line(none)
+    report = {"loss": {"summary": "loss.type=kto", "kto": even}}
+    assert format_report(report).splitlines()[-1].startswith("KTO examples: 300 desirable, 300 undesirable")
