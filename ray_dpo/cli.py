@@ -154,20 +154,26 @@ def _print_summary(s) -> None:
 def cmd_compare(args: argparse.Namespace) -> int:
     import os
 
-    from ray_dpo.tracking.compare import ExperimentNotFound, compare
+    from ray_dpo.tracking.compare import ExperimentNotFound, PairedError, compare
     from ray_dpo.tracking.mlflow_sink import default_tracking_uri
 
     # The same default as a run whose run.storage_path is the default ./ray_dpo_runs.
     uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri("./ray_dpo_runs")
     out = args.out or f"compare-{args.experiment}"
     try:
-        report = compare(tracking_uri=uri, experiment=args.experiment, out_dir=out)
+        report = compare(tracking_uri=uri, experiment=args.experiment, out_dir=out,
+                         paired=[tuple(pair) for pair in args.paired], step=args.step)
     except ExperimentNotFound as e:
         print(f"[ray_dpo] {e} (tracking URI {uri}; pass --tracking-uri)", file=sys.stderr)
+        return EXIT_BAD_CONFIG
+    except PairedError as e:
+        print(f"[ray_dpo] {e}", file=sys.stderr)
         return EXIT_BAD_CONFIG
     print(f"# experiment {args.experiment!r} in {uri}")
     if report.table:
         print(report.table)
+    if report.paired:
+        print(report.paired)
     for note in report.notes:
         print(f"[ray_dpo] note: {note}")
     for path in report.files:
@@ -262,6 +268,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="MLflow store (default: $MLFLOW_TRACKING_URI, else sqlite:///./ray_dpo_runs/mlflow.db)")
     p.add_argument("--out", default=None, help="directory for the plots and summary.csv "
                                                "(default: ./compare-<experiment>)")
+    p.add_argument("--paired", nargs=2, action="append", default=[], metavar=("A", "B"),
+                   help="paired t-test of run A against run B (names or run-id prefixes) on their held-out "
+                        "records, prompt by prompt: is A-B more than the noise? (repeatable; writes paired.csv)")
+    p.add_argument("--step", type=int, default=None,
+                   help="the held-out step --paired compares (default: each run's last)")
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("make-assets", help="build the tiny offline model, tokenizer and synthetic data")

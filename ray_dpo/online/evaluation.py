@@ -19,6 +19,13 @@ Completion.logprob_sum), log pi_ref(y|x) from the ReferenceGroup (``as_pair_rows
     as_pair_rows(prompt_ids, completion_ids)        rows a ReferenceActor scores (chosen = rejected)
     kl_estimate(policy_logps, ref_logps) -> float
     eval_metrics(scores=, policy_logps=, ref_logps=, response_lengths=) -> {"eval/judge_score", "eval/kl", ...}
+    heldout_record(step=, samples_per_prompt=, seed=, prompts=, scores=, ...) -> dict  the per-sample record
+    read_heldout_record(text) -> dict               parsed and checked (ValueError says what is wrong)
+    heldout_artifact_path(step) -> "heldout/step_000008.json"; prompt_means(record, field)
+
+Every held-out eval writes its record next to the eval/* means (an MLflow artifact of the
+run): the means alone cannot say whether two runs differ by more than the noise, the
+per-prompt values can (``ray-dpo compare --paired``).
 
 Pure: no ray, deepspeed or vllm.
 """
@@ -171,3 +178,89 @@ def eval_metrics(*, scores: Sequence[float], policy_logps: Optional[Sequence[flo
         if policy_logps is not None and sum(response_lengths) > 0:
             out["eval/kl_per_token"] = out["eval/kl"] * len(scores) / sum(response_lengths)
     return out
+
+
+# --------------------------------------------------------------------------- per-sample records
+
+HELDOUT_DIR = "heldout"
+RECORD_FORMAT = 1
+RECORD_FIELDS = ("scores", "log_ratios", "response_lengths")
+"""Per-prompt lists, one value per sample: the judge score, log pi(y|x) - log pi_ref(y|x)
+(what eval/kl averages) and the response length in tokens."""
+
+
+def heldout_artifact_path(step: int) -> str:
+    """Zero-padded so the artifact listing sorts by step."""
+    return f"{HELDOUT_DIR}/step_{step:06d}.json"
+
+
+def heldout_record(*, step: int, samples_per_prompt: int, seed: int, prompts: Sequence[Any],
+                   scores: Sequence[float], policy_logps: Sequence[float], ref_logps: Sequence[float],
+                   response_lengths: Sequence[int], max_new_tokens: Optional[int] = None) -> dict:
+    """The per-sample values of one held-out eval, grouped by prompt (JSON-ready).
+
+    prompts: one per prompt, as the judge reads it (str or chat messages). The other
+    sequences are flat, prompt-major: samples_per_prompt values per prompt, in the order
+    eval_metrics got them. seed: the eval's sampling seed (two runs sampled with the same
+    seed drew their samples from the same random numbers: a paired comparison then has
+    less noise). max_new_tokens: the eval's limit (eval/kl is summed over the tokens).
+    """
+    n = samples_per_prompt
+    if n < 1:
+        raise ValueError(f"samples_per_prompt must be >= 1, got {n}")
+    flat = {"scores": scores, "policy_logps": policy_logps, "ref_logps": ref_logps,
+            "response_lengths": response_lengths}
+    for name, values in flat.items():
+        if len(values) != len(prompts) * n:
+            raise ValueError(f"{len(prompts)} prompts x {n} samples but {len(values)} {name}")
+    ratios = [float(p) - float(r) for p, r in zip(policy_logps, ref_logps)]
+    return {"format": RECORD_FORMAT, "step": int(step), "samples_per_prompt": n, "seed": int(seed),
+            "max_new_tokens": max_new_tokens,
+            "prompts": [{"prompt": prompt,
+                         "scores": [float(v) for v in scores[i * n:(i + 1) * n]],
+                         "log_ratios": ratios[i * n:(i + 1) * n],
+                         "response_lengths": [int(v) for v in response_lengths[i * n:(i + 1) * n]]}
+                        for i, prompt in enumerate(prompts)]}
+
+
+def _check(ok: bool, what: str) -> None:
+    if not ok:
+        raise ValueError(f"not a held-out record: {what}")
+
+
+def read_heldout_record(text: str) -> dict:
+    """A record heldout_record wrote (as JSON text), checked: every prompt has a valid
+    prompt and samples_per_prompt finite values in each RECORD_FIELDS list.
+
+    Raises ValueError saying what is wrong (a record from another tool, a truncated file).
+    """
+    try:
+        record = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"not a held-out record: invalid JSON ({err.msg})") from None
+    _check(isinstance(record, dict), "expected a JSON object")
+    for key in ("step", "samples_per_prompt", "seed"):
+        _check(isinstance(record.get(key), int) and not isinstance(record.get(key), bool), f"{key} is not an integer")
+    _check(record.get("format", RECORD_FORMAT) == RECORD_FORMAT, f"format {record.get('format')} is not "
+           f"{RECORD_FORMAT}")
+    n = record["samples_per_prompt"]
+    _check(n >= 1, "samples_per_prompt < 1")
+    prompts = record.get("prompts")
+    _check(isinstance(prompts, list) and bool(prompts), "no prompts")
+    for i, entry in enumerate(prompts):
+        _check(isinstance(entry, dict) and _valid_prompt(entry.get("prompt")), f"prompt {i} has no valid prompt")
+        for name in RECORD_FIELDS:
+            values = entry.get(name)
+            _check(isinstance(values, list) and len(values) == n, f"prompt {i}: {name} does not hold {n} values")
+            _check(all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values),
+                   f"prompt {i}: {name} holds a non-number")
+    record.setdefault("max_new_tokens", None)
+    return record
+
+
+def prompt_means(record: dict, name: str) -> list[float]:
+    """Per prompt, the mean over its samples of ``name`` (one of RECORD_FIELDS): the unit a
+    paired comparison differences (samples of one prompt are not independent)."""
+    if name not in RECORD_FIELDS:
+        raise ValueError(f"{name!r} is not one of {RECORD_FIELDS}")
+    return [sum(entry[name]) / len(entry[name]) for entry in record["prompts"]]

@@ -180,14 +180,30 @@ class PolicyFollower:
             self._error = err
 
     def log(self, metrics: dict[str, float], step: int) -> None:
-        uri, run_id = self._tracking
-        if not uri or not run_id or not metrics:
+        run = self._run()
+        if run is None or not metrics:
             return
-        from ray_dpo.tracking.mlflow_sink import log_metrics, mlflow_client
+        from ray_dpo.tracking.mlflow_sink import log_metrics
 
+        log_metrics(run[0], run[1], {k: v for k, v in metrics.items() if math.isfinite(v)}, step)
+
+    def log_artifact(self, text: str, path: str) -> None:
+        """Write ``text`` as the file ``path`` of the run's artifacts (the held-out eval's
+        per-sample records); nothing without tracking."""
+        run = self._run()
+        if run is not None:
+            run[0].log_text(run[1], text, path)
+
+    def _run(self) -> Optional[tuple[Any, str]]:
+        """(MlflowClient, run id) of the run to log to, None without tracking."""
+        uri, run_id = self._tracking
+        if not uri or not run_id:
+            return None
         if self._client is None:
+            from ray_dpo.tracking.mlflow_sink import mlflow_client
+
             self._client = mlflow_client(uri)
-        log_metrics(self._client, run_id, {k: v for k, v in metrics.items() if math.isfinite(v)}, step)
+        return self._client, run_id
 
 
 def _warn_eval_behind(step: int, busy: list[int], seconds: float, every: int) -> None:
@@ -201,7 +217,8 @@ def _warn_eval_behind(step: int, busy: list[int], seconds: float, every: int) ->
 
 
 def make_evaluator(follower: "PolicyFollower"):
-    """The follower's HeldOutEvaluator: its engines, eval judge and logger, eval.* prompts."""
+    """The follower's HeldOutEvaluator: its engines, eval judge and logger (metrics and the
+    per-sample records), eval.* prompts."""
     from ray_dpo.data.tokenize import PairTokenizer
     from ray_dpo.online.evaluation import load_prompts, select_prompts
     from ray_dpo.online.heldout import HeldOutEvaluator
@@ -216,7 +233,7 @@ def make_evaluator(follower: "PolicyFollower"):
                             judge_lock=follower.judge_lock, reference=follower.reference,
                             sampling=heldout_sampling(spec.online.sampling, spec.eval), seed=spec.seed,
                             reference_batch_size=spec.reference_batch_size, decode=follower.decode,
-                            log=follower.log, on_error=follower.fail)
+                            log=follower.log, log_artifact=follower.log_artifact, on_error=follower.fail)
 
 
 class _FollowerActor(KeepsInitError, PolicyFollower):

@@ -4,8 +4,10 @@ At an eval point the engines already hold (and have verified) the policy of step
 evaluator queues the held-out prompts on them right away — an engine runs its calls in
 order, so a weight sync sent later cannot change these samples — and returns; a thread
 then collects the samples, judges them, scores their KL to the reference and logs
-``eval/*`` at step k. The policy workers go on training meanwhile. ``wait()`` returns once
-every eval started has been logged (the run's end needs its last one).
+``eval/*`` at step k, plus the per-sample record ``heldout/step_{k:06d}.json`` as an
+artifact of the run (what ``ray-dpo compare --paired`` tests differences on). The policy
+workers go on training meanwhile. ``wait()`` returns once every eval started has been
+logged (the run's end needs its last one).
 
 The maths (judge score, KL estimate, which prompts) is in online/evaluation.py.
 """
@@ -30,13 +32,15 @@ class HeldOutEvaluator:
     judge reads it, prompt token ids)]. generation: GenerationGroup whose engines follow
     the policy. judge: .score(prompts, responses); judge_lock serializes it with other
     users in this process. reference: ReferenceGroup for the KL. decode: token ids -> text
-    (for engines without a tokenizer). log(metrics, step); on_error(err): a failed eval.
+    (for engines without a tokenizer). log(metrics, step); log_artifact(text, path): writes a
+    file to the run (None: the record is not kept); on_error(err): a failed eval.
     """
 
     def __init__(self, config: EvalConfig, *, prompts: Sequence[tuple[Any, list[int]]], generation: Any,
                  judge: Any, judge_lock: threading.Lock, reference: Any, sampling: SamplingConfig, seed: int,
                  reference_batch_size: int, decode: Callable[[list[int]], str], log: Callable[[dict, int], None],
-                 on_error: Callable[[BaseException], None]):
+                 on_error: Callable[[BaseException], None],
+                 log_artifact: Optional[Callable[[str, str], None]] = None):
         from ray_dpo.online.evaluation import eval_sampling
 
         self.config = config
@@ -48,6 +52,7 @@ class HeldOutEvaluator:
         self.seed = seed + EVAL_SEED_OFFSET
         self.reference_batch_size = reference_batch_size
         self._decode, self._log, self._on_error = decode, log, on_error
+        self._log_artifact = log_artifact
         self._threads: list[threading.Thread] = []
         self._sampling: set[int] = set()
 
@@ -87,8 +92,9 @@ class HeldOutEvaluator:
                 completions = self.generation.collect(chunks)
             finally:
                 self._sampling.discard(step)
-            metrics = self._score(completions)
+            metrics, record = self._score(step, completions)
             self._log(metrics, step)
+            self._keep(record, step)
             print(f"[ray_dpo] step {step}: held-out eval/judge_score {metrics['eval/judge_score']:.4f}, "
                   f"eval/kl {metrics['eval/kl']:.4f} ({len(self.prompts)} prompts x "
                   f"{self.config.samples_per_prompt})", flush=True)
@@ -96,8 +102,25 @@ class HeldOutEvaluator:
             logger.error("held-out eval at step %d failed: %s", step, err)
             self._on_error(err)
 
-    def _score(self, completions: list) -> dict[str, float]:
-        from ray_dpo.online.evaluation import as_pair_rows, eval_metrics
+    def _keep(self, record: dict, step: int) -> None:
+        """Write the per-sample record. A store that refuses it costs the paired comparison of
+        this step, not the run: warn and go on (the eval/* means are logged already)."""
+        import json
+
+        from ray_dpo.online.evaluation import heldout_artifact_path
+
+        if self._log_artifact is None:
+            return
+        path = heldout_artifact_path(step)
+        try:
+            self._log_artifact(json.dumps(record), path)
+        except Exception as err:  # noqa: BLE001 - e.g. an artifact store this process cannot reach
+            logger.warning("held-out eval at step %d: could not write %s to the run (%s: %s); "
+                           "`ray-dpo compare --paired` will not find this step", step, path, type(err).__name__, err)
+
+    def _score(self, step: int, completions: list) -> tuple[dict[str, float], dict]:
+        """(eval/* metrics, the per-sample record) of the collected samples."""
+        from ray_dpo.online.evaluation import as_pair_rows, eval_metrics, heldout_record
 
         n = self.config.samples_per_prompt
         flat = [c for comps in completions for c in comps]
@@ -109,6 +132,11 @@ class HeldOutEvaluator:
         size = self.reference_batch_size
         scored = [r for batch in self.reference.score_batches(rows[i:i + size] for i in range(0, len(rows), size))
                   for r in batch]
-        return eval_metrics(scores=scores, policy_logps=[c.logprob_sum for c in flat],
-                            ref_logps=[r["ref_chosen_logp"] for r in scored],
-                            response_lengths=[len(c.token_ids) for c in flat])
+        samples = dict(scores=scores, policy_logps=[c.logprob_sum for c in flat],
+                       ref_logps=[r["ref_chosen_logp"] for r in scored],
+                       response_lengths=[len(c.token_ids) for c in flat])
+        metrics = eval_metrics(**samples)  # first: it refuses non-finite log-probs, which JSON cannot hold
+        record = heldout_record(step=step, samples_per_prompt=n, seed=self.seed,
+                                prompts=[p for p, _ in self.prompts], max_new_tokens=self.sampling.max_new_tokens,
+                                **samples)
+        return metrics, record

@@ -117,8 +117,26 @@ def test_offline_run_logs_the_same_held_out_metrics_and_compares(ray_cluster, ti
     summary = run_dpo(cfg)
     scores = history(summary, "eval/judge_score")
     assert [s for s, _ in scores] == [0, 4, 8]
-    assert [s for s, _ in history(summary, "eval/kl")] == [0, 4, 8]
+    kls = history(summary, "eval/kl")
+    assert [s for s, _ in kls] == [0, 4, 8]
     assert not history(summary, "online/round"), "an offline run has no rounds"
+
+    # Every held-out eval left its per-sample record, of the samples eval/* averaged.
+    from mlflow.tracking import MlflowClient
+
+    from ray_dpo.online.evaluation import prompt_means
+    from ray_dpo.online.heldout import EVAL_SEED_OFFSET
+    from ray_dpo.tracking.paired import heldout_steps, load_record
+
+    client = MlflowClient(summary.tracking_uri)
+    assert heldout_steps(client, summary.run_id) == [0, 4, 8]
+    for (step, score), (_, kl) in zip(scores, kls):
+        record = load_record(client, summary.run_id, step)
+        assert (record["step"], len(record["prompts"]), record["samples_per_prompt"], record["seed"],
+                record["max_new_tokens"]) == (step, 32, 4, cfg.run.seed + EVAL_SEED_OFFSET, 16)
+        assert sum(prompt_means(record, "scores")) / 32 == pytest.approx(score, abs=1e-6)
+        assert sum(prompt_means(record, "log_ratios")) / 32 == pytest.approx(kl, abs=1e-5)
+        assert all(0 < n <= 16 for e in record["prompts"] for n in e["response_lengths"])
 
     # `ray-dpo compare` on the experiment that holds this run and the online one.
     from ray_dpo.cli import main
@@ -136,6 +154,16 @@ def test_offline_run_logs_the_same_held_out_metrics_and_compares(ray_cluster, ti
     # A note would mean a plot lacks a run or a metric, or the held-out sampling differs.
     assert "note:" not in printed, printed
     assert sorted(p.name for p in out.glob("*.png")) == ["judge_vs_kl.png", "metrics_vs_step.png"]
+
+    # The two runs sampled the same 32 prompts with the same seed: their records pair up.
+    assert main(["compare", "--experiment", "offline-vs-online", "--tracking-uri",
+                 store["tracking.mlflow.tracking_uri"], "--out", str(out),
+                 "--paired", "online-vllm", "offline-with-eval"]) == 0
+    printed = capsys.readouterr().out
+    assert ("# paired: A = online-vllm (step 16), B = offline-with-eval (step 8); 32 prompts x 4 samples, "
+            f"eval seed {cfg.run.seed + EVAL_SEED_OFFSET}") in printed, printed
+    assert [line.split()[0] for line in printed.splitlines() if " A-B " in line] == ["eval/judge_score", "eval/kl"]
+    assert len((out / "paired.csv").read_text().splitlines()) == 3
 
 
 @pytest.mark.extended
