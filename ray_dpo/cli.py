@@ -261,7 +261,6 @@ def build_parser() -> argparse.ArgumentParser:
     _add_grid_arg(p)
     p.set_defaults(func=cmd_sweep)
 
-
     p = sub.add_parser("compare", help="table + PNG plots of an MLflow experiment's runs (offline vs online)")
     p.add_argument("--experiment", required=True, help="MLflow experiment name (tracking.mlflow.experiment)")
     p.add_argument("--tracking-uri", default=None,

@@ -280,8 +280,9 @@ def run_sweep(cfg: RunConfig, trials: list[Trial]) -> SweepSummary:
     at_once_wanted = cfg.sweep.max_concurrent_trials or 1
     if local and not widest.run.local_num_cpus:
         cpus, _ = local_cluster_cpus(widest, cores=os.cpu_count() or 1)
+        # + 1: the trials' own Tune actors hold a sliver each (TRIAL_CPU)
         widest = dataclasses.replace(widest, run=dataclasses.replace(
-            widest.run, local_num_cpus=max(cpus, at_once_wanted * local_cpus_needed(widest))))
+            widest.run, local_num_cpus=max(cpus, at_once_wanted * local_cpus_needed(widest) + 1)))
     init_ray(widest)
     parent = _open_parent(cfg, trials)
     name = sweep_name(cfg)

@@ -40,6 +40,7 @@ PURE = [
     "ray_dpo.online.evaluation",
     "ray_dpo.online.judges",
     "ray_dpo.tracking.metrics",
+    "ray_dpo.sweep.trials",
     "ray_dpo.tracking.stats",
     "ray_dpo.tracking.paired",
     "ray_dpo.testing.assets",
