@@ -83,7 +83,6 @@ TRL_SNIPPET = """
 import json, sys
 sys.path.insert(0, {bench!r})
 from sentiment_vs_trl import load_run_config, ray_dpo_pairs, run_trl
-from ray_dpo.config import load_config
 cfg = load_run_config({config!r})
 texts, tokens = ray_dpo_pairs(cfg)
 print(json.dumps(run_trl(cfg, texts, tokens, {out!r}, {steps!r})))

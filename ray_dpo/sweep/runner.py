@@ -35,7 +35,7 @@ OVERRIDES_TAG = "ray_dpo.sweep.overrides"  # a trial's overrides, a JSON object
 STATUS_TAG = "ray_dpo.sweep.status"  # a trial's outcome: finished | stopped | failed
 PARENT_ID_TAG = "mlflow.parentRunId"  # MLflow's own: the UI nests the trials under the parent
 STOPPED_AT_TAG = "ray_dpo.sweep.stopped_at_step"
-_POLL_S = 1.0
+_POLL_S = 0.5
 TRIAL_CPU = 0.01  # what the trial's own Tune actor holds: it only waits on its run
 
 
@@ -184,9 +184,10 @@ def _earlier_outcome(trial: Trial, client) -> Optional[TrialOutcome]:
     return None
 
 
-def _share_reference(pending: list[Trial]) -> int:
+def _share_reference(pending: list[Trial], parent) -> int:
     """One reference pass per group of offline trials that read the same one (before any
-    trial starts: no two trials ever score it at once); returns the passes computed."""
+    trial starts: no two trials ever score it at once); returns the passes computed. The
+    parent run's tag ray_dpo.sweep.reference says which passes and who shares them."""
     from ray_dpo.driver import share_reference_pass
 
     groups: dict[str, list[Trial]] = {}
@@ -194,12 +195,15 @@ def _share_reference(pending: list[Trial]) -> int:
         key = reference_share_key(trial.config)
         if key is not None:
             groups.setdefault(key, []).append(trial)
-    computed = 0
+    computed, said = 0, []
     for members in groups.values():
         status = share_reference_pass(members[0].config)
         computed += status.startswith("computed")
+        said.append(f"{status} shared by {len(members)} offline trial(s)")
         print(f"[ray_dpo] sweep: reference pass {status.split()[0]} ({status.split()[1]}), shared by "
               f"{len(members)} offline trial(s)", flush=True)
+    if said:
+        parent.set_tags({"ray_dpo.sweep.reference": "; ".join(said)})
     online = sum(t.config.online.enabled for t in pending)
     if online:
         print(f"[ray_dpo] sweep: {online} online trial(s) score their own samples with their reference actors "
@@ -266,8 +270,6 @@ def _console_callback(total: int, skipped: int):
 
 def run_sweep(cfg: RunConfig, trials: list[Trial]) -> SweepSummary:
     """Run (or resume) the sweep: see the module docstring."""
-    from ray import tune
-
     from ray_dpo.config import join_path, with_absolute_paths
     from ray_dpo.driver import init_ray, storage_root
 
@@ -298,7 +300,7 @@ def run_sweep(cfg: RunConfig, trials: list[Trial]) -> SweepSummary:
     computed = 0
     try:
         if pending:
-            computed = _share_reference(pending)
+            computed = _share_reference(pending, parent)
             at_once, why = concurrency(cfg, pending, local=local)
             print(f"[ray_dpo] sweep: {len(pending)} trial(s) to run, {at_once} at a time ({why})", flush=True)
             results = _tune(cfg, pending, parent, at_once, len(trials), len(trials) - len(pending),

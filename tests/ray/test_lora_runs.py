@@ -118,7 +118,8 @@ def test_lora_under_zero3_with_the_reference_group_shares_one_cached_reference_p
 
     shared = {**LORA, "policy.zero_stage": 3, "policy.lora.reference": "group", "reference.precompute": True,
               "eval.every_steps": 0}
-    first = run_dpo(tiny_config("lora-z3", **shared))
+    # Two epochs: after one, eval accuracy sits at the 0.9 bar (0.898 or 0.914 from run to run).
+    first = run_dpo(tiny_config("lora-z3", **shared, **{"policy.num_epochs": 2}))
     out = capsys.readouterr().out
     assert "reference log-probs: computed" in out and "cache hit" not in out
     assert history(first, "eval/rewards/accuracies")[-1][1] >= 0.9

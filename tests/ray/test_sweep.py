@@ -20,7 +20,7 @@ from ray_dpo.testing import chaos
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 RATES = [1.0e-3, 2.0e-3, 3.0e-3, 1.0e-9]
-STEPS = 8
+STEPS = 20  # the stop must land before the bad trial's last step, also on a loaded machine
 
 
 def _start(cfg, tmp_path, ray, attempt):
@@ -93,6 +93,7 @@ def test_a_sweep_shares_one_reference_pass_stops_a_bad_trial_and_resumes_after_a
     assert (first + second).count("sweep: reference pass computed") == 1, first + second
     assert all(r.data.tags[REFERENCE_CACHE_TAG].startswith("hit ") for r in runs)
     assert len(os.listdir(os.path.join(cfg.run.storage_path, "reference_cache"))) == 1
+    assert parent.data.tags["ray_dpo.sweep.reference"].endswith("shared by 3 offline trial(s)")  # the rerun's
     # The good trials finished; the one that learns nothing was stopped early, not failed.
     for run in runs[:3]:
         assert run.info.status == "FINISHED", run.data.tags
@@ -100,5 +101,6 @@ def test_a_sweep_shares_one_reference_pass_stops_a_bad_trial_and_resumes_after_a
     bad = runs[3]
     assert bad.data.tags[STATUS_TAG] == "stopped" and bad.info.status == "KILLED"
     assert max(m.step for m in client.get_metric_history(bad.info.run_id, "train/loss")) < STEPS
+    assert "ray_dpo.hf_model" not in bad.data.tags  # it never got to its export
     assert parent.data.metrics["sweep/stopped"] == 1 and parent.data.metrics["sweep/failed"] == 0
     assert f"trial {trials[3].label} stopped early by the scheduler at step" in second, second[-3000:]
