@@ -43,7 +43,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     cfg = _load(args)
     if cfg is None:
         return EXIT_BAD_CONFIG
-    if _is_sweep(cfg):  # every trial's config is checked too, as `ray-dpo sweep` would before starting
+    if _is_sweep(cfg) or args.grid:  # every trial's config is checked too, as `ray-dpo sweep` would
         trials = _sweep_trials(cfg, args)
         if trials is None:
             return EXIT_BAD_CONFIG

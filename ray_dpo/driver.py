@@ -131,6 +131,7 @@ def run_dpo(cfg: RunConfig, *, tags: dict[str, str] | None = None) -> TrainSumma
 
 
 def _run(cfg: RunConfig, tracker, t0: float) -> TrainSummary:
+    """run_dpo once its MLflow run is open: data, roles, training, summary."""
     gpu = use_gpus(cfg)
     follower = None  # the engines that follow the policy: the online coordinator, or offline eval
     try:
@@ -200,8 +201,9 @@ def _start_tracking(cfg: RunConfig, *, mode: str, tags: dict[str, str] | None = 
         # next to the checkpoints, on a local path or the object store alike.
         id_file=run_id_file(cfg),
     )
-    tracker.set_tags({**(tags or {}), "ray_dpo.mode": mode, "ray_dpo.run_name": cfg.run.name, "ray_dpo.loss": cfg.loss.type,
-                      "ray_dpo.reference": _reference_mode(cfg), **cfg.tracking.mlflow.tags})
+    tracker.set_tags({**(tags or {}), "ray_dpo.mode": mode, "ray_dpo.run_name": cfg.run.name,
+                      "ray_dpo.loss": cfg.loss.type, "ray_dpo.reference": _reference_mode(cfg),
+                      **cfg.tracking.mlflow.tags})
     tracker.log_params(flatten(cfg))
     if cfg.policy.lora.enabled:
         tracker.log_params(_lora_counts(cfg))

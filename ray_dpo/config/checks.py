@@ -250,8 +250,8 @@ def _check_sweep(cfg: RunConfig, p: list[Problem]) -> None:
         numbers = all(isinstance(a, (int, float)) and not isinstance(a, bool) for a in args)
         if kind != "choice" and (len(args) != 2 or not numbers or not args[0] < args[1]
                                  or (kind == "loguniform" and args[0] <= 0)):
-            p.append(Problem(f"sweep.sample.{key}.{kind}", f"must be [low, high] with low < high"
-                                                          f"{' and low > 0' if kind == 'loguniform' else ''}, got {args}"))
+            positive = " and low > 0" if kind == "loguniform" else ""
+            p.append(Problem(f"sweep.sample.{key}.{kind}", f"must be [low, high] with low < high{positive}, got {args}"))
         if kind == "choice" and not args:
             p.append(Problem(f"sweep.sample.{key}.choice", "must list at least one value"))
 

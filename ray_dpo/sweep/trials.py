@@ -118,8 +118,9 @@ def expand(cfg: RunConfig, *, grid: Optional[dict[str, list]] = None, source: st
     checked like ``ray-dpo validate`` checks a config: a ConfigError lists the problems of
     every trial (each key prefixed by the trial's overrides), before anything has started.
 
-    Offline trials that read a reference group get reference.precompute=true when
-    sweep.share_reference (the sweep computes that pass once, for all of them)."""
+    With sweep.share_reference the sweep sets reference.precompute: true for offline trials
+    that read a reference group (it computes that pass once, for all of them), false for
+    online trials (their pairs are new every round), so one config can sweep both."""
     from ray_dpo.loss_rules import reference_source
 
     sweep = cfg.sweep
@@ -133,6 +134,10 @@ def expand(cfg: RunConfig, *, grid: Optional[dict[str, list]] = None, source: st
         try:
             apply_overrides(data, [f"{k}={json.dumps(v)}" for k, v in overrides.items()])
             tname = trial_name(name, overrides)
+            if sweep.share_reference and (data.get("online") or {}).get("enabled"):
+                # The sweep owns reference.precompute: online trials stream theirs (their
+                # pairs are new every round), offline ones read the shared pass (below).
+                data.setdefault("reference", {})["precompute"] = False
             data["run"]["name"] = tname
             data["tracking"]["mlflow"]["run_name"] = tname
             trial_cfg = from_dict(data, source=f"trial {label}", check_files=check_files)
@@ -167,7 +172,8 @@ def reference_share_key(cfg: RunConfig) -> Optional[str]:
 
     if cfg.online.enabled or reference_source(cfg) != "group" or not cfg.reference.precompute:
         return None
-    facts = {"unpaired": trains_unpaired(cfg), "model": cfg.reference.model or cfg.model.name_or_path, "tokenizer": cfg.model.tokenizer,
+    facts = {"unpaired": trains_unpaired(cfg), "model": cfg.reference.model or cfg.model.name_or_path,
+             "tokenizer": cfg.model.tokenizer,
              "chat_template": cfg.model.chat_template, "dtype": cfg.model.dtype, "data": to_dict(cfg.data),
              "cache_dir": cfg.reference.cache_dir, "storage": cfg.run.storage_path}
     return json.dumps(facts, sort_keys=True, default=str)

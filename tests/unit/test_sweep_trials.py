@@ -1,5 +1,7 @@
 """A sweep's trials: the grid and samples expanded, every trial's config checked up front."""
 
+import dataclasses
+
 import pytest
 
 from ray_dpo.config import ConfigError, from_dict
@@ -48,7 +50,10 @@ def test_samples_are_drawn_in_range_and_again_the_same_on_a_rerun(base):
 
 
 def test_expand_builds_each_trial_with_its_own_name_and_shares_offline_reference_passes(base):
+    # reference.precompute: true in the config is what an offline run wants and an online
+    # run refuses: the sweep sets it per trial.
     cfg = base(grid={"loss.beta": [0.1, 0.3], "online.enabled": [False, True]})
+    cfg = dataclasses.replace(cfg, reference=dataclasses.replace(cfg.reference, precompute=True))
     trials = expand(cfg, check_files=False)
     assert [t.overrides for t in trials] == [
         {"loss.beta": 0.1, "online.enabled": False}, {"loss.beta": 0.1, "online.enabled": True},
@@ -105,3 +110,18 @@ def test_the_scheduler_and_concurrency_follow_the_section(base):
     assert _scheduler(base(), trials) is None
     assert concurrency(cfg, trials, local=True)[0] == 1
     assert concurrency(base(max_concurrent_trials=3), trials, local=True)[0] == 3
+
+
+def test_validate_lists_the_trials_of_a_grid_given_on_the_command_line(tmp_path, capsys):
+    from ray_dpo.cli import main
+
+    data = tmp_path / "train.jsonl"
+    data.write_text('{"prompt": "p", "chosen": "a", "rejected": "b"}\n')
+    config = tmp_path / "run.yaml"
+    config.write_text(f"run: {{name: sw}}\nmodel: {{name_or_path: some-org/some-model}}\n"
+                      f"data: {{train_files: [{data}]}}\n")
+    assert main(["validate", str(config), "--grid", "loss.beta=0.1,0.3"]) == 0
+    out = capsys.readouterr().out
+    assert "so are the 2 trial(s)" in out and "loss.beta=0.3" in out
+    assert main(["validate", str(config), "--grid", "policy.zero_stage=1,7"]) == 2
+    assert "policy.zero_stage: must be 0, 1, 2 or 3, got 7 (in trial policy.zero_stage=7)" in capsys.readouterr().err
