@@ -245,7 +245,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ray-dpo", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
+    _add_config_commands(sub)
+    _add_tool_commands(sub)
+    return parser
 
+
+def _add_config_commands(sub) -> None:
+    """The commands that take a run config: train, validate, sweep, eval, k8s."""
     p = sub.add_parser("train", help="run DPO on Ray (RAY_ADDRESS or a local cluster)")
     _add_config_args(p)
     p.set_defaults(func=cmd_train)
@@ -261,6 +267,25 @@ def build_parser() -> argparse.ArgumentParser:
     _add_grid_arg(p)
     p.set_defaults(func=cmd_sweep)
 
+    p = sub.add_parser("eval", help="evaluate any model (HF directory, merged model or LoRA adapter) with a "
+                                    "config's held-out eval and eval pairs, logged beside its runs; --chat to talk")
+    _add_config_args(p)
+    p.add_argument("--model", required=True, help="the model: a Hugging Face directory or a LoRA adapter/ directory")
+    p.add_argument("--name", default=None, help="MLflow run name (default: eval-<model directory name>)")
+    p.add_argument("--chat", action="store_true", help="talk to the model instead: stdin lines -> replies "
+                                                       "(its chat template, transformers on CPU, no Ray)")
+    p.set_defaults(func=cmd_eval)
+
+    from ray_dpo import k8s  # pure (yaml + config): keeps `ray-dpo validate` fast
+
+    p = sub.add_parser("k8s", help="print a KubeRay RayJob (or RayCluster) + ConfigMap for a config")
+    _add_config_args(p)
+    k8s.add_arguments(p)
+    p.set_defaults(func=k8s.main)
+
+
+def _add_tool_commands(sub) -> None:
+    """The commands on runs, models and assets: compare, make-assets, import-gguf, merge-lora."""
     p = sub.add_parser("compare", help="table + PNG plots of an MLflow experiment's runs (offline vs online)")
     p.add_argument("--experiment", required=True, help="MLflow experiment name (tracking.mlflow.experiment)")
     p.add_argument("--tracking-uri", default=None,
@@ -296,23 +321,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base", default=None, help="base model directory (default: the one the adapter names)")
     p.add_argument("--dtype", default="fp32", choices=tuple(DTYPES))
     p.set_defaults(func=cmd_merge_lora)
-
-    p = sub.add_parser("eval", help="evaluate any model (HF directory, merged model or LoRA adapter) with a "
-                                    "config's held-out eval and eval pairs, logged beside its runs; --chat to talk")
-    _add_config_args(p)
-    p.add_argument("--model", required=True, help="the model: a Hugging Face directory or a LoRA adapter/ directory")
-    p.add_argument("--name", default=None, help="MLflow run name (default: eval-<model directory name>)")
-    p.add_argument("--chat", action="store_true", help="talk to the model instead: stdin lines -> replies "
-                                                       "(its chat template, transformers on CPU, no Ray)")
-    p.set_defaults(func=cmd_eval)
-
-    from ray_dpo import k8s  # pure (yaml + config): keeps `ray-dpo validate` fast
-
-    p = sub.add_parser("k8s", help="print a KubeRay RayJob (or RayCluster) + ConfigMap for a config")
-    _add_config_args(p)
-    k8s.add_arguments(p)
-    p.set_defaults(func=k8s.main)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:

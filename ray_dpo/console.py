@@ -28,6 +28,7 @@ console:
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import sys
@@ -73,8 +74,8 @@ class Recording:
     and the last ``limit // 2`` characters are kept."""
 
     def __init__(self, limit: int = 4_000_000):
-        self.limit, self._head, self._tail, self._dropped = limit, [], [], 0
-        self._size = 0
+        self.limit, self._head, self._tail, self._dropped = limit, [], collections.deque(), 0
+        self._head_size = self._tail_size = 0
         self._saved: tuple = ()
 
     def __enter__(self) -> "Recording":
@@ -92,13 +93,16 @@ class Recording:
         logging.getLogger("ray_dpo").removeHandler(self._handler)
 
     def _keep(self, text: str) -> None:
-        if self._size + len(text) <= self.limit // 2 and not self._tail:
+        if self._head_size + len(text) <= self.limit // 2 and not self._tail:
             self._head.append(text)
-        else:
-            self._tail.append(text)
-            while self._tail and sum(map(len, self._tail)) > self.limit // 2:
-                self._dropped += len(self._tail.pop(0))
-        self._size += len(text)
+            self._head_size += len(text)
+            return
+        self._tail.append(text)
+        self._tail_size += len(text)
+        while self._tail and self._tail_size > self.limit // 2:  # sizes kept, not summed per write
+            dropped = len(self._tail.popleft())
+            self._tail_size -= dropped
+            self._dropped += dropped
 
     def text(self) -> str:
         cut = f"\n[... {self._dropped} characters left out ...]\n" if self._dropped else ""

@@ -159,7 +159,7 @@ def _run(cfg: RunConfig, tracker, t0: float) -> TrainSummary:
         raise
     finally:
         if follower is not None:
-            _close(follower)
+            close_follower(follower)
     tracker.finish("FINISHED")
     return summary
 
@@ -369,7 +369,7 @@ def _watch_engines(watch: dict, follower, *, role: str) -> None:
     watch["engine"] = ray.get(follower.engine_actor_ids.remote())
 
 
-def _close(follower) -> None:
+def close_follower(follower) -> None:
     """Stop the engines, judges and feeders the coordinator or eval actor owns (best effort:
     the run's outcome is already decided)."""
     try:

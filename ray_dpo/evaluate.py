@@ -268,7 +268,7 @@ def _open_run(cfg: Any, model_path: str, *, name: Optional[str], storage: str):
 
 def _evaluate(cfg: Any, model_dir: str, tracker, *, gpu: bool) -> int:
     """Start the groups and engines, evaluate, log; returns the number of pairs scored."""
-    from ray_dpo.driver import reference_group_kwargs
+    from ray_dpo.driver import close_follower, reference_group_kwargs
     from ray_dpo.loss_rules import needs_reference
     from ray_dpo.reference import ReferenceGroup
 
@@ -298,7 +298,7 @@ def _evaluate(cfg: Any, model_dir: str, tracker, *, gpu: bool) -> int:
             ray.get(follower.finish.remote())  # the held-out eval, still being judged and scored
     finally:
         if follower is not None:
-            _close(follower)
+            close_follower(follower)
         for group in {id(g): g for g in groups if g is not None}.values():
             group.shutdown()
     return len(evaluation) if evaluation is not None else 0
@@ -315,6 +315,7 @@ def _heldout(cfg: Any, model_dir: str, tokenizer: str, *, reference, scorer, tra
     import ray
 
     from ray_dpo.config import LoraSection
+    from ray_dpo.driver import close_follower
     from ray_dpo.online.evaluation import as_pair_rows
     from ray_dpo.online.follower import start_follower
 
@@ -330,19 +331,9 @@ def _heldout(cfg: Any, model_dir: str, tokenizer: str, *, reference, scorer, tra
         expected = [r["ref_chosen_logp"] for r in scorer.score(rows)]
         ray.get(follower.advance.remote(0, None, expected))  # verify the engines, start the step-0 eval
     except BaseException:
-        _close(follower)
+        close_follower(follower)
         raise
     return follower
-
-
-def _close(follower) -> None:
-    import ray
-
-    try:
-        ray.get(follower.close.remote(), timeout=60)
-    except Exception as err:  # noqa: BLE001 - the outcome is decided
-        print(f"[ray_dpo] warning: closing the eval engines failed: {err}", file=sys.stderr)
-    ray.kill(follower)
 
 
 def _eval_pairs(cfg: Any, tokenizer: str) -> list[dict]:

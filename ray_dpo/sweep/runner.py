@@ -72,7 +72,7 @@ def _run_trial(config: dict) -> None:
     from ray import tune
 
     from ray_dpo.config import from_dict
-    from ray_dpo.driver import run_dpo, run_id_file
+    from ray_dpo.driver import run_dpo
     from ray_dpo.tracking.mlflow_sink import mlflow_client, read_text
 
     spec = config["trial"]
@@ -93,7 +93,7 @@ def _run_trial(config: dict) -> None:
             outcome["reported"] = True  # one last look at the metric after the run ended
         thread.join(_POLL_S)
         if run_id is None:
-            run_id = read_text(run_id_file(cfg))
+            run_id = read_text(spec["id_file"])
             client = mlflow_client(spec["tracking_uri"]) if run_id else None
         if client is None or not metric:
             continue
@@ -165,19 +165,25 @@ def _open_parent(cfg: RunConfig, trials: list[Trial]):
     return parent
 
 
-def _earlier_outcome(trial: Trial, client) -> Optional[TrialOutcome]:
-    """A trial an earlier invocation of this sweep finished, or stopped early: not run again."""
+def _trial_run(trial: Trial, client):
+    """The trial's MLflow run (the id its run keeps next to its checkpoints), or None: not
+    started yet, or deleted from the store (then the trial runs again)."""
     from ray_dpo.driver import run_id_file
     from ray_dpo.tracking.mlflow_sink import read_text
 
     run_id = read_text(run_id_file(trial.config))
-    if not run_id:
-        return None
     try:
-        run = client.get_run(run_id)
-    except Exception:  # noqa: BLE001 - a deleted run: the trial runs again
+        return client.get_run(run_id) if run_id else None
+    except Exception:  # noqa: BLE001 - a deleted run
         return None
-    status = run.data.tags.get(STATUS_TAG)
+
+
+def _earlier_outcome(trial: Trial, client) -> Optional[TrialOutcome]:
+    """A trial an earlier invocation of this sweep finished, or stopped early: not run again."""
+    run = _trial_run(trial, client)
+    if run is None:
+        return None
+    run_id, status = run.info.run_id, run.data.tags.get(STATUS_TAG)
     if run.info.status == "FINISHED" or status == "stopped":
         return TrialOutcome(trial, "skipped", run_id, dict(run.data.metrics),
                             detail="stopped early before" if status == "stopped" else "finished before")
@@ -226,11 +232,9 @@ def _scheduler(cfg: RunConfig, trials: list[Trial]):
 
 def _run_finished(spec: dict) -> bool:
     """Whether a trial's MLflow run is FINISHED (its run got to the end)."""
-    from ray_dpo.config import from_dict
-    from ray_dpo.driver import run_id_file
     from ray_dpo.tracking.mlflow_sink import mlflow_client, read_text
 
-    run_id = read_text(run_id_file(from_dict(spec["config"], check_files=False)))
+    run_id = read_text(spec["id_file"])
     return bool(run_id) and mlflow_client(spec["tracking_uri"]).get_run(run_id).info.status == "FINISHED"
 
 
@@ -325,9 +329,11 @@ def _tune(cfg: RunConfig, pending: list[Trial], parent, at_once: int, total: int
     """Run ``pending`` through a Tuner; {trial name: its Tune Result}."""
     from ray import tune
 
+    from ray_dpo.driver import run_id_file
+
     tags = {PARENT_ID_TAG: parent.run_id, SWEEP_TAG: sweep_name(cfg)}
     specs = [{"name": t.name, "label": t.label, "config": to_dict(t.config), "metric": cfg.sweep.metric,
-              "tracking_uri": parent.uri,
+              "tracking_uri": parent.uri, "id_file": run_id_file(t.config),
               "tags": {**tags, OVERRIDES_TAG: json.dumps(t.overrides, sort_keys=False)}} for t in pending]
     scheduler = _scheduler(cfg, pending)
     tuner = tune.Tuner(
@@ -359,11 +365,8 @@ def _tune(cfg: RunConfig, pending: list[Trial], parent, at_once: int, total: int
 def _outcome(trial: Trial, result, client) -> TrialOutcome:
     """How a trial Tune ran ended: finished (its MLflow run FINISHED), failed (an error after
     its restarts), or stopped by the scheduler (its run was cut off: marked KILLED, tagged)."""
-    from ray_dpo.driver import run_id_file
-    from ray_dpo.tracking.mlflow_sink import read_text
-
-    run_id = read_text(run_id_file(trial.config))
-    run = client.get_run(run_id) if run_id else None
+    run = _trial_run(trial, client)
+    run_id = run.info.run_id if run else None
     metrics = dict(run.data.metrics) if run else {}
     if result is not None and result.error is not None:
         if run is not None:
