@@ -91,6 +91,8 @@ def _check_required_and_ranges(cfg: RunConfig, p: list[Problem]) -> None:
         ("online.samples_per_prompt", cfg.online.samples_per_prompt),
         ("online.sampling.max_new_tokens", cfg.online.sampling.max_new_tokens),
         ("online.sync_tolerance", cfg.online.sync_tolerance),
+        ("online.sync_bucket_mb", cfg.online.sync_bucket_mb),
+        ("online.sync_timeout_s", cfg.online.sync_timeout_s),
         ("eval.num_prompts", cfg.eval.num_prompts),
         ("eval.samples_per_prompt", cfg.eval.samples_per_prompt),
     ]:
@@ -208,7 +210,6 @@ def _check_judge(cfg: RunConfig, p: list[Problem]) -> None:
 def _check_online(cfg: RunConfig, p: list[Problem]) -> None:
     """The pair strategy's and the weight-sync method's facts against the online settings."""
     from ray_dpo.online.pairs import PAIR_STRATEGIES
-    from ray_dpo.online.weight_sync import SYNC_METHODS
 
     strategy = PAIR_STRATEGIES[cfg.online.pair_strategy]
     if cfg.online.enabled and cfg.online.samples_per_prompt < strategy.min_samples:
@@ -217,11 +218,6 @@ def _check_online(cfg: RunConfig, p: list[Problem]) -> None:
     if cfg.online.enabled and cfg.reference.precompute:
         p.append(Problem("reference.precompute", "online pairs are new every round, so there is nothing to "
                                                  "precompute: set it to false (log-probs are streamed)"))
-    sync = SYNC_METHODS[cfg.online.weight_sync]
-    if (cfg.online.enabled or cfg.eval.prompts_file) and sync.not_wired:
-        wired = " or ".join(name for name in SYNC_METHODS if SYNC_METHODS[name].not_wired is None)
-        p.append(Problem("online.weight_sync", f"{sync.name} is not wired into training runs yet "
-                                               f"({sync.not_wired}); use {wired}"))
 
 
 def _check_sweep(cfg: RunConfig, p: list[Problem]) -> None:

@@ -308,7 +308,14 @@ class OnlineConfig:
     pair_strategy: Annotated[str, OneOf("ray_dpo.online.pairs:PAIR_STRATEGIES")] = "regenerate_rejected"
     weight_sync: Annotated[str, OneOf("ray_dpo.online.weight_sync:SYNC_METHODS")] = "object_store"
     """object_store: one ray.put of the gathered state dict (default, any device);
-    checkpoint: a safetensors directory under <storage_path>/<run.name>/weight_sync."""
+    checkpoint: a safetensors directory under <storage_path>/<run.name>/weight_sync;
+    collective: policy rank 0 broadcasts buckets to the engines over a process group made for
+    the sync (gloo on CPU, NCCL on GPUs), no whole-model copy anywhere (docs/architecture.md)."""
+    sync_bucket_mb: float = 256.0
+    """collective: the most weight data one broadcast carries (a larger tensor goes alone)."""
+    sync_timeout_s: float = 1800.0
+    """collective: how long the sync group waits for a member (an engine still busy with a
+    held-out eval joins when it is done) or for a broadcast, before the sync fails."""
     sync_tolerance: float = 1e-3
     """Largest allowed |log-prob| difference between engine and policy after a sync."""
     overlap: bool = True

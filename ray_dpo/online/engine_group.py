@@ -4,6 +4,7 @@
         .generate(prompts, n=, sampling=, seed=) -> list[list[Completion]]  (input order)
         .submit(...) -> [Chunk], .collect(chunks)                           (the same, split)
         .sync_weights(weights, method=, probe=, expected=) -> SyncReport    (see weight_sync)
+        .start_sync(...) -> PendingSync, .finish_sync(pending, probe=, ...) (the same, split)
         .verify(probe, expected) -> max |log-prob diff|, .shutdown()
 
 A dead engine (process killed, node lost) is restarted by Ray up to ``max_restarts`` times;
@@ -25,6 +26,7 @@ from ray_dpo.online.engine_restarts import EngineKeeper, error_line
 from ray_dpo.online.generation import ENGINES, Completion, engine_actor_options
 from ray_dpo.batching.probe import Probe
 from ray_dpo.online.weight_sync import (
+    SYNC_METHODS,
     SyncReport,
     WeightSyncError,
     check_diffs,
@@ -45,6 +47,24 @@ class Chunk:
     kwargs: dict  # n, sampling, seed
     ref: Any = None
     incarnation: str = ""  # the engine process it was sent to
+
+
+@dataclass
+class PendingSync:
+    """A sync whose load calls are on their way to the engines (GenerationGroup.start_sync)."""
+
+    method: str
+    refs: list
+    t0: float
+
+
+class _Restarted:
+    """An engine that died during a sync and is back (with its initial model)."""
+
+
+class SyncInterrupted(WeightSyncError):
+    """An engine died during a sync whose weights policy rank 0 sends itself (collective) and
+    was restarted: the sync must be sent again, to every engine."""
 
 
 class GenerationGroup:
@@ -168,20 +188,38 @@ class GenerationGroup:
         """Push new weights to every engine, then (with a probe) verify them.
 
         weights: state dict name -> tensor (HF names, full under ZeRO-3), an ObjectRef to
-        one, or (method="checkpoint") a safetensors directory. method: object_store |
-        checkpoint | nccl (default online.weight_sync). probe + expected: the fixed probe
-        and the policy's summed log-probs on it (weight_sync.torch_probe_logps).
-        options: checkpoint_dir= (checkpoint with a state dict), sender= (nccl).
-        Raises WeightSyncError when an engine fails to load, misses tensors, or disagrees.
-        An engine that died is restarted and loaded by ``recover``.
+        one, AdapterWeights, (method="checkpoint") a safetensors directory, or
+        (method="collective") the SyncTicket of the sender, who broadcasts after
+        ``start_sync``. method: object_store | checkpoint | collective (default
+        online.weight_sync). probe + expected: the fixed probe and the policy's summed
+        log-probs on it (batching.probe.torch_probe_logps). options: checkpoint_dir=.
+        Raises WeightSyncError when an engine fails to load, misses tensors, or disagrees;
+        SyncInterrupted when an engine died during a collective sync (send it again).
+        An engine that died during another method's sync is restarted and loaded by ``recover``.
         """
+        return self.finish_sync(self.start_sync(weights, method=method, **options), probe=probe,
+                                expected=expected, tolerance=tolerance)
+
+    def start_sync(self, weights: Any, *, method: Optional[str] = None, **options: Any) -> PendingSync:
+        """The first half of ``sync_weights``: the engines' load calls are on their way."""
         method = method or self.config.weight_sync
         t0 = time.perf_counter()
         with self.keeper.lock:
             # What a restarted engine loads from now on (also one that dies during this sync).
-            self.keeper.remember(method, weights, options, probe, expected)
+            self.keeper.remember(method, weights, options)
             refs = sync_method(method)(self._actors, weights, **options)
-        outcomes = [self._load_result(i, ref) for i, ref in enumerate(refs)]  # every engine's, none unread
+        return PendingSync(method, refs, t0)
+
+    def finish_sync(self, pending: PendingSync, *, probe: Optional[Probe] = None,
+                    expected: Optional[Sequence[float]] = None, tolerance: Optional[float] = None) -> SyncReport:
+        """The second half of ``sync_weights``: every engine's load, then the probe."""
+        method = pending.method
+        outcomes = [self._load_result(i, ref, method) for i, ref in enumerate(pending.refs)]  # none unread
+        restarted = [i for i, out in enumerate(outcomes) if isinstance(out, _Restarted)]
+        if restarted:
+            raise SyncInterrupted(
+                f"generation engine(s) {restarted} died during a {method} weight sync and were restarted; "
+                "the sync must be sent again")
         failed = [(i, out) for i, out in enumerate(outcomes) if isinstance(out, BaseException)]
         if failed:
             i, err = failed[0]
@@ -194,17 +232,20 @@ class GenerationGroup:
         loads = outcomes
         for i, report in enumerate(loads):
             report.engine = i
-        result = SyncReport(method=method, seconds=time.perf_counter() - t0, loads=loads)
+        result = SyncReport(method=method, seconds=time.perf_counter() - pending.t0, loads=loads)
         check_loads(loads, backend=self.config.backend)
         if probe is not None:
             if expected is None:
                 raise ValueError("verify needs the policy's log-probs on the probe: pass expected=")
+            self.keeper.remember_probe(probe, expected)
             result.engine_diffs = self._verify(probe, expected, tolerance, method)
         return result
 
-    def _load_result(self, i: int, ref: Any):
+    def _load_result(self, i: int, ref: Any, method: str):
         """Engine i's LoadReport of a sync, or the task's error. An engine that died
-        meanwhile is recovered, which loads these weights."""
+        meanwhile is recovered, which loads these weights; under a method whose weights
+        policy rank 0 sends (collective) it is only brought back (_Restarted): the sender
+        must send again."""
         import ray
         from ray.exceptions import RayActorError, RayTaskError
 
@@ -213,6 +254,9 @@ class GenerationGroup:
         except RayTaskError as err:
             return err
         except RayActorError as err:
+            if SYNC_METHODS.get(method).sent_by_policy:
+                self.keeper.recover(i, cause=err, reload=False)
+                return _Restarted()
             report = self.keeper.recover(i, cause=err)
             return report if report is not None else ray.get(self.keeper.load(i))
 
@@ -222,12 +266,6 @@ class GenerationGroup:
         expected values become what a restarted engine is checked against."""
         self.keeper.remember_probe(probe, expected)
         return max(self._verify(probe, expected, tolerance, method="verify"))
-
-    def init_nccl(self, *, master_address: str, master_port: int) -> list:
-        """GPU path: not testable on CPU CI. Engines join an NCCL group as ranks 1..N; returns
-        refs to wait on after creating NcclWeightSender(world_size=num_engines + 1) on policy rank 0."""
-        world = self.num_engines + 1
-        return [a.init_nccl.remote(master_address, master_port, i + 1, world) for i, a in enumerate(self._actors)]
 
     def shutdown(self) -> None:
         import ray

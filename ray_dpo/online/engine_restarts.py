@@ -52,22 +52,23 @@ class EngineKeeper:
         self.restore = Restore()
         self.restarts = 0  # engine restarts seen and recovered from
 
-    def remember(self, method: str, weights: Any, options: dict, probe: Optional[Probe],
-                 expected: Optional[Sequence[float]]) -> None:
-        """A sync: what a restarted engine loads from now on (hold ``lock``)."""
-        self.restore = Restore(method, weights, dict(options), list(probe) if probe is not None else None,
-                               list(expected) if expected is not None else None)
+    def remember(self, method: str, weights: Any, options: dict) -> None:
+        """A sync: what a restarted engine loads from now on (hold ``lock``). Its probe comes
+        with ``remember_probe`` once the sync is verified; until then the old probe's values
+        would not match, so there is none."""
+        self.restore = Restore(method, weights, dict(options))
 
     def remember_probe(self, probe: Probe, expected: Sequence[float]) -> None:
         """A verify without new weights: the check a restarted engine must pass."""
         with self.lock:
             self.restore.probe, self.restore.expected = list(probe), list(expected)
 
-    def recover(self, i: int, *, cause: Optional[BaseException]) -> Optional[Any]:
+    def recover(self, i: int, *, cause: Optional[BaseException], reload: bool = True) -> Optional[Any]:
         """Bring engine i back: wait for Ray's restart, load the last synced weights, verify
         them on the probe. Returns the LoadReport of that load; None when the engine answers
         with the incarnation already known (another thread recovered it, or it never
-        restarted) or had nothing to load."""
+        restarted) or had nothing to load. reload=False: only wait for it (it died during
+        a sync that its sender will send again, to every engine)."""
         import ray
 
         with self.lock:
@@ -76,13 +77,17 @@ class EngineKeeper:
                 return None
             t0 = time.perf_counter()
             restore, report, diff = self.restore, None, None
-            if restore.method is not None:
+            if reload and restore.method is not None:
                 report = ray.get(self.load(i))
                 check_loads([report], backend=self.backend)
-            if restore.probe is not None and restore.expected is not None:
+            if reload and restore.probe is not None and restore.expected is not None:
                 diff = max(self._verify(restore.probe, restore.expected, None, "restart", engines=[i]))
             self.incarnations[i] = incarnation
             self.restarts += 1
+        if not reload:
+            print(f"[ray_dpo] generation engine {i} restarted ({self.restarts} restart(s) so far) during a "
+                  f"{restore.method} weight sync: the sync is sent again", flush=True)
+            return None
         weights = "its initial model" if restore.method is None else f"the last synced weights ({restore.method})"
         check = "no probe yet" if diff is None else f"probe max |log-prob diff| {diff:.2e}"
         print(f"[ray_dpo] generation engine {i} restarted ({self.restarts} restart(s) so far): reloaded "
@@ -95,12 +100,12 @@ class EngineKeeper:
         from ray_dpo.online.weight_sync import SYNC_METHODS
 
         restore = self.restore
-        if SYNC_METHODS.get(restore.method).not_wired:
-            # nccl (GPU path, not testable on CPU CI): a broadcast needs policy rank 0 as the sender.
+        if SYNC_METHODS.get(restore.method).sent_by_policy:
             raise EngineLostError(
-                f"generation engine {i} was restarted, but weight_sync={restore.method} cannot send it the "
-                "policy's weights outside a sync point; run the same command again to resume from the checkpoint "
-                "(or use online.weight_sync=object_store, which survives engine restarts)")
+                f"generation engine {i} was restarted between weight syncs, but with "
+                f"online.weight_sync={restore.method} only policy rank 0 holds the weights and it sends them "
+                "at sync points only; run the same command again to resume from the last checkpoint (or use "
+                "online.weight_sync=object_store, whose engines reload from the object store at any time)")
         [ref] = sync_method(restore.method)([self.actors[i]], restore.weights, **restore.options)
         return ref
 

@@ -2,10 +2,13 @@
 
 Policy rank 0 calls it at every sync point (rounds.sync_points):
 
-    sync_points() -> steps, probe() -> probe items
+    sync_points() -> steps, probe() -> probe items, sync_spec() -> how rank 0 sends weights
     advance(step, [weights_ref] | None, expected_probe_logps) -> sync metrics
         weights -> every engine (online.weight_sync), probe re-scored by every engine:
             |engine - policy| > online.sync_tolerance  ->  WeightSyncError (the run stops)
+    collective weight sync: begin_collective(step, ticket) (the engines join rank 0's
+        group), rank 0 broadcasts, then advance(step, COLLECTIVE, expected); an engine that
+        died meanwhile is restarted and advance returns {RETRY: 1}: rank 0 sends again
         step is an eval point -> the held-out prompts are queued on the engines and scored
             in a thread (heldout.py): training goes on, eval/* are logged at that step
     finish() -> waits for the evals still running (the end of the run)
@@ -34,6 +37,10 @@ from ray_dpo.online.weight_sync import random_probe
 logger = logging.getLogger("ray_dpo.online")
 
 PROBE_SIZE = 4
+COLLECTIVE = "collective"
+"""advance()'s weights when rank 0 has just broadcast them (begin_collective)."""
+RETRY = "sync/retry"
+"""In advance()'s answer: an engine died during the collective sync; rank 0 must send again."""
 
 
 @dataclass
@@ -102,6 +109,7 @@ class PolicyFollower:
         self._tracking = (tracking_uri, run_id)
         self._client = None
         self._error: Optional[BaseException] = None
+        self._pending = None  # a collective sync's engine calls (begin_collective -> advance)
 
     # ------------------------------------------------------------------ what rank 0 calls
 
@@ -113,6 +121,24 @@ class PolicyFollower:
 
     def probe(self) -> list:
         return self._probe
+
+    def sync_spec(self) -> dict:
+        """How rank 0 sends weights: online.weight_sync, and for the collective method the
+        bucket size, the group's timeout and its size (rank 0 + the engines)."""
+        online = self.spec.online
+        return {"method": online.weight_sync, "bucket_bytes": max(1, int(online.sync_bucket_mb * 2**20)),
+                "timeout_s": online.sync_timeout_s, "world_size": 1 + self.generation.num_engines}
+
+    def begin_collective(self, step: int, ticket: Any) -> None:
+        """The first half of a collective sync at ``step``: every engine is asked to join the
+        ticket's group; rank 0 broadcasts once this returns, then calls advance(step, COLLECTIVE)."""
+        try:
+            if self._error is not None:
+                raise self._error
+            self._pending = self.generation.start_sync(ticket, method=COLLECTIVE)
+        except BaseException as err:
+            self.fail(err)
+            raise
 
     def engine_actor_ids(self) -> list[str]:
         """The generation engines' Ray actor ids, whose restarts MLflow counts."""
@@ -127,6 +153,8 @@ class PolicyFollower:
                 raise self._error
             busy = self.evaluator.still_sampling()
             metrics = self._sync_weights(step, weights, expected)
+            if RETRY in metrics:
+                return metrics
             if busy:
                 _warn_eval_behind(step, busy, metrics["sync/seconds"], self.spec.eval.every_steps)
             self.log(metrics, step)
@@ -157,10 +185,21 @@ class PolicyFollower:
     def _sync_weights(self, step: int, weights: Optional[list], expected: list[float]) -> dict[str, float]:
         from ray_dpo.online.weight_sync import SYNC_METHODS
 
+        from ray_dpo.online.engine_group import SyncInterrupted
+
         t0, online = time.perf_counter(), self.spec.online
         if weights is None:
             diff = self.generation.verify(self._probe, expected)
             metrics = {"sync/seconds": time.perf_counter() - t0, "sync/max_logprob_diff": diff}
+        elif weights == COLLECTIVE:
+            pending, self._pending = self._pending, None
+            if pending is None:  # this process restarted after begin_collective (Ray resent the call)
+                return {RETRY: 1.0}
+            try:
+                metrics = self.generation.finish_sync(pending, probe=self._probe, expected=expected).metrics()
+            except SyncInterrupted as err:
+                print(f"[ray_dpo] step {step}: {err}", flush=True)
+                return {RETRY: 1.0}
         else:
             options = {}
             if SYNC_METHODS.get(online.weight_sync).needs_checkpoint_dir:

@@ -26,7 +26,7 @@ import socket
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Iterator, Mapping, Optional, Sequence
 
 import torch
 
@@ -39,13 +39,12 @@ from ray_dpo.online.weight_sync import (
     LoadReport,
     checkpoint_shapes,
     is_adapter_dir,
-    nccl_communicator,
-    nccl_receive,
     plan_load,
     read_adapter,
     tensor_bytes,
     tracked,
 )
+from ray_dpo.online.collective import ReceiveStats, SyncTicket, drain, receive
 from ray_dpo.resources import actor_options
 
 logger = logging.getLogger("ray_dpo.online")
@@ -110,10 +109,36 @@ class GenerationEngine:
         restart that failed no call (an engine restarted while idle holds its initial model)."""
         return self.incarnation(), getattr(self, method)(*args, **kwargs)
 
-    def init_nccl(self, master_address: str, master_port: int, rank: int, world_size: int) -> bool:
-        """Join the policy's weight-broadcast group (GPU path: not testable on CPU CI)."""
-        self._nccl = nccl_communicator(master_address, master_port, rank=rank, world_size=world_size)
-        return True
+    def receive_collective(self, ticket: SyncTicket, rank: int) -> LoadReport:
+        """Take part in a collective sync as ``rank`` (online/collective.py): load the weights
+        bucket by bucket as policy rank 0 broadcasts them. Names and shapes are checked
+        against the checkpoint before anything loads; a sync refused here still receives
+        every bucket (the others would wait for this engine), then raises."""
+        t0 = time.perf_counter()
+        stats = ReceiveStats()
+        if ticket.adapter is not None:
+            tensors = dict(receive(ticket, rank=rank, device=self._device, stats=stats))
+            adapter = AdapterWeights(config=ticket.adapter, tensors=tensors, version=ticket.version)
+            self._load_adapter(adapter)
+            report = self._adapter_report(adapter, t0)
+        else:
+            meta = {s.name: torch.empty(s.shape, dtype=getattr(torch, s.dtype), device="meta")
+                    for b in ticket.buckets for s in b.slots}
+            try:
+                _, ignored = plan_load(meta, self._shapes)
+            except ValueError:
+                drain(ticket, rank=rank, device=self._device)
+                raise
+            items = ((n, t) for n, t in receive(ticket, rank=rank, device=self._device, stats=stats)
+                     if n not in ignored)
+            received = self._load_stream(items)
+            report = self._report(received, t0, ignored, nbytes=stats.bytes)
+        report.largest_bucket = stats.largest_bucket
+        return report
+
+    def _load_stream(self, items: Iterator[tuple[str, torch.Tensor]]) -> list[str]:
+        """Load (name, tensor) pairs as they come (checked names); the names loaded."""
+        raise NotImplementedError
 
     # -- shared helpers
 
@@ -202,7 +227,7 @@ class VLLMEngine(GenerationEngine):
         self._tied = {}
         if getattr(text_config, "tie_word_embeddings", False) and "lm_head.weight" not in self._shapes:
             self._tied = {"lm_head.weight": "model.embed_tokens.weight"}
-        self._nccl = None
+        self._device = torch.device(device)
         self._lora_enabled = bool(lora_rank)
         self._lora = None  # the LoRARequest of the policy's adapter; None: the base model
         self._lora_count = 0
@@ -335,16 +360,10 @@ class VLLMEngine(GenerationEngine):
         finally:
             self.llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
 
-    # -- NCCL (GPU path: not testable on CPU CI)
-
-    def receive_weights_nccl(self, meta) -> LoadReport:
-        if self._nccl is None:
-            raise RuntimeError("init_nccl was not called on this engine")
-        t0 = time.perf_counter()
+    def _load_stream(self, items):
         received: list[str] = []
-        items = _with_tied(((n, t) for n, t in nccl_receive(self._nccl, meta) if n not in self._tied), self._tied)
-        self._reload(weights_iterator=tracked(items, received))
-        return self._report([n for n in received if n not in self._tied], t0)
+        self._reload(weights_iterator=tracked(_with_tied(items, self._tied), received))
+        return [n for n in received if n not in self._tied]
 
 
 # --------------------------------------------------------------------------- transformers
@@ -372,7 +391,7 @@ class TransformersEngine(GenerationEngine):
         pad = self.model.config.pad_token_id
         self.pad_id = pad if isinstance(pad, int) else next(iter(self.eos_ids), 0)
         self._shapes = checkpoint_shapes(model_path)
-        self._nccl = None
+        self._device = self.device
         torch.manual_seed(seed)
 
     @torch.inference_mode()
@@ -441,12 +460,16 @@ class TransformersEngine(GenerationEngine):
         if unexpected:
             raise ValueError(f"adapter tensors this model has no place for: {', '.join(unexpected[:5])}")
 
-    # -- NCCL (GPU path: not testable on CPU CI)
-
-    def receive_weights_nccl(self, meta) -> LoadReport:
-        if self._nccl is None:
-            raise RuntimeError("init_nccl was not called on this engine")
-        return self.load_weights(dict(nccl_receive(self._nccl, meta)))
+    @torch.no_grad()
+    def _load_stream(self, items):
+        params = dict(self.model.state_dict())
+        received = []
+        for name, tensor in items:
+            if name not in params:
+                raise ValueError(f"not a parameter of this model: {name}")
+            params[name].copy_(tensor)  # in place: tied weights stay tied, dtype converts
+            received.append(name)
+        return received
 
 
 def _abort_reload(worker: Any) -> None:

@@ -11,8 +11,11 @@ restarting the engine:
     checkpoint    the state dict is saved as safetensors in a directory that every engine
                   can read (shared storage on a multi-node cluster), or the caller passes
                   such a directory (e.g. the policy's hf_model/); engines reload from it.
-    nccl          GPU only: policy rank 0 broadcasts tensor by tensor over an NCCL group
-                  that it shares with the engines (vLLM's PyNcclCommunicator).
+    collective    policy rank 0 and every engine join a process group made for the sync
+                  (gloo on CPU, NCCL on GPUs: the same code) and rank 0 broadcasts the
+                  weights in buckets of online.sync_bucket_mb; under ZeRO-3 each bucket is
+                  gathered, sent and released before the next (collective.py), so no process
+                  holds the whole model twice. Engines load each bucket as it arrives.
 
 After every sync the caller verifies: every engine scores a fixed probe (prompt,
 continuation) with its new weights and the largest |engine - policy| difference of the
@@ -159,6 +162,8 @@ class LoadReport:
     seconds: float = 0.0
     bytes: int = 0
     """Bytes of the tensors received (a LoRA adapter: the adapter's alone)."""
+    largest_bucket: int = 0
+    """collective: the largest bucket received, i.e. the most sync data held at once."""
 
 
 @dataclass
@@ -178,6 +183,8 @@ class SyncReport:
         out = {"sync/seconds": self.seconds}
         if self.loads:
             out["sync/bytes"] = float(max(load.bytes for load in self.loads))  # what each engine received
+            if any(load.largest_bucket for load in self.loads):
+                out["sync/bucket_bytes"] = float(max(load.largest_bucket for load in self.loads))
         if self.engine_diffs:
             out["sync/max_logprob_diff"] = self.max_logprob_diff
         return out
@@ -309,25 +316,27 @@ class SyncMethod:
     send: ``send(actors, weights, **options) -> list of ObjectRefs of LoadReports``.
     needs_checkpoint_dir: sending a state dict writes it to ``checkpoint_dir`` first (a
         directory every engine can read), which the caller must pass.
-    not_wired: why training runs cannot use it yet (None: they can); config validation
-        refuses it with this reason.
+    sent_by_policy: policy rank 0 sends the weights itself during the sync (``weights`` is
+        a collective.SyncTicket): there is no copy to reload a restarted engine from
+        between syncs, only the next sync brings it up to date.
     """
 
     name: str
     send: Callable[..., list]
     needs_checkpoint_dir: bool = False
-    not_wired: Optional[str] = None
+    sent_by_policy: bool = False
 
 
 SYNC_METHODS: Registry[SyncMethod] = Registry("weight sync method")
 """Every method online.weight_sync may name."""
 
 
-def register_sync_method(name: str, *, needs_checkpoint_dir: bool = False, not_wired: Optional[str] = None):
+def register_sync_method(name: str, *, needs_checkpoint_dir: bool = False, sent_by_policy: bool = False):
     """Decorator: register ``send(actors, weights, **options)`` under ``name`` (see SyncMethod)."""
 
     def deco(fn):
-        SYNC_METHODS.add(name, SyncMethod(name, fn, needs_checkpoint_dir=needs_checkpoint_dir, not_wired=not_wired))
+        SYNC_METHODS.add(name, SyncMethod(name, fn, needs_checkpoint_dir=needs_checkpoint_dir,
+                                          sent_by_policy=sent_by_policy))
         return fn
 
     return deco
@@ -349,16 +358,11 @@ def _object_store(actors: Sequence[Any], weights: Any, **_: Any) -> list:
     return [a.load_weights.remote(ref) for a in actors]
 
 
-@register_sync_method("nccl", not_wired="the broadcast pieces exist but were never run on GPUs")
-def _nccl(actors: Sequence[Any], weights: Any, *, sender: Optional["NcclWeightSender"] = None, **_: Any) -> list:
-    """GPU path: not testable on CPU CI. Call from the process that owns ``sender`` (policy rank 0)."""
-    if sender is None:
-        raise ValueError("weight_sync=nccl needs sender=NcclWeightSender(...) created on policy rank 0 "
-                         "and GenerationGroup.init_nccl(...) called once before the first sync")
-    meta = [(name, str(t.dtype).removeprefix("torch."), tuple(t.shape)) for name, t in weights.items()]
-    refs = [a.receive_weights_nccl.remote(meta) for a in actors]  # they block in the broadcasts
-    sender.broadcast(weights)
-    return refs
+@register_sync_method("collective", sent_by_policy=True)
+def _collective(actors: Sequence[Any], weights: Any, **_: Any) -> list:
+    """``weights``: the SyncTicket of policy rank 0's GroupSender. Engine i joins the sync's
+    group as rank i + 1 and loads the buckets as rank 0 broadcasts them."""
+    return [a.receive_collective.remote(weights, i + 1) for i, a in enumerate(actors)]
 
 
 @register_sync_method("checkpoint", needs_checkpoint_dir=True)
@@ -381,41 +385,3 @@ def _checkpoint(actors: Sequence[Any], weights: Any, *, checkpoint_dir: Optional
                              "directory every engine can read (shared storage on a cluster)")
         directory = save_safetensors(weights, checkpoint_dir)
     return [a.load_weights.remote(path=directory) for a in actors]
-
-
-# --------------------------------------------------------------------------- NCCL (GPU only)
-
-
-class NcclWeightSender:
-    """Policy rank 0's end of an NCCL group with the engines (rank 0 = sender, engines 1..N).
-
-    GPU path: not testable on CPU CI. Uses vLLM's StatelessProcessGroup + PyNcclCommunicator
-    because policy rank 0 is already in Ray Train's default torch.distributed group and
-    cannot join a second one. Create it while the engines run ``init_nccl`` (the two sides
-    meet at master_address:master_port).
-    """
-
-    def __init__(self, *, master_address: str, master_port: int, world_size: int):
-        self.comm = nccl_communicator(master_address, master_port, rank=0, world_size=world_size)
-
-    def broadcast(self, weights: StateDict) -> None:
-        for _, tensor in weights.items():  # same order as the meta list the engines got
-            self.comm.broadcast(tensor.detach().to("cuda", non_blocking=True).contiguous(), src=0)
-        torch.cuda.synchronize()
-
-
-def nccl_communicator(master_address: str, master_port: int, *, rank: int, world_size: int):
-    """GPU path: not testable on CPU CI."""
-    from vllm.distributed.device_communicators.pynccl import PyNcclCommunicator
-    from vllm.distributed.utils import StatelessProcessGroup
-
-    pg = StatelessProcessGroup.create(host=master_address, port=master_port, rank=rank, world_size=world_size)
-    return PyNcclCommunicator(pg, device=torch.device("cuda", torch.cuda.current_device()))
-
-
-def nccl_receive(comm: Any, meta: Sequence[tuple[str, str, tuple]]) -> Iterator[tuple[str, torch.Tensor]]:
-    """Engine side: yield (name, tensor) as each broadcast arrives. GPU path: not testable on CPU CI."""
-    for name, dtype, shape in meta:
-        buf = torch.empty(shape, dtype=getattr(torch, dtype), device="cuda")
-        comm.broadcast(buf, src=0)
-        yield name, buf

@@ -1,7 +1,8 @@
 """Getting the weights out of a policy worker's DeepSpeed engine (ZeRO-3 partitions included).
 
-    sync_policy    at the coordinator's sync points: the current weights, through the object
-                   store, to the online generation engines (with a probe to verify them)
+    sync_policy    at the coordinator's sync points: the current weights to the generation
+                   engines (with a probe to verify them): through the object store, or with
+                   online.weight_sync=collective broadcast in buckets by rank 0 (_send_collective)
     export_final   the final policy: hf_model/ (Hugging Face format) of the last checkpoint, or
                    for LoRA adapter/ (peft) and, on request, hf_model/ with the adapters merged
 
@@ -13,7 +14,8 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-from typing import TYPE_CHECKING, Optional
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, ContextManager, Optional
 
 import deepspeed
 import ray
@@ -29,20 +31,116 @@ if TYPE_CHECKING:
     from ray_dpo.policy.worker import RankState
 
 
-def sync_policy(worker: RankState, follower, step: int, probe, *, send_weights: bool) -> None:
+def sync_policy(worker: RankState, follower, step: int, probe, *, send_weights: bool,
+                sync: Optional[dict] = None) -> None:
     """Hand the current weights to the generation engines (through the coordinator).
 
     Every rank calls this at the same step: under ZeRO-3 the probe forward and the gather
     are collective. Rank 0 puts the full state dict (Hugging Face names) in the object
     store and blocks in the coordinator's advance; no collective waits on that, so a long
     generation never hits the process group's timeout. The other ranks go on to the next
-    step and wait in get_step until its data exists.
+    step and wait in get_step until its data exists. sync: the follower's sync_spec();
+    method collective sends the weights in buckets instead (_send_collective).
     """
     expected = _probe_logps(worker, probe)
+    if send_weights and sync is not None and sync["method"] == "collective":
+        _send_collective(worker, follower, step, expected, sync)
+        return
     weights = _weights_to_send(worker, step) if send_weights else None
     if worker.rank == 0:
         refs = [ray.put(weights)] if weights is not None else None  # in a list: passed as a reference
         ray.get(follower.advance.remote(step, refs, expected))
+
+
+@dataclass
+class _Payload:
+    """What a collective sync sends: entries [(name, dtype, full shape)] in order, and
+    ``fetch(names)``, a context in which those tensors are whole (ZeRO-3: gathered, then
+    released). every_rank: each fetch is collective (the policy ranks all take part)."""
+
+    entries: list
+    fetch: Callable[[list], ContextManager[list]]
+    every_rank: bool
+    adapter: Optional[dict] = None
+
+
+def _payload(worker: RankState, step: int) -> Optional[_Payload]:
+    """The weights a collective sync sends (None on ranks with no part in it). A full-weight
+    policy streams its parameters bucket by bucket; a LoRA policy's adapter (or merged
+    weights, policy.lora.sync=merged) is gathered first, as the object_store method does."""
+    if worker.policy.lora.enabled:
+        weights = _weights_to_send(worker, step)  # collective under ZeRO-3: every rank
+        if weights is None:
+            return None
+        adapter = None
+        if not isinstance(weights, dict):  # AdapterWeights
+            adapter, weights = weights.config, weights.tensors
+        held = dict(weights)
+        return _Payload([(n, str(t.dtype), tuple(t.shape)) for n, t in held.items()],
+                        lambda names: contextlib.nullcontext([held[n] for n in names]), every_rank=False,
+                        adapter=adapter)
+    params = dict(worker.engine.module.named_parameters())  # tied weights once
+    gather = _gatherer(worker)
+
+    @contextlib.contextmanager
+    def fetch(names):
+        group = [params[n] for n in names]
+        with gather(group):
+            yield [p.data for p in group]
+
+    partitioned = worker.engine.zero_optimization_partition_weights()
+    if worker.rank != 0 and not partitioned:
+        return None
+    entries = [(n, str(p.dtype), tuple(getattr(p, "ds_shape", p.shape))) for n, p in params.items()]
+    return _Payload(entries, fetch, every_rank=partitioned)
+
+
+def _send_collective(worker: RankState, follower, step: int, expected, sync: dict) -> None:
+    """online.weight_sync=collective: rank 0 opens a process group with every engine
+    (online/collective.py) and broadcasts the weights bucket by bucket; under ZeRO-3 every
+    rank gathers each bucket with it and frees it before the next. When an engine died
+    during the sync (the follower restarts it and answers RETRY) the whole sync is sent
+    again over a new group; the ranks agree on that through the training group."""
+    from ray_dpo.online.collective import GroupBroken, GroupSender, backend_for, plan_buckets
+    from ray_dpo.online.follower import COLLECTIVE, RETRY
+
+    payload = _payload(worker, step)
+    if payload is None:
+        return
+    buckets = plan_buckets(payload.entries, sync["bucket_bytes"])
+    attempt = 0
+    while True:
+        attempt += 1
+        sender, broken = None, None
+        if worker.rank == 0:
+            sender = GroupSender(backend=backend_for(worker.device), device=worker.device,
+                                 world_size=sync["world_size"], timeout_s=sync["timeout_s"])
+            ticket = sender.ticket(buckets, adapter=payload.adapter, version=step, attempt=attempt)
+            ray.get(follower.begin_collective.remote(step, ticket))
+            try:
+                sender.connect()
+            except GroupBroken as err:
+                broken = str(err)
+        for bucket in buckets:
+            with payload.fetch(bucket.names) as tensors:
+                if sender is not None and broken is None:
+                    try:
+                        sender.send(bucket, tensors)
+                    except GroupBroken as err:
+                        broken = str(err)  # keep fetching: under ZeRO-3 the other ranks gather on
+        retry = False
+        if sender is not None:
+            sender.close()
+            retry = RETRY in ray.get(follower.advance.remote(step, COLLECTIVE, expected))
+        if payload.every_rank and worker.world_size > 1:
+            flag = torch.tensor([int(retry)], device=worker.device)
+            dist.broadcast(flag, src=0)
+            retry = bool(flag.item())
+        if not retry:
+            return
+        if worker.rank == 0:
+            print(f"[ray_dpo] step {step}: collective weight sync attempt {attempt} was interrupted "
+                  f"({broken or 'an engine restarted'}); sending it again", flush=True)
 
 
 def _probe_logps(worker: RankState, probe) -> Optional[list[float]]:

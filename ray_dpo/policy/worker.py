@@ -118,12 +118,14 @@ def _train(spec: TrainLoopSpec) -> None:
     if step >= worker.total_steps:
         return  # a finished run started again: its last checkpoint is already final
     follower = spec.follower
-    sync_points, probe = set(), None
+    sync_points, probe, sync = set(), None, None
     if follower is not None:
-        sync_points, probe = set(ray.get(follower.sync_points.remote())), ray.get(follower.probe.remote())
+        sync_points, probe, sync = ray.get([follower.sync_points.remote(), follower.probe.remote(),
+                                            follower.sync_spec.remote()])
+        sync_points = set(sync_points)
         # Always at the start: step 0 verifies the engines (and is the initial policy's
         # eval); a resumed run must bring the engines to the checkpoint's weights.
-        sync_policy(worker, follower, step, probe, send_weights=step > 0)
+        sync_policy(worker, follower, step, probe, send_weights=step > 0, sync=sync)
     eval_every = spec.eval_every or 0
     every = policy.checkpoint_every_steps
     sigterm_saved = False
@@ -137,7 +139,7 @@ def _train(spec: TrainLoopSpec) -> None:
         if last or (eval_every and step % eval_every == 0):
             metrics.update(evaluate(worker))
         if step in sync_points:
-            sync_policy(worker, follower, step, probe, send_weights=True)
+            sync_policy(worker, follower, step, probe, send_weights=True, sync=sync)
         if last or (every and step % every == 0) or sigterm:
             model = spec.model if last and policy.save_hf_model else None
             export = (lambda root: export_final(worker, model, root)) if model is not None else None

@@ -152,6 +152,58 @@ def test_checkpoint_sync_matches_policy(group, local, initial_state, synced, tmp
     assert os.path.exists(tmp_path / "ckpt" / "model.safetensors")
 
 
+def collective_sync(group, weights, *, probe, expected, bucket_bytes=64 << 10, kill_at_bucket=None):
+    """Play policy rank 0 in this process: a sync group with the engines, the weights
+    broadcast bucket by bucket (the tied lm_head alias left out, as the policy's
+    named_parameters leave it), then the engines' loads and the probe. kill_at_bucket:
+    (k, callable) called before bucket k goes out."""
+    from ray_dpo.online.collective import GroupBroken, GroupSender, plan_buckets
+
+    tensors = {n: t for n, t in weights.items() if n != "lm_head.weight"}
+    buckets = plan_buckets([(n, str(t.dtype), tuple(t.shape)) for n, t in tensors.items()], bucket_bytes)
+    sender = GroupSender(backend="gloo", device="cpu", world_size=1 + group.num_engines, timeout_s=120)
+    pending = group.start_sync(sender.ticket(buckets), method="collective")
+    broken = None
+    try:
+        sender.connect()
+        for k, bucket in enumerate(buckets):
+            if kill_at_bucket is not None and k == kill_at_bucket[0]:
+                kill_at_bucket[1]()
+            sender.send(bucket, [tensors[n] for n in bucket.names])
+    except GroupBroken as err:
+        broken = err
+    finally:
+        sender.close()
+    return sender, broken, (lambda: group.finish_sync(pending, probe=probe, expected=expected))
+
+
+def test_collective_sync_matches_policy_and_never_holds_the_whole_model(group, local, initial_state, synced):
+    from ray_dpo.batching.probe import torch_probe_logps
+    from ray_dpo.online.weight_sync import random_probe
+
+    probe = random_probe(local.model.config.vocab_size, seed=4)
+    group.generate(prompts(), n=1, sampling=GREEDY)  # old-weight KV in vLLM's prefix cache
+    trained = perturbed(initial_state, seed=4)
+    local.load_weights(trained)
+    sender, broken, finish = collective_sync(group, trained, probe=probe,
+                                             expected=torch_probe_logps(local.model, probe))
+    report = finish()
+    assert broken is None
+    print(f"\n[{group.config.backend}] collective sync {report.seconds:.3f}s, {sender.sent_bytes} bytes, "
+          f"largest bucket {sender.largest_bucket}, max |log-prob diff| {report.max_logprob_diff:.3g}")
+    assert report.method == "collective" and report.max_logprob_diff <= TOLERANCE
+    total = sum(t.numel() * t.element_size() for n, t in trained.items() if n != "lm_head.weight")
+    largest_tensor = max(t.numel() * t.element_size() for t in trained.values())
+    # What any process held of the sync at once: one bucket (or one tensor above the bucket size).
+    assert sender.largest_bucket <= max(64 << 10, largest_tensor) < total / 4
+    for load in report.loads:
+        assert load.largest_bucket == sender.largest_bucket and load.bytes == sender.sent_bytes
+        assert (load.received, load.missing) == (len(trained) - 1, [])
+    assert report.metrics()["sync/bucket_bytes"] == sender.largest_bucket
+    assert_same_completions(group.generate(prompts(), n=1, sampling=GREEDY),
+                            local.generate(prompts(), n=1, sampling=GREEDY))
+
+
 def test_sync_missing_tensor_names_it(group, local, initial_state, synced):
     from ray_dpo.online.weight_sync import WeightSyncError
 
@@ -239,6 +291,46 @@ def test_a_killed_engine_is_restarted_reloaded_and_asked_again(ray_cluster, mode
         assert g.keeper.restarts == 2
         new_pids = [ray.get(a.info.remote())["pid"] for a in g._actors]
         assert all(new != old for new, old in zip(new_pids, pids))
+    finally:
+        g.shutdown()
+        local.load_weights(initial_state)
+
+
+def test_an_engine_killed_during_a_collective_sync_is_restarted_and_the_sync_sent_again(
+        ray_cluster, model_dir, local, initial_state):
+    """SIGKILL an engine between two buckets of a collective sync: the group breaks, the
+    engine comes back (with its initial model) and the sync says it must be sent again;
+    the second attempt, over a new group, leaves every engine at the policy's weights."""
+    import signal
+
+    import ray
+
+    from ray_dpo.batching.probe import torch_probe_logps
+    from ray_dpo.online.engine_group import GenerationGroup, SyncInterrupted
+    from ray_dpo.online.weight_sync import random_probe
+
+    config = OnlineConfig(backend="transformers", num_engines=2, samples_per_prompt=2, sync_tolerance=TOLERANCE,
+                          weight_sync="collective")
+    g = GenerationGroup(model_path=model_dir, config=config, use_gpu=False, seed=0, num_cpus_per_engine=0.5,
+                        max_restarts=1)
+    try:
+        trained = perturbed(initial_state, seed=10)
+        probe = random_probe(local.model.config.vocab_size, seed=10)
+        local.load_weights(trained)
+        expected = torch_probe_logps(local.model, probe)
+        pid = ray.get(g._actors[1].info.remote())["pid"]
+        _, broken, finish = collective_sync(g, trained, probe=probe, expected=expected,
+                                            kill_at_bucket=(2, lambda: os.kill(pid, signal.SIGKILL)))
+        with pytest.raises(SyncInterrupted, match=r"engine\(s\) \[1\] died during a collective weight sync"):
+            finish()
+        assert broken is not None, "the sender saw the group break"
+        assert g.keeper.restarts == 1
+        _, broken, finish = collective_sync(g, trained, probe=probe, expected=expected)
+        report = finish()
+        assert broken is None and report.max_logprob_diff <= TOLERANCE
+        assert ray.get(g._actors[1].info.remote())["pid"] != pid
+        assert_same_completions(g.generate(prompts(), n=1, sampling=GREEDY),
+                                local.generate(prompts(), n=1, sampling=GREEDY))
     finally:
         g.shutdown()
         local.load_weights(initial_state)

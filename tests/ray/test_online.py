@@ -2,8 +2,9 @@
 
 Real parts only: vLLM (CPU build) or transformers engines in Ray actors, the function
 judge of the synthetic task, a ReferenceGroup, DeepSpeed workers in Ray Train, MLflow in
-a SQLite file. The policy's weights reach the engines through the object store after
-every round and are verified on a probe (sync/max_logprob_diff).
+a SQLite file. The policy's weights reach the engines after every round, broadcast in
+buckets over a collective group (gloo here, NCCL on GPUs) or through the object store, and
+are verified on a probe (sync/max_logprob_diff).
 """
 
 from __future__ import annotations
@@ -64,7 +65,9 @@ def test_online_run_two_rounds_with_vllm_raises_the_held_out_judge_score(ray_clu
 
     from ray_dpo.driver import run_dpo
 
-    cfg = online_config(tiny_config, tiny_assets, store, "online-vllm")
+    # Collective weight sync in 64 KiB buckets (the tiny model is 547 KiB; its largest tensor 64 KiB).
+    cfg = online_config(tiny_config, tiny_assets, store, "online-vllm",
+                        **{"online.weight_sync": "collective", "online.sync_bucket_mb": 0.0625})
     summary = run_dpo(cfg)
     assert summary.steps == 16
 
@@ -87,6 +90,10 @@ def test_online_run_two_rounds_with_vllm_raises_the_held_out_judge_score(ray_clu
     diffs = history(summary, "sync/max_logprob_diff")
     assert [s for s, _ in diffs] == [0, 8, 16]
     assert all(0 <= d <= TOLERANCE for _, d in diffs), diffs
+    # Sent in buckets: the engine received the whole model, never more than 64 KiB of it at once.
+    sent, buckets = dict(history(summary, "sync/bytes")), dict(history(summary, "sync/bucket_bytes"))
+    assert set(buckets) == {8, 16} and all(b == 64 << 10 for b in buckets.values()), buckets
+    assert all(sent[s] >= 8 * buckets[s] for s in buckets), (sent, buckets)
 
     # The held-out judge score of the trained policy beats the initial policy's.
     scores = history(summary, "eval/judge_score")
@@ -109,12 +116,16 @@ def test_offline_run_logs_the_same_held_out_metrics_and_compares(ray_cluster, ti
     needs_vllm()
     from ray_dpo.driver import run_dpo
 
-    # Its own eval section, no online.* key: the same judge and sampling as the online run.
+    # Its own eval section, no online.* key but the weight sync's: the same judge and sampling
+    # as the online run. Two ZeRO-3 ranks: each bucket is gathered by both, sent by rank 0.
     cfg = tiny_config("offline-with-eval", **store, **{
         "eval.prompts_file": tiny_assets["eval_file"], "eval.num_prompts": 32, "eval.every_steps": 4,
-        "eval.judge.function": JUDGE, "eval.max_new_tokens": 16, "policy.max_steps": 8})
-    assert cfg.online == type(cfg.online)(), "no online.* setting"
+        "eval.judge.function": JUDGE, "eval.max_new_tokens": 16, "policy.max_steps": 8,
+        "policy.zero_stage": 3, "online.weight_sync": "collective", "online.sync_bucket_mb": 0.0625})
+    assert cfg.online == type(cfg.online)(weight_sync="collective", sync_bucket_mb=0.0625)
     summary = run_dpo(cfg)
+    assert [s for s, _ in history(summary, "sync/bucket_bytes")] == [4, 8]
+    assert all(d <= TOLERANCE for _, d in history(summary, "sync/max_logprob_diff"))
     scores = history(summary, "eval/judge_score")
     assert [s for s, _ in scores] == [0, 4, 8]
     kls = history(summary, "eval/kl")

@@ -312,15 +312,15 @@ def test_online_cannot_precompute_reference_logprobs(data_file):
     assert from_dict(minimal(data_file, reference={"precompute": True}))  # offline: fine
 
 
-def test_nccl_weight_sync_is_refused_wherever_weights_are_synced(data_file, prompts_file):
-    online = minimal(data_file, online={"enabled": True, "weight_sync": "nccl", **JUDGE})
-    assert set(problems_of(online)) == {"online.weight_sync"}
-    held_out = minimal(data_file, online={"weight_sync": "nccl", **JUDGE}, eval={"prompts_file": str(prompts_file)})
-    problems = problems_of(held_out)
+def test_weight_sync_methods_and_the_collective_settings_are_checked(data_file):
+    problems = problems_of(minimal(data_file, online={"enabled": True, "weight_sync": "nccl", **JUDGE}))
     assert set(problems) == {"online.weight_sync"}
-    assert "object_store" in problems["online.weight_sync"]
-    # an offline run without held-out sampling never syncs: the setting is unused
-    assert from_dict(minimal(data_file, online={"weight_sync": "nccl"}))
+    assert all(m in problems["online.weight_sync"] for m in ("object_store", "checkpoint", "collective"))
+    problems = problems_of(minimal(data_file, online={"enabled": True, "weight_sync": "collective",
+                                                      "sync_bucket_mb": 0, "sync_timeout_s": -1, **JUDGE}))
+    assert problems == {"online.sync_bucket_mb": "must be > 0, got 0.0", "online.sync_timeout_s": "must be > 0, got -1.0"}
+    cfg = from_dict(minimal(data_file, online={"enabled": True, "weight_sync": "collective", **JUDGE}))
+    assert (cfg.online.sync_bucket_mb, cfg.online.sync_timeout_s) == (256.0, 1800.0)
 
 
 @pytest.mark.parametrize("key,value", [
@@ -335,7 +335,7 @@ def test_eval_sampling_sizes_must_be_positive(data_file, key, value):
 def test_all_new_online_problems_are_reported_together(data_file, prompts_file):
     data = minimal(data_file,
                    online={"enabled": True, "pair_strategy": "best_vs_worst", "samples_per_prompt": 1,
-                           "weight_sync": "nccl", "judge": {"function": "ray_dpo.testing.assets:judge_score", "reward_model": "org/rm"}},
+                           "weight_sync": "broadcast", "judge": {"function": "ray_dpo.testing.assets:judge_score", "reward_model": "org/rm"}},
                    reference={"precompute": True},
                    eval={"prompts_file": str(prompts_file), "num_prompts": 0})
     assert set(problems_of(data)) == {"online.judge", "online.samples_per_prompt", "reference.precompute",

@@ -42,7 +42,7 @@ def test_every_registry_lists_its_entries():
     assert PAIR_STRATEGIES.names(needs_chosen=True) == ["regenerate_rejected"]
     assert PAIR_STRATEGIES["best_vs_worst"].min_samples == 2
     assert SYNC_METHODS.names(needs_checkpoint_dir=True) == ["checkpoint"]
-    assert [n for n in SYNC_METHODS if SYNC_METHODS[n].not_wired] == ["nccl"]
+    assert SYNC_METHODS.names(sent_by_policy=True) == ["collective"]
     assert JUDGES.names() == ["function", "reward_model"]
     assert ENGINES.names(takes_max_model_len=True) == ["vllm"]
     assert ENGINES["transformers"].actor_env(use_gpu=False) == {}
