@@ -232,6 +232,8 @@ class GenerationGroup:
         loads = outcomes
         for i, report in enumerate(loads):
             report.engine = i
+            if report.incarnation:
+                self.keeper.adopt(i, report.incarnation)
         result = SyncReport(method=method, seconds=time.perf_counter() - pending.t0, loads=loads)
         check_loads(loads, backend=self.config.backend)
         if probe is not None:

@@ -63,6 +63,16 @@ class EngineKeeper:
         with self.lock:
             self.restore.probe, self.restore.expected = list(probe), list(expected)
 
+    def adopt(self, i: int, incarnation: str) -> None:
+        """Engine i's process ``incarnation`` has just loaded a sync: a process Ray restarted
+        while idle took it like any other, so it holds the synced weights (no reload later)."""
+        with self.lock:
+            if incarnation != self.incarnations[i]:
+                self.incarnations[i] = incarnation
+                self.restarts += 1
+                print(f"[ray_dpo] generation engine {i} was restarted before this weight sync "
+                      f"({self.restarts} restart(s) so far) and loaded it", flush=True)
+
     def recover(self, i: int, *, cause: Optional[BaseException], reload: bool = True) -> Optional[Any]:
         """Bring engine i back: wait for Ray's restart, load the last synced weights, verify
         them on the probe. Returns the LoadReport of that load; None when the engine answers

