@@ -329,7 +329,7 @@ class HeldoutEvaluator:
         prompts = select_prompts(load_prompts(path), num=num_prompts, seed=cfg.run.seed)
         self.prompts = [(p.prompt, encode.encode_prompt(p.prompt, source=path, line=i))
                         for i, p in enumerate(prompts, start=1)]
-        self.judge = build_judge(cfg.online.judge, use_ray=False, dtype=cfg.model.dtype)
+        self.judge = build_judge(cfg.online.judge, dtype=cfg.model.dtype)
         self.engine = VLLMEngine(self.initial, seed=cfg.run.seed, dtype=cfg.model.dtype,
                                  max_model_len=cfg.data.max_length + cfg.online.sampling.max_new_tokens)
         self.ref = self._load(self.initial)

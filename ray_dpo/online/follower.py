@@ -92,9 +92,9 @@ class PolicyFollower:
                                         resolve_chat_template(spec.model.chat_template))
         self._total = spec.total_steps
         self._probe = probe_rows or random_probe(len(self.tokenizer), num_sequences=PROBE_SIZE, seed=spec.seed)
-        self.judge = build_judge(spec.online.judge, use_ray=False, use_gpu=use_gpu, dtype=spec.model.dtype)
+        self.judge = build_judge(spec.online.judge, use_gpu=use_gpu, dtype=spec.model.dtype)
         self.eval_judge = self.judge if spec.eval_judge == spec.online.judge else build_judge(
-            spec.eval_judge, use_ray=False, use_gpu=use_gpu, dtype=spec.model.dtype)
+            spec.eval_judge, use_gpu=use_gpu, dtype=spec.model.dtype)
         self.judge_lock = threading.Lock()  # rounds and evals score in different threads
         engine_options = {}
         if ENGINES.get(spec.online.backend).takes_max_model_len:

@@ -2,7 +2,7 @@
 
     Judge                                  the interface: score(prompts, completions) -> list[float]
     load_function_judge("pkg.mod:fn")      import a Python judge (fn(prompt, completion) -> float)
-    FunctionJudge(fn_or_spec, use_ray=)    a function judge, run locally or in CPU Ray tasks
+    FunctionJudge(fn_or_spec)              a function judge, run in the process that scores
     RewardModelJudge(model_path=, ...)     AutoModelForSequenceClassification (num_labels=1) in
                                            its own Ray actors, one role: scoring
     register_judge(name, config_field=) / JUDGES / judge_kinds() / configured_judges(config)
@@ -124,55 +124,21 @@ def score_with_function(fn: JudgeFn, prompts: Sequence[Any], completions: Sequen
     return check_scores(scores, len(prompts), name=name)
 
 
-def _score_chunk(fn_or_spec: Union[str, JudgeFn], prompts: list, completions: list) -> list[float]:
-    """Body of one Ray task: resolve the judge where it runs, then score a chunk."""
-    fn = load_function_judge(fn_or_spec) if isinstance(fn_or_spec, str) else fn_or_spec
-    return score_with_function(fn, prompts, completions, name=_name(fn_or_spec))
-
-
 class FunctionJudge:
-    """A Python judge ``fn(prompt, completion) -> float``, run here or in CPU Ray tasks.
+    """A Python judge ``fn(prompt, completion) -> float``, called in this process (the
+    follower's, next to the engines' answers): a callable, or an import spec
+    "package.module:function", imported now so a bad spec fails when the run starts."""
 
-    function: a callable, or an import spec "package.module:function" (then each Ray task
-    imports it on its own node, so the module must be importable there). use_ray: score in
-    Ray tasks of ``chunk_size`` pairs each (for slow judges: sandboxes, API calls); else in
-    this process. num_cpus: per task.
-    """
-
-    def __init__(self, function: Union[str, JudgeFn], *, use_ray: bool = False, chunk_size: int = 64,
-                 num_cpus: float = 1.0):
-        if chunk_size < 1:
-            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-        # Import here even when the tasks import again: a bad spec fails at build time.
+    def __init__(self, function: Union[str, JudgeFn]):
         self._fn = load_function_judge(function) if isinstance(function, str) else function
         if not callable(self._fn):
             raise JudgeError(f"a function judge must be callable, got {type(function).__name__}")
-        self._spec = function
         self.name = _name(function)
-        self.use_ray = use_ray
-        self.chunk_size = chunk_size
-        self.num_cpus = num_cpus
-        self._remote = None
 
     def score(self, prompts: Sequence[Any], completions: Sequence[str]) -> list[float]:
         if len(prompts) != len(completions):
             raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
-        if not self.use_ray or len(prompts) <= self.chunk_size:
-            return score_with_function(self._fn, prompts, completions, name=self.name)
-        import ray
-
-        if self._remote is None:
-            self._remote = ray.remote(_score_chunk).options(num_cpus=self.num_cpus, max_retries=0)
-        spec = ray.put(self._spec)
-        refs = [self._remote.remote(spec, list(prompts[lo:hi]), list(completions[lo:hi]))
-                for lo, hi in _bounds(len(prompts), self.chunk_size)]
-        try:
-            return [s for chunk in ray.get(refs) for s in chunk]
-        except ray.exceptions.RayTaskError as err:
-            cause = getattr(err, "cause", None)
-            if isinstance(cause, JudgeError):
-                raise JudgeError(str(cause)) from err
-            raise
+        return score_with_function(self._fn, prompts, completions, name=self.name)
 
     def shutdown(self) -> None:
         pass
@@ -340,7 +306,7 @@ JudgeBuilder = Callable[..., Judge]
 
 @dataclass(frozen=True)
 class JudgeSpec:
-    """A registered judge: ``build(config: JudgeConfig, *, use_ray, use_gpu, dtype) -> Judge``,
+    """A registered judge: ``build(config: JudgeConfig, *, use_gpu, dtype) -> Judge``,
     chosen when the JudgeConfig field ``config_field`` is set."""
 
     name: str
@@ -353,7 +319,7 @@ JUDGES: Registry[JudgeSpec] = Registry("judge")
 
 
 def register_judge(name: str, *, config_field: str) -> Callable[[JudgeBuilder], JudgeBuilder]:
-    """Register ``builder(config: JudgeConfig, *, use_ray, use_gpu, dtype) -> Judge``, chosen when
+    """Register ``builder(config: JudgeConfig, *, use_gpu, dtype) -> Judge``, chosen when
     the JudgeConfig field ``config_field`` is set."""
 
     def deco(builder: JudgeBuilder) -> JudgeBuilder:
@@ -374,8 +340,8 @@ def configured_judges(config: JudgeConfig) -> list[str]:
 
 
 @register_judge("function", config_field="function")
-def _build_function(config: JudgeConfig, *, use_ray: bool = True, **_: Any) -> Judge:
-    return FunctionJudge(config.function, use_ray=use_ray)
+def _build_function(config: JudgeConfig, **_: Any) -> Judge:
+    return FunctionJudge(config.function)
 
 
 @register_judge("reward_model", config_field="reward_model")
@@ -383,12 +349,11 @@ def _build_reward_model(config: JudgeConfig, *, use_gpu: bool = False, dtype: st
     return RewardModelJudge(model_path=config.reward_model, config=config, use_gpu=use_gpu, dtype=dtype)
 
 
-def build_judge(config: JudgeConfig, *, use_ray: bool = True, use_gpu: bool = False,
-                dtype: str = "fp32") -> Judge:
+def build_judge(config: JudgeConfig, *, use_gpu: bool = False, dtype: str = "fp32") -> Judge:
     """The judge the config names: exactly one of online.judge.function / .reward_model is set.
 
-    use_ray: a function judge scores in Ray tasks (else in this process); a reward model
-    always runs in its own actors. use_gpu / dtype: for reward-model actors.
+    A function judge scores in the calling process; a reward model in its own actors
+    (use_gpu / dtype are theirs).
     """
     chosen = configured_judges(config)
     fields = ", ".join(sorted(f"online.judge.{JUDGES[name].config_field}" for name in JUDGES))
@@ -396,4 +361,4 @@ def build_judge(config: JudgeConfig, *, use_ray: bool = True, use_gpu: bool = Fa
         raise JudgeError(f"online.judge: no judge configured; set one of {fields}")
     if len(chosen) > 1:
         raise JudgeError(f"online.judge: set only one of {fields}, got {', '.join(chosen)}")
-    return JUDGES[chosen[0]].build(config, use_ray=use_ray, use_gpu=use_gpu, dtype=dtype)
+    return JUDGES[chosen[0]].build(config, use_gpu=use_gpu, dtype=dtype)

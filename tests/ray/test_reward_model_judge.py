@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from ray_dpo.config import JudgeConfig
-from ray_dpo.online.judges import FunctionJudge, JudgeError, RewardModelJudge, build_judge, reward_model_text
+from ray_dpo.online.judges import JudgeError, RewardModelJudge, build_judge, reward_model_text
 from ray_dpo.testing.assets import build_tiny_reward_model
 
 pytestmark = pytest.mark.ray
@@ -73,17 +73,3 @@ def test_reward_model_with_several_labels_is_refused(ray_cluster, tmp_path, toke
     with pytest.raises(JudgeError, match=r"online\.judge\.reward_model: .*num_labels=2; a reward model must "
                                          r"output one score"):
         RewardModelJudge(model_path=path, config=JudgeConfig(reward_model=path))
-
-
-def test_function_judge_in_ray_tasks_matches_local(ray_cluster):
-    prompts = [f"p{i}" for i in range(10)]
-    completions = ["bright angry kind river"[: 4 + i] for i in range(10)]
-    local = FunctionJudge("ray_dpo.testing.assets:judge_score").score(prompts, completions)
-    remote = FunctionJudge("ray_dpo.testing.assets:judge_score", use_ray=True, chunk_size=3, num_cpus=0.5)
-    assert remote.score(prompts, completions) == local
-
-
-def test_function_judge_error_inside_a_task_is_a_judge_error(ray_cluster):
-    judge = FunctionJudge(lambda p, c: float("nan") if c == "x" else 1.0, use_ray=True, chunk_size=1, num_cpus=0.5)
-    with pytest.raises(JudgeError, match="a score must be a finite number"):
-        judge.score(["a", "b"], ["y", "x"])

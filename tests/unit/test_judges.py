@@ -103,8 +103,8 @@ def test_check_scores_converts_ints_and_numpy():
 
 
 def test_build_judge_picks_the_function_judge_without_ray():
-    judge = build_judge(JudgeConfig(function="ray_dpo.testing.assets:judge_score"), use_ray=False)
-    assert isinstance(judge, FunctionJudge) and not judge.use_ray
+    judge = build_judge(JudgeConfig(function="ray_dpo.testing.assets:judge_score"))
+    assert isinstance(judge, FunctionJudge)
     assert judge.score(["p"], ["kind warm"]) == [1.0]
 
 
@@ -119,7 +119,7 @@ def test_build_judge_needs_exactly_one_judge():
 
 def test_build_judge_fails_early_on_a_bad_function():
     with pytest.raises(JudgeError, match=r"online\.judge\.function: module 'nope' not found"):
-        build_judge(JudgeConfig(function="nope:fn"), use_ray=False)
+        build_judge(JudgeConfig(function="nope:fn"))
 
 
 class _Tok:
