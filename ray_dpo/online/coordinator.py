@@ -26,18 +26,17 @@ from ray_dpo.config import RunConfig
 from ray_dpo.feeder import BatchFeeder, BatchPlan, KeepsInitError, PairStore
 from ray_dpo.online import rounds as rounds_lib
 from ray_dpo.online.follower import PROBE_SIZE, FollowerSpec, PolicyFollower, start_actor
+from ray_dpo.online.seams import Scorer
 
 
 class OnlineCoordinator(PolicyFollower):
     """See the module docstring. spec: FollowerSpec; plan: BatchPlan (how pairs become
     steps); train: PairData whose prompts (and chosen responses, for regenerate_rejected)
-    rounds sample from; evaluation: data.eval_files pairs for the DPO eval metrics, or None;
-    eval_max_pairs: eval.max_pairs; max_steps: policy.max_steps (a cap on the run, not on
-    a round)."""
+    rounds sample from; evaluation: data.eval_files pairs for the DPO eval metrics, or None
+    (at most spec.eval_max_pairs of them)."""
 
     def __init__(self, spec: FollowerSpec, plan: BatchPlan, *, train: Any, evaluation: Any, reference: Any,
-                 tracking_uri: Optional[str], run_id: Optional[str], use_gpu: bool,
-                 eval_max_pairs: Optional[int] = None, max_steps: Optional[int] = None):
+                 tracking_uri: Optional[str], run_id: Optional[str], use_gpu: bool):
 
         from ray_dpo.online.round_builder import RoundProducer
         from ray_dpo.online.round_feeder import RoundFeeder
@@ -49,21 +48,20 @@ class OnlineCoordinator(PolicyFollower):
         online = spec.online
         round_plan = rounds_lib.plan_rounds(num_rounds=online.rounds, prompts_per_round=online.prompts_per_round,
                                             global_batch=plan.global_batch, num_epochs=plan.num_epochs,
-                                            max_steps=max_steps)
+                                            max_steps=spec.max_steps)
         super().__init__(dataclasses.replace(spec, total_steps=round_plan.total_steps), reference=reference,
                          tracking_uri=tracking_uri, run_id=run_id, use_gpu=use_gpu, probe_rows=probe)
         self.plan = plan
         self.evaluation = PairStore.from_source(evaluation) if evaluation is not None else None
-        self.eval_max_pairs = eval_max_pairs
+        self.eval_max_pairs = spec.eval_max_pairs
         self._eval_ref_cache: dict[str, tuple[float, float]] = {}
         fingerprint = round_fingerprint(spec, plan, getattr(train, "fingerprint", ""))
         self.rounds = RoundFeeder(round_plan, store=RoundStore(spec.run_dir, fingerprint),
                                   make_feeder=self._make_feeder, micro_batches=plan.gradient_accumulation_steps,
                                   on_retire=self._keep_eval_logps)
         self.producer = RoundProducer(rounds=self.rounds, prompt_rows=store, generation=self.generation,
-                                      judge=self.judge, judge_lock=self.judge_lock, decode=self.decode,
-                                      online=online, data=spec.data, bos_id=self.tokenizer.bos_token_id,
-                                      seed=spec.seed, log=self.log)
+                                      scorer=Scorer(self.judge, self.decode, self.judge_lock), spec=self.spec,
+                                      bos_id=self.tokenizer.bos_token_id, log=self.log)
 
     # ------------------------------------------------------------------ step source
 
@@ -156,8 +154,7 @@ def start_coordinator(cfg: RunConfig, *, train: Any, evaluation: Any, reference:
                      num_epochs=cfg.policy.num_epochs, seed=cfg.run.seed, shuffle=cfg.data.shuffle)
     handle = start_actor(_CoordinatorActor, FollowerSpec.of(cfg), plan, train=train, evaluation=evaluation,
                          reference=reference, tracking_uri=tracking_uri, run_id=run_id, use_gpu=use_gpu,
-                         eval_max_pairs=cfg.eval.max_pairs, max_steps=cfg.policy.max_steps, max_concurrency=cfg.policy.num_workers + 4,
-                         max_restarts=cfg.policy.max_failures)
+                         max_concurrency=cfg.policy.num_workers + 4, max_restarts=cfg.policy.max_failures)
     print(f"[ray_dpo] generation: {cfg.online.num_engines} {cfg.online.backend} engine(s) ready", file=sys.stdout,
           flush=True)
     return handle

@@ -32,6 +32,7 @@ from typing import Any, Optional
 from ray_dpo.config import DataConfig, EvalConfig, JudgeConfig, LoraSection, ModelConfig, OnlineConfig, RunConfig
 from ray_dpo.config.derived import heldout_judge, heldout_online, heldout_sampling
 from ray_dpo.feeder import KeepsInitError
+from ray_dpo.online.seams import RunLog, Scorer
 from ray_dpo.online.weight_sync import random_probe
 
 logger = logging.getLogger("ray_dpo.online")
@@ -59,6 +60,8 @@ class FollowerSpec:
     total_steps: Optional[int] = None  # the run's length (an online run computes its own)
     lora: LoraSection = field(default_factory=LoraSection)  # policy.lora: engines load adapters
     training_reference: str = "group"  # loss_rules.reference_source: who scores rounds' pairs
+    eval_max_pairs: Optional[int] = None  # eval.max_pairs (an online run's data.eval_files pairs)
+    max_steps: Optional[int] = None  # policy.max_steps: a cap on the online run, not on a round
 
     @classmethod
     def of(cls, cfg: RunConfig, *, total_steps: Optional[int] = None) -> "FollowerSpec":
@@ -70,7 +73,8 @@ class FollowerSpec:
         return cls(model=cfg.model, online=online, eval=cfg.eval, data=cfg.data, seed=cfg.run.seed,
                    run_dir=cfg.run_dir, reference_batch_size=cfg.reference.batch_size,
                    max_restarts=cfg.policy.max_failures, eval_judge=heldout_judge(cfg), total_steps=total_steps,
-                   lora=cfg.policy.lora, training_reference=reference_source(cfg))
+                   lora=cfg.policy.lora, training_reference=reference_source(cfg),
+                   eval_max_pairs=cfg.eval.max_pairs, max_steps=cfg.policy.max_steps)
 
 
 class PolicyFollower:
@@ -268,11 +272,11 @@ def make_evaluator(follower: "PolicyFollower"):
         chosen = select_prompts(load_prompts(path), num=follower.spec.eval.num_prompts, seed=follower.spec.seed)
         prompts = [(p.prompt, encode(p.prompt, source=path, line=i)) for i, p in enumerate(chosen, start=1)]
     spec = follower.spec
-    return HeldOutEvaluator(spec.eval, prompts=prompts, generation=follower.generation, judge=follower.eval_judge,
-                            judge_lock=follower.judge_lock, reference=follower.reference,
+    return HeldOutEvaluator(spec.eval, prompts=prompts, generation=follower.generation,
+                            scorer=Scorer(follower.eval_judge, follower.decode, follower.judge_lock),
+                            reference=follower.reference, reference_batch_size=spec.reference_batch_size,
                             sampling=heldout_sampling(spec.online.sampling, spec.eval), seed=spec.seed,
-                            reference_batch_size=spec.reference_batch_size, decode=follower.decode,
-                            log=follower.log, log_artifact=follower.log_artifact, on_error=follower.fail)
+                            run=RunLog(follower.log, follower.fail, follower.log_artifact))
 
 
 class _FollowerActor(KeepsInitError, PolicyFollower):

@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 from ray_dpo.config import EvalConfig, SamplingConfig
+from ray_dpo.online.seams import RunLog, Scorer
 
 logger = logging.getLogger("ray_dpo.online")
 
@@ -30,29 +31,25 @@ class HeldOutEvaluator:
 
     config: the eval section (every_steps, samples_per_prompt). prompts: [(prompt as the
     judge reads it, prompt token ids)]. generation: GenerationGroup whose engines follow
-    the policy. judge: .score(prompts, responses); judge_lock serializes it with other
-    users in this process. reference: ReferenceGroup for the KL. decode: token ids -> text
-    (for engines without a tokenizer). log(metrics, step); log_artifact(text, path): writes a
-    file to the run (None: the record is not kept); on_error(err): a failed eval.
+    the policy. scorer: the eval's judge (seams.Scorer). reference: ReferenceGroup for the
+    KL, scored ``reference_batch_size`` rows a call. run: where metrics, the per-sample
+    record (run.log_artifact; None: not kept) and a failed eval go.
     """
 
     def __init__(self, config: EvalConfig, *, prompts: Sequence[tuple[Any, list[int]]], generation: Any,
-                 judge: Any, judge_lock: threading.Lock, reference: Any, sampling: SamplingConfig, seed: int,
-                 reference_batch_size: int, decode: Callable[[list[int]], str], log: Callable[[dict, int], None],
-                 on_error: Callable[[BaseException], None],
-                 log_artifact: Optional[Callable[[str, str], None]] = None):
+                 scorer: Scorer, reference: Any, reference_batch_size: int, sampling: SamplingConfig, seed: int,
+                 run: RunLog):
         from ray_dpo.online.evaluation import eval_sampling
 
         self.config = config
         self.prompts = list(prompts)
         self.generation = generation
-        self.judge, self._judge_lock = judge, judge_lock
+        self.scorer = scorer
         self.reference = reference
         self.sampling = eval_sampling(sampling)
         self.seed = seed + EVAL_SEED_OFFSET
         self.reference_batch_size = reference_batch_size
-        self._decode, self._log, self._on_error = decode, log, on_error
-        self._log_artifact = log_artifact
+        self._run = run
         self._threads: list[threading.Thread] = []
         self._sampling: set[int] = set()
 
@@ -93,14 +90,14 @@ class HeldOutEvaluator:
             finally:
                 self._sampling.discard(step)
             metrics, record = self._score(step, completions)
-            self._log(metrics, step)
+            self._run.log(metrics, step)
             self._keep(record, step)
             print(f"[ray_dpo] step {step}: held-out eval/judge_score {metrics['eval/judge_score']:.4f}, "
                   f"eval/kl {metrics['eval/kl']:.4f} ({len(self.prompts)} prompts x "
                   f"{self.config.samples_per_prompt})", flush=True)
         except BaseException as err:  # noqa: BLE001 - the run must hear of it, not a dead thread
             logger.error("held-out eval at step %d failed: %s", step, err)
-            self._on_error(err)
+            self._run.on_error(err)
 
     def _keep(self, record: dict, step: int) -> None:
         """Write the per-sample record. A store that refuses it costs the paired comparison of
@@ -109,11 +106,11 @@ class HeldOutEvaluator:
 
         from ray_dpo.online.evaluation import heldout_artifact_path
 
-        if self._log_artifact is None:
+        if self._run.log_artifact is None:
             return
         path = heldout_artifact_path(step)
         try:
-            self._log_artifact(json.dumps(record), path)
+            self._run.log_artifact(json.dumps(record), path)
         except Exception as err:  # noqa: BLE001 - e.g. an artifact store this process cannot reach
             logger.warning("held-out eval at step %d: could not write %s to the run (%s: %s); "
                            "`ray-dpo compare --paired` will not find this step", step, path, type(err).__name__, err)
@@ -125,9 +122,7 @@ class HeldOutEvaluator:
         n = self.config.samples_per_prompt
         flat = [c for comps in completions for c in comps]
         prompts = [p for p, _ in self.prompts for _ in range(n)]
-        texts = [c.text if c.text is not None else self._decode(c.token_ids) for c in flat]
-        with self._judge_lock:
-            scores = self.judge.score(prompts, texts)
+        scores = self.scorer.score(prompts, self.scorer.texts(flat))
         rows = as_pair_rows([ids for _, ids in self.prompts for _ in range(n)], [c.token_ids for c in flat])
         size = self.reference_batch_size
         scored = [r for batch in self.reference.score_batches(rows[i:i + size] for i in range(0, len(rows), size))

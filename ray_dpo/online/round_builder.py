@@ -17,6 +17,7 @@ import numpy as np
 
 from ray_dpo.config import DataConfig, OnlineConfig
 from ray_dpo.online import rounds as rounds_lib
+from ray_dpo.online.seams import Scorer
 
 logger = logging.getLogger("ray_dpo.online")
 
@@ -28,22 +29,21 @@ class BuiltRound:
     summary: str  # one console line
 
 
-def build_round(r: int, *, rows: Sequence[dict], completions: Sequence[Sequence[Any]], judge: Any,
-                decode: Callable[[list[int]], str], online: OnlineConfig, data: DataConfig,
-                bos_id: Optional[int], gen_seconds: float, rounds_run: int) -> BuiltRound:
+def build_round(r: int, *, rows: Sequence[dict], completions: Sequence[Sequence[Any]], scorer: Scorer,
+                online: OnlineConfig, data: DataConfig, bos_id: Optional[int], gen_seconds: float,
+                rounds_run: int) -> BuiltRound:
     """Round r's pairs. rows: the sampled prompts' data rows (pair_id, prompt_ids, and
-    chosen_ids for regenerate_rejected); completions[i]: prompt i's Completions; judge:
-    .score(prompts, responses); decode: token ids -> text."""
+    chosen_ids for regenerate_rejected); completions[i]: prompt i's Completions; scorer:
+    the judge and the decoder of token ids."""
     from ray_dpo.online.pairs import PAIR_STRATEGIES, Candidate, group_samples, make_pairs
 
-    prompt_texts = [decode(row["prompt_ids"]) for row in rows]
+    prompt_texts = [scorer.decode(row["prompt_ids"]) for row in rows]
     flat = [c for comps in completions for c in comps]
     t0 = time.perf_counter()
-    scores = judge.score([p for p, comps in zip(prompt_texts, completions) for _ in comps],
-                         [c.text if c.text is not None else decode(c.token_ids) for c in flat])
+    scores = scorer.score([p for p, comps in zip(prompt_texts, completions) for _ in comps], scorer.texts(flat))
     chosen = None
     if PAIR_STRATEGIES.get(online.pair_strategy).needs_chosen:
-        chosen_scores = judge.score(prompt_texts, [decode(row["chosen_ids"]) for row in rows])
+        chosen_scores = scorer.score(prompt_texts, [scorer.decode(row["chosen_ids"]) for row in rows])
         chosen = [Candidate(row["chosen_ids"], s) for row, s in zip(rows, chosen_scores)]
     judge_seconds = time.perf_counter() - t0
     groups = group_samples([row["pair_id"] for row in rows], [row["prompt_ids"] for row in rows],
@@ -82,16 +82,15 @@ class RoundProducer:
     collect -> build_round -> the round store -> the RoundFeeder.
 
     rounds: RoundFeeder. prompt_rows: PairStore the prompts are drawn from. generation:
-    GenerationGroup. judge + judge_lock, decode (token ids -> text), online / data: config
-    sections. bos_id: the tokenizer's BOS. seed: the run's. log(metrics, step).
+    GenerationGroup. scorer: the rounds' judge. spec: the follower's (online and data
+    sections, seed). bos_id: the tokenizer's BOS. log(metrics, step).
     """
 
-    def __init__(self, *, rounds: Any, prompt_rows: Any, generation: Any, judge: Any, judge_lock: Any,
-                 decode: Callable[[list[int]], str], online: OnlineConfig, data: DataConfig, bos_id: Optional[int],
-                 seed: int, log: Callable[[dict, int], None]):
+    def __init__(self, *, rounds: Any, prompt_rows: Any, generation: Any, scorer: Scorer, spec: Any,
+                 bos_id: Optional[int], log: Callable[[dict, int], None]):
         self.rounds, self.prompt_rows, self.generation = rounds, prompt_rows, generation
-        self.judge, self.judge_lock, self.decode = judge, judge_lock, decode
-        self.online, self.data, self.bos_id, self.seed = online, data, bos_id, seed
+        self.scorer = scorer
+        self.online, self.data, self.bos_id, self.seed = spec.online, spec.data, bos_id, spec.seed
         self._log = log
 
     def ensure(self, r: int, *, step: int) -> None:
@@ -115,11 +114,9 @@ class RoundProducer:
         try:
             t0 = time.perf_counter()
             completions = self.generation.collect(chunks)
-            with self.judge_lock:
-                built = build_round(r, rows=[self.prompt_rows.row(i) for i in indices], completions=completions,
-                                    judge=self.judge, decode=self.decode, online=self.online, data=self.data,
-                                    bos_id=self.bos_id, gen_seconds=time.perf_counter() - t0,
-                                    rounds_run=self.rounds.plan.rounds_run)
+            built = build_round(r, rows=[self.prompt_rows.row(i) for i in indices], completions=completions,
+                                scorer=self.scorer, online=self.online, data=self.data, bos_id=self.bos_id,
+                                gen_seconds=time.perf_counter() - t0, rounds_run=self.rounds.plan.rounds_run)
             start = self.rounds.plan.round_start(r)
             # How many optimizer steps older than the round's first step the sampling policy is.
             built.metrics["online/sample_staleness_steps"] = float(start - step)

@@ -24,12 +24,14 @@ class TrainLoopSpec:
     loss: LossConfig
     """The preference loss and its parameters."""
     feeder: Any
-    """Where steps come from: a BatchFeeder or OnlineCoordinator actor handle."""
+    """Where steps come from: the actor handle of a StepSource (online/seams.py: a
+    BatchFeeder, or the OnlineCoordinator)."""
     eval_every: int = 0
     """Evaluate every this-many optimizer steps (0: only at the end)."""
     follower: Any = None
-    """Actor handle whose generation engines follow the policy (OnlineCoordinator, or an
-    offline run's held-out PolicyFollower), or None; rank 0 advances it at its sync points."""
+    """The actor handle of a PolicySync (online/seams.py) whose generation engines follow the
+    policy (OnlineCoordinator, or an offline run's held-out PolicyFollower), or None; rank 0
+    advances it at its sync points."""
     device: Optional[str] = None
     """"cpu" | "cuda" | None (cuda if available)."""
     run_dir: Optional[str] = None

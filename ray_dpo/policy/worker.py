@@ -160,8 +160,7 @@ def _make_worker(spec: TrainLoopSpec) -> RankState:
     policy, feeder = spec.policy, spec.feeder
     device = _pick_device(spec.device)
     total_steps = ray.get(feeder.total_steps.remote())
-    # Optional feeder method (BatchFeeder has it): only the "epoch" metric needs it.
-    steps_per_epoch = ray.get(feeder.steps_per_epoch.remote()) if hasattr(feeder, "steps_per_epoch") else None
+    steps_per_epoch = ray.get(feeder.steps_per_epoch.remote())  # a StepSource's (online/seams.py)
     if policy.max_steps:
         total_steps = min(total_steps, policy.max_steps)
     engine, hf_ds_config = setup_engine(spec.model, policy, device=device, world_size=world_size,

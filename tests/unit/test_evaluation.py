@@ -192,17 +192,16 @@ class _Reference:
 
 
 def _evaluator(log_artifact, logged):
-    import threading
-
     from ray_dpo.config import EvalConfig
     from ray_dpo.online.heldout import EVAL_SEED_OFFSET, HeldOutEvaluator
+    from ray_dpo.online.seams import RunLog, Scorer
 
     evaluator = HeldOutEvaluator(
         EvalConfig(samples_per_prompt=2), prompts=[("p one", [1, 2]), ("p two", [1, 3])], generation=_Generation(),
-        judge=_Judge(), judge_lock=threading.Lock(), reference=_Reference(),
-        sampling=SamplingConfig(temperature=0.5, max_new_tokens=9), seed=3, reference_batch_size=3,
-        decode=lambda ids: "x" * len(ids), log=lambda metrics, step: logged.append((step, metrics)),
-        on_error=lambda err: logged.append(("error", err)), log_artifact=log_artifact)
+        scorer=Scorer(_Judge(), lambda ids: "x" * len(ids)), reference=_Reference(), reference_batch_size=3,
+        sampling=SamplingConfig(temperature=0.5, max_new_tokens=9), seed=3,
+        run=RunLog(lambda metrics, step: logged.append((step, metrics)), lambda err: logged.append(("error", err)),
+                   log_artifact))
     return evaluator, 3 + EVAL_SEED_OFFSET
 
 
