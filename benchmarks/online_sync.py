@@ -69,7 +69,7 @@ def measure(backend: str, path: str, args) -> dict:
     from ray_dpo.config import OnlineConfig, SamplingConfig
     from ray_dpo.batching.probe import torch_probe_logps
     from ray_dpo.online.engine_group import GenerationGroup
-    from ray_dpo.online.generation import ENGINES
+    from ray_dpo.online.facts import ENGINES
     from ray_dpo.online.weight_sync import random_probe
 
     model, state = perturbed_state(path)

@@ -198,7 +198,7 @@ def _check_judge(cfg: RunConfig, p: list[Problem]) -> None:
         if judge.function and ":" not in judge.function:
             p.append(Problem(f"{key}.function", "must look like 'package.module:function'"))
     if cfg.eval.backend is not None:
-        from ray_dpo.online.generation import ENGINES
+        from ray_dpo.online.facts import ENGINES
 
         if cfg.eval.backend not in ENGINES:
             p.append(Problem("eval.backend", f"got {cfg.eval.backend!r}, expected one of {ENGINES.names()}"))

@@ -10,7 +10,9 @@
         .score(prompts, completions) -> list[float]; load_function_judge("pkg.mod:fn")
     pairs.make_pairs(groups, strategy=) -> (pairs, counters); PromptGroup, Candidate, ScoredPair
     evaluation: held-out prompt sampling, judge score and KL-to-reference summaries (pure)
-    registries (ray_dpo.registry.Registry): ENGINES, SYNC_METHODS, JUDGES, PAIR_STRATEGIES
+    collective.GroupSender, receive, plan_buckets       the collective weight sync's two ends
+    registries (ray_dpo.registry.Registry): ENGINES, SYNC_METHODS (facts.py, no code loaded),
+        JUDGES, PAIR_STRATEGIES
 
 Names load lazily, so importing this package costs nothing (no torch, ray or vllm) until
 one is used; vllm is imported only inside a VLLMEngine.
@@ -27,10 +29,10 @@ _LAZY = {
     "GenerationGroup": "ray_dpo.online.engine_group",
     "TransformersEngine": "ray_dpo.online.generation",
     "VLLMEngine": "ray_dpo.online.generation",
-    "ENGINES": "ray_dpo.online.generation",
+    "ENGINES": "ray_dpo.online.facts",
     "LoadReport": "ray_dpo.online.weight_sync",
-    "NcclWeightSender": "ray_dpo.online.weight_sync",
-    "SYNC_METHODS": "ray_dpo.online.weight_sync",
+    "GroupSender": "ray_dpo.online.collective",
+    "SYNC_METHODS": "ray_dpo.online.facts",
     "SyncReport": "ray_dpo.online.weight_sync",
     "WeightSyncError": "ray_dpo.online.weight_sync",
     "random_probe": "ray_dpo.online.weight_sync",

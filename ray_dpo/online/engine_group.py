@@ -23,10 +23,11 @@ from typing import Any, Optional, Sequence
 
 from ray_dpo.config import OnlineConfig, SamplingConfig
 from ray_dpo.online.engine_restarts import EngineKeeper, error_line
-from ray_dpo.online.generation import ENGINES, Completion, engine_actor_options
+from ray_dpo.online.facts import ENGINES
+from ray_dpo.online.generation import Completion, engine_actor_options
 from ray_dpo.batching.probe import Probe
+from ray_dpo.online.facts import SYNC_METHODS
 from ray_dpo.online.weight_sync import (
-    SYNC_METHODS,
     SyncReport,
     WeightSyncError,
     check_diffs,
@@ -95,7 +96,7 @@ class GenerationGroup:
         device = "cuda" if use_gpu else "cpu"
         options = engine_actor_options(config, use_gpu=use_gpu, num_cpus_per_engine=num_cpus_per_engine)
         # The group, not Ray, resends a dead engine's work: it must reload weights first.
-        remote_cls = ray.remote(ENGINES[config.backend]).options(**options, max_restarts=max_restarts,
+        remote_cls = ray.remote(ENGINES[config.backend].load()).options(**options, max_restarts=max_restarts,
                                                                  max_task_retries=0)
         self._actors = [
             remote_cls.remote(model_path, seed=seed, dtype=dtype, device=device, **(engine_options or {}))

@@ -87,7 +87,7 @@ class PolicyFollower:
         from ray_dpo.data.chat_template import resolve_chat_template
         from ray_dpo.data.tokenizer_cache import load_tokenizer
         from ray_dpo.online.engine_group import GenerationGroup
-        from ray_dpo.online.generation import ENGINES
+        from ray_dpo.online.facts import ENGINES
         from ray_dpo.online.judges import build_judge
 
         self.spec = spec
@@ -187,7 +187,7 @@ class PolicyFollower:
         """What else step ``step`` starts (the coordinator: rounds)."""
 
     def _sync_weights(self, step: int, weights: Optional[list], expected: list[float]) -> dict[str, float]:
-        from ray_dpo.online.weight_sync import SYNC_METHODS
+        from ray_dpo.online.facts import SYNC_METHODS
 
         from ray_dpo.online.engine_group import SyncInterrupted
 

@@ -33,7 +33,7 @@ import torch
 from ray_dpo.batching.probe import Probe, torch_probe_logps
 from ray_dpo.config import OnlineConfig, SamplingConfig
 from ray_dpo.dtypes import dtype_name, torch_dtype
-from ray_dpo.registry import Registry
+from ray_dpo.online.facts import ENGINES
 from ray_dpo.online.weight_sync import (
     AdapterWeights,
     LoadReport,
@@ -70,14 +70,7 @@ class GenerationEngine:
     depend on which engine or batch it lands in.
     """
 
-    backend = "?"
-    takes_max_model_len = False
-    """Its constructor takes max_model_len (a context bound the caller should set)."""
-
-    @staticmethod
-    def actor_env(use_gpu: bool) -> dict[str, str]:
-        """Environment variables the engine's Ray actor needs (on top of TOKENIZERS_PARALLELISM)."""
-        return {}
+    backend = "?"  # its name in online/facts.py's ENGINES, which holds its other facts
 
     def generate(self, prompts: Sequence[Sequence[int]], *, n: int, sampling: SamplingConfig,
                  seed: Optional[int] = None) -> list[list[Completion]]:
@@ -177,15 +170,6 @@ class VLLMEngine(GenerationEngine):
     """
 
     backend = "vllm"
-    takes_max_model_len = True
-
-    @staticmethod
-    def actor_env(use_gpu: bool) -> dict[str, str]:
-        env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
-        if not use_gpu:
-            env.update(VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
-                       VLLM_CPU_OMP_THREADS_BIND=os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "nobind"))
-        return env
 
     def __init__(self, model_path: str, *, seed: int = 0, dtype: str = "fp32", device: str = "cpu",
                  max_model_len: Optional[int] = None, gpu_memory_utilization: float = 0.85,
@@ -543,11 +527,6 @@ def vllm_lora_rank(rank: int) -> int:
     if not fits:
         raise ValueError(f"vLLM serves LoRA ranks up to {allowed[-1]}, got {rank}; set policy.lora.sync=merged")
     return fits[0]
-
-
-ENGINES: Registry[type[GenerationEngine]] = Registry(
-    "online.backend", {"vllm": VLLMEngine, "transformers": TransformersEngine})
-"""Every engine class online.backend may name; its facts are class attributes (takes_max_model_len, actor_env)."""
 
 
 def engine_actor_options(config: OnlineConfig, *, use_gpu: bool,

@@ -40,7 +40,7 @@ from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 
 import torch
 
-from ray_dpo.registry import Registry
+from ray_dpo.online.facts import SYNC_METHODS
 StateDict = Mapping[str, torch.Tensor]
 
 
@@ -312,46 +312,12 @@ def check_diffs(
 # --------------------------------------------------------------------------- methods
 
 
-@dataclass(frozen=True)
-class SyncMethod:
-    """A registered weight-sync method and its facts.
-
-    send: ``send(actors, weights, **options) -> list of ObjectRefs of LoadReports``.
-    needs_checkpoint_dir: sending a state dict writes it to ``checkpoint_dir`` first (a
-        directory every engine can read), which the caller must pass.
-    sent_by_policy: policy rank 0 sends the weights itself during the sync (``weights`` is
-        a collective.SyncTicket): there is no copy to reload a restarted engine from
-        between syncs, only the next sync brings it up to date.
-    """
-
-    name: str
-    send: Callable[..., list]
-    needs_checkpoint_dir: bool = False
-    sent_by_policy: bool = False
-
-
-SYNC_METHODS: Registry[SyncMethod] = Registry("weight sync method")
-"""Every method online.weight_sync may name."""
-
-
-def register_sync_method(name: str, *, needs_checkpoint_dir: bool = False, sent_by_policy: bool = False):
-    """Decorator: register ``send(actors, weights, **options)`` under ``name`` (see SyncMethod)."""
-
-    def deco(fn):
-        SYNC_METHODS.add(name, SyncMethod(name, fn, needs_checkpoint_dir=needs_checkpoint_dir,
-                                          sent_by_policy=sent_by_policy))
-        return fn
-
-    return deco
-
-
 def sync_method(name: str) -> Callable[..., list]:
-    """The send function of method ``name``; ValueError naming the valid methods if there is none."""
-    return SYNC_METHODS.get(name).send
+    """The send function of method ``name`` (online/facts.py); ValueError naming the valid methods."""
+    return SYNC_METHODS.get(name).send()
 
 
-@register_sync_method("object_store")
-def _object_store(actors: Sequence[Any], weights: Any, **_: Any) -> list:
+def send_object_store(actors: Sequence[Any], weights: Any, **_: Any) -> list:
     """One ray.put; every engine resolves the same object (Ray passes the value, not the ref)."""
     import ray
 
@@ -361,15 +327,13 @@ def _object_store(actors: Sequence[Any], weights: Any, **_: Any) -> list:
     return [a.load_weights.remote(ref) for a in actors]
 
 
-@register_sync_method("collective", sent_by_policy=True)
-def _collective(actors: Sequence[Any], weights: Any, **_: Any) -> list:
+def send_collective(actors: Sequence[Any], weights: Any, **_: Any) -> list:
     """``weights``: the SyncTicket of policy rank 0's GroupSender. Engine i joins the sync's
     group as rank i + 1 and loads the buckets as rank 0 broadcasts them."""
     return [a.receive_collective.remote(weights, i + 1) for i, a in enumerate(actors)]
 
 
-@register_sync_method("checkpoint", needs_checkpoint_dir=True)
-def _checkpoint(actors: Sequence[Any], weights: Any, *, checkpoint_dir: Optional[str] = None, **_: Any) -> list:
+def send_checkpoint(actors: Sequence[Any], weights: Any, *, checkpoint_dir: Optional[str] = None, **_: Any) -> list:
     """Engines reload from a safetensors directory: the one given, or one written here."""
     import ray
 

@@ -74,3 +74,28 @@ def test_the_offline_driver_imports_nothing_from_online():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     [line] = [line for line in proc.stdout.splitlines() if line.startswith("online:")]  # DeepSpeed prints too
     assert line == "online:", f"the offline path imported: {line}"
+
+
+def test_the_config_package_loads_no_engine_code_even_when_it_checks_an_online_config():
+    """``import ray_dpo.config`` loads neither torch nor any engine module; validating an
+    online config reads the engines' and sync methods' facts (online/facts.py) without
+    importing the engines, the sync methods or their stack."""
+    import os
+    import textwrap
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    engine_code = ["ray_dpo.online.generation", "ray_dpo.online.engine_group", "ray_dpo.online.weight_sync",
+                   "ray_dpo.online.collective", "ray_dpo.online.follower", "vllm", "ray"]
+    code = textwrap.dedent(f"""
+        import sys
+        import ray_dpo.config
+        print("import:" + ",".join(m for m in ["torch", *{engine_code!r}] if m in sys.modules))
+        from ray_dpo.config import load_config
+        cfg = load_config("configs/tiny-cpu-online.yaml", ["online.weight_sync=collective"], check_files=False)
+        assert cfg.online.enabled and cfg.online.backend == "vllm"
+        print("check:" + ",".join(m for m in {engine_code!r} if m in sys.modules))
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = dict(line.split(":", 1) for line in proc.stdout.splitlines() if line.split(":", 1)[0] in ("import", "check"))
+    assert lines == {"import": "", "check": ""}, proc.stdout
