@@ -238,7 +238,24 @@ def _run_finished(spec: dict) -> bool:
     return bool(run_id) and mlflow_client(spec["tracking_uri"]).get_run(run_id).info.status == "FINISHED"
 
 
-def _console_callback(total: int, skipped: int):
+def trial_kind(config: dict) -> str:
+    """What a trial's duration depends on most: online trials generate, judge and sync every
+    round and take about twice as long as offline ones of the same steps."""
+    return "online" if (config.get("online") or {}).get("enabled") else "offline"
+
+
+def sweep_eta(left: list[str], took: dict[str, list[float]], *, at_once: int = 1) -> str:
+    """The ETA of the trials ``left`` (their kinds), ``at_once`` at a time, from the mean time
+    of the trials of each kind that ended; "ETA after the first <kind> trial" while a kind
+    left has no ended trial to go by (a mean of the other kind would be wrong by ~2x)."""
+    unknown = sorted({k for k in left if not took.get(k)})
+    if unknown:
+        return f"ETA after the first {' and '.join(unknown)} trial"
+    seconds = sum(sum(took[k]) / len(took[k]) for k in left) / max(1, min(at_once, len(left)))
+    return f"ETA {seconds / 60:.1f} min"
+
+
+def _console_callback(total: int, skipped: int, at_once: int):
     from ray import tune
 
     class SweepConsole(tune.Callback):
@@ -246,28 +263,35 @@ def _console_callback(total: int, skipped: int):
 
         def __init__(self):
             self.t0, self.ended = time.monotonic(), 0
+            self.started: dict[str, float] = {}
+            self.took: dict[str, list[float]] = {}  # seconds of the trials ended, by kind
 
         def _name(self, trial) -> str:
             return trial.config["trial"]["label"] or trial.config["trial"]["name"]
 
         def on_trial_start(self, iteration, trials, trial, **info):
+            self.started[trial.trial_id] = time.monotonic()
             print(f"[ray_dpo] sweep: trial {self._name(trial)} started", flush=True)
 
-        def _ended(self, trial, how: str) -> None:
+        def _ended(self, trial, how: str, trials) -> None:
             self.ended += 1
-            done, elapsed = self.ended + skipped, time.monotonic() - self.t0
-            left = total - done
-            eta = f", ETA {elapsed / self.ended * left / 60:.1f} min" if left else ""
+            done = self.ended + skipped
+            self.took.setdefault(trial_kind(trial.config["trial"]["config"]), []).append(
+                time.monotonic() - self.started.get(trial.trial_id, self.t0))
+            left = [trial_kind(t.config["trial"]["config"]) for t in trials
+                    if t is not trial and t.status not in ("TERMINATED", "ERROR")]
+            eta = f", {sweep_eta(left, self.took, at_once=at_once)}" if left else ""
             print(f"[ray_dpo] sweep: trial {self._name(trial)} {how} ({done}/{total} trials done{eta})", flush=True)
 
         def on_trial_complete(self, iteration, trials, trial, **info):
             if _run_finished(trial.config["trial"]):
-                self._ended(trial, "finished")
+                self._ended(trial, "finished", trials)
             else:  # Tune ended it before its run did: the scheduler
-                self._ended(trial, f"stopped early by the scheduler at step {(trial.last_result or {}).get('step')}")
+                self._ended(trial, f"stopped early by the scheduler at step {(trial.last_result or {}).get('step')}",
+                            trials)
 
         def on_trial_error(self, iteration, trials, trial, **info):
-            self._ended(trial, "FAILED")
+            self._ended(trial, "FAILED", trials)
 
     return SweepConsole()
 
@@ -348,7 +372,7 @@ def _tune(cfg: RunConfig, pending: list[Trial], parent, at_once: int, total: int
         run_config=tune.RunConfig(
             name=f"tune-{time.strftime('%Y%m%d-%H%M%S')}", storage_path=storage, verbose=0,
             failure_config=tune.FailureConfig(max_failures=cfg.sweep.max_trial_failures),
-            callbacks=[_console_callback(total, skipped)]),
+            callbacks=[_console_callback(total, skipped, at_once)]),
     )
     from ray_dpo import console
 

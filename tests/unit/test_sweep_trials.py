@@ -125,3 +125,15 @@ def test_validate_lists_the_trials_of_a_grid_given_on_the_command_line(tmp_path,
     assert "so are the 2 trial(s)" in out and "loss.beta=0.3" in out
     assert main(["validate", str(config), "--grid", "policy.zero_stage=1,7"]) == 2
     assert "policy.zero_stage: must be 0, 1, 2 or 3, got 7 (in trial policy.zero_stage=7)" in capsys.readouterr().err
+
+
+def test_the_sweep_eta_goes_by_the_kind_of_trials_left():
+    from ray_dpo.sweep.runner import sweep_eta, trial_kind
+
+    assert trial_kind({"online": {"enabled": True}}) == "online" and trial_kind({"loss": {}}) == "offline"
+    took = {"offline": [600.0, 660.0]}
+    assert sweep_eta(["offline", "offline"], took) == "ETA 21.0 min"
+    assert sweep_eta(["offline", "online"], took) == "ETA after the first online trial"
+    took["online"] = [1800.0]
+    assert sweep_eta(["online", "online", "offline"], took) == "ETA 70.5 min"
+    assert sweep_eta(["online", "online", "offline"], took, at_once=3) == "ETA 23.5 min"
