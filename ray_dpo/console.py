@@ -214,6 +214,9 @@ def _errors_file() -> str | None:
     return os.path.join(where, ERRORS_FILE) if where else None
 
 
+AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"
+
+
 def quiet_driver_loggers() -> None:
     """Ray's loggers in this process print warnings and errors only; their files (Ray Data's
     ``ray-data.log``) keep everything."""
@@ -221,6 +224,9 @@ def quiet_driver_loggers() -> None:
         for handler in logging.getLogger(name).handlers:
             if type(handler) is logging.StreamHandler or type(handler).__name__ == "PlainRayHandler":
                 handler.setLevel(max(handler.level, logging.WARNING))
+    # "Token authentication is enabled for this Ray cluster..." on every local start: Ray's
+    # secure default for the cluster ray_dpo starts itself, nothing for the user to do.
+    logging.getLogger(AUTH_LOGGER).setLevel(logging.ERROR)
     # MLflow's "Creating initial MLflow database tables..." on a new SQLite store: MLflow sets
     # its logger's level from this variable when imported, and the driver imports it later.
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
