@@ -23,10 +23,9 @@ from typing import Any, Optional, Sequence
 
 from ray_dpo.config import OnlineConfig, SamplingConfig
 from ray_dpo.online.engine_restarts import EngineKeeper, error_line
-from ray_dpo.online.facts import ENGINES
-from ray_dpo.online.generation import Completion, engine_actor_options
 from ray_dpo.batching.probe import Probe
-from ray_dpo.online.facts import SYNC_METHODS
+from ray_dpo.online.facts import ENGINES, SYNC_METHODS
+from ray_dpo.online.generation import Completion, engine_actor_options
 from ray_dpo.online.weight_sync import (
     SyncReport,
     WeightSyncError,
