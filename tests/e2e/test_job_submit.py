@@ -95,7 +95,7 @@ def test_ray_job_submit_runs_tiny_config(ray_head, tiny_assets, tmp_path):
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     # The job's console keeps ray_dpo's progress (printed in the Ray Train controller, on the
     # cluster) and summary, without Ray's per-step report dicts and their pair ids.
-    from ray_dpo.testing.console import console_problems
+    from console_checks import console_problems
 
     problems = console_problems(proc.stdout + proc.stderr, steps=6)
     assert not problems, "\n".join(problems)

@@ -61,7 +61,7 @@ def test_a_killed_policy_worker_restarts_from_the_checkpoint(ray_cluster, tiny_c
     client, run = assert_complete(cfg, code, console)
     assert "policy workers restarted (1 of policy.max_failures=3)" in console
     # What the user sees, restart included: ray_dpo's lines, not Ray's per-step chatter.
-    from ray_dpo.testing.console import console_problems
+    from console_checks import console_problems
     assert not console_problems(console, steps=STEPS), "\n".join(console_problems(console, steps=STEPS))
     assert run.data.metrics["faults/worker_restarts"] == 1
     # Steps after the checkpoint were logged twice; the rollback is marked at the checkpoint.

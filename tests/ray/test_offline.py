@@ -108,7 +108,7 @@ def run_cli(cfg, tmp_path, ray):
 @pytest.mark.extended
 def test_resume_continues_at_the_checkpoint_step(ray_cluster, tiny_config, tmp_path):
     from ray_dpo.driver import run_dpo
-    from ray_dpo.testing.console import console_problems, foreign_lines
+    from console_checks import console_problems, foreign_lines
 
     first = tiny_config("resume", **{"policy.checkpoint_every_steps": 4,
                                                              "policy.max_steps": 4})

@@ -110,3 +110,15 @@ def test_a_recording_keeps_prints_and_log_records_and_cuts_the_middle(capsys):
     assert "line 49" in capsys.readouterr().out  # the console still gets everything
     print("after")
     assert "after" not in recording.text()
+
+
+def test_the_console_check_the_run_tests_use_names_what_is_missing_and_what_is_noise():
+    from console_checks import console_problems
+
+    clean = ("[ray_dpo] step 1/2 (50%) | loss 0.69\n[ray_dpo] step 2/2 (100%) | loss 0.68\n"
+             "[ray_dpo] done: 2 steps in 9s\n")
+    assert console_problems(clean, steps=2) == []
+    noisy = clean.replace("[ray_dpo] step 2/2", "Reporting training result {'pair_ids': []}\n[ray_dpo] step 9/9")
+    problems = console_problems(noisy, steps=2)
+    assert any("noise 'Reporting training result'" in p for p in problems)
+    assert "no progress line for step 2/2" in problems

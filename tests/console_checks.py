@@ -1,4 +1,4 @@
-"""What tests check in a run's console (stdout + stderr of ``ray-dpo train``)."""
+"""What tests check in a run's console (stdout + stderr of ``ray-dpo train``): a test helper, not part of the package (pytest puts tests/, the directory of tests/conftest.py, on sys.path)."""
 
 from __future__ import annotations
 
