@@ -101,6 +101,8 @@ class PolicyFollower:
             spec.eval_judge, use_gpu=use_gpu, dtype=spec.model.dtype)
         self.judge_lock = threading.Lock()  # rounds and evals score in different threads
         engine_options = {}
+        if spec.model.tokenizer:  # model.tokenizer: the model directory may hold none (the engines decode with it)
+            engine_options["tokenizer"] = spec.model.tokenizer
         if ENGINES.get(spec.online.backend).takes_max_model_len:
             new_tokens = max(spec.online.sampling.max_new_tokens, spec.eval.max_new_tokens or 0)
             engine_options["max_model_len"] = spec.data.max_length + new_tokens
