@@ -32,7 +32,7 @@ from ray_dpo.sweep.trials import Trial, reference_share_key, sweep_name
 SWEEP_TAG = "ray_dpo.sweep"  # the sweep's name, on the parent and on every trial
 PARENT_TAG = "ray_dpo.sweep.parent"  # "1" on the parent run
 OVERRIDES_TAG = "ray_dpo.sweep.overrides"  # a trial's overrides, a JSON object
-STATUS_TAG = "ray_dpo.sweep.status"  # a trial's outcome: finished | stopped | failed
+STATUS_TAG = "ray_dpo.sweep.status"  # a trial's outcome: finished | stopped | failed | interrupted
 PARENT_ID_TAG = "mlflow.parentRunId"  # MLflow's own: the UI nests the trials under the parent
 STOPPED_AT_TAG = "ray_dpo.sweep.stopped_at_step"
 _POLL_S = 0.5
@@ -42,7 +42,7 @@ TRIAL_CPU = 0.01  # what the trial's own Tune actor holds: it only waits on its 
 @dataclasses.dataclass
 class TrialOutcome:
     trial: Trial
-    status: str  # finished | stopped | failed | skipped (finished or stopped by an earlier invocation)
+    status: str  # finished | stopped | failed | interrupted | skipped (finished or stopped by an earlier invocation)
     run_id: Optional[str] = None
     metrics: dict = dataclasses.field(default_factory=dict)
     detail: str = ""
@@ -217,17 +217,31 @@ def _share_reference(pending: list[Trial], parent) -> int:
     return computed
 
 
-def _scheduler(cfg: RunConfig, trials: list[Trial]):
+def _scheduler(cfg: RunConfig, trials: list[Trial], stopped: set[str]):
+    """sweep.scheduler's Tune scheduler (None: none); every trial it decides to stop goes
+    into ``stopped`` (by name): a trial cut short otherwise (Ctrl-C, a killed driver) was
+    interrupted, not stopped, and a rerun resumes it."""
     s = cfg.sweep
     if s.scheduler == "none":
         return None
-    from ray.tune.schedulers import ASHAScheduler, MedianStoppingRule
+    from ray.tune.schedulers import ASHAScheduler, MedianStoppingRule, TrialScheduler
 
     if s.scheduler == "asha":
         max_t = max((t.config.policy.max_steps or 10**6) for t in trials)
-        return ASHAScheduler(time_attr="step", max_t=max(max_t, s.grace_period + 1), grace_period=s.grace_period,
-                             reduction_factor=s.reduction_factor)
-    return MedianStoppingRule(time_attr="step", grace_period=s.grace_period, min_samples_required=2)
+        scheduler = ASHAScheduler(time_attr="step", max_t=max(max_t, s.grace_period + 1),
+                                  grace_period=s.grace_period, reduction_factor=s.reduction_factor)
+    else:
+        scheduler = MedianStoppingRule(time_attr="step", grace_period=s.grace_period, min_samples_required=2)
+    decide = scheduler.on_trial_result
+
+    def on_trial_result(tune_controller, trial, result):
+        decision = decide(tune_controller, trial, result)
+        if decision == TrialScheduler.STOP:
+            stopped.add(trial.config["trial"]["name"])
+        return decision
+
+    scheduler.on_trial_result = on_trial_result
+    return scheduler
 
 
 def _run_finished(spec: dict) -> bool:
@@ -255,7 +269,7 @@ def sweep_eta(left: list[str], took: dict[str, list[float]], *, at_once: int = 1
     return f"ETA {seconds / 60:.1f} min"
 
 
-def _console_callback(total: int, skipped: int, at_once: int):
+def _console_callback(total: int, skipped: int, at_once: int, stopped: set[str]):
     from ray import tune
 
     class SweepConsole(tune.Callback):
@@ -286,9 +300,11 @@ def _console_callback(total: int, skipped: int, at_once: int):
         def on_trial_complete(self, iteration, trials, trial, **info):
             if _run_finished(trial.config["trial"]):
                 self._ended(trial, "finished", trials)
-            else:  # Tune ended it before its run did: the scheduler
+            elif trial.config["trial"]["name"] in stopped:  # Tune ended it before its run did: the scheduler
                 self._ended(trial, f"stopped early by the scheduler at step {(trial.last_result or {}).get('step')}",
                             trials)
+            else:
+                self._ended(trial, "interrupted (the same command resumes it)", trials)
 
         def on_trial_error(self, iteration, trials, trial, **info):
             self._ended(trial, "FAILED", trials)
@@ -331,14 +347,15 @@ def run_sweep(cfg: RunConfig, trials: list[Trial]) -> SweepSummary:
             computed = _share_reference(pending, parent)
             at_once, why = concurrency(cfg, pending, local=local)
             print(f"[ray_dpo] sweep: {len(pending)} trial(s) to run, {at_once} at a time ({why})", flush=True)
-            results = _tune(cfg, pending, parent, at_once, len(trials), len(trials) - len(pending),
-                            storage=join_path(storage_root(cfg), name))
+            results, stopped = _tune(cfg, pending, parent, at_once, len(trials), len(trials) - len(pending),
+                                     storage=join_path(storage_root(cfg), name))
             for trial in pending:
-                outcomes[trial.name] = _outcome(trial, results.get(trial.name), parent.client)
+                outcomes[trial.name] = _outcome(trial, results.get(trial.name), parent.client,
+                                                stopped=trial.name in stopped)
         failed = [o for o in outcomes.values() if o.status == "failed"]
         parent.log_metrics({"sweep/trials": len(trials), "sweep/reference_passes": computed,
                             **{f"sweep/{s}": sum(o.status == s for o in outcomes.values())
-                               for s in ("finished", "stopped", "failed", "skipped")}}, step=0)
+                               for s in ("finished", "stopped", "failed", "interrupted", "skipped")}}, step=0)
     except BaseException:
         parent.finish("FAILED")
         raise
@@ -349,8 +366,9 @@ def run_sweep(cfg: RunConfig, trials: list[Trial]) -> SweepSummary:
 
 
 def _tune(cfg: RunConfig, pending: list[Trial], parent, at_once: int, total: int, skipped: int, *,
-          storage: str) -> dict[str, Any]:
-    """Run ``pending`` through a Tuner; {trial name: its Tune Result}."""
+          storage: str) -> tuple[dict[str, Any], set[str]]:
+    """Run ``pending`` through a Tuner; ({trial name: its Tune Result}, the names of the
+    trials the scheduler stopped)."""
     from ray import tune
 
     from ray_dpo.driver import run_id_file
@@ -359,7 +377,8 @@ def _tune(cfg: RunConfig, pending: list[Trial], parent, at_once: int, total: int
     specs = [{"name": t.name, "label": t.label, "config": to_dict(t.config), "metric": cfg.sweep.metric,
               "tracking_uri": parent.uri, "id_file": run_id_file(t.config),
               "tags": {**tags, OVERRIDES_TAG: json.dumps(t.overrides, sort_keys=False)}} for t in pending]
-    scheduler = _scheduler(cfg, pending)
+    stopped: set[str] = set()  # the trials the scheduler stopped
+    scheduler = _scheduler(cfg, pending, stopped)
     tuner = tune.Tuner(
         # Tune wants some resource per trial: a sliver of a CPU, the run itself asks for the rest.
         tune.with_resources(_run_trial, {"CPU": TRIAL_CPU}),
@@ -372,7 +391,7 @@ def _tune(cfg: RunConfig, pending: list[Trial], parent, at_once: int, total: int
         run_config=tune.RunConfig(
             name=f"tune-{time.strftime('%Y%m%d-%H%M%S')}", storage_path=storage, verbose=0,
             failure_config=tune.FailureConfig(max_failures=cfg.sweep.max_trial_failures),
-            callbacks=[_console_callback(total, skipped, at_once)]),
+            callbacks=[_console_callback(total, skipped, at_once, stopped)]),
     )
     from ray_dpo import console
 
@@ -383,12 +402,13 @@ def _tune(cfg: RunConfig, pending: list[Trial], parent, at_once: int, total: int
         grid = tuner.fit()
     finally:
         sys.stdout = stdout
-    return {result.config["trial"]["name"]: result for result in grid}
+    return {result.config["trial"]["name"]: result for result in grid}, stopped
 
 
-def _outcome(trial: Trial, result, client) -> TrialOutcome:
+def _outcome(trial: Trial, result, client, *, stopped: bool) -> TrialOutcome:
     """How a trial Tune ran ended: finished (its MLflow run FINISHED), failed (an error after
-    its restarts), or stopped by the scheduler (its run was cut off: marked KILLED, tagged)."""
+    its restarts), stopped by the scheduler (its run was cut off: marked KILLED, tagged), or
+    interrupted (the sweep was: Ctrl-C; tagged, resumed by a rerun)."""
     run = _trial_run(trial, client)
     run_id = run.info.run_id if run else None
     metrics = dict(run.data.metrics) if run else {}
@@ -400,6 +420,10 @@ def _outcome(trial: Trial, result, client) -> TrialOutcome:
     if run is not None and run.info.status == "FINISHED":  # its run got to the end
         client.set_tag(run_id, STATUS_TAG, "finished")
         return TrialOutcome(trial, "finished", run_id, metrics)
+    if not stopped:
+        if run is not None:
+            client.set_tag(run_id, STATUS_TAG, "interrupted")
+        return TrialOutcome(trial, "interrupted", run_id, metrics, detail="the same command resumes it")
     stopped_at = (result.metrics or {}).get("step") if result is not None else None
     if run is not None:
         client.set_tag(run_id, STATUS_TAG, "stopped")
@@ -424,7 +448,8 @@ def print_summary(summary: SweepSummary, metric: str) -> None:
     shown = tuple(m for m in shown if any(m in o.metrics for o in summary.outcomes))
     print(f"[ray_dpo] sweep {summary.name!r} done in {summary.seconds / 60:.1f} min: "
           + ", ".join(f"{sum(o.status == s for o in summary.outcomes)} {s}"
-                      for s in ("finished", "stopped", "failed", "skipped")), flush=True)
+                      for s in ("finished", "stopped", "failed", "interrupted", "skipped")
+                      if s != "interrupted" or any(o.status == s for o in summary.outcomes)), flush=True)
     for line in format_outcomes(summary, shown).splitlines():
         print(f"[ray_dpo]   {line}")
     print(f"[ray_dpo] reference passes computed by this invocation: {summary.reference_passes}", flush=True)

@@ -103,11 +103,22 @@ def test_the_scheduler_and_concurrency_follow_the_section(base):
 
     cfg = base(grid={"loss.beta": [0.1, 0.3]}, scheduler="asha", grace_period=4)
     trials = expand(cfg, check_files=False)
-    asha = _scheduler(cfg, trials)
+    stopped = set()
+    asha = _scheduler(cfg, trials, stopped)
     assert isinstance(asha, ASHAScheduler) and asha._time_attr == "step"
     assert min(rung for rung, _ in asha._brackets[0]._rungs) == 4  # the first rung: the grace period
-    assert isinstance(_scheduler(base(scheduler="median"), trials), MedianStoppingRule)
-    assert _scheduler(base(), trials) is None
+    assert isinstance(_scheduler(base(scheduler="median"), trials, stopped), MedianStoppingRule)
+    assert _scheduler(base(), trials, stopped) is None
+    # Its STOP decisions are recorded by trial name: only they count as stopped (else: interrupted).
+    from ray.tune.schedulers import TrialScheduler
+
+    asha.set_search_properties(metric="eval/judge_score", mode="max")
+    trial = type("T", (), {"config": {"trial": {"name": "t-1"}}, "trial_id": "1"})()
+    asha._trial_info[trial.trial_id] = asha._brackets[0]
+    assert asha.on_trial_result(None, trial, {"step": 3, "eval/judge_score": 0.1}) == TrialScheduler.CONTINUE
+    assert stopped == set()
+    assert asha.on_trial_result(None, trial, {"step": asha._max_t, "eval/judge_score": 0.1}) == TrialScheduler.STOP
+    assert stopped == {"t-1"}
     assert concurrency(cfg, trials, local=True)[0] == 1
     assert concurrency(base(max_concurrent_trials=3), trials, local=True)[0] == 3
 
