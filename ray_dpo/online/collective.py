@@ -24,8 +24,7 @@ from __future__ import annotations
 
 import datetime
 import math
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterator, Optional, Sequence
 
 import torch
@@ -70,13 +69,14 @@ def plan_buckets(entries: Sequence[tuple[str, str, Sequence[int]]], bucket_bytes
     slots: list[Slot] = []
     end = 0
     for name, dtype, shape in entries:
-        slot = Slot(name, dtype.removeprefix("torch."), tuple(int(d) for d in shape), 0)
+        dtype, shape = dtype.removeprefix("torch."), tuple(int(d) for d in shape)
+        nbytes = math.prod(shape) * getattr(torch, dtype).itemsize
         start = _aligned(end)
-        if slots and start + slot.nbytes > bucket_bytes:
+        if slots and start + nbytes > bucket_bytes:
             buckets.append(Bucket(tuple(slots), end))
             slots, start = [], 0
-        slots.append(Slot(slot.name, slot.dtype, slot.shape, start))
-        end = start + slot.nbytes
+        slots.append(Slot(name, dtype, shape, start))
+        end = start + nbytes
     if slots:
         buckets.append(Bucket(tuple(slots), end))
     return buckets
@@ -94,7 +94,6 @@ class SyncTicket:
     engine i is rank i + 1. backend: "gloo" | "nccl". buckets: what arrives, in order.
     adapter: a LoRA policy's peft config when the tensors are its adapter (engines load
     them as an adapter), else None. version: the policy step (names an adapter version).
-    attempt: the how-many-th try of this sync (a dead peer makes the sender try again).
     """
 
     host: str
@@ -105,15 +104,6 @@ class SyncTicket:
     timeout_s: float
     adapter: Optional[dict] = None
     version: int = 0
-    attempt: int = 1
-
-    @property
-    def nbytes(self) -> int:
-        return sum(b.nbytes for b in self.buckets)
-
-    @property
-    def largest_bucket(self) -> int:
-        return max((b.nbytes for b in self.buckets), default=0)
 
 
 def backend_for(device: torch.device | str) -> str:
@@ -173,13 +163,10 @@ class GroupSender:
         self._group = None
         self.sent_bytes = 0
         self.largest_bucket = 0
-        self.seconds = 0.0
 
-    def ticket(self, buckets: Sequence[Bucket], *, adapter: Optional[dict] = None, version: int = 0,
-               attempt: int = 1) -> SyncTicket:
+    def ticket(self, buckets: Sequence[Bucket], *, adapter: Optional[dict] = None, version: int = 0) -> SyncTicket:
         return SyncTicket(host=self.host, port=self.port, world_size=self.world_size, backend=self.backend,
-                          buckets=tuple(buckets), timeout_s=self.timeout_s, adapter=adapter, version=version,
-                          attempt=attempt)
+                          buckets=tuple(buckets), timeout_s=self.timeout_s, adapter=adapter, version=version)
 
     def connect(self) -> None:
         """Join the group as rank 0; returns once every engine has joined (or raises GroupBroken)."""
@@ -195,7 +182,6 @@ class GroupSender:
         """Broadcast ``tensors`` (the bucket's, in its order, full shapes) as one buffer."""
         if len(tensors) != len(bucket.slots):
             raise ValueError(f"bucket of {len(bucket.slots)} tensor(s) got {len(tensors)}")
-        t0 = time.perf_counter()
         buffer = _pack(bucket, tensors, self.device)
         try:
             _broadcast(self._group, buffer)
@@ -203,7 +189,6 @@ class GroupSender:
             raise GroupBroken(_first_line(err)) from None
         self.sent_bytes += bucket.nbytes
         self.largest_bucket = max(self.largest_bucket, bucket.nbytes)
-        self.seconds += time.perf_counter() - t0
 
     def close(self) -> None:
         """Drop the group and the store (after a failure too: a broken group is never reused)."""
@@ -266,15 +251,14 @@ class ReceiveStats:
 
     bytes: int = 0
     largest_bucket: int = 0
-    names: list[str] = field(default_factory=list)
 
 
 def drain(ticket: SyncTicket, *, rank: int, device: torch.device | str) -> ReceiveStats:
     """Take part in a sync without loading anything (an engine that refuses the weights must
     still receive every bucket, or the sender and the other engines wait for it)."""
     stats = ReceiveStats()
-    for name, _ in receive(ticket, rank=rank, device=device, stats=stats):
-        stats.names.append(name)
+    for _ in receive(ticket, rank=rank, device=device, stats=stats):
+        pass
     return stats
 
 

@@ -115,7 +115,7 @@ def _send_collective(worker: RankState, follower, step: int, expected, sync: dic
         if worker.rank == 0:
             sender = GroupSender(backend=backend_for(worker.device), device=worker.device,
                                  world_size=sync["world_size"], timeout_s=sync["timeout_s"])
-            ticket = sender.ticket(buckets, adapter=payload.adapter, version=step, attempt=attempt)
+            ticket = sender.ticket(buckets, adapter=payload.adapter, version=step)
             ray.get(follower.begin_collective.remote(step, ticket))
             try:
                 sender.connect()
