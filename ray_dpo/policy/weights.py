@@ -42,9 +42,11 @@ def sync_policy(worker: RankState, follower, step: int, probe, *, send_weights: 
     step and wait in get_step until its data exists. sync: the follower's sync_spec();
     method collective sends the weights in buckets instead (_send_collective).
     """
+    from ray_dpo.online.facts import SYNC_METHODS
+
     expected = _probe_logps(worker, probe)
-    if send_weights and sync is not None and sync["method"] == "collective":
-        _send_collective(worker, follower, step, expected, sync)
+    if send_weights and sync is not None and SYNC_METHODS[sync["method"]].sent_by_policy:
+        _send_collective(worker, follower, step, expected, sync)  # the one method rank 0 sends itself
         return
     weights = _weights_to_send(worker, step) if send_weights else None
     if worker.rank == 0:
