@@ -469,7 +469,8 @@ def _fit_policy(cfg: RunConfig, feeder, tracker, *, total_steps: int, gpu: bool,
         max_failures=cfg.policy.max_failures, watch=watch,
     )
     spec = TrainLoopSpec(model=cfg.model, policy=cfg.policy, loss=cfg.loss, eval_every=cfg.eval.every_steps,
-                         feeder=feeder, follower=follower, device="cuda" if gpu else "cpu", run_dir=_run_dir(cfg))
+                         feeder=feeder, follower=follower, device="cuda" if gpu else "cpu", run_dir=_run_dir(cfg),
+                         seed=cfg.run.seed)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=spec.as_config(),

@@ -37,6 +37,10 @@ class TrainLoopSpec:
     run_dir: Optional[str] = None
     """The run's storage directory, where checkpoint_* directories go (a name is never
     reused there); None: plain checkpoint_<step> names."""
+    seed: int = 0
+    """run.seed: every rank seeds torch with it before building the model, so the fresh LoRA
+    adapters (and any other initialisation noise) are the same on every rank and in every
+    run of the config."""
 
     def as_config(self) -> dict[str, Any]:
         """The fields as Ray Train's train_loop_config dict (values as they are, not copied)."""

@@ -163,6 +163,7 @@ def _make_worker(spec: TrainLoopSpec) -> RankState:
     steps_per_epoch = ray.get(feeder.steps_per_epoch.remote())  # a StepSource's (online/seams.py)
     if policy.max_steps:
         total_steps = min(total_steps, policy.max_steps)
+    torch.manual_seed(spec.seed)  # LoRA's A matrices: the same on every rank and in every run
     engine, hf_ds_config = setup_engine(spec.model, policy, device=device, world_size=world_size,
                                         total_steps=total_steps)
     return RankState(engine=engine, feeder=feeder, loss=spec.loss, policy=policy, rank=rank, world_size=world_size,
