@@ -66,18 +66,19 @@ def perturbed_state(path: str):
 def measure(backend: str, path: str, args) -> dict:
     import ray
 
-    from ray_dpo.config import OnlineConfig, SamplingConfig
+    from ray_dpo.config import SamplingConfig
+    from ray_dpo.engines.spec import EngineSpec
     from ray_dpo.batching.probe import torch_probe_logps
-    from ray_dpo.online.engine_group import GenerationGroup
-    from ray_dpo.online.facts import ENGINES
-    from ray_dpo.online.weight_sync import random_probe
+    from ray_dpo.engines.engine_group import GenerationGroup
+    from ray_dpo.engines.facts import ENGINES
+    from ray_dpo.engines.weight_sync import random_probe
 
     model, state = perturbed_state(path)
     probe = random_probe(model.config.vocab_size, num_sequences=4, seed=1, first_token=7)
     expected = torch_probe_logps(model, probe)
-    config = OnlineConfig(backend=backend, num_engines=1, sync_tolerance=1e-3)
+    spec = EngineSpec(backend=backend, num_engines=1, num_cpus_per_engine=1, sync_tolerance=1e-3)
     t0 = time.perf_counter()
-    group = GenerationGroup(model_path=path, config=config, use_gpu=False, num_cpus_per_engine=1,
+    group = GenerationGroup(model_path=path, spec=spec, use_gpu=False,
                             engine_options={"max_model_len": 256} if ENGINES[backend].takes_max_model_len else None)
     start_s = time.perf_counter() - t0
     out = {"start_s": start_s}

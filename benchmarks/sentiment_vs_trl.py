@@ -312,16 +312,16 @@ def read_ray_dpo_run(cfg, run_name: str) -> dict:
 
 
 class HeldoutEvaluator:
-    """ray_dpo's held-out eval (online/heldout.py) for any model directory,
+    """ray_dpo's held-out eval (engines/heldout.py) for any model directory,
     with both log-probs from transformers fp32 in this process (module docstring)."""
 
     def __init__(self, cfg, num_prompts: int, batch_size: int = 32):
         from transformers import AutoTokenizer
 
         from ray_dpo.data.tokenize import PairTokenizer
-        from ray_dpo.online.evaluation import load_prompts, select_prompts
-        from ray_dpo.online.generation import VLLMEngine
-        from ray_dpo.online.judges import build_judge
+        from ray_dpo.engines.evaluation import load_prompts, select_prompts
+        from ray_dpo.engines.generation import VLLMEngine
+        from ray_dpo.engines.judges import build_judge
 
         self.cfg, self.batch_size, self.initial = cfg, batch_size, cfg.model.name_or_path
         path = cfg.eval.prompts_file
@@ -353,8 +353,8 @@ class HeldoutEvaluator:
 
     def evaluate(self, model_dir: str) -> dict:
         """eval/judge_score, eval/kl, ... of model_dir, plus max |vLLM - transformers| log-prob."""
-        from ray_dpo.online.heldout import EVAL_SEED_OFFSET
-        from ray_dpo.online.evaluation import eval_metrics, eval_sampling
+        from ray_dpo.engines.heldout import EVAL_SEED_OFFSET
+        from ray_dpo.engines.evaluation import eval_metrics, eval_sampling
 
         t0 = time.time()
         initial = os.path.realpath(model_dir) == os.path.realpath(self.initial)

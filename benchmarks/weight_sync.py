@@ -177,8 +177,8 @@ def measure(model_name: str, model_path: str, dtype: str, method: str, bucket_mb
             data_file: str, storage: str) -> dict:
     import ray
 
-    from ray_dpo.online.follower import start_follower
-    from ray_dpo.online.weight_sync import random_probe
+    from ray_dpo.engines.follower import start_follower
+    from ray_dpo.engines.weight_sync import random_probe
 
     cfg = follower_config(model_path, data_file, method, bucket_mb, storage)
     before = engine_pids()

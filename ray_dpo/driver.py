@@ -351,7 +351,7 @@ def _start_roles(cfg: RunConfig, tracker, train, evaluation, gpu: bool, watch: d
     total_steps = ray.get(feeder.total_steps.remote())
     follower, reference = None, None
     if cfg.eval.prompts_file:
-        from ray_dpo.online.follower import start_follower
+        from ray_dpo.engines.follower import start_follower
 
         # It scores through the feeder's reference actors unless precompute freed them
         # (or adapters_off never needed any for training).

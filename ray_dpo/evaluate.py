@@ -316,8 +316,8 @@ def _heldout(cfg: Any, model_dir: str, tokenizer: str, *, reference, scorer, tra
 
     from ray_dpo.config import LoraSection
     from ray_dpo.driver import close_follower
-    from ray_dpo.online.evaluation import as_pair_rows
-    from ray_dpo.online.follower import start_follower
+    from ray_dpo.engines.evaluation import as_pair_rows
+    from ray_dpo.engines.follower import start_follower
 
     # The engines serve the model itself (no adapter syncs); the prompts keep the config's tokens.
     as_model = dataclasses.replace(
@@ -472,12 +472,12 @@ def chat(cfg: Any, model_path: str, *, stdin: Optional[TextIO] = None, stdout: O
     Replies sample as the config's generation does (online.sampling's temperature and top_p,
     temperature 0: greedy; the held-out eval's max_new_tokens), turn k from seed run.seed + k,
     so the same input gives the same conversation."""
-    from ray_dpo.config.derived import heldout_sampling
+    from ray_dpo.engines.spec import heldout_sampling
 
     stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
     model_path = check_inputs(cfg, model_path, chat_mode=True)
     tokenizer, model = load_chat_model(cfg, model_path)
-    sampling = heldout_sampling(cfg.online.sampling, cfg.eval)
+    sampling = heldout_sampling(cfg)
     how = "greedy" if sampling.temperature <= 0 else f"temperature {sampling.temperature:g}, top_p {sampling.top_p:g}"
     print(f"[ray_dpo] chat with {model_path} ({how}, up to {sampling.max_new_tokens} new tokens): one line per "
           "turn, /reset starts over, /exit or Ctrl+D ends", file=sys.stderr, flush=True)

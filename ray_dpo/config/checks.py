@@ -180,10 +180,10 @@ def _check_layouts(cfg: RunConfig, p: list[Problem]) -> None:
 
 
 def _check_judge(cfg: RunConfig, p: list[Problem]) -> None:
-    """Online rounds and held-out sampling need exactly one judge each (ray_dpo.online.judges.JUDGES);
+    """Online rounds and held-out sampling need exactly one judge each (ray_dpo.engines.judges.JUDGES);
     the held-out eval's is eval.judge, else online.judge."""
     from ray_dpo.config.derived import heldout_judge
-    from ray_dpo.online.judges import configured_judges
+    from ray_dpo.engines.judges import configured_judges
 
     if cfg.online.enabled and not configured_judges(cfg.online.judge):
         p.append(Problem("online.judge", "online DPO needs a judge: set online.judge.function "
@@ -198,7 +198,7 @@ def _check_judge(cfg: RunConfig, p: list[Problem]) -> None:
         if judge.function and ":" not in judge.function:
             p.append(Problem(f"{key}.function", "must look like 'package.module:function'"))
     if cfg.eval.backend is not None:
-        from ray_dpo.online.facts import ENGINES
+        from ray_dpo.engines.facts import ENGINES
 
         if cfg.eval.backend not in ENGINES:
             p.append(Problem("eval.backend", f"got {cfg.eval.backend!r}, expected one of {ENGINES.names()}"))

@@ -6,7 +6,9 @@ made absolute for Ray workers, and the CPUs a local cluster needs for it.
     local_cpus_needed(cfg)                        logical CPUs the run's actors hold at once, + 1
     local_cpu_needs(cfg)                          the same, part by part
     local_cluster_cpus(cfg, cores=)               a local cluster's logical CPUs, and why
-    heldout_judge(cfg), heldout_online(cfg)       the held-out eval's judge, engine and sampling settings
+    heldout_judge(cfg)                            the held-out eval's judge (eval.judge, else online.judge)
+
+The engines' settings (online or held-out) are ray_dpo.engines.spec.engine_spec(cfg).
 
 Pure: imports neither torch, ray, deepspeed nor vllm at import time.
 """
@@ -21,26 +23,13 @@ from typing import Any, Optional
 import yaml
 
 from ray_dpo.config.paths import is_remote, looks_local
-from ray_dpo.config.sections import EvalConfig, JudgeConfig, OnlineConfig, RunConfig, SamplingConfig
+from ray_dpo.config.sections import JudgeConfig, RunConfig
 from ray_dpo.data.chat_template import is_inline_template
 
 
 def heldout_judge(cfg: RunConfig) -> JudgeConfig:
     """The judge of the held-out eval: eval.judge if set, else online.judge."""
     return cfg.eval.judge if _judge_set(cfg.eval.judge) else cfg.online.judge
-
-
-def heldout_online(cfg: RunConfig) -> OnlineConfig:
-    """The online section as an offline run's held-out evaluator uses it: its engines'
-    backend (eval.backend, else online.backend) and judge (heldout_judge)."""
-    return dataclasses.replace(cfg.online, backend=cfg.eval.backend or cfg.online.backend, judge=heldout_judge(cfg),
-                               sampling=heldout_sampling(cfg.online.sampling, cfg.eval))
-
-
-def heldout_sampling(sampling: SamplingConfig, eval_: EvalConfig) -> SamplingConfig:
-    """online.sampling with the held-out eval's max_new_tokens (eval.max_new_tokens if set);
-    the evaluator then samples at temperature 1, top_p 1 (online.evaluation.eval_sampling)."""
-    return dataclasses.replace(sampling, max_new_tokens=eval_.max_new_tokens or sampling.max_new_tokens)
 
 
 def _judge_set(judge: JudgeConfig) -> bool:

@@ -296,7 +296,7 @@ class OnlineConfig:
     """Data set prompts sampled per round; a round trains ceil(prompts_per_round / global
     batch) * policy.num_epochs steps (fewer pairs than prompts: the rest are empty steps)."""
     samples_per_prompt: int = 4
-    backend: Annotated[str, OneOf("ray_dpo.online.facts:ENGINES")] = "vllm"
+    backend: Annotated[str, OneOf("ray_dpo.engines.facts:ENGINES")] = "vllm"
     """Generation engines for online rounds and for eval.prompts_file sampling (offline too)."""
     num_engines: int = 1
     num_cpus_per_engine: float = 1.0
@@ -306,7 +306,7 @@ class OnlineConfig:
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     judge: JudgeConfig = field(default_factory=JudgeConfig)
     pair_strategy: Annotated[str, OneOf("ray_dpo.online.pairs:PAIR_STRATEGIES")] = "regenerate_rejected"
-    weight_sync: Annotated[str, OneOf("ray_dpo.online.facts:SYNC_METHODS")] = "object_store"
+    weight_sync: Annotated[str, OneOf("ray_dpo.engines.facts:SYNC_METHODS")] = "object_store"
     """object_store: one ray.put of the gathered state dict (default, any device);
     checkpoint: a safetensors directory under <storage_path>/<run.name>/weight_sync;
     collective: policy rank 0 broadcasts buckets to the engines over a process group made for

@@ -1,21 +1,14 @@
-"""Online DPO: generation engines and their Ray actor group, weight sync from the policy.
+"""Online DPO rounds, built on the generation engines (ray_dpo.engines).
 
-    engine_group.GenerationGroup(*, model_path, config: OnlineConfig, use_gpu)
-        .generate(prompts, n=, sampling=, seed=) -> list[list[Completion]]
-        .sync_weights(weights, method=, probe=, expected=) -> SyncReport
-        .verify(probe, expected) -> float, .shutdown()
-    generation.VLLMEngine / TransformersEngine       one engine (plain classes)
-    weight_sync.WeightSyncError, random_probe, SyncReport
-    judges.build_judge(config: JudgeConfig) -> FunctionJudge | RewardModelJudge
-        .score(prompts, completions) -> list[float]; load_function_judge("pkg.mod:fn")
+    coordinator.OnlineCoordinator       the run's StepSource and PolicySync: rounds, syncs, evals
+    rounds: RoundPlan, plan_rounds, sync_points, round_prompt_indices, pair_rows (pure)
+    round_builder.RoundProducer         generate -> judge -> pair -> reference-score one round
+    round_store.RoundStore              rounds on disk, read back after a restart
+    round_feeder.RoundFeeder            a round's pairs as per-rank steps
     pairs.make_pairs(groups, strategy=) -> (pairs, counters); PromptGroup, Candidate, ScoredPair
-    evaluation: held-out prompt sampling, judge score and KL-to-reference summaries (pure)
-    collective.GroupSender, receive, plan_buckets       the collective weight sync's two ends
-    registries (ray_dpo.registry.Registry): ENGINES, SYNC_METHODS (facts.py, no code loaded),
-        JUDGES, PAIR_STRATEGIES
+    registry (ray_dpo.registry.Registry): PAIR_STRATEGIES
 
-Names load lazily, so importing this package costs nothing (no torch, ray or vllm) until
-one is used; vllm is imported only inside a VLLMEngine.
+Names load lazily, so importing this package costs nothing (no torch, ray or vllm).
 """
 
 from __future__ import annotations
@@ -24,28 +17,6 @@ import importlib
 from typing import Any
 
 _LAZY = {
-    "Completion": "ray_dpo.online.generation",
-    "GenerationEngine": "ray_dpo.online.generation",
-    "GenerationGroup": "ray_dpo.online.engine_group",
-    "TransformersEngine": "ray_dpo.online.generation",
-    "VLLMEngine": "ray_dpo.online.generation",
-    "ENGINES": "ray_dpo.online.facts",
-    "LoadReport": "ray_dpo.online.weight_sync",
-    "GroupSender": "ray_dpo.online.collective",
-    "SYNC_METHODS": "ray_dpo.online.facts",
-    "SyncReport": "ray_dpo.online.weight_sync",
-    "WeightSyncError": "ray_dpo.online.weight_sync",
-    "random_probe": "ray_dpo.online.weight_sync",
-    "save_safetensors": "ray_dpo.online.weight_sync",
-    "FunctionJudge": "ray_dpo.online.judges",
-    "Judge": "ray_dpo.online.judges",
-    "JudgeError": "ray_dpo.online.judges",
-    "RewardModelJudge": "ray_dpo.online.judges",
-    "build_judge": "ray_dpo.online.judges",
-    "JUDGES": "ray_dpo.online.judges",
-    "judge_kinds": "ray_dpo.online.judges",
-    "load_function_judge": "ray_dpo.online.judges",
-    "register_judge": "ray_dpo.online.judges",
     "Candidate": "ray_dpo.online.pairs",
     "ScoredPair": "ray_dpo.online.pairs",
     "PromptGroup": "ray_dpo.online.pairs",
@@ -54,12 +25,9 @@ _LAZY = {
     "PAIR_STRATEGIES": "ray_dpo.online.pairs",
     "pair_strategy_names": "ray_dpo.online.pairs",
     "register_pair_strategy": "ray_dpo.online.pairs",
-    "as_pair_rows": "ray_dpo.online.evaluation",
-    "eval_metrics": "ray_dpo.online.evaluation",
-    "eval_sampling": "ray_dpo.online.evaluation",
-    "kl_estimate": "ray_dpo.online.evaluation",
-    "load_prompts": "ray_dpo.online.evaluation",
-    "select_prompts": "ray_dpo.online.evaluation",
+    "RoundPlan": "ray_dpo.online.rounds",
+    "plan_rounds": "ray_dpo.online.rounds",
+    "sync_points": "ray_dpo.online.rounds",
 }
 
 __all__ = sorted(_LAZY)

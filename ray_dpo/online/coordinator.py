@@ -25,8 +25,8 @@ from typing import Any, Optional
 from ray_dpo.config import RunConfig
 from ray_dpo.feeder import BatchFeeder, BatchPlan, KeepsInitError, PairStore
 from ray_dpo.online import rounds as rounds_lib
-from ray_dpo.online.follower import PROBE_SIZE, FollowerSpec, PolicyFollower, start_actor
-from ray_dpo.online.seams import Scorer
+from ray_dpo.engines.follower import PROBE_SIZE, FollowerSpec, PolicyFollower, start_actor
+from ray_dpo.seams import Scorer
 
 
 class OnlineCoordinator(PolicyFollower):
@@ -41,7 +41,7 @@ class OnlineCoordinator(PolicyFollower):
         from ray_dpo.online.round_builder import RoundProducer
         from ray_dpo.online.round_feeder import RoundFeeder
         from ray_dpo.online.round_store import RoundStore
-        from ray_dpo.online.weight_sync import row_probe
+        from ray_dpo.engines.weight_sync import row_probe
 
         store = PairStore.from_source(train)
         probe = row_probe([store.row(i) for i in range(min(PROBE_SIZE, len(store)))])

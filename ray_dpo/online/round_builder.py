@@ -17,7 +17,7 @@ import numpy as np
 
 from ray_dpo.config import DataConfig, OnlineConfig
 from ray_dpo.online import rounds as rounds_lib
-from ray_dpo.online.seams import Scorer
+from ray_dpo.seams import Scorer
 
 logger = logging.getLogger("ray_dpo.online")
 

@@ -73,13 +73,13 @@ def sync_points(*, total_steps: int, steps_per_round: Optional[int], eval_every:
 
     steps_per_round None: an offline run (syncs only for held-out sampling).
     """
+    from ray_dpo.engines.evaluation import eval_points
+
     points: set[int] = set()
     if steps_per_round:
         points.update(range(0, total_steps, steps_per_round))
     if eval_sampling:
-        points.update({0, total_steps})
-        if eval_every:
-            points.update(range(eval_every, total_steps, eval_every))
+        points.update(eval_points(total_steps, eval_every))
     return sorted(points)
 
 

@@ -24,12 +24,12 @@ class TrainLoopSpec:
     loss: LossConfig
     """The preference loss and its parameters."""
     feeder: Any
-    """Where steps come from: the actor handle of a StepSource (online/seams.py: a
+    """Where steps come from: the actor handle of a StepSource (ray_dpo/seams.py: a
     BatchFeeder, or the OnlineCoordinator)."""
     eval_every: int = 0
     """Evaluate every this-many optimizer steps (0: only at the end)."""
     follower: Any = None
-    """The actor handle of a PolicySync (online/seams.py) whose generation engines follow the
+    """The actor handle of a PolicySync (ray_dpo/seams.py) whose generation engines follow the
     policy (OnlineCoordinator, or an offline run's held-out PolicyFollower), or None; rank 0
     advances it at its sync points."""
     device: Optional[str] = None

@@ -42,7 +42,7 @@ def sync_policy(worker: RankState, follower, step: int, probe, *, send_weights: 
     step and wait in get_step until its data exists. sync: the follower's sync_spec();
     method collective sends the weights in buckets instead (_send_collective).
     """
-    from ray_dpo.online.facts import SYNC_METHODS
+    from ray_dpo.engines.facts import SYNC_METHODS
 
     expected = _probe_logps(worker, probe)
     if send_weights and sync is not None and SYNC_METHODS[sync["method"]].sent_by_policy:
@@ -99,12 +99,12 @@ def _payload(worker: RankState, step: int) -> Optional[_Payload]:
 
 def _send_collective(worker: RankState, follower, step: int, expected, sync: dict) -> None:
     """online.weight_sync=collective: rank 0 opens a process group with every engine
-    (online/collective.py) and broadcasts the weights bucket by bucket; under ZeRO-3 every
+    (engines/collective.py) and broadcasts the weights bucket by bucket; under ZeRO-3 every
     rank gathers each bucket with it and frees it before the next. When an engine died
     during the sync (the follower restarts it and answers RETRY) the whole sync is sent
     again over a new group; the ranks agree on that through the training group."""
-    from ray_dpo.online.collective import GroupBroken, GroupSender, backend_for, plan_buckets
-    from ray_dpo.online.follower import COLLECTIVE, RETRY
+    from ray_dpo.engines.collective import GroupBroken, GroupSender, backend_for, plan_buckets
+    from ray_dpo.engines.follower import COLLECTIVE, RETRY
 
     payload = _payload(worker, step)
     if payload is None:
@@ -168,7 +168,7 @@ def adapter_weights(worker: RankState, *, version: int):
     """The policy's adapter as AdapterWeights (peft's saved names) on rank 0, None elsewhere."""
     from peft import get_peft_model_state_dict
 
-    from ray_dpo.online.weight_sync import AdapterWeights
+    from ray_dpo.engines.weight_sync import AdapterWeights
 
     state = _gather_weights(worker, trainable_only=True)
     if state is None:

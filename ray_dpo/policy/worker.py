@@ -160,7 +160,7 @@ def _make_worker(spec: TrainLoopSpec) -> RankState:
     policy, feeder = spec.policy, spec.feeder
     device = _pick_device(spec.device)
     total_steps = ray.get(feeder.total_steps.remote())
-    steps_per_epoch = ray.get(feeder.steps_per_epoch.remote())  # a StepSource's (online/seams.py)
+    steps_per_epoch = ray.get(feeder.steps_per_epoch.remote())  # a StepSource's (ray_dpo/seams.py)
     if policy.max_steps:
         total_steps = min(total_steps, policy.max_steps)
     torch.manual_seed(spec.seed)  # LoRA's A matrices: the same on every rank and in every run

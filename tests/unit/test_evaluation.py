@@ -6,7 +6,7 @@ import math
 import pytest
 
 from ray_dpo.config import SamplingConfig
-from ray_dpo.online.evaluation import (
+from ray_dpo.engines.evaluation import (
     Prompt,
     as_pair_rows,
     eval_metrics,
@@ -91,7 +91,7 @@ def test_kl_on_real_samples_is_zero_for_the_same_model_and_positive_for_another(
     log pi(y|x); against itself the estimate is 0, against a perturbed reference > 0."""
     import torch
 
-    from ray_dpo.online.generation import TransformersEngine
+    from ray_dpo.engines.generation import TransformersEngine
     from ray_dpo.batching.probe import torch_probe_logps
 
     engine = TransformersEngine(tiny_assets["model"], seed=0)
@@ -116,7 +116,7 @@ def test_kl_on_real_samples_is_zero_for_the_same_model_and_positive_for_another(
 
 
 def _record(**overrides):
-    from ray_dpo.online.evaluation import heldout_record
+    from ray_dpo.engines.evaluation import heldout_record
 
     args = dict(step=8, samples_per_prompt=2, seed=7919, max_new_tokens=16,
                 prompts=["describe the river", [{"role": "user", "content": "write a letter"}]],
@@ -126,7 +126,7 @@ def _record(**overrides):
 
 
 def test_heldout_record_groups_the_samples_by_prompt():
-    from ray_dpo.online.evaluation import heldout_artifact_path, prompt_means
+    from ray_dpo.engines.evaluation import heldout_artifact_path, prompt_means
 
     record = _record()
     assert heldout_artifact_path(8) == "heldout/step_000008.json"
@@ -149,7 +149,7 @@ def test_heldout_record_groups_the_samples_by_prompt():
 
 
 def test_read_heldout_record_round_trips_and_says_what_is_wrong():
-    from ray_dpo.online.evaluation import read_heldout_record
+    from ray_dpo.engines.evaluation import read_heldout_record
 
     record = _record()
     assert read_heldout_record(json.dumps(record)) == record
@@ -191,14 +191,33 @@ class _Reference:
         return [[{"ref_chosen_logp": -2.0} for _ in batch] for batch in batches]
 
 
+def test_reference_rows_are_scored_in_batches_and_come_back_in_order():
+    from ray_dpo.seams import ReferenceRows
+
+    class Counting:
+        sizes: list = []
+
+        def score_batches(self, batches):
+            out = []
+            for batch in batches:
+                self.sizes.append(len(batch))
+                out.append([{**row, "ref_chosen_logp": -float(row["i"])} for row in batch])
+            return out
+
+    group = Counting()
+    scored = ReferenceRows(group, 3).score([{"i": i} for i in range(7)])
+    assert group.sizes == [3, 3, 1]
+    assert [r["ref_chosen_logp"] for r in scored] == [-float(i) for i in range(7)]
+
+
 def _evaluator(log_artifact, logged):
     from ray_dpo.config import EvalConfig
-    from ray_dpo.online.heldout import EVAL_SEED_OFFSET, HeldOutEvaluator
-    from ray_dpo.online.seams import RunLog, Scorer
+    from ray_dpo.engines.heldout import EVAL_SEED_OFFSET, HeldOutEvaluator
+    from ray_dpo.seams import ReferenceRows, RunLog, Scorer
 
     evaluator = HeldOutEvaluator(
         EvalConfig(samples_per_prompt=2), prompts=[("p one", [1, 2]), ("p two", [1, 3])], generation=_Generation(),
-        scorer=Scorer(_Judge(), lambda ids: "x" * len(ids)), reference=_Reference(), reference_batch_size=3,
+        scorer=Scorer(_Judge(), lambda ids: "x" * len(ids)), reference=ReferenceRows(_Reference(), 3),
         sampling=SamplingConfig(temperature=0.5, max_new_tokens=9), seed=3,
         run=RunLog(lambda metrics, step: logged.append((step, metrics)), lambda err: logged.append(("error", err)),
                    log_artifact))
@@ -208,7 +227,7 @@ def _evaluator(log_artifact, logged):
 def test_every_heldout_eval_writes_its_per_sample_record_next_to_the_means():
     """The evaluator hands its log_artifact the record of the same samples eval/* averaged,
     under heldout/step_<step>.json (fake engines, judge and reference: no Ray)."""
-    from ray_dpo.online.evaluation import prompt_means, read_heldout_record
+    from ray_dpo.engines.evaluation import prompt_means, read_heldout_record
 
     logged, written = [], {}
     evaluator, seed = _evaluator(lambda text, path: written.update({path: text}), logged)
@@ -245,7 +264,7 @@ def test_policy_follower_log_artifact_writes_to_the_run_and_is_a_no_op_without_t
     pytest.importorskip("mlflow")
     from mlflow.tracking import MlflowClient
 
-    from ray_dpo.online.follower import PolicyFollower
+    from ray_dpo.engines.follower import PolicyFollower
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     client = MlflowClient(tracking_uri=uri)

@@ -125,7 +125,7 @@ def test_the_failure_line_names_role_node_step_and_resume_point():
 
 
 class EngineLostError(RuntimeError):
-    """Stands in for ray_dpo.online.engine_restarts.EngineLostError as Ray wraps it."""
+    """Stands in for ray_dpo.engines.engine_restarts.EngineLostError as Ray wraps it."""
 
 
 def test_a_role_lost_for_good_is_named_and_not_restarted_for():

@@ -5,7 +5,7 @@ import math
 import pytest
 
 from ray_dpo.config import JudgeConfig
-from ray_dpo.online.judges import (
+from ray_dpo.engines.judges import (
     FunctionJudge,
     JudgeError,
     build_judge,
@@ -22,7 +22,7 @@ def test_load_function_judge_returns_the_function():
 
 
 def test_load_function_judge_accepts_a_dotted_attribute():
-    fn = load_function_judge("ray_dpo.online.judges:FunctionJudge.score")
+    fn = load_function_judge("ray_dpo.engines.judges:FunctionJudge.score")
     assert fn is FunctionJudge.score
 
 
@@ -35,6 +35,14 @@ def test_malformed_spec_names_the_key_and_the_format(spec):
 def test_missing_module_names_key_and_module():
     with pytest.raises(JudgeError, match=r"online\.judge\.function: module 'no_such_pkg\.judges' not found"):
         load_function_judge("no_such_pkg.judges:score")
+
+
+def test_a_judge_module_that_moved_to_the_engines_package_says_where():
+    with pytest.raises(JudgeError, match=r"'ray_dpo\.online\.sentiment' has moved to 'ray_dpo\.engines\.sentiment'; "
+                                         r"set online\.judge\.function: ray_dpo\.engines\.sentiment:positive_sentiment"):
+        load_function_judge("ray_dpo.online.sentiment:positive_sentiment")
+    with pytest.raises(JudgeError, match="not found"):
+        load_function_judge("ray_dpo.online.no_such_module:f")
 
 
 def test_missing_dependency_of_the_judge_module_is_told_apart(tmp_path, monkeypatch):
@@ -139,7 +147,7 @@ def test_reward_model_text_uses_the_chat_template_or_plain_lines():
 
 
 def test_reward_model_actors_request_the_configured_cpus_gpus_and_resources():
-    from ray_dpo.online.judges import reward_model_actor_options
+    from ray_dpo.engines.judges import reward_model_actor_options
 
     config = JudgeConfig(reward_model="/rm", num_cpus_per_actor=3, num_gpus_per_actor=0.5,
                          resources={"judge_node": 0.01})

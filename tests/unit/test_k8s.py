@@ -339,13 +339,14 @@ def test_engine_and_judge_actors_request_what_their_pods_advertise():
     """The options GenerationGroup / RewardModelJudge give ray's .options() fit the rendered pods."""
     import ray
 
-    from ray_dpo.online.generation import engine_actor_options
-    from ray_dpo.online.judges import reward_model_actor_options
+    from ray_dpo.engines.generation import engine_actor_options
+    from ray_dpo.engines.spec import engine_spec
+    from ray_dpo.engines.judges import reward_model_actor_options
 
     rendered = render_online([*PINNED, "online.num_cpus_per_engine=3", "online.judge.num_cpus_per_actor=2"])
     cfg = rendered.config
     plans = {g.name: g for g in rendered.groups}
-    for name, opts in [("generation", engine_actor_options(cfg.online, use_gpu=True)),
+    for name, opts in [("generation", engine_actor_options(engine_spec(cfg), use_gpu=True)),
                        ("judge", reward_model_actor_options(cfg.online.judge, use_gpu=True))]:
         ray.remote(type(name, (), {})).options(**opts)  # ray accepts them (validated without a cluster)
         plan = plans[name]
@@ -353,9 +354,8 @@ def test_engine_and_judge_actors_request_what_their_pods_advertise():
         assert all(plan.ray_resources[k] >= plan.per_pod * v for k, v in opts["resources"].items()), name
         assert plan.gpus_per_pod >= plan.per_pod * opts["num_gpus"] > 0, name
         assert plan.cpus_per_pod >= plan.per_pod * opts["num_cpus"], name
-    assert engine_actor_options(cfg.online, use_gpu=True)["num_cpus"] == 3
-    assert engine_actor_options(cfg.online, use_gpu=False, num_cpus_per_engine=0.5)["num_cpus"] == 0.5
-    assert engine_actor_options(cfg.online, use_gpu=False)["num_gpus"] == 0
+    assert engine_actor_options(engine_spec(cfg), use_gpu=True)["num_cpus"] == 3
+    assert engine_actor_options(engine_spec(cfg), use_gpu=False)["num_gpus"] == 0
 
 
 def test_held_out_sampling_gets_engine_judge_and_reference_groups():

@@ -89,7 +89,7 @@ def test_group_samples_splits_flat_scores_by_prompt():
 
 
 def test_judges_pairs_and_evaluation_import_neither_ray_deepspeed_nor_vllm():
-    code = ("import sys, ray_dpo.online.judges, ray_dpo.online.pairs, ray_dpo.online.evaluation\n"
+    code = ("import sys, ray_dpo.engines.judges, ray_dpo.online.pairs, ray_dpo.engines.evaluation\n"
             "print(','.join(m for m in ('ray', 'vllm', 'deepspeed', 'transformers') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == ""

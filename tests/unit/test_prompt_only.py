@@ -172,7 +172,7 @@ def test_counters_and_report_say_how_many_prompt_only_rows_were_read():
 
 
 def test_the_probe_of_prompt_only_rows_scores_the_end_of_their_prompts():
-    from ray_dpo.online.weight_sync import row_probe
+    from ray_dpo.engines.weight_sync import row_probe
 
     rows = [{"prompt_ids": [1, 2, 3], "chosen_ids": [4, 2]},
             {"prompt_ids": list(range(10, 30)), "chosen_ids": []},

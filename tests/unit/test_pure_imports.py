@@ -37,8 +37,11 @@ PURE = [
     "ray_dpo.policy.loop_spec",
     "ray_dpo.online.rounds",
     "ray_dpo.online.pairs",
-    "ray_dpo.online.evaluation",
-    "ray_dpo.online.judges",
+    "ray_dpo.engines.evaluation",
+    "ray_dpo.engines.judges",
+    "ray_dpo.engines.spec",
+    "ray_dpo.engines.facts",
+    "ray_dpo.seams",
     "ray_dpo.tracking.metrics",
     "ray_dpo.sweep.trials",
     "ray_dpo.tracking.stats",
@@ -63,7 +66,7 @@ def test_pure_modules_import_neither_ray_deepspeed_nor_vllm():
 def test_the_offline_driver_imports_nothing_from_online():
     """An offline run's code path (the driver, feeder, policy worker, reference, tracking)
     loads no online/ module; only an offline run with held-out prompts starts the
-    evaluator (online/follower.py), and the driver imports it when it does."""
+    evaluator (engines/follower.py), and the driver imports it when it does."""
     offline = ["ray_dpo.driver", "ray_dpo.feeder", "ray_dpo.policy.worker", "ray_dpo.reference.group",
                "ray_dpo.tracking.callback", "ray_dpo.loss_rules", "ray_dpo.data.pipeline"]
     code = (
@@ -78,14 +81,14 @@ def test_the_offline_driver_imports_nothing_from_online():
 
 def test_the_config_package_loads_no_engine_code_even_when_it_checks_an_online_config():
     """``import ray_dpo.config`` loads neither torch nor any engine module; validating an
-    online config reads the engines' and sync methods' facts (online/facts.py) without
+    online config reads the engines' and sync methods' facts (engines/facts.py) without
     importing the engines, the sync methods or their stack."""
     import os
     import textwrap
 
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    engine_code = ["ray_dpo.online.generation", "ray_dpo.online.engine_group", "ray_dpo.online.weight_sync",
-                   "ray_dpo.online.collective", "ray_dpo.online.follower", "vllm", "ray"]
+    engine_code = ["ray_dpo.engines.generation", "ray_dpo.engines.engine_group", "ray_dpo.engines.weight_sync",
+                   "ray_dpo.engines.collective", "ray_dpo.engines.follower", "vllm", "ray"]
     code = textwrap.dedent(f"""
         import sys
         import ray_dpo.config
@@ -99,3 +102,21 @@ def test_the_config_package_loads_no_engine_code_even_when_it_checks_an_online_c
     assert proc.returncode == 0, proc.stderr[-2000:]
     lines = dict(line.split(":", 1) for line in proc.stdout.splitlines() if line.split(":", 1)[0] in ("import", "check"))
     assert lines == {"import": "", "check": ""}, proc.stdout
+
+
+def test_the_engines_package_never_imports_the_online_rounds():
+    """ray_dpo.engines serves weights and samples to online rounds and to offline held-out
+    evals alike; ray_dpo.online builds rounds on top of it, never the other way round."""
+    import ast
+    import pathlib
+
+    import ray_dpo.engines
+
+    found = []
+    for path in sorted(pathlib.Path(ray_dpo.engines.__file__).parent.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            found += [f"{path.name}:{node.lineno} {n}" for n in names if n.split(".")[:2] == ["ray_dpo", "online"]]
+    assert len(list(pathlib.Path(ray_dpo.engines.__file__).parent.glob("*.py"))) > 10
+    assert not found, f"engines/ imports online/: {found}"

@@ -30,10 +30,10 @@ def test_key_prefix_and_facts_filter():
 
 def test_every_registry_lists_its_entries():
     from ray_dpo.losses import LOSSES
-    from ray_dpo.online.facts import ENGINES
-    from ray_dpo.online.judges import JUDGES
+    from ray_dpo.engines.facts import ENGINES
+    from ray_dpo.engines.judges import JUDGES
     from ray_dpo.online.pairs import PAIR_STRATEGIES
-    from ray_dpo.online.facts import SYNC_METHODS
+    from ray_dpo.engines.facts import SYNC_METHODS
     from ray_dpo.batching.layouts import LAYOUTS
 
     assert LOSSES.names(needs_reference=False) == ["orpo", "simpo"]

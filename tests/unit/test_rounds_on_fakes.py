@@ -13,9 +13,9 @@ from types import SimpleNamespace
 import pytest
 
 from ray_dpo.config import DataConfig, OnlineConfig, SamplingConfig
-from ray_dpo.online.generation import Completion
+from ray_dpo.engines.generation import Completion
 from ray_dpo.online.rounds import RoundPlan
-from ray_dpo.online.seams import PolicySync, Scorer, StepSource
+from ray_dpo.seams import PolicySync, Scorer, StepSource
 
 EOS = 2
 
@@ -186,7 +186,7 @@ def _members(protocol) -> dict[str, list[str]]:
 @pytest.mark.parametrize("protocol,classes", [
     (StepSource, ["ray_dpo.feeder.batch_feeder:BatchFeeder", "ray_dpo.online.round_feeder:RoundFeeder",
                   "ray_dpo.online.coordinator:OnlineCoordinator"]),
-    (PolicySync, ["ray_dpo.online.follower:PolicyFollower", "ray_dpo.online.coordinator:OnlineCoordinator"]),
+    (PolicySync, ["ray_dpo.engines.follower:PolicyFollower", "ray_dpo.online.coordinator:OnlineCoordinator"]),
 ])
 def test_feeders_and_followers_match_their_seams(protocol, classes):
     import importlib

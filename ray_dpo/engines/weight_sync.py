@@ -40,7 +40,7 @@ from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 
 import torch
 
-from ray_dpo.online.facts import SYNC_METHODS
+from ray_dpo.engines.facts import SYNC_METHODS
 StateDict = Mapping[str, torch.Tensor]
 
 
@@ -313,7 +313,7 @@ def check_diffs(
 
 
 def sync_method(name: str) -> Callable[..., list]:
-    """The send function of method ``name`` (online/facts.py); ValueError naming the valid methods."""
+    """The send function of method ``name`` (engines/facts.py); ValueError naming the valid methods."""
     return SYNC_METHODS.get(name).send()
 
 

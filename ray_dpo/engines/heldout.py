@@ -9,7 +9,7 @@ artifact of the run (what ``ray-dpo compare --paired`` tests differences on). Th
 workers go on training meanwhile. ``wait()`` returns once every eval started has been
 logged (the run's end needs its last one).
 
-The maths (judge score, KL estimate, which prompts) is in online/evaluation.py.
+The maths (judge score, KL estimate, which prompts) is in engines/evaluation.py.
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ import threading
 from typing import Any, Optional, Sequence
 
 from ray_dpo.config import EvalConfig, SamplingConfig
-from ray_dpo.online.seams import RunLog, Scorer
+from ray_dpo.seams import ReferenceRows, RunLog, Scorer
 
-logger = logging.getLogger("ray_dpo.online")
+logger = logging.getLogger("ray_dpo.engines")
 
 EVAL_SEED_OFFSET = 7919  # every eval samples with the same seed: differences come from the policy
 
@@ -31,15 +31,14 @@ class HeldOutEvaluator:
 
     config: the eval section (every_steps, samples_per_prompt). prompts: [(prompt as the
     judge reads it, prompt token ids)]. generation: GenerationGroup whose engines follow
-    the policy. scorer: the eval's judge (seams.Scorer). reference: ReferenceGroup for the
-    KL, scored ``reference_batch_size`` rows a call. run: where metrics, the per-sample
+    the policy. scorer: the eval's judge (seams.Scorer). reference: the ReferenceGroup that
+    scores the samples for the KL (seams.ReferenceRows). run: where metrics, the per-sample
     record (run.log_artifact; None: not kept) and a failed eval go.
     """
 
     def __init__(self, config: EvalConfig, *, prompts: Sequence[tuple[Any, list[int]]], generation: Any,
-                 scorer: Scorer, reference: Any, reference_batch_size: int, sampling: SamplingConfig, seed: int,
-                 run: RunLog):
-        from ray_dpo.online.evaluation import eval_sampling
+                 scorer: Scorer, reference: ReferenceRows, sampling: SamplingConfig, seed: int, run: RunLog):
+        from ray_dpo.engines.evaluation import eval_sampling
 
         self.config = config
         self.prompts = list(prompts)
@@ -48,19 +47,15 @@ class HeldOutEvaluator:
         self.reference = reference
         self.sampling = eval_sampling(sampling)
         self.seed = seed + EVAL_SEED_OFFSET
-        self.reference_batch_size = reference_batch_size
         self._run = run
         self._threads: list[threading.Thread] = []
         self._sampling: set[int] = set()
 
     def points(self, total_steps: int) -> list[int]:
         """Steps to evaluate at: 0, every eval.every_steps, the last (none without prompts)."""
-        from ray_dpo.online import rounds as rounds_lib
+        from ray_dpo.engines.evaluation import eval_points
 
-        if not self.prompts:
-            return []
-        return rounds_lib.sync_points(total_steps=total_steps, steps_per_round=None,
-                                      eval_every=self.config.every_steps, eval_sampling=True)
+        return eval_points(total_steps, self.config.every_steps) if self.prompts else []
 
     def start(self, step: int) -> None:
         """Queue the held-out prompts on the engines now (the weights of ``step``); judge,
@@ -104,7 +99,7 @@ class HeldOutEvaluator:
         this step, not the run: warn and go on (the eval/* means are logged already)."""
         import json
 
-        from ray_dpo.online.evaluation import heldout_artifact_path
+        from ray_dpo.engines.evaluation import heldout_artifact_path
 
         if self._run.log_artifact is None:
             return
@@ -117,16 +112,14 @@ class HeldOutEvaluator:
 
     def _score(self, step: int, completions: list) -> tuple[dict[str, float], dict]:
         """(eval/* metrics, the per-sample record) of the collected samples."""
-        from ray_dpo.online.evaluation import as_pair_rows, eval_metrics, heldout_record
+        from ray_dpo.engines.evaluation import as_pair_rows, eval_metrics, heldout_record
 
         n = self.config.samples_per_prompt
         flat = [c for comps in completions for c in comps]
         prompts = [p for p, _ in self.prompts for _ in range(n)]
         scores = self.scorer.score(prompts, self.scorer.texts(flat))
         rows = as_pair_rows([ids for _, ids in self.prompts for _ in range(n)], [c.token_ids for c in flat])
-        size = self.reference_batch_size
-        scored = [r for batch in self.reference.score_batches(rows[i:i + size] for i in range(0, len(rows), size))
-                  for r in batch]
+        scored = self.reference.score(rows)
         samples = dict(scores=scores, policy_logps=[c.logprob_sum for c in flat],
                        ref_logps=[r["ref_chosen_logp"] for r in scored],
                        response_lengths=[len(c.token_ids) for c in flat])

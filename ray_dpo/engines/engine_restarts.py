@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
 
 from ray_dpo.batching.probe import Probe
-from ray_dpo.online.weight_sync import check_loads, sync_method
+from ray_dpo.engines.weight_sync import check_loads, sync_method
 
 
 class EngineLostError(RuntimeError):
@@ -107,7 +107,7 @@ class EngineKeeper:
 
     def load(self, i: int):
         """Send engine i the weights of the last sync (a ref to its LoadReport)."""
-        from ray_dpo.online.facts import SYNC_METHODS
+        from ray_dpo.engines.facts import SYNC_METHODS
 
         restore = self.restore
         if SYNC_METHODS.get(restore.method).sent_by_policy:

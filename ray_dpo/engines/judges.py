@@ -20,11 +20,12 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import importlib.util
 import math
 import numbers
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Protocol, Sequence, Union
+from typing import Any, Callable, Optional, Protocol, Sequence, Union
 
 from ray_dpo.config import JudgeConfig
 from ray_dpo.dtypes import torch_dtype
@@ -54,6 +55,16 @@ class Judge(Protocol):
 # --------------------------------------------------------------------------- function judges
 
 
+def _moved_module(module_name: str) -> Optional[str]:
+    """The new name of a ray_dpo.online module that moved to ray_dpo.engines (the judges and
+    the sentiment example's judge did), or None."""
+    prefix = "ray_dpo.online."
+    if not module_name.startswith(prefix):
+        return None
+    candidate = "ray_dpo.engines." + module_name[len(prefix):]
+    return candidate if importlib.util.find_spec(candidate) is not None else None
+
+
 def load_function_judge(spec: str, *, key: str = FUNCTION_KEY) -> JudgeFn:
     """Import ``"package.module:function"`` and return the function.
 
@@ -72,6 +83,10 @@ def load_function_judge(spec: str, *, key: str = FUNCTION_KEY) -> JudgeFn:
             raise JudgeError(f"{key}: importing module {module_name!r} failed: it needs {err.name!r}, "
                              "which is not installed here (add it to the image or the job's "
                              "runtime_env pip list)") from err
+        moved = _moved_module(module_name)
+        if moved:
+            raise JudgeError(f"{key}: module {module_name!r} has moved to {moved!r}; set "
+                             f"{key}: {moved}:{attr}") from err
         raise JudgeError(f"{key}: module {module_name!r} not found (ModuleNotFoundError: {err}). "
                          "Install the package, or put the module in the job's working_dir "
                          "(ray job submit --working-dir) so every node can import it") from err

@@ -3,7 +3,7 @@
     GenerationEngine                  the interface; plain classes, no ray import
       VLLMEngine(model_path, ...)     vllm.LLM, in-process engine core (see below)
       TransformersEngine(...)         model.generate, for machines without vLLM
-    engine_actor_options(config)      the Ray .options() of one engine actor
+    engine_actor_options(spec)        the Ray .options() of one engine actor
 
 Both engines report the same things: completions end with EOS when they stopped on it,
 and ``logprob_sum`` is the sum of the sampled tokens' log-probs under the model's raw
@@ -31,10 +31,11 @@ from typing import Any, Iterator, Mapping, Optional, Sequence
 import torch
 
 from ray_dpo.batching.probe import Probe, torch_probe_logps
-from ray_dpo.config import OnlineConfig, SamplingConfig
+from ray_dpo.config import SamplingConfig
 from ray_dpo.dtypes import dtype_name, torch_dtype
-from ray_dpo.online.facts import ENGINES
-from ray_dpo.online.weight_sync import (
+from ray_dpo.engines.facts import ENGINES
+from ray_dpo.engines.spec import EngineSpec
+from ray_dpo.engines.weight_sync import (
     AdapterWeights,
     LoadReport,
     checkpoint_shapes,
@@ -44,10 +45,10 @@ from ray_dpo.online.weight_sync import (
     tensor_bytes,
     tracked,
 )
-from ray_dpo.online.collective import ReceiveStats, SyncTicket, drain, receive
+from ray_dpo.engines.collective import ReceiveStats, SyncTicket, drain, receive
 from ray_dpo.resources import actor_options
 
-logger = logging.getLogger("ray_dpo.online")
+logger = logging.getLogger("ray_dpo.engines")
 
 
 @dataclass
@@ -70,7 +71,7 @@ class GenerationEngine:
     depend on which engine or batch it lands in.
     """
 
-    backend = "?"  # its name in online/facts.py's ENGINES, which holds its other facts
+    backend = "?"  # its name in engines/facts.py's ENGINES, which holds its other facts
 
     def generate(self, prompts: Sequence[Sequence[int]], *, n: int, sampling: SamplingConfig,
                  seed: Optional[int] = None) -> list[list[Completion]]:
@@ -103,7 +104,7 @@ class GenerationEngine:
         return self.incarnation(), getattr(self, method)(*args, **kwargs)
 
     def receive_collective(self, ticket: SyncTicket, rank: int) -> LoadReport:
-        """Take part in a collective sync as ``rank`` (online/collective.py): load the weights
+        """Take part in a collective sync as ``rank`` (engines/collective.py): load the weights
         bucket by bucket as policy rank 0 broadcasts them. Names and shapes are checked
         against the checkpoint before anything loads; a sync refused here still receives
         every bucket (the others would wait for this engine), then raises."""
@@ -314,7 +315,7 @@ class VLLMEngine(GenerationEngine):
 
         from vllm.lora.request import LoRARequest
 
-        from ray_dpo.online.weight_sync import save_adapter
+        from ray_dpo.engines.weight_sync import save_adapter
 
         if not self._lora_enabled:
             raise ValueError("this vLLM engine was started without LoRA support (lora_rank unset); "
@@ -529,15 +530,12 @@ def vllm_lora_rank(rank: int) -> int:
     return fits[0]
 
 
-def engine_actor_options(config: OnlineConfig, *, use_gpu: bool,
-                         num_cpus_per_engine: Optional[float] = None) -> dict[str, Any]:
+def engine_actor_options(spec: EngineSpec, *, use_gpu: bool) -> dict[str, Any]:
     """The ``.options()`` of each generation engine actor: CPUs, GPUs, custom resources, env.
 
-    num_cpus_per_engine: None takes online.num_cpus_per_engine. online.resources (e.g.
-    {generation_node: 0.01}) pins the engines to the nodes that advertise them.
+    spec.resources (online.resources, e.g. {generation_node: 0.01}) pins the engines to the
+    nodes that advertise them.
     """
-    env = {"TOKENIZERS_PARALLELISM": "false", **ENGINES.get(config.backend).actor_env(use_gpu)}
-    return actor_options(
-        num_cpus=config.num_cpus_per_engine if num_cpus_per_engine is None else num_cpus_per_engine,
-        num_gpus=config.num_gpus_per_engine, resources=config.resources, use_gpu=use_gpu, env_vars=env,
-    )
+    env = {"TOKENIZERS_PARALLELISM": "false", **ENGINES.get(spec.backend).actor_env(use_gpu)}
+    return actor_options(num_cpus=spec.num_cpus_per_engine, num_gpus=spec.num_gpus_per_engine,
+                         resources=spec.resources, use_gpu=use_gpu, env_vars=env)

@@ -16,6 +16,7 @@ Completion.logprob_sum), log pi_ref(y|x) from the ReferenceGroup (``as_pair_rows
     load_prompts(path, key=) -> list[Prompt]       JSONL ({"prompt": str | messages, ...}) or text lines
     select_prompts(prompts, num=, seed=)           the fixed held-out subset, same for every eval
     eval_sampling(sampling) -> SamplingConfig       temperature 1, top_p 1, same max_new_tokens
+    eval_points(total_steps, every_steps) -> steps  0, every eval.every_steps, the last
     as_pair_rows(prompt_ids, completion_ids)        rows a ReferenceActor scores (chosen = rejected)
     kl_estimate(policy_logps, ref_logps) -> float
     eval_metrics(scores=, policy_logps=, ref_logps=, response_lengths=) -> {"eval/judge_score", "eval/kl", ...}
@@ -110,6 +111,15 @@ def eval_sampling(sampling: SamplingConfig) -> SamplingConfig:
     """Sampling for the held-out eval: draws from pi itself (temperature 1, top_p 1), which
     the KL estimate needs; keeps max_new_tokens."""
     return dataclasses.replace(sampling, temperature=1.0, top_p=1.0)
+
+
+def eval_points(total_steps: int, every_steps: int) -> list[int]:
+    """The completed-step counts a held-out eval samples at: 0, every ``every_steps`` (0: none
+    between) and the run's last step."""
+    points = {0, total_steps}
+    if every_steps:
+        points.update(range(every_steps, total_steps, every_steps))
+    return sorted(points)
 
 
 def as_pair_rows(prompt_ids: Sequence[Sequence[int]], completion_ids: Sequence[Sequence[int]],

@@ -29,13 +29,15 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from ray_dpo.config import DataConfig, EvalConfig, JudgeConfig, LoraSection, ModelConfig, OnlineConfig, RunConfig
-from ray_dpo.config.derived import heldout_judge, heldout_online, heldout_sampling
+from ray_dpo.config import (DataConfig, EvalConfig, JudgeConfig, LoraSection, ModelConfig, OnlineConfig, RunConfig,
+                            SamplingConfig)
+from ray_dpo.config.derived import heldout_judge
+from ray_dpo.engines.spec import EngineSpec, engine_spec, heldout_sampling
+from ray_dpo.engines.weight_sync import random_probe
 from ray_dpo.feeder import KeepsInitError
-from ray_dpo.online.seams import RunLog, Scorer
-from ray_dpo.online.weight_sync import random_probe
+from ray_dpo.seams import ReferenceRows, RunLog, Scorer
 
-logger = logging.getLogger("ray_dpo.online")
+logger = logging.getLogger("ray_dpo.engines")
 
 PROBE_SIZE = 4
 COLLECTIVE = "collective"
@@ -49,8 +51,10 @@ class FollowerSpec:
     """The parts of a run's config the engines' side needs (sections, not the RunConfig)."""
 
     model: ModelConfig
-    online: OnlineConfig  # engines, sampling, judge, weight sync
+    engines: EngineSpec  # backend, count, resources, weight sync, default sampling
+    judge: JudgeConfig  # of the engines' samples: online.judge, or an offline run's held-out judge
     eval: EvalConfig
+    eval_sampling: SamplingConfig  # the held-out prompts' (engines.spec.heldout_sampling)
     data: DataConfig  # prompt tokenization and length limits
     seed: int
     run_dir: str  # rounds and checkpoint weight syncs are written under it
@@ -62,19 +66,21 @@ class FollowerSpec:
     training_reference: str = "group"  # loss_rules.reference_source: who scores rounds' pairs
     eval_max_pairs: Optional[int] = None  # eval.max_pairs (an online run's data.eval_files pairs)
     max_steps: Optional[int] = None  # policy.max_steps: a cap on the online run, not on a round
+    online: Optional[OnlineConfig] = None  # an online run's rounds (the coordinator's); None offline
 
     @classmethod
     def of(cls, cfg: RunConfig, *, total_steps: Optional[int] = None) -> "FollowerSpec":
         """An online run's (its round engines sample the held-out prompts too), or with
         total_steps an offline run's held-out evaluator (eval.backend, eval.judge)."""
-        online = cfg.online if cfg.online.enabled else heldout_online(cfg)
         from ray_dpo.loss_rules import reference_source
 
-        return cls(model=cfg.model, online=online, eval=cfg.eval, data=cfg.data, seed=cfg.run.seed,
+        online = cfg.online if cfg.online.enabled else None
+        return cls(model=cfg.model, engines=engine_spec(cfg), judge=online.judge if online else heldout_judge(cfg),
+                   eval=cfg.eval, eval_sampling=heldout_sampling(cfg), data=cfg.data, seed=cfg.run.seed,
                    run_dir=cfg.run_dir, reference_batch_size=cfg.reference.batch_size,
                    max_restarts=cfg.policy.max_failures, eval_judge=heldout_judge(cfg), total_steps=total_steps,
                    lora=cfg.policy.lora, training_reference=reference_source(cfg),
-                   eval_max_pairs=cfg.eval.max_pairs, max_steps=cfg.policy.max_steps)
+                   eval_max_pairs=cfg.eval.max_pairs, max_steps=cfg.policy.max_steps, online=online)
 
 
 class PolicyFollower:
@@ -86,9 +92,9 @@ class PolicyFollower:
                  use_gpu: bool, probe_rows: Optional[list] = None):
         from ray_dpo.data.chat_template import resolve_chat_template
         from ray_dpo.data.tokenizer_cache import load_tokenizer
-        from ray_dpo.online.engine_group import GenerationGroup
-        from ray_dpo.online.facts import ENGINES
-        from ray_dpo.online.judges import build_judge
+        from ray_dpo.engines.engine_group import GenerationGroup
+        from ray_dpo.engines.facts import ENGINES
+        from ray_dpo.engines.judges import build_judge
 
         self.spec = spec
         self.reference = reference
@@ -96,20 +102,20 @@ class PolicyFollower:
                                         resolve_chat_template(spec.model.chat_template))
         self._total = spec.total_steps
         self._probe = probe_rows or random_probe(len(self.tokenizer), num_sequences=PROBE_SIZE, seed=spec.seed)
-        self.judge = build_judge(spec.online.judge, use_gpu=use_gpu, dtype=spec.model.dtype)
-        self.eval_judge = self.judge if spec.eval_judge == spec.online.judge else build_judge(
+        self.judge = build_judge(spec.judge, use_gpu=use_gpu, dtype=spec.model.dtype)
+        self.eval_judge = self.judge if spec.eval_judge == spec.judge else build_judge(
             spec.eval_judge, use_gpu=use_gpu, dtype=spec.model.dtype)
         self.judge_lock = threading.Lock()  # rounds and evals score in different threads
         engine_options = {}
         if spec.model.tokenizer:  # model.tokenizer: the model directory may hold none (the engines decode with it)
             engine_options["tokenizer"] = spec.model.tokenizer
-        if ENGINES.get(spec.online.backend).takes_max_model_len:
-            new_tokens = max(spec.online.sampling.max_new_tokens, spec.eval.max_new_tokens or 0)
+        if ENGINES.get(spec.engines.backend).takes_max_model_len:
+            new_tokens = max(spec.engines.sampling.max_new_tokens, spec.eval_sampling.max_new_tokens)
             engine_options["max_model_len"] = spec.data.max_length + new_tokens
         if spec.lora.enabled and spec.lora.sync == "adapter":
             engine_options["lora_rank"] = spec.lora.rank  # engines serve the base model + the policy's adapter
         self.generation = GenerationGroup(
-            model_path=spec.model.name_or_path, config=spec.online, use_gpu=use_gpu, dtype=spec.model.dtype,
+            model_path=spec.model.name_or_path, spec=spec.engines, use_gpu=use_gpu, dtype=spec.model.dtype,
             seed=spec.seed, engine_options=engine_options, max_restarts=spec.max_restarts)
         self.evaluator = make_evaluator(self)
         self._tracking = (tracking_uri, run_id)
@@ -131,9 +137,9 @@ class PolicyFollower:
     def sync_spec(self) -> dict:
         """How rank 0 sends weights: online.weight_sync, and for the collective method the
         bucket size, the group's timeout and its size (rank 0 + the engines)."""
-        online = self.spec.online
-        return {"method": online.weight_sync, "bucket_bytes": max(1, int(online.sync_bucket_mb * 2**20)),
-                "timeout_s": online.sync_timeout_s, "world_size": 1 + self.generation.num_engines}
+        engines = self.spec.engines
+        return {"method": engines.weight_sync, "bucket_bytes": engines.bucket_bytes,
+                "timeout_s": engines.sync_timeout_s, "world_size": 1 + self.generation.num_engines}
 
     def begin_collective(self, step: int, ticket: Any) -> None:
         """The first half of a collective sync at ``step``: every engine is asked to join the
@@ -189,11 +195,11 @@ class PolicyFollower:
         """What else step ``step`` starts (the coordinator: rounds)."""
 
     def _sync_weights(self, step: int, weights: Optional[list], expected: list[float]) -> dict[str, float]:
-        from ray_dpo.online.facts import SYNC_METHODS
+        from ray_dpo.engines.facts import SYNC_METHODS
 
-        from ray_dpo.online.engine_group import SyncInterrupted
+        from ray_dpo.engines.engine_group import SyncInterrupted
 
-        t0, online = time.perf_counter(), self.spec.online
+        t0, engines = time.perf_counter(), self.spec.engines
         if weights is None:
             diff = self.generation.verify(self._probe, expected)
             metrics = {"sync/seconds": time.perf_counter() - t0, "sync/max_logprob_diff": diff}
@@ -208,13 +214,13 @@ class PolicyFollower:
                 return {RETRY: 1.0}
         else:
             options = {}
-            if SYNC_METHODS.get(online.weight_sync).needs_checkpoint_dir:
+            if SYNC_METHODS.get(engines.weight_sync).needs_checkpoint_dir:
                 options["checkpoint_dir"] = os.path.join(self.spec.run_dir, "weight_sync")
             metrics = self.generation.sync_weights(weights[0], probe=self._probe, expected=expected,
                                                    **options).metrics()
-        print(f"[ray_dpo] step {step}: weights synced to {self.generation.num_engines} {online.backend} "
+        print(f"[ray_dpo] step {step}: weights synced to {self.generation.num_engines} {engines.backend} "
               f"engine(s) in {metrics['sync/seconds']:.2f}s, max |log-prob diff| "
-              f"{metrics['sync/max_logprob_diff']:.2e} (tolerance {online.sync_tolerance:g})", flush=True)
+              f"{metrics['sync/max_logprob_diff']:.2e} (tolerance {engines.sync_tolerance:g})", flush=True)
         return metrics
 
     def decode(self, ids: list[int]) -> str:
@@ -265,8 +271,8 @@ def make_evaluator(follower: "PolicyFollower"):
     """The follower's HeldOutEvaluator: its engines, eval judge and logger (metrics and the
     per-sample records), eval.* prompts."""
     from ray_dpo.data.tokenize import PairTokenizer
-    from ray_dpo.online.evaluation import load_prompts, select_prompts
-    from ray_dpo.online.heldout import HeldOutEvaluator
+    from ray_dpo.engines.evaluation import load_prompts, select_prompts
+    from ray_dpo.engines.heldout import HeldOutEvaluator
 
     prompts, path = [], follower.spec.eval.prompts_file
     if path:
@@ -276,8 +282,8 @@ def make_evaluator(follower: "PolicyFollower"):
     spec = follower.spec
     return HeldOutEvaluator(spec.eval, prompts=prompts, generation=follower.generation,
                             scorer=Scorer(follower.eval_judge, follower.decode, follower.judge_lock),
-                            reference=follower.reference, reference_batch_size=spec.reference_batch_size,
-                            sampling=heldout_sampling(spec.online.sampling, spec.eval), seed=spec.seed,
+                            reference=ReferenceRows(follower.reference, spec.reference_batch_size),
+                            sampling=spec.eval_sampling, seed=spec.seed,
                             run=RunLog(follower.log, follower.fail, follower.log_artifact))
 
 
@@ -314,8 +320,8 @@ def start_follower(cfg: RunConfig, *, reference: Any, total_steps: int, tracking
     handle = start_actor(_FollowerActor, FollowerSpec.of(cfg, total_steps=total_steps), reference=reference,
                          tracking_uri=tracking_uri, run_id=run_id, use_gpu=use_gpu,
                          max_concurrency=4, max_restarts=cfg.policy.max_failures)
-    online = heldout_online(cfg)
-    print(f"[ray_dpo] held-out eval: {online.num_engines} {online.backend} engine(s) ready", file=sys.stdout,
+    engines = engine_spec(cfg)
+    print(f"[ray_dpo] held-out eval: {engines.num_engines} {engines.backend} engine(s) ready", file=sys.stdout,
           flush=True)
     return handle
 

@@ -2,9 +2,9 @@
 without importing them: their names and facts, and where their code is.
 
     ENGINES         online.backend / eval.backend -> Engine (takes_max_model_len, actor_env,
-                    .load() -> the engine class, imported then: online/generation.py)
+                    .load() -> the engine class, imported then: engines/generation.py)
     SYNC_METHODS    online.weight_sync -> SyncMethod (needs_checkpoint_dir, sent_by_policy,
-                    .send() -> the send function, imported then: online/weight_sync.py)
+                    .send() -> the send function, imported then: engines/weight_sync.py)
 
 Config validation, the driver's planning and the follower's setup read these; only the
 processes that run an engine or send weights import the code behind them. Adding an
@@ -58,8 +58,8 @@ class Engine:
 
 
 ENGINES: Registry[Engine] = Registry("online.backend", {
-    "vllm": Engine("vllm", "ray_dpo.online.generation:VLLMEngine", takes_max_model_len=True, actor_env=_vllm_env),
-    "transformers": Engine("transformers", "ray_dpo.online.generation:TransformersEngine"),
+    "vllm": Engine("vllm", "ray_dpo.engines.generation:VLLMEngine", takes_max_model_len=True, actor_env=_vllm_env),
+    "transformers": Engine("transformers", "ray_dpo.engines.generation:TransformersEngine"),
 })
 """Every engine online.backend (and eval.backend) may name."""
 
@@ -83,8 +83,8 @@ class SyncMethod:
 
 
 SYNC_METHODS: Registry[SyncMethod] = Registry("weight sync method", {
-    "object_store": SyncMethod("object_store", "ray_dpo.online.weight_sync:send_object_store"),
-    "checkpoint": SyncMethod("checkpoint", "ray_dpo.online.weight_sync:send_checkpoint", needs_checkpoint_dir=True),
-    "collective": SyncMethod("collective", "ray_dpo.online.weight_sync:send_collective", sent_by_policy=True),
+    "object_store": SyncMethod("object_store", "ray_dpo.engines.weight_sync:send_object_store"),
+    "checkpoint": SyncMethod("checkpoint", "ray_dpo.engines.weight_sync:send_checkpoint", needs_checkpoint_dir=True),
+    "collective": SyncMethod("collective", "ray_dpo.engines.weight_sync:send_collective", sent_by_policy=True),
 })
 """Every method online.weight_sync may name (docs/architecture.md compares them)."""

@@ -7,6 +7,7 @@
     Scorer         a judge with its lock and the decoder of token ids, shared by the rounds
                    and the held-out evals of one follower (they score in different threads)
     RunLog         where a part writes what it measured: metrics at a step, files, errors
+    ReferenceRows  a ReferenceGroup and the rows it scores a call (reference.batch_size)
 
 The workers hold Ray actor handles of a StepSource and a PolicySync (``handle.m.remote()``);
 the Protocols say which methods a handle must have and what they return.
@@ -38,7 +39,7 @@ class StepSource(Protocol):
 
 @runtime_checkable
 class PolicySync(Protocol):
-    """The engines' side as policy rank 0 sees it (online/follower.py)."""
+    """The engines' side as policy rank 0 sees it (engines/follower.py)."""
 
     def sync_points(self) -> list[int]: ...
 
@@ -73,6 +74,20 @@ class Scorer:
     def texts(self, completions: Sequence[Any]) -> list[str]:
         """Each completion's text (decoded from its tokens when the engine gave none)."""
         return [c.text if c.text is not None else self.decode(c.token_ids) for c in completions]
+
+
+@dataclass(frozen=True)
+class ReferenceRows:
+    """Rows scored by a ReferenceGroup (its ``score_batches``), ``batch_size`` rows a call."""
+
+    group: Any
+    batch_size: int
+
+    def score(self, rows: Sequence[dict]) -> list[dict]:
+        """``rows`` with their reference log-probs, in order."""
+        size = max(1, self.batch_size)
+        return [r for batch in self.group.score_batches(rows[i:i + size] for i in range(0, len(rows), size))
+                for r in batch]
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """A ready-made function judge: how positive a completion reads (VADER sentiment).
 
-    online.judge.function: ray_dpo.online.sentiment:positive_sentiment
+    online.judge.function: ray_dpo.engines.sentiment:positive_sentiment
 
 The DPO paper's controlled-sentiment task: the policy continues the opening words of a
 movie review and is rewarded for positive sentiment. Only the completion is scored, never
@@ -22,7 +22,7 @@ def _analyzer():
     try:
         from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
     except ImportError as err:
-        raise ImportError("ray_dpo.online.sentiment needs the vaderSentiment package: "
+        raise ImportError("ray_dpo.engines.sentiment needs the vaderSentiment package: "
                           "pip install vaderSentiment (ray_dpo[real] installs it)") from err
     return SentimentIntensityAnalyzer()
 

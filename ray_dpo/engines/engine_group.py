@@ -1,6 +1,6 @@
 """GenerationGroup: the generation engines as Ray actors, behind one ordered generate().
 
-    GenerationGroup(*, model_path, config: OnlineConfig, use_gpu, max_restarts=0)
+    GenerationGroup(*, model_path, spec: EngineSpec, use_gpu, max_restarts=0)
         .generate(prompts, n=, sampling=, seed=) -> list[list[Completion]]  (input order)
         .submit(...) -> [Chunk], .collect(chunks)                           (the same, split)
         .sync_weights(weights, method=, probe=, expected=) -> SyncReport    (see weight_sync)
@@ -21,12 +21,13 @@ import time
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
-from ray_dpo.config import OnlineConfig, SamplingConfig
-from ray_dpo.online.engine_restarts import EngineKeeper, error_line
 from ray_dpo.batching.probe import Probe
-from ray_dpo.online.facts import ENGINES, SYNC_METHODS
-from ray_dpo.online.generation import Completion, engine_actor_options
-from ray_dpo.online.weight_sync import (
+from ray_dpo.config import SamplingConfig
+from ray_dpo.engines.engine_restarts import EngineKeeper, error_line
+from ray_dpo.engines.facts import ENGINES, SYNC_METHODS
+from ray_dpo.engines.generation import Completion, engine_actor_options
+from ray_dpo.engines.spec import EngineSpec
+from ray_dpo.engines.weight_sync import (
     SyncReport,
     WeightSyncError,
     check_diffs,
@@ -35,7 +36,7 @@ from ray_dpo.online.weight_sync import (
     sync_method,
 )
 
-logger = logging.getLogger("ray_dpo.online")
+logger = logging.getLogger("ray_dpo.engines")
 
 
 @dataclass
@@ -68,44 +69,43 @@ class SyncInterrupted(WeightSyncError):
 
 
 class GenerationGroup:
-    """``config.num_engines`` long-lived engine actors behind one ordered generate().
+    """``spec.num_engines`` long-lived engine actors behind one ordered generate().
 
-    model_path: the policy's initial HF model directory. config: OnlineConfig (backend,
+    model_path: the policy's initial HF model directory. spec: EngineSpec (backend,
     num_engines, num_cpus_per_engine, num_gpus_per_engine, resources, samples_per_prompt,
     sampling, weight_sync, sync_tolerance). use_gpu: engines on cuda with num_gpus_per_engine
     GPUs each (1 if 0). dtype: engine weights' dtype. seed: base seed; call k of generate()
     without a seed uses seed + k * 1_000_003 so rounds differ but reruns repeat.
-    num_cpus_per_engine: overrides online.num_cpus_per_engine (None: the config's).
     engine_options: extra keyword arguments for the engine class (e.g. max_model_len).
     max_restarts: how often Ray restarts each engine (see the module docstring).
     """
 
-    def __init__(self, *, model_path: str, config: OnlineConfig, use_gpu: bool, dtype: str = "fp32",
-                 seed: int = 0, num_cpus_per_engine: Optional[float] = None, start_timeout_s: float = 600.0,
-                 engine_options: Optional[dict] = None, max_restarts: int = 0):
+    def __init__(self, *, model_path: str, spec: EngineSpec, use_gpu: bool, dtype: str = "fp32",
+                 seed: int = 0, start_timeout_s: float = 600.0, engine_options: Optional[dict] = None,
+                 max_restarts: int = 0):
         import ray
 
-        ENGINES.get(config.backend)  # ValueError naming the valid backends
-        if config.num_engines < 1:
-            raise ValueError(f"online.num_engines must be >= 1, got {config.num_engines}")
-        self.config = config
+        ENGINES.get(spec.backend)  # ValueError naming the valid backends
+        if spec.num_engines < 1:
+            raise ValueError(f"online.num_engines must be >= 1, got {spec.num_engines}")
+        self.spec = spec
         self.model_path = model_path
         self._seed = seed
         self._calls = 0
         device = "cuda" if use_gpu else "cpu"
-        options = engine_actor_options(config, use_gpu=use_gpu, num_cpus_per_engine=num_cpus_per_engine)
+        options = engine_actor_options(spec, use_gpu=use_gpu)
         # The group, not Ray, resends a dead engine's work: it must reload weights first.
-        remote_cls = ray.remote(ENGINES[config.backend].load()).options(**options, max_restarts=max_restarts,
+        remote_cls = ray.remote(ENGINES[spec.backend].load()).options(**options, max_restarts=max_restarts,
                                                                  max_task_retries=0)
         self._actors = [
             remote_cls.remote(model_path, seed=seed, dtype=dtype, device=device, **(engine_options or {}))
-            for _ in range(config.num_engines)
+            for _ in range(spec.num_engines)
         ]
         t0 = time.perf_counter()
         incarnations = ray.get([a.incarnation.remote() for a in self._actors], timeout=start_timeout_s)
-        self.keeper = EngineKeeper(self._actors, incarnations, backend=config.backend, max_restarts=max_restarts,
+        self.keeper = EngineKeeper(self._actors, incarnations, backend=spec.backend, max_restarts=max_restarts,
                                    timeout_s=start_timeout_s, verify=self._verify)
-        logger.info("%d %s generation engine(s) up in %.1fs", len(self._actors), config.backend,
+        logger.info("%d %s generation engine(s) up in %.1fs", len(self._actors), spec.backend,
                     time.perf_counter() - t0)
 
     @property
@@ -124,7 +124,7 @@ class GenerationGroup:
         """n completions for each prompt (token ids), in prompt order.
 
         Prompts are split into contiguous, near-equal chunks, one per engine.
-        Defaults: n = online.samples_per_prompt, sampling = online.sampling.
+        Defaults: n = spec.samples_per_prompt, sampling = spec.sampling.
         """
         return self.collect(self.submit(prompts, n=n, sampling=sampling, seed=seed))
 
@@ -135,8 +135,8 @@ class GenerationGroup:
         Engines run calls in the order they were submitted, so a weight sync submitted
         after this never changes the weights these samples come from.
         """
-        n = self.config.samples_per_prompt if n is None else n
-        sampling = self.config.sampling if sampling is None else sampling
+        n = self.spec.samples_per_prompt if n is None else n
+        sampling = self.spec.sampling if sampling is None else sampling
         if seed is None:
             seed = self._seed + self._calls * 1_000_003
         self._calls += 1
@@ -202,7 +202,7 @@ class GenerationGroup:
 
     def start_sync(self, weights: Any, *, method: Optional[str] = None, **options: Any) -> PendingSync:
         """The first half of ``sync_weights``: the engines' load calls are on their way."""
-        method = method or self.config.weight_sync
+        method = method or self.spec.weight_sync
         t0 = time.perf_counter()
         with self.keeper.lock:
             # What a restarted engine loads from now on (also one that dies during this sync).
@@ -224,7 +224,7 @@ class GenerationGroup:
         if failed:
             i, err = failed[0]
             raise WeightSyncError(
-                f"generation engine {i} ({self.config.backend}) failed to load the weights "
+                f"generation engine {i} ({self.spec.backend}) failed to load the weights "
                 f"(method={method}; {len(failed)} of {len(outcomes)} engines failed): {error_line(err)}. "
                 "Its weights may now be partly updated: fix the state dict (names and shapes as in "
                 "the HF checkpoint) and sync again."
@@ -235,7 +235,7 @@ class GenerationGroup:
             if report.incarnation:
                 self.keeper.adopt(i, report.incarnation)
         result = SyncReport(method=method, seconds=time.perf_counter() - pending.t0, loads=loads)
-        check_loads(loads, backend=self.config.backend)
+        check_loads(loads, backend=self.spec.backend)
         if probe is not None:
             if expected is None:
                 raise ValueError("verify needs the policy's log-probs on the probe: pass expected=")
@@ -279,12 +279,12 @@ class GenerationGroup:
     def _verify(self, probe, expected, tolerance, method, engines: Optional[list[int]] = None) -> list[float]:
         import ray
 
-        tolerance = self.config.sync_tolerance if tolerance is None else tolerance
+        tolerance = self.spec.sync_tolerance if tolerance is None else tolerance
         engines = list(range(self.num_engines)) if engines is None else engines
         items = [(list(p), list(c)) for p, c in probe]
         engine_logps = ray.get([self._actors[i].probe_logps.remote(items) for i in engines])
         diffs = max_logprob_diffs(engine_logps, list(expected))
-        check_diffs(diffs, engine_logps, list(expected), tolerance=tolerance, backend=self.config.backend,
+        check_diffs(diffs, engine_logps, list(expected), tolerance=tolerance, backend=self.spec.backend,
                     method=method)
         return diffs
 
