@@ -125,7 +125,7 @@ def test_object_store_sync_matches_policy(group, local, initial_state, synced):
         group.verify(probe, expected)
 
     report = group.sync_weights(trained, probe=probe, expected=expected)
-    print(f"\n[{group.config.backend}] object_store sync {report.seconds:.3f}s, "
+    print(f"\n[{group.spec.backend}] object_store sync {report.seconds:.3f}s, "
           f"max |log-prob diff| {report.max_logprob_diff:.3g}")
     assert report.method == "object_store"
     assert report.max_logprob_diff <= TOLERANCE
@@ -147,7 +147,7 @@ def test_checkpoint_sync_matches_policy(group, local, initial_state, synced, tmp
     local.load_weights(trained)
     report = group.sync_weights(trained, method="checkpoint", checkpoint_dir=str(tmp_path / "ckpt"),
                                 probe=probe, expected=torch_probe_logps(local.model, probe))
-    print(f"\n[{group.config.backend}] checkpoint sync {report.seconds:.3f}s, "
+    print(f"\n[{group.spec.backend}] checkpoint sync {report.seconds:.3f}s, "
           f"max |log-prob diff| {report.max_logprob_diff:.3g}")
     assert report.max_logprob_diff <= TOLERANCE
     assert os.path.exists(tmp_path / "ckpt" / "model.safetensors")
@@ -190,7 +190,7 @@ def test_collective_sync_matches_policy_and_never_holds_the_whole_model(group, l
                                              expected=torch_probe_logps(local.model, probe))
     report = finish()
     assert broken is None
-    print(f"\n[{group.config.backend}] collective sync {report.seconds:.3f}s, {sender.sent_bytes} bytes, "
+    print(f"\n[{group.spec.backend}] collective sync {report.seconds:.3f}s, {sender.sent_bytes} bytes, "
           f"largest bucket {sender.largest_bucket}, max |log-prob diff| {report.max_logprob_diff:.3g}")
     assert report.method == "collective" and report.max_logprob_diff <= TOLERANCE
     total = sum(t.numel() * t.element_size() for n, t in trained.items() if n != "lm_head.weight")
