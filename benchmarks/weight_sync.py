@@ -22,7 +22,7 @@ Sampled every 20 ms from this process (psutil); short peaks between samples are 
     .venv/bin/python benchmarks/weight_sync.py --models smollm2,1b --record
 
     --models LIST      smollm2 (.assets/smollm2-135m-instruct, examples/sentiment/prepare.py)
-                       and/or 1b (a random Llama of ~1.1B parameters built here, bf16)
+                       and/or 1b (a random Llama of ~1.0B parameters built here, bf16)
     --buckets LIST     collective bucket sizes in MiB (default 16,64,256)
     --repeats N        syncs per row (default 3)
     --record           append the table to BENCHMARKS.md
@@ -56,24 +56,27 @@ JUDGE = "ray_dpo.testing.assets:judge_score"
 
 
 def build_1b(root: str) -> str:
-    """A random Llama of ~1.1B parameters in bf16 (hidden 2048, 16 layers, vocab 32000), with
-    SmolLM2's tokenizer files only when present (the sync never tokenizes)."""
+    """A random Llama of ~1.0B parameters in bf16 (hidden 2048, 16 layers), with SmolLM2's
+    tokenizer and its vocabulary (49152): the follower draws its sync probe from the
+    tokenizer's ids, so the embedding must hold every one of them."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    path = os.path.join(root, "llama-1b-random")
+    path = os.path.join(root, "llama-1b-random-v49152")
     if os.path.exists(os.path.join(path, "config.json")):
         return path
+    if not os.path.isdir(SMOLLM2):
+        sys.exit(f"the 1b model takes SmolLM2's tokenizer from {SMOLLM2}: run examples/sentiment/prepare.py first")
+    tokenizer = AutoTokenizer.from_pretrained(SMOLLM2)
     torch.manual_seed(0)
     config = LlamaConfig(hidden_size=2048, intermediate_size=5632, num_hidden_layers=16, num_attention_heads=16,
-                         num_key_value_heads=16, vocab_size=32000, max_position_embeddings=2048,
+                         num_key_value_heads=16, vocab_size=len(tokenizer), max_position_embeddings=2048,
                          tie_word_embeddings=False, torch_dtype="bfloat16")
     with torch.device("cpu"):
         model = LlamaForCausalLM(config).to(torch.bfloat16)
     model.save_pretrained(path)
     del model
-    if os.path.isdir(SMOLLM2):
-        AutoTokenizer.from_pretrained(SMOLLM2).save_pretrained(path)
+    tokenizer.save_pretrained(path)
     return path
 
 
