@@ -48,6 +48,7 @@ class Chunk:
     kwargs: dict  # n, sampling, seed
     ref: Any = None
     incarnation: str = ""  # the engine process it was sent to
+    version: Optional[int] = None  # the policy step of the weights it is generated from (None: not said)
 
 
 @dataclass
@@ -151,9 +152,20 @@ class GenerationGroup:
         again once the engine is back (module docstring)."""
         return [comps for chunk in chunks for comps in self._result(chunk)]
 
+    def sampled_from(self, chunks: Sequence[Chunk]) -> Optional[int]:
+        """The oldest policy step whose weights generated ``chunks`` (once collected), None if
+        a sync did not say its step. A chunk sent again to a restarted engine is generated
+        from the weights that engine then holds, which a sync since its submit made newer."""
+        versions = [c.version for c in chunks]
+        return min(versions) if versions and None not in versions else None
+
     def _send(self, chunk: Chunk) -> None:
-        chunk.incarnation = self.keeper.incarnations[chunk.engine]
-        chunk.ref = self._actors[chunk.engine].tagged.remote("generate", chunk.prompts, **chunk.kwargs)
+        # Under the keeper's lock: no sync is queueing loads meanwhile, so the engine runs this
+        # chunk on the weights of the last sync queued before it (the keeper's restore).
+        with self.keeper.lock:
+            chunk.incarnation = self.keeper.incarnations[chunk.engine]
+            chunk.version = self.keeper.restore.version
+            chunk.ref = self._actors[chunk.engine].tagged.remote("generate", chunk.prompts, **chunk.kwargs)
 
     def _result(self, chunk: Chunk) -> list[list[Completion]]:
         """A chunk's completions from the engine process that holds the synced weights.
@@ -184,7 +196,7 @@ class GenerationGroup:
 
     def sync_weights(self, weights: Any, *, method: Optional[str] = None, probe: Optional[Probe] = None,
                      expected: Optional[Sequence[float]] = None, tolerance: Optional[float] = None,
-                     **options: Any) -> SyncReport:
+                     version: Optional[int] = None, **options: Any) -> SyncReport:
         """Push new weights to every engine, then (with a probe) verify them.
 
         weights: state dict name -> tensor (HF names, full under ZeRO-3), an ObjectRef to
@@ -192,21 +204,24 @@ class GenerationGroup:
         (method="collective") the SyncTicket of the sender, who broadcasts after
         ``start_sync``. method: object_store | checkpoint | collective (default
         online.weight_sync). probe + expected: the fixed probe and the policy's summed
-        log-probs on it (batching.probe.torch_probe_logps). options: checkpoint_dir=.
+        log-probs on it (batching.probe.torch_probe_logps). version: the policy step of these
+        weights (None: not said). options: checkpoint_dir=.
         Raises WeightSyncError when an engine fails to load, misses tensors, or disagrees;
         SyncInterrupted when an engine died during a collective sync (send it again).
         An engine that died during another method's sync is restarted and loaded by ``recover``.
         """
-        return self.finish_sync(self.start_sync(weights, method=method, **options), probe=probe,
+        return self.finish_sync(self.start_sync(weights, method=method, version=version, **options), probe=probe,
                                 expected=expected, tolerance=tolerance)
 
-    def start_sync(self, weights: Any, *, method: Optional[str] = None, **options: Any) -> PendingSync:
-        """The first half of ``sync_weights``: the engines' load calls are on their way."""
+    def start_sync(self, weights: Any, *, method: Optional[str] = None, version: Optional[int] = None,
+                   **options: Any) -> PendingSync:
+        """The first half of ``sync_weights``: the engines' load calls are on their way.
+        version: the policy step of these weights (what ``sampled_from`` reports)."""
         method = method or self.spec.weight_sync
         t0 = time.perf_counter()
         with self.keeper.lock:
             # What a restarted engine loads from now on (also one that dies during this sync).
-            self.keeper.remember(method, weights, options)
+            self.keeper.remember(method, weights, options, version)
             refs = sync_method(method)(self._actors, weights, **options)
         return PendingSync(method, refs, t0)
 

@@ -37,6 +37,7 @@ class Restore:
     options: dict = field(default_factory=dict)
     probe: Optional[list] = None
     expected: Optional[list[float]] = None
+    version: Optional[int] = 0  # the policy step of these weights (0: the initial model; None: not said)
 
 
 class EngineKeeper:
@@ -52,11 +53,11 @@ class EngineKeeper:
         self.restore = Restore()
         self.restarts = 0  # engine restarts seen and recovered from
 
-    def remember(self, method: str, weights: Any, options: dict) -> None:
-        """A sync: what a restarted engine loads from now on (hold ``lock``). Its probe comes
-        with ``remember_probe`` once the sync is verified; until then the old probe's values
-        would not match, so there is none."""
-        self.restore = Restore(method, weights, dict(options))
+    def remember(self, method: str, weights: Any, options: dict, version: Optional[int] = None) -> None:
+        """A sync: what a restarted engine loads from now on (hold ``lock``), and the policy
+        step it is (``version``). Its probe comes with ``remember_probe`` once the sync is
+        verified; until then the old probe's values would not match, so there is none."""
+        self.restore = Restore(method, weights, dict(options), version=version)
 
     def remember_probe(self, probe: Probe, expected: Sequence[float]) -> None:
         """A verify without new weights: the check a restarted engine must pass."""

@@ -147,7 +147,7 @@ class PolicyFollower:
         try:
             if self._error is not None:
                 raise self._error
-            self._pending = self.generation.start_sync(ticket, method=COLLECTIVE)
+            self._pending = self.generation.start_sync(ticket, method=COLLECTIVE, version=step)
         except BaseException as err:
             self.fail(err)
             raise
@@ -217,7 +217,7 @@ class PolicyFollower:
             if SYNC_METHODS.get(engines.weight_sync).needs_checkpoint_dir:
                 options["checkpoint_dir"] = os.path.join(self.spec.run_dir, "weight_sync")
             metrics = self.generation.sync_weights(weights[0], probe=self._probe, expected=expected,
-                                                   **options).metrics()
+                                                   version=step, **options).metrics()
         print(f"[ray_dpo] step {step}: weights synced to {self.generation.num_engines} {engines.backend} "
               f"engine(s) in {metrics['sync/seconds']:.2f}s, max |log-prob diff| "
               f"{metrics['sync/max_logprob_diff']:.2e} (tolerance {engines.sync_tolerance:g})", flush=True)

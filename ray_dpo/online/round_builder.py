@@ -118,8 +118,12 @@ class RoundProducer:
                                 scorer=self.scorer, online=self.online, data=self.data, bos_id=self.bos_id,
                                 gen_seconds=time.perf_counter() - t0, rounds_run=self.rounds.plan.rounds_run)
             start = self.rounds.plan.round_start(r)
-            # How many optimizer steps older than the round's first step the sampling policy is.
-            built.metrics["online/sample_staleness_steps"] = float(start - step)
+            # How many optimizer steps older than the round's first step the sampling policy is:
+            # the weights the samples came from, which a restarted engine's resent chunk makes
+            # newer than those of the step the round was submitted at.
+            sampled_from = self.generation.sampled_from(chunks)
+            built.metrics["online/sample_staleness_steps"] = float(start - (step if sampled_from is None
+                                                                            else sampled_from))
             self.rounds.store.save(r, built.rows, built.metrics)
             self.rounds.install(r, built.rows)
         except BaseException as err:  # noqa: BLE001 - handed to the ranks waiting for round r

@@ -297,6 +297,57 @@ def test_a_killed_engine_is_restarted_reloaded_and_asked_again(ray_cluster, mode
         local.load_weights(initial_state)
 
 
+def test_a_chunk_sent_again_after_a_sync_says_it_came_from_the_newer_weights(
+        ray_cluster, model_dir, local, initial_state):
+    """online.overlap submits a round before the next sync; an engine killed while its chunk
+    runs and brought back by that sync (which loads the new weights into it) generates the
+    chunk again from the new weights. The group says so (sampled_from: the staleness a round
+    reports), and the samples are the new weights' own."""
+    import signal
+
+    import ray
+
+    from ray_dpo.batching.probe import torch_probe_logps
+    from ray_dpo.engines.engine_group import GenerationGroup
+    from ray_dpo.engines.weight_sync import random_probe
+
+    spec = EngineSpec(backend="transformers", num_engines=2, num_cpus_per_engine=0.5, samples_per_prompt=2,
+                      sync_tolerance=TOLERANCE)
+    g = GenerationGroup(model_path=model_dir, spec=spec, use_gpu=False, seed=0, max_restarts=1)
+    sampling = SamplingConfig(temperature=1.0, top_p=0.9, max_new_tokens=48)
+    many = prompts()[:3] * 8
+    try:
+        probe = random_probe(local.model.config.vocab_size, seed=12)
+        at_16 = perturbed(initial_state, seed=16)
+        local.load_weights(at_16)
+        g.sync_weights(at_16, probe=probe, expected=torch_probe_logps(local.model, probe), version=16)
+        first = [ray.get(a.incarnation.remote()) for a in g._actors]
+        pid = ray.get(g._actors[0].info.remote())["pid"]  # asked first: calls queue behind a generate
+        chunks = g.submit(many, sampling=sampling, seed=3)  # round r+1, from step 16's weights
+        os.kill(pid, signal.SIGKILL)  # while its chunk runs
+
+        at_32 = perturbed(initial_state, seed=32)
+        local.load_weights(at_32)
+        g.sync_weights(at_32, probe=probe, expected=torch_probe_logps(local.model, probe), version=32)
+        got = g.collect(chunks)
+        assert g.keeper.restarts == 1
+        resent = [c.incarnation != first[c.engine] for c in chunks]
+        assert resent == [True, False], "engine 0's chunk was killed mid-run and sent again after the sync"
+        assert [c.version for c in chunks] == [32, 16]
+        assert g.sampled_from(chunks) == 16 and g.sampled_from(chunks[:1]) == 32
+        # What each chunk says is what it is: regenerated now (every engine at step 32), a
+        # resent chunk is the same; a chunk of step 16's weights differs.
+        again = g.generate(many, sampling=sampling, seed=3)
+        for chunk, was_resent in zip(chunks, resent):
+            lo = sum(len(c.prompts) for c in chunks[:chunk.engine])
+            span = slice(lo, lo + len(chunk.prompts))
+            same = [[c.token_ids for c in x] for x in got[span]] == [[c.token_ids for c in x] for x in again[span]]
+            assert same == was_resent, (chunk.engine, was_resent)
+    finally:
+        g.shutdown()
+        local.load_weights(initial_state)
+
+
 def test_an_engine_killed_during_a_collective_sync_is_restarted_and_the_sync_sent_again(
         ray_cluster, model_dir, local, initial_state):
     """SIGKILL an engine between two buckets of a collective sync: the group breaks, the

@@ -132,8 +132,8 @@ def test_a_saved_round_is_read_back_instead_of_made_again_and_errors_reach_waite
 
 
 class _Generation:
-    def __init__(self, samples):
-        self.samples, self.submitted = samples, []
+    def __init__(self, samples, sampled_from=None):
+        self.samples, self.submitted, self.version = samples, [], sampled_from
 
     def submit(self, prompts, *, seed):
         self.submitted.append((len(prompts), seed))
@@ -142,8 +142,16 @@ class _Generation:
     def collect(self, chunks):
         return _completions(len(chunks[0]), self.samples)
 
+    def sampled_from(self, chunks):
+        return self.version
 
-def test_the_producer_submits_a_round_once_and_says_how_stale_its_samples_are(tmp_path, capsys):
+
+@pytest.mark.parametrize("sampled_from, staleness", [(None, 4), (4, 4), (8, 0)])
+def test_the_producer_submits_a_round_once_and_says_how_stale_its_samples_are(tmp_path, capsys, sampled_from,
+                                                                              staleness):
+    """Submitted at step 4 for a round starting at step 8: 4 steps stale, unless the engines
+    say the samples came from newer weights (a restarted engine's chunk, sent again after
+    the sync at step 8), or say nothing (then the submit step counts)."""
     from ray_dpo.online.round_builder import RoundProducer
 
     rounds = _round_feeder(tmp_path)
@@ -151,7 +159,7 @@ def test_the_producer_submits_a_round_once_and_says_how_stale_its_samples_are(tm
                           sampling=SamplingConfig())
     spec = SimpleNamespace(online=online, data=DataConfig(max_length=64, max_prompt_length=16), seed=5)
     logged = []
-    generation = _Generation(samples=2)
+    generation = _Generation(samples=2, sampled_from=sampled_from)
 
     class Prompts:
         def __len__(self):
@@ -167,7 +175,7 @@ def test_the_producer_submits_a_round_once_and_says_how_stale_its_samples_are(tm
     assert generation.submitted == [(4, 5 + 1_000_003 * 3)], "submitted once, seeded by round"
     rounds.get_step(8, rank=0)  # waits for the round
     (step, metrics), = logged
-    assert step == 8 and metrics["online/sample_staleness_steps"] == 4
+    assert step == 8 and metrics["online/sample_staleness_steps"] == staleness
     assert rounds.store.load(2).rows, "kept in the round store before it is served"
     assert "online round 3/3" in capsys.readouterr().out
 
