@@ -25,6 +25,7 @@ Sampled every 20 ms from this process (psutil); short peaks between samples are 
                        and/or 1b (a random Llama of ~1.0B parameters built here, bf16)
     --buckets LIST     collective bucket sizes in MiB (default 16,64,256)
     --repeats N        syncs per row (default 3)
+    --methods LIST     only these of object_store,checkpoint,collective (default: all)
     --record           append the table to BENCHMARKS.md
 
 Run it alone: the numbers are one machine's memory and cores.
@@ -212,6 +213,14 @@ def measure(model_name: str, model_path: str, dtype: str, method: str, bucket_mb
         ray.kill(policy)
 
 
+def oom_kills() -> int:
+    """How many processes Ray's memory monitor has killed in this session (raylet.out)."""
+    path = "/tmp/ray/session_latest/logs/raylet.out"
+    if not os.path.exists(path):
+        return 0
+    return open(path, encoding="utf-8", errors="replace").read().count("OOM kill reason")
+
+
 def model_mib(path: str) -> float:
     return sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path) if f.endswith(".safetensors")) / 2**20
 
@@ -222,6 +231,7 @@ def main() -> None:
     parser.add_argument("--buckets", default="16,64,256")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--work", default=os.path.join(ROOT, ".bench", "weight_sync"))
+    parser.add_argument("--methods", default="", help="only these methods (default: all)")
     parser.add_argument("--record", action="store_true")
     args = parser.parse_args()
 
@@ -251,7 +261,18 @@ def main() -> None:
             plans = [("object_store", 0), ("checkpoint", 0)] + [("collective", float(b))
                                                                  for b in args.buckets.split(",")]
             for method, bucket in plans:
-                row = measure(name, path, dtype, method, bucket, args.repeats, data_file, storage)
+                if args.methods and method not in args.methods.split(","):
+                    continue
+                kills = oom_kills()
+                try:
+                    row = measure(name, path, dtype, method, bucket, args.repeats, data_file, storage)
+                except ray.exceptions.RayError as err:  # e.g. Ray's memory monitor killed the engine
+                    why = ("out of memory: Ray's monitor killed a process at 95% of RAM" if oom_kills() > kills
+                           else type(err).__name__)
+                    row = {"model": name, "method": method, "bucket MiB": bucket if method == "collective" else "-",
+                           "seconds": f"failed ({why})", "policy extra MiB": "-", "engine extra MiB": "-",
+                           "node extra MiB": "-"}
+                    print(json.dumps(row), flush=True)
                 row["model MiB"] = round(model_mib(path))
                 rows.append(row)
     ray.shutdown()

@@ -122,6 +122,7 @@ class PolicyFollower:
         self._client = None
         self._error: Optional[BaseException] = None
         self._pending = None  # a collective sync's engine calls (begin_collective -> advance)
+        self._advanced = False  # an advance reached this process (after a restart: not yet)
 
     # ------------------------------------------------------------------ what rank 0 calls
 
@@ -156,10 +157,20 @@ class PolicyFollower:
         """The generation engines' Ray actor ids, whose restarts MLflow counts."""
         return self.generation.actor_ids
 
+    def needs_sync(self) -> bool:
+        """Whether rank 0 must send its last sync again: this process was restarted after
+        that sync and what it started (the coordinator's rounds) died with the old process.
+        A held-out evaluator needs nothing: the next eval point brings the weights."""
+        return self.RESTARTS_ROUNDS and not self._advanced
+
+    RESTARTS_ROUNDS = False
+    """The coordinator: its rounds start at syncs, so a restart needs the last one again."""
+
     def advance(self, step: int, weights: Optional[list], expected: list[float]) -> dict[str, float]:
         """Step ``step`` reached: load the policy's weights (``[ObjectRef]``; None: the engines
         already hold them, e.g. at step 0), verify them on the probe, then start what this
         step starts (an eval; rounds in the coordinator). Returns (and logs) sync/*."""
+        self._advanced = True
         try:
             if self._error is not None:
                 raise self._error

@@ -35,6 +35,8 @@ class OnlineCoordinator(PolicyFollower):
     rounds sample from; evaluation: data.eval_files pairs for the DPO eval metrics, or None
     (at most spec.eval_max_pairs of them)."""
 
+    RESTARTS_ROUNDS = True  # a restarted coordinator asks rank 0 for its last sync again (needs_sync)
+
     def __init__(self, spec: FollowerSpec, plan: BatchPlan, *, train: Any, evaluation: Any, reference: Any,
                  tracking_uri: Optional[str], run_id: Optional[str], use_gpu: bool):
 

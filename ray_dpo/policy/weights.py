@@ -31,8 +31,19 @@ if TYPE_CHECKING:
     from ray_dpo.policy.worker import RankState
 
 
+@dataclass(frozen=True)
+class SentSync:
+    """Rank 0's last advance call, kept until the next sync: a coordinator restarted after
+    it gets the same call again (resend_if_restarted). Its refs keep the weights' object
+    alive, the one the engines' keeper holds anyway (no second copy)."""
+
+    step: int
+    refs: Optional[list]
+    expected: list
+
+
 def sync_policy(worker: RankState, follower, step: int, probe, *, send_weights: bool,
-                sync: Optional[dict] = None) -> None:
+                sync: Optional[dict] = None) -> Optional[SentSync]:
     """Hand the current weights to the generation engines (through the coordinator).
 
     Every rank calls this at the same step: under ZeRO-3 the probe forward and the gather
@@ -40,18 +51,42 @@ def sync_policy(worker: RankState, follower, step: int, probe, *, send_weights: 
     store and blocks in the coordinator's advance; no collective waits on that, so a long
     generation never hits the process group's timeout. The other ranks go on to the next
     step and wait in get_step until its data exists. sync: the follower's sync_spec();
-    method collective sends the weights in buckets instead (_send_collective).
+    method collective sends the weights in buckets instead (_send_collective). Returns rank
+    0's call as a SentSync (None on other ranks, and for collective: nothing is kept).
     """
     from ray_dpo.engines.facts import SYNC_METHODS
 
     expected = _probe_logps(worker, probe)
     if send_weights and sync is not None and SYNC_METHODS[sync["method"]].sent_by_policy:
         _send_collective(worker, follower, step, expected, sync)  # the one method rank 0 sends itself
-        return
+        return None
     weights = _weights_to_send(worker, step) if send_weights else None
-    if worker.rank == 0:
-        refs = [ray.put(weights)] if weights is not None else None  # in a list: passed as a reference
-        ray.get(follower.advance.remote(step, refs, expected))
+    if worker.rank != 0:
+        return None
+    refs = [ray.put(weights)] if weights is not None else None  # in a list: passed as a reference
+    ray.get(follower.advance.remote(step, refs, expected))
+    return SentSync(step, refs, expected)
+
+
+def resend_if_restarted(follower, last: Optional[SentSync], step: int) -> None:
+    """Rank 0, before feeder step ``step``: a coordinator restarted since the last sync lost
+    the rounds that sync started (their samples, their engines' weights); send it the same
+    call again, so it makes them from the same weights as an unkilled run. Under the
+    collective method rank 0 keeps no weights: the rounds wait for the next sync point."""
+    if not ray.get(follower.needs_sync.remote()):
+        return
+    if last is None:
+        if not _TOLD:
+            _TOLD.add(step)
+            print(f"[ray_dpo] step {step}: the coordinator was restarted after a collective weight sync, whose "
+                  "weights only the engines held; its rounds start again at the next sync point", flush=True)
+        return
+    print(f"[ray_dpo] step {step}: the coordinator was restarted after the weight sync at step {last.step}; "
+          "sending it that sync again, so it remakes the rounds it started", flush=True)
+    ray.get(follower.advance.remote(last.step, last.refs, last.expected))
+
+
+_TOLD: set[int] = set()  # the step whose "restarted after a collective sync" line was printed (once)
 
 
 @dataclass

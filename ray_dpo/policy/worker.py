@@ -54,7 +54,7 @@ from ray_dpo.policy.checkpoints import DS_DIR, load_checkpoint, save_checkpoint 
 from ray_dpo.policy.ds_config import build_ds_config, lr_lambda
 from ray_dpo.policy.loop_spec import TrainLoopSpec
 from ray_dpo.policy.step_metrics import SUMS, all_reduce_sums, global_kl, loss_metrics, metric_sums, sum_names
-from ray_dpo.policy.weights import HF_DIR, export_final, sync_policy  # noqa: F401
+from ray_dpo.policy.weights import HF_DIR, export_final, resend_if_restarted, sync_policy  # noqa: F401
 
 # Dense bf16 peak FLOP/s per GPU (no sparsity), matched against torch.cuda.get_device_name()
 # by substring, first match wins (so "H100" variants go before a bare "H100"). perf/mfu is
@@ -118,19 +118,21 @@ def _train(spec: TrainLoopSpec) -> None:
     if step >= worker.total_steps:
         return  # a finished run started again: its last checkpoint is already final
     follower = spec.follower
-    sync_points, probe, sync = set(), None, None
+    sync_points, probe, sync, sent = set(), None, None, None
     if follower is not None:
         sync_points, probe, sync = ray.get([follower.sync_points.remote(), follower.probe.remote(),
                                             follower.sync_spec.remote()])
         sync_points = set(sync_points)
         # Always at the start: step 0 verifies the engines (and is the initial policy's
         # eval); a resumed run must bring the engines to the checkpoint's weights.
-        sync_policy(worker, follower, step, probe, send_weights=step > 0, sync=sync)
+        sent = sync_policy(worker, follower, step, probe, send_weights=step > 0, sync=sync)
+    # Rank 0 keeps its last sync for a coordinator restarted after it (weights.resend_if_restarted).
+    resend = worker.rank == 0 and follower is not None
     eval_every = spec.eval_every or 0
     every = policy.checkpoint_every_steps
     sigterm_saved = False
     while step < worker.total_steps:
-        metrics = {**run_step(worker, step), **tags}
+        metrics = {**run_step(worker, step, resend=(follower, sent) if resend else None), **tags}
         # A rank got SIGTERM (its pod is being evicted): checkpoint now, then it exits.
         sigterm = metrics.pop("sigterm", False) and not sigterm_saved
         sigterm_saved = sigterm_saved or sigterm
@@ -139,7 +141,7 @@ def _train(spec: TrainLoopSpec) -> None:
         if last or (eval_every and step % eval_every == 0):
             metrics.update(evaluate(worker))
         if step in sync_points:
-            sync_policy(worker, follower, step, probe, send_weights=True, sync=sync)
+            sent = sync_policy(worker, follower, step, probe, send_weights=True, sync=sync)
         if last or (every and step % every == 0) or sigterm:
             model = spec.model if last and policy.save_hf_model else None
             export = (lambda root: export_final(worker, model, root)) if model is not None else None
@@ -313,12 +315,17 @@ def _dummy_pair(pad_token_id: int) -> dict:
 # --------------------------------------------------------------------------- train / eval
 
 
-def run_step(worker: RankState, step: int) -> dict[str, Any]:
-    """Train feeder step `step` (0-based); returns the metrics every rank reports."""
+def run_step(worker: RankState, step: int, *, resend: Optional[tuple] = None) -> dict[str, Any]:
+    """Train feeder step `step` (0-based); returns the metrics every rank reports. resend:
+    rank 0's (follower, last SentSync): a follower restarted since that sync gets it again
+    before this step's data is awaited, and while it is (weights.resend_if_restarted)."""
     t0 = time.perf_counter()
     feeder = worker.feeder
-    micro_batches, n_global = ray.get([feeder.get_step.remote(step, worker.rank),
-                                       feeder.num_pairs_in_step.remote(step)])
+    refs = [feeder.get_step.remote(step, worker.rank), feeder.num_pairs_in_step.remote(step)]
+    if resend is None:
+        micro_batches, n_global = ray.get(refs)
+    else:
+        micro_batches, n_global = _await_step(refs, resend, step)
     grad_accum = worker.policy.gradient_accumulation_steps
     if len(micro_batches) != grad_accum:
         raise RuntimeError(f"feeder step {step}: {len(micro_batches)} micro-batches for rank {worker.rank}, "
@@ -360,6 +367,20 @@ def run_step(worker: RankState, step: int) -> dict[str, Any]:
     return {**loss_metrics(worker.loss_spec, "train", totals), "train/lr": lr, "train/grad_norm": grad_norm,
             **_perf_metrics(worker, totals, step_time),
             "step": step + 1, "epoch": epoch, "pair_ids": pair_ids, "sigterm": totals["sigterm"] > 0}
+
+
+RESEND_POLL_S = 5.0  # rank 0 waiting for a step's data asks again whether the follower restarted
+
+
+def _await_step(refs: list, resend: tuple, step: int) -> list:
+    """ray.get(refs) on rank 0 of a run with a follower: asks it (beside the step's data, so
+    at no cost in time) whether it restarted since the last sync, and again every
+    RESEND_POLL_S while the data is not there (a round the dead process had started)."""
+    follower, last = resend
+    resend_if_restarted(follower, last, step)
+    while len(ray.wait(refs, num_returns=len(refs), timeout=RESEND_POLL_S)[0]) < len(refs):
+        resend_if_restarted(follower, last, step)
+    return ray.get(refs)
 
 
 def _budget_forwards(worker: RankState, micro_batches: list[list[dict]]) -> list[list[dict]]:

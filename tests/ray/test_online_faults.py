@@ -8,6 +8,8 @@ optimizer steps, and every pair any round kept (the round store) trained exactly
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from ray_dpo.testing import chaos
@@ -114,6 +116,56 @@ def test_a_killed_coordinator_is_restarted_and_reads_its_round_back(ray_cluster,
     assert "pairs read back from" in console, console[-4000:]
     if steps_at_kill < STEPS // 2:  # killed before round 2's first step asked for it
         assert "online round 2/2: 64 pairs read back from" in console, console[-4000:]
+
+
+def round_rows(run_dir: str) -> dict[str, list]:
+    """Each saved round's rows without their metrics (what the round trains), by file name."""
+    import json
+
+    directory = os.path.join(run_dir, "online_rounds")
+    out = {}
+    for name in sorted(n for n in os.listdir(directory) if n.endswith(".jsonl")):
+        with open(os.path.join(directory, name), encoding="utf-8") as f:
+            out[name] = [json.loads(line) for line in list(f)[1:] if line.strip()]
+    return out
+
+
+def test_a_coordinator_killed_after_a_sync_remakes_its_rounds_from_that_syncs_weights(
+        ray_cluster, tiny_config, tmp_path):
+    """online.overlap: the sync at step 0 starts round 1 (from step 0's weights) while round 0
+    trains. The coordinator is killed after that sync returned, before round 1 is saved:
+    nothing resends a call to the new process, whose engines start from the initial model.
+    Rank 0 sees it restarted (needs_sync) and sends the step-0 sync again, so round 1 is made
+    from the same weights as in a run nobody killed: the same rows, the same staleness."""
+    import time
+
+    from ray_dpo.config import to_yaml
+
+    overrides = {"online.overlap": True, "online.sampling.max_new_tokens": 48}
+    clean = online_config(tiny_config, "coordinator-clean", "transformers", **overrides)
+    code, console = run(clean, tmp_path, ray_cluster)
+    assert_complete(clean, code, console)
+
+    cfg = online_config(tiny_config, "coordinator-after-sync", "transformers", **overrides)
+    path = tmp_path / "coordinator-after-sync.yaml"
+    path.write_text(to_yaml(cfg), encoding="utf-8")
+    proc, out = chaos.start_cli(str(path), str(tmp_path / "coordinator-after-sync.log"),
+                                ray_cluster.get_runtime_context().gcs_address)
+    round_1 = os.path.join(cfg.run_dir, "online_rounds", "round_00001.jsonl")
+    deadline = time.monotonic() + 600
+    while proc.poll() is None and not chaos.ledger(cfg.run_dir) and time.monotonic() < deadline:
+        time.sleep(0.05)  # step 1 trained: the step-0 sync returned long ago
+    lost = not os.path.exists(round_1)
+    os.kill(chaos.role_pid("coordinator", proc), 9)
+    code, console = chaos.finish(proc, out)
+    mlflow_run = assert_complete(cfg, code, console)
+    assert mlflow_run.data.metrics["faults/coordinator_restarts"] == 1, console[-4000:]
+    if lost:  # round 1 died with the old process: the sync was sent again
+        assert "sending it that sync again" in console, console[-4000:]
+    assert round_rows(cfg.run_dir) == round_rows(clean.run_dir)
+    client, clean_run = chaos.mlflow_run(clean.run.storage_path, clean.run_dir)
+    assert (mlflow_run.data.metrics["online/sample_staleness_steps"]
+            == clean_run.data.metrics["online/sample_staleness_steps"])
 
 
 def test_a_killed_online_driver_resumes_in_its_round_with_the_same_pairs(ray_cluster, tiny_config, tmp_path):
