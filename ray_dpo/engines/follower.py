@@ -160,8 +160,12 @@ class PolicyFollower:
     def needs_sync(self) -> bool:
         """Whether rank 0 must send its last sync again: this process was restarted after
         that sync and what it started (the coordinator's rounds) died with the old process.
-        A held-out evaluator needs nothing: the next eval point brings the weights."""
-        return self.RESTARTS_ROUNDS and not self._advanced
+        A held-out evaluator needs nothing: the next eval point brings the weights. True once
+        per process: the caller is sending that sync now."""
+        if not self.RESTARTS_ROUNDS or self._advanced:
+            return False
+        self._advanced = True
+        return True
 
     RESTARTS_ROUNDS = False
     """The coordinator: its rounds start at syncs, so a restart needs the last one again."""
