@@ -165,7 +165,7 @@ class VLLMEngine(GenerationEngine):
     gpu_memory_utilization: fraction of GPU memory for weights + KV cache (GPU only; on the
     CPU backend this knob means host memory, so the KV cache is sized by
     VLLM_CPU_KVCACHE_SPACE GiB instead, default 1 here).
-    enforce_eager: skip torch.compile / CUDA graphs (default: True on CPU, False on GPU).
+    torch.compile and CUDA graphs are skipped on CPU (enforce_eager) and used on GPU.
     lora_rank: serve a LoRA policy (policy.lora.rank): the engine keeps the base model and
     loads each synced adapter (AdapterWeights) under a new id; None: whole-weight syncs only.
     """
@@ -174,8 +174,7 @@ class VLLMEngine(GenerationEngine):
 
     def __init__(self, model_path: str, *, seed: int = 0, dtype: str = "fp32", device: str = "cpu",
                  max_model_len: Optional[int] = None, gpu_memory_utilization: float = 0.85,
-                 enforce_eager: Optional[bool] = None, tokenizer: Optional[str] = None,
-                 lora_rank: Optional[int] = None):
+                 tokenizer: Optional[str] = None, lora_rank: Optional[int] = None):
         # Read by vLLM when the engine starts, so setting them here works; setdefault
         # keeps whatever the actor's runtime_env or the user chose.
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -188,7 +187,7 @@ class VLLMEngine(GenerationEngine):
 
         kwargs: dict[str, Any] = {
             "model": model_path, "tokenizer": tokenizer or model_path, "dtype": dtype_name(dtype),
-            "seed": seed, "enforce_eager": device == "cpu" if enforce_eager is None else enforce_eager,
+            "seed": seed, "enforce_eager": device == "cpu",
         }
         if max_model_len:
             kwargs["max_model_len"] = max_model_len
