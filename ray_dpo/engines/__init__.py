@@ -26,8 +26,7 @@ one is used; vllm is imported only inside a VLLMEngine.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from ray_dpo.lazy import lazy_names
 
 _LAZY = {
     "EngineSpec": "ray_dpo.engines.spec",
@@ -63,10 +62,4 @@ _LAZY = {
     "select_prompts": "ray_dpo.engines.evaluation",
 }
 
-__all__ = sorted(_LAZY)
-
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'ray_dpo.engines' has no attribute {name!r}")
+__getattr__, __all__ = lazy_names(__name__, _LAZY)

@@ -13,8 +13,7 @@ Names load lazily, so importing this package costs nothing (no torch, ray or vll
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from ray_dpo.lazy import lazy_names
 
 _LAZY = {
     "Candidate": "ray_dpo.online.pairs",
@@ -30,10 +29,4 @@ _LAZY = {
     "sync_points": "ray_dpo.online.rounds",
 }
 
-__all__ = sorted(_LAZY)
-
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'ray_dpo.online' has no attribute {name!r}")
+__getattr__, __all__ = lazy_names(__name__, _LAZY)

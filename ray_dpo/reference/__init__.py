@@ -11,8 +11,7 @@ Names load lazily: ``from ray_dpo.reference import cache`` needs neither ray nor
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from ray_dpo.lazy import lazy_names
 
 _LAZY = {
     "ReferenceActor": "ray_dpo.reference.actor",
@@ -20,14 +19,7 @@ _LAZY = {
     "ReferenceActorLostError": "ray_dpo.reference.group",
     "REF_COLUMNS": "ray_dpo.reference.group",
     "cache_key": "ray_dpo.reference.cache",
+    "cache": "ray_dpo.reference.cache",
 }
 
-__all__ = sorted([*_LAZY, "cache"])
-
-
-def __getattr__(name: str) -> Any:
-    if name == "cache":
-        return importlib.import_module("ray_dpo.reference.cache")
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'ray_dpo.reference' has no attribute {name!r}")
+__getattr__, __all__ = lazy_names(__name__, _LAZY)

@@ -6,6 +6,7 @@ import sys
 PURE = [
     "ray_dpo.config",
     "ray_dpo.registry",
+    "ray_dpo.lazy",
     "ray_dpo.losses",
     "ray_dpo.loss_rules",
     "ray_dpo.lora",
