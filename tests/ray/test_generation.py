@@ -85,6 +85,15 @@ def perturbed(state: dict, *, seed: int, scale: float = 0.05) -> dict:
     return out
 
 
+def two_engines(model_dir: str, *, max_restarts: int, **spec):
+    """A GenerationGroup of two transformers engines (half a CPU each) that Ray restarts."""
+    from ray_dpo.engines.engine_group import GenerationGroup
+
+    return GenerationGroup(model_path=model_dir, use_gpu=False, seed=0, max_restarts=max_restarts,
+                           spec=EngineSpec(backend="transformers", num_engines=2, num_cpus_per_engine=0.5,
+                                           samples_per_prompt=2, sync_tolerance=TOLERANCE, **spec))
+
+
 def assert_same_completions(got, want):
     assert len(got) == len(want)
     for i, (g, w) in enumerate(zip(got, want)):
@@ -265,13 +274,10 @@ def test_a_killed_engine_is_restarted_reloaded_and_asked_again(ray_cluster, mode
 
     import ray
 
-    from ray_dpo.engines.engine_group import GenerationGroup
     from ray_dpo.batching.probe import torch_probe_logps
     from ray_dpo.engines.weight_sync import random_probe
 
-    spec = EngineSpec(backend="transformers", num_engines=2, num_cpus_per_engine=0.5, samples_per_prompt=2,
-                      sync_tolerance=TOLERANCE)
-    g = GenerationGroup(model_path=model_dir, spec=spec, use_gpu=False, seed=0, max_restarts=2)
+    g = two_engines(model_dir, max_restarts=2)
     sampling = SamplingConfig(temperature=1.0, top_p=0.9, max_new_tokens=8)
     many = prompts()[:3] * 6
     try:
@@ -308,12 +314,9 @@ def test_a_chunk_sent_again_after_a_sync_says_it_came_from_the_newer_weights(
     import ray
 
     from ray_dpo.batching.probe import torch_probe_logps
-    from ray_dpo.engines.engine_group import GenerationGroup
     from ray_dpo.engines.weight_sync import random_probe
 
-    spec = EngineSpec(backend="transformers", num_engines=2, num_cpus_per_engine=0.5, samples_per_prompt=2,
-                      sync_tolerance=TOLERANCE)
-    g = GenerationGroup(model_path=model_dir, spec=spec, use_gpu=False, seed=0, max_restarts=1)
+    g = two_engines(model_dir, max_restarts=1)
     sampling = SamplingConfig(temperature=1.0, top_p=0.9, max_new_tokens=48)
     many = prompts()[:3] * 8
     try:
@@ -358,12 +361,10 @@ def test_an_engine_killed_during_a_collective_sync_is_restarted_and_the_sync_sen
     import ray
 
     from ray_dpo.batching.probe import torch_probe_logps
-    from ray_dpo.engines.engine_group import GenerationGroup, SyncInterrupted
+    from ray_dpo.engines.engine_group import SyncInterrupted
     from ray_dpo.engines.weight_sync import random_probe
 
-    spec = EngineSpec(backend="transformers", num_engines=2, num_cpus_per_engine=0.5, samples_per_prompt=2,
-                      sync_tolerance=TOLERANCE, weight_sync="collective")
-    g = GenerationGroup(model_path=model_dir, spec=spec, use_gpu=False, seed=0, max_restarts=1)
+    g = two_engines(model_dir, max_restarts=1, weight_sync="collective")
     try:
         trained = perturbed(initial_state, seed=10)
         probe = random_probe(local.model.config.vocab_size, seed=10)

@@ -44,6 +44,25 @@ def run(cfg, tmp_path, ray, *, kill=None, at=3):
     return chaos.finish(proc, out)
 
 
+def kill_coordinator_when(cfg, tmp_path, ray, ready, *, on_kill=lambda: None):
+    """Run cfg in a subprocess; SIGKILL the coordinator once ``ready()`` holds (after
+    calling ``on_kill()`` to note what the run had reached); (exit code, console)."""
+    import time
+
+    from ray_dpo.config import to_yaml
+
+    path = tmp_path / f"{cfg.run.name}.yaml"
+    path.write_text(to_yaml(cfg), encoding="utf-8")
+    proc, out = chaos.start_cli(str(path), str(tmp_path / f"{cfg.run.name}.log"),
+                                ray.get_runtime_context().gcs_address)
+    deadline = time.monotonic() + 600
+    while proc.poll() is None and not ready() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    on_kill()
+    os.kill(chaos.role_pid("coordinator", proc), 9)
+    return chaos.finish(proc, out)
+
+
 def assert_complete(cfg, code, console):
     assert code == 0, console[-6000:]
     problems = chaos.online_ledger_problems(cfg.run_dir, steps=STEPS)
@@ -93,23 +112,12 @@ def test_a_killed_coordinator_is_restarted_and_reads_its_round_back(ray_cluster,
     killed once it is saved. The restarted process serves round 2 from the round store
     instead of sampling it again, and the reference actors it streams through survive the
     death of the process that last used them."""
-    import os
-    import time
-
     cfg = online_config(tiny_config, "kill-coordinator", "transformers", **{"online.overlap": True})
-    from ray_dpo.config import to_yaml
-
-    path = tmp_path / "kill-coordinator.yaml"
-    path.write_text(to_yaml(cfg), encoding="utf-8")
-    proc, out = chaos.start_cli(str(path), str(tmp_path / "kill-coordinator.log"),
-                                ray_cluster.get_runtime_context().gcs_address)
     saved = os.path.join(cfg.run_dir, "online_rounds", "round_00001.jsonl")
-    deadline = time.monotonic() + 600
-    while proc.poll() is None and not os.path.exists(saved) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    steps_at_kill = len(chaos.ledger(cfg.run_dir))
-    os.kill(chaos.role_pid("coordinator", proc), 9)
-    code, console = chaos.finish(proc, out)
+    at_kill = {}
+    code, console = kill_coordinator_when(cfg, tmp_path, ray_cluster, lambda: os.path.exists(saved),
+                                          on_kill=lambda: at_kill.update(steps=len(chaos.ledger(cfg.run_dir))))
+    steps_at_kill = at_kill["steps"]
     mlflow_run = assert_complete(cfg, code, console)
     assert mlflow_run.data.metrics["faults/coordinator_restarts"] == 1, console[-4000:]
     # Every step after the kill is served by the new process, from rounds it reads back.
@@ -137,27 +145,18 @@ def test_a_coordinator_killed_after_a_sync_remakes_its_rounds_from_that_syncs_we
     nothing resends a call to the new process, whose engines start from the initial model.
     Rank 0 sees it restarted (needs_sync) and sends the step-0 sync again, so round 1 is made
     from the same weights as in a run nobody killed: the same rows, the same staleness."""
-    import time
-
-    from ray_dpo.config import to_yaml
-
     overrides = {"online.overlap": True, "online.sampling.max_new_tokens": 48}
     clean = online_config(tiny_config, "coordinator-clean", "transformers", **overrides)
     code, console = run(clean, tmp_path, ray_cluster)
     assert_complete(clean, code, console)
 
     cfg = online_config(tiny_config, "coordinator-after-sync", "transformers", **overrides)
-    path = tmp_path / "coordinator-after-sync.yaml"
-    path.write_text(to_yaml(cfg), encoding="utf-8")
-    proc, out = chaos.start_cli(str(path), str(tmp_path / "coordinator-after-sync.log"),
-                                ray_cluster.get_runtime_context().gcs_address)
     round_1 = os.path.join(cfg.run_dir, "online_rounds", "round_00001.jsonl")
-    deadline = time.monotonic() + 600
-    while proc.poll() is None and not chaos.ledger(cfg.run_dir) and time.monotonic() < deadline:
-        time.sleep(0.05)  # step 1 trained: the step-0 sync returned long ago
-    lost = not os.path.exists(round_1)
-    os.kill(chaos.role_pid("coordinator", proc), 9)
-    code, console = chaos.finish(proc, out)
+    at_kill = {}
+    # Killed once step 1 is trained: the step-0 sync returned long ago.
+    code, console = kill_coordinator_when(cfg, tmp_path, ray_cluster, lambda: bool(chaos.ledger(cfg.run_dir)),
+                                          on_kill=lambda: at_kill.update(lost=not os.path.exists(round_1)))
+    lost = at_kill["lost"]
     mlflow_run = assert_complete(cfg, code, console)
     assert mlflow_run.data.metrics["faults/coordinator_restarts"] == 1, console[-4000:]
     if lost:  # round 1 died with the old process: the sync was sent again
