@@ -373,9 +373,9 @@ RESEND_POLL_S = 5.0  # rank 0 waiting for a step's data asks again whether the f
 
 
 def _await_step(refs: list, resend: tuple, step: int) -> list:
-    """ray.get(refs) on rank 0 of a run with a follower: asks it (beside the step's data, so
-    at no cost in time) whether it restarted since the last sync, and again every
-    RESEND_POLL_S while the data is not there (a round the dead process had started)."""
+    """ray.get(refs) on rank 0 of a run with a follower: asks it whether it restarted since
+    the last sync while the step's data is on its way (one short call a step), and again
+    every RESEND_POLL_S while the data is not there (a round the dead process had started)."""
     follower, last = resend
     resend_if_restarted(follower, last, step)
     while len(ray.wait(refs, num_returns=len(refs), timeout=RESEND_POLL_S)[0]) < len(refs):
