@@ -12,7 +12,9 @@ import logging
 import sys
 
 from ray_dpo.config import ConfigError, load_config, to_yaml
-from ray_dpo.console import LOG_FORMAT
+from ray_dpo.config.secrets import credentials, redact_config
+from ray_dpo.config.trust import executes
+from ray_dpo.console import LOG_FORMAT, RedactRecords
 from ray_dpo.dtypes import DTYPES
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_CONFIG = 0, 1, 2
@@ -52,7 +54,12 @@ def cmd_validate(args: argparse.Namespace) -> int:
             print(f"#   {trial.name}: {trial.label}")
     else:
         print(f"# {args.config}: valid. Resolved config:")
-    print(to_yaml(cfg), end="")
+    for key, what in executes(cfg):
+        print(f"# runs code: {key}: {what}")
+    for key, what in credentials(cfg):
+        print(f"# warning: {key} holds {what}: it is shown as *** here, in MLflow and on the console, "
+              f"and `ray-dpo k8s` refuses it; put the credential in the environment instead (docs/deploy.md)")
+    print(to_yaml(redact_config(cfg)), end="")
     return EXIT_OK
 
 
@@ -326,6 +333,8 @@ def _add_tool_commands(sub) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)  # the prefix the console keeps
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(RedactRecords())  # no URL's credential in a log line
     return args.func(args)
 
 

@@ -24,6 +24,10 @@ console:
   text goes to ``ray_dpo-ray-errors.log`` in the session's log folder.
 
 ``RAY_DPO_CONSOLE=all`` turns all of this off (Ray's default console) for debugging.
+
+Whatever reaches the console or console.log has the credentials of its URLs masked (a
+user:password@ or token@ user part, a token= or signature= query value: config/secrets.py),
+filtered or not.
 """
 
 from __future__ import annotations
@@ -58,8 +62,23 @@ def own_lines(batch: dict) -> list[str]:
     return [line for line in batch.get("lines") or () if is_own_line(line)]
 
 
+class RedactRecords(logging.Filter):
+    """A handler filter: log records with their URLs' credentials masked (secrets.redact)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from ray_dpo.config.secrets import redact
+
+        message = record.getMessage()
+        clean = redact(message)
+        if clean != message:
+            record.msg, record.args = clean, ()
+        return True
+
+
 def _print_own_lines(batch: dict) -> None:
-    lines = own_lines(batch)
+    from ray_dpo.config.secrets import redact
+
+    lines = [redact(line) for line in own_lines(batch)]
     if not lines:
         return
     sink = sys.stderr if batch.get("is_err") else sys.stdout
@@ -84,6 +103,7 @@ class Recording:
         # ray_dpo's log records: their handler writes to the stream it was given at start-up.
         self._handler = logging.Handler()
         self._handler.setFormatter(logging.Formatter(LOG_FORMAT))
+        self._handler.addFilter(RedactRecords())
         self._handler.emit = lambda record: self._keep(self._handler.format(record) + "\n")
         logging.getLogger("ray_dpo").addHandler(self._handler)
         return self
@@ -114,6 +134,9 @@ class _Tee:
         self._sink, self._keep = sink, keep
 
     def write(self, text: str) -> int:
+        from ray_dpo.config.secrets import redact
+
+        text = redact(text)
         self._keep(text)
         return self._sink.write(text)
 
@@ -254,6 +277,7 @@ def setup_worker_logging() -> None:
         return
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    handler.addFilter(RedactRecords())
     handler._ray_dpo = True  # type: ignore[attr-defined]
     log.addHandler(handler)
     log.setLevel(logging.INFO)

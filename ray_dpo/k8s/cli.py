@@ -5,16 +5,16 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import re
 import sys
 from dataclasses import dataclass
 
 import yaml
 
 from ray_dpo.config import REMOTE_PREFIXES, ConfigError, RunConfig, load_config
+from ray_dpo.config.secrets import credentials
 from ray_dpo.k8s.groups import GroupPlan, plan_groups
 from ray_dpo.k8s.manifests import documents, k8s_name
-from ray_dpo.k8s.options import (DEFAULT_STORAGE_MOUNT, EXIT_BAD_CONFIG, EXIT_OK, MLFLOW_KEYS, OBJECT_STORE_KEYS,
+from ray_dpo.k8s.options import (DEFAULT_STORAGE_MOUNT, EXIT_BAD_CONFIG, EXIT_OK, HF_KEYS, MLFLOW_KEYS, OBJECT_STORE_KEYS,
                                  ClusterShape, K8sError, K8sOptions, Storage, entrypoint)
 from ray_dpo.loss_rules import needs_reference_group, reference_source
 
@@ -84,11 +84,25 @@ def _check_storage(cfg: RunConfig, storage: Storage) -> None:
 
 
 def _check_no_inline_credentials(cfg: RunConfig) -> None:
-    uri = cfg.tracking.mlflow.tracking_uri or ""
-    if re.match(r"^[a-z][a-z0-9+.-]*://[^/@]+:[^/@]*@", uri):
-        raise K8sError("tracking.mlflow.tracking_uri holds a password, which would land in a ConfigMap; "
-                       "put the URI and credentials in the Secret named by --mlflow-secret "
-                       f"(keys {', '.join(MLFLOW_KEYS)}) and drop them from the config")
+    """Refuse a config whose URLs carry credentials: the ConfigMap would publish them to
+    anyone who can read the namespace. Each is named with the Secret that carries it instead."""
+    found = credentials(cfg)
+    if not found:
+        return
+    lines = [f"  {key} holds {what}; {_secret_for(key)}" for key, what in found]
+    raise K8sError("the config holds credentials in URLs, which would land in clear text in the ConfigMap "
+                   "(and in MLflow params); drop them from the config:\n" + "\n".join(lines))
+
+
+def _secret_for(key: str) -> str:
+    """Where the credential of config field ``key`` goes instead (the Secrets the pods read)."""
+    if key.startswith("tracking.mlflow."):
+        return (f"put the URI and credentials in the Secret named by --mlflow-secret (keys {', '.join(MLFLOW_KEYS)}) "
+                "and leave tracking_uri unset")
+    if key.startswith(("model.", "reference.model")):
+        return f"give the plain model id or path, and the hub token in the Secret named by --hf-secret (key {HF_KEYS[0]})"
+    return (f"give the plain URI, and the object-store credentials in the Secret named by --object-store-secret "
+            f"(keys {', '.join(OBJECT_STORE_KEYS)})")
 
 
 def _path_warnings(cfg: RunConfig, storage: Storage) -> list[str]:

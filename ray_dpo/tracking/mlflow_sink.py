@@ -14,6 +14,7 @@ import time
 from collections.abc import Mapping
 
 from ray_dpo.config import MLflowConfig
+from ray_dpo.config.secrets import redact
 
 # MLflow refuses batches above these sizes (mlflow/utils/validation.py).
 _MAX_PARAMS_PER_BATCH = 100
@@ -89,7 +90,7 @@ class MLflowRun:
         """
         from mlflow.entities import Param
 
-        params = {k: str(v)[:_MAX_PARAM_LENGTH] for k, v in params.items()}
+        params = {k: redact(str(v))[:_MAX_PARAM_LENGTH] for k, v in params.items()}
         if self.resumed:
             logged = self.client.get_run(self.run_id).data.params
             changed = {k: v for k, v in params.items() if k in logged and logged[k] != v}
@@ -103,13 +104,13 @@ class MLflowRun:
     def set_tags(self, tags: Mapping[str, str]) -> None:
         from mlflow.entities import RunTag
 
-        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+        self.client.log_batch(self.run_id, tags=[RunTag(k, redact(str(v))) for k, v in tags.items()])
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         log_metrics(self.client, self.run_id, metrics, step)
 
     def log_text(self, text: str, artifact_file: str) -> None:
-        self.client.log_text(self.run_id, text, artifact_file)
+        self.client.log_text(self.run_id, redact(text), artifact_file)
 
     def log_json(self, obj: object, artifact_file: str) -> None:
         self.log_text(json.dumps(obj, indent=2, sort_keys=True), artifact_file)
