@@ -14,7 +14,7 @@ import sys
 from ray_dpo.config import ConfigError, load_config, to_yaml
 from ray_dpo.config.secrets import credentials, redact_config
 from ray_dpo.config.trust import executes
-from ray_dpo.console import LOG_FORMAT, RedactRecords
+from ray_dpo.console import LOG_FORMAT, RedactingStream, RedactRecords
 from ray_dpo.dtypes import DTYPES
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_CONFIG = 0, 1, 2
@@ -335,7 +335,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)  # the prefix the console keeps
     for handler in logging.getLogger().handlers:
         handler.addFilter(RedactRecords())  # no URL's credential in a log line
-    return args.func(args)
+    saved = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = RedactingStream(sys.stdout), RedactingStream(sys.stderr)  # nor in a print
+    try:
+        return args.func(args)
+    finally:
+        sys.stdout, sys.stderr = saved
 
 
 if __name__ == "__main__":

@@ -147,6 +147,26 @@ class _Tee:
         return getattr(self._sink, name)
 
 
+class RedactingStream:
+    """A stream that masks the credentials of the URLs written to it (the CLI's stdout and
+    stderr: config errors and tracebacks may quote a URL)."""
+
+    def __init__(self, sink):
+        self._sink = sink
+
+    def write(self, text: str) -> int:
+        from ray_dpo.config.secrets import redact
+
+        self._sink.write(redact(text))
+        return len(text)
+
+    def flush(self) -> None:
+        self._sink.flush()
+
+    def __getattr__(self, name: str):
+        return getattr(self._sink, name)
+
+
 class OwnLinesOnly:
     """A stdout that passes ray_dpo's lines and drops the rest: what a library driving the
     console from this process (Ray Tune's experiment banners and trial tables) prints goes

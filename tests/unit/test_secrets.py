@@ -141,3 +141,11 @@ def test_validate_lists_the_code_a_config_runs(tmp_path, capsys, monkeypatch):
     # A module that is not there is a config problem before it is anything else.
     assert cli.main(["validate", str(path), "--set", "online.judge.function=nowhere_judge:score"]) == 2
     assert "online.judge.function" in capsys.readouterr().err
+
+
+def test_a_config_error_quoting_a_url_reaches_the_console_masked(capsys):
+    missing = "file:///nonexistent/pairs.jsonl?token=abc"
+    code = cli.main(["validate", os.path.join(CONFIGS, "tiny-cpu.yaml"), "--set", f"data.train_files=['{missing}']"])
+    out, err = capsys.readouterr()
+    assert code == 2 and f"data.train_files[0]: glob 'file:///nonexistent/pairs.jsonl?token={MASK}'" in err
+    assert "token=abc" not in out + err
