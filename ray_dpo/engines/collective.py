@@ -25,7 +25,7 @@ from __future__ import annotations
 import datetime
 import math
 from dataclasses import dataclass
-from typing import Iterator, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 
@@ -111,6 +111,30 @@ def backend_for(device: torch.device | str) -> str:
     return "nccl" if torch.device(device).type == "cuda" else "gloo"
 
 
+ARRIVED, ABORT = "arrived", "abort"
+"""Store keys: the counter each engine adds 1 to before anyone joins the group; set by rank 0
+when it gives up on the sync before the group formed (an engine never came)."""
+
+
+def _await_arrivals(store, engines: int, timeout_s: float, poll_s: float = 0.05) -> None:
+    """An engine's wait until every engine has arrived, so none joins a group that cannot
+    form; GroupBroken if rank 0 gave up meanwhile (or its store is gone)."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    try:
+        while store.add(ARRIVED, 0) < engines:
+            if store.check([ABORT]):
+                raise GroupBroken("policy rank 0 gave up on this sync before every engine joined")
+            if time.monotonic() > deadline:
+                raise GroupBroken(f"not every engine joined the sync group within {timeout_s:.0f}s")
+            time.sleep(poll_s)
+    except GroupBroken:
+        raise
+    except RuntimeError as err:  # the store's server (rank 0) is gone
+        raise GroupBroken(_first_line(err)) from None
+
+
 def _group(store, rank: int, world_size: int, backend: str, timeout_s: float, device: torch.device):
     """A process group over ``store`` that is not torch.distributed's default group (policy
     rank 0 is in Ray Train's already). Collectives are called on the object directly."""
@@ -168,10 +192,27 @@ class GroupSender:
         return SyncTicket(host=self.host, port=self.port, world_size=self.world_size, backend=self.backend,
                           buckets=tuple(buckets), timeout_s=self.timeout_s, adapter=adapter, version=version)
 
-    def connect(self) -> None:
-        """Join the group as rank 0; returns once every engine has joined (or raises GroupBroken)."""
+    def connect(self, check: Optional[Callable[[], Optional[str]]] = None, poll_s: float = 0.5) -> None:
+        """Join the group as rank 0; returns once every engine has joined (or raises GroupBroken).
+
+        Engines say they arrived (``receive``) before they join, and until all have, ``check``
+        is asked every ``poll_s`` whether one of them failed (the follower reads their load
+        calls: an engine that was dead when its call was sent never comes); a problem it
+        names breaks the group at once instead of after timeout_s."""
+        import time
+
         import torch.distributed as dist
 
+        deadline = time.monotonic() + self.timeout_s
+        while self._store.add(ARRIVED, 0) < self.world_size - 1:
+            problem = check() if check is not None else None
+            if not problem and time.monotonic() > deadline:
+                problem = (f"{self.world_size - 1 - self._store.add(ARRIVED, 0)} engine(s) did not join the "
+                           f"sync group within {self.timeout_s:.0f}s")
+            if problem:
+                self._store.set(ABORT, "1")  # the engines that arrived stop waiting for the others
+                raise GroupBroken(problem)
+            time.sleep(poll_s)
         try:
             self._group = _group(dist.PrefixStore("sync/", self._store), 0, self.world_size, self.backend,
                                  self.timeout_s, self.device)
@@ -223,6 +264,8 @@ def receive(ticket: SyncTicket, *, rank: int, device: torch.device | str,
     stats = stats if stats is not None else ReceiveStats()
     store = dist.TCPStore(ticket.host, ticket.port, ticket.world_size, False,
                           timeout=datetime.timedelta(seconds=ticket.timeout_s))
+    store.add(ARRIVED, 1)  # rank 0 waits for every engine's arrival before it joins (GroupSender.connect)
+    _await_arrivals(store, ticket.world_size - 1, ticket.timeout_s)
     try:
         group = _group(dist.PrefixStore("sync/", store), rank, ticket.world_size, ticket.backend, ticket.timeout_s,
                        device)

@@ -10,8 +10,10 @@
 A dead engine (process killed, node lost) is restarted by Ray up to ``max_restarts`` times;
 the group's EngineKeeper (engine_restarts.py) reloads the last synced weights into it and
 checks them on the probe before the group sends it its unfinished chunks again (the same
-prompts, n, sampling and seed), so a round's samples are complete. A sample generated again
-after a later sync (online.overlap) is from the newer weights.
+prompts, n, sampling and seed), so a round's samples are complete. A chunk lost after a later
+sync (online.overlap) is generated again from the weights it was first sent with, loaded
+around it, so its samples are the ones the unkilled engine gives (engine_restarts.py says
+when that cannot be done and the chunk's version says so).
 """
 
 from __future__ import annotations
@@ -49,6 +51,8 @@ class Chunk:
     ref: Any = None
     incarnation: str = ""  # the engine process it was sent to
     version: Optional[int] = None  # the policy step of the weights it is generated from (None: not said)
+    back: Any = None  # sent again from earlier weights: the load of the current ones after it
+    sends: int = 0  # how often it was sent (0: held back, its engine waits for weights)
 
 
 @dataclass
@@ -104,8 +108,11 @@ class GenerationGroup:
         ]
         t0 = time.perf_counter()
         incarnations = ray.get([a.incarnation.remote() for a in self._actors], timeout=start_timeout_s)
+        # Adapter engines (lora_rank) cannot go back to serving no adapter: no initial reload.
+        initial = None if (engine_options or {}).get("lora_rank") else model_path
         self.keeper = EngineKeeper(self._actors, incarnations, backend=spec.backend, max_restarts=max_restarts,
-                                   timeout_s=start_timeout_s, verify=self._verify)
+                                   timeout_s=start_timeout_s, verify=self._verify, initial=initial)
+        self._unfinished: list[Chunk] = []  # sent, their completions not yet collected
         logger.info("%d %s generation engine(s) up in %.1fs", len(self._actors), spec.backend,
                     time.perf_counter() - t0)
 
@@ -154,18 +161,40 @@ class GenerationGroup:
 
     def sampled_from(self, chunks: Sequence[Chunk]) -> Optional[int]:
         """The oldest policy step whose weights generated ``chunks`` (once collected), None if
-        a sync did not say its step. A chunk sent again to a restarted engine is generated
-        from the weights that engine then holds, which a sync since its submit made newer."""
+        a sync did not say its step. A chunk sent again to a restarted engine after a sync is
+        generated from the weights it was first sent with where the keeper could hold them
+        (engine_restarts), else from the newer weights, and then says so."""
         versions = [c.version for c in chunks]
         return min(versions) if versions and None not in versions else None
 
     def _send(self, chunk: Chunk) -> None:
         # Under the keeper's lock: no sync is queueing loads meanwhile, so the engine runs this
-        # chunk on the weights of the last sync queued before it (the keeper's restore).
+        # chunk on the weights of the last sync queued before it (the keeper's restore), or,
+        # sent again after a sync, on the earlier weights it first went with, loaded around it.
+        import ray
+
         with self.keeper.lock:
+            if not any(c is chunk for c in self._unfinished):
+                self._unfinished.append(chunk)
+            if chunk.engine in self.keeper.awaiting:  # restarted, no weights yet: _result sends it later
+                chunk.ref = None
+                return
+            first, restore = chunk.sends == 0, self.keeper.restore
+            chunk.sends += 1
+            earlier = None if first or chunk.version == restore.version else self.keeper.earlier.get(chunk.version)
             chunk.incarnation = self.keeper.incarnations[chunk.engine]
-            chunk.version = self.keeper.restore.version
+            chunk.back = None
+            if earlier is not None:
+                # Waited for: a checkpoint load must read its directory before the load
+                # back rewrites it. A failure here is the engine's, handled like the chunk's.
+                check_loads([ray.get(self.keeper.load(chunk.engine, earlier))], backend=self.spec.backend)
+                if earlier.probe is not None and earlier.expected is not None:
+                    self._verify(earlier.probe, earlier.expected, None, "regenerate", engines=[chunk.engine])
+            else:
+                chunk.version = restore.version
             chunk.ref = self._actors[chunk.engine].tagged.remote("generate", chunk.prompts, **chunk.kwargs)
+            if earlier is not None:
+                chunk.back = self.keeper.load(chunk.engine)
 
     def _result(self, chunk: Chunk) -> list[list[Completion]]:
         """A chunk's completions from the engine process that holds the synced weights.
@@ -177,20 +206,34 @@ class GenerationGroup:
         import ray
         from ray.exceptions import RayActorError
 
+        resend = chunk.ref is None  # held back at submit: its engine waited for weights
         while True:
             try:
+                if resend:
+                    self.keeper.wait_for_weights(chunk.engine)
+                    self._send(chunk)
+                    if chunk.ref is None:  # restarted again meanwhile
+                        continue
                 incarnation, out = ray.get(chunk.ref)
+                if chunk.back is not None:  # the current weights, loaded again after the earlier ones
+                    check_loads([ray.get(chunk.back)], backend=self.spec.backend)
             except RayActorError as err:
                 logger.warning("generation engine %d failed on %d prompt(s): %s", chunk.engine,
                                len(chunk.prompts), error_line(err))
                 self.keeper.recover(chunk.engine, cause=err)
             else:
                 if incarnation == chunk.incarnation:
+                    self._finished(chunk)
                     return out
                 # Another process than the one it was sent to (restarted while idle): its
                 # weights may be the initial ones. Recover (if nobody did) and ask again.
                 self.keeper.recover(chunk.engine, cause=None)
-            self._send(chunk)
+            resend = True
+
+    def _finished(self, chunk: Chunk) -> None:
+        with self.keeper.lock:
+            self._unfinished = [c for c in self._unfinished if c is not chunk]
+            self.keeper.forget_earlier({c.version for c in self._unfinished})
 
     # ------------------------------------------------------------------ weights
 
@@ -220,8 +263,11 @@ class GenerationGroup:
         method = method or self.spec.weight_sync
         t0 = time.perf_counter()
         with self.keeper.lock:
-            # What a restarted engine loads from now on (also one that dies during this sync).
-            self.keeper.remember(method, weights, options, version)
+            # What a restarted engine loads from now on (also one that dies during this sync),
+            # holding the weights before it while chunks sent with them are not collected.
+            previous = self.keeper.restore.version
+            self.keeper.remember(method, weights, options, version,
+                                 keep_previous=any(c.version == previous for c in self._unfinished))
             refs = sync_method(method)(self._actors, weights, **options)
         return PendingSync(method, refs, t0)
 
@@ -255,7 +301,8 @@ class GenerationGroup:
             if expected is None:
                 raise ValueError("verify needs the policy's log-probs on the probe: pass expected=")
             self.keeper.remember_probe(probe, expected)
-            result.engine_diffs = self._verify(probe, expected, tolerance, method)
+            with self.keeper.lock:  # never between a resent chunk's earlier weights and their load back
+                result.engine_diffs = self._verify(probe, expected, tolerance, method)
         return result
 
     def _load_result(self, i: int, ref: Any, method: str):
@@ -282,7 +329,8 @@ class GenerationGroup:
         WeightSyncError above ``tolerance`` (default online.sync_tolerance). The probe and
         expected values become what a restarted engine is checked against."""
         self.keeper.remember_probe(probe, expected)
-        return max(self._verify(probe, expected, tolerance, method="verify"))
+        with self.keeper.lock:  # as in finish_sync
+            return max(self._verify(probe, expected, tolerance, method="verify"))
 
     def shutdown(self) -> None:
         import ray

@@ -11,6 +11,19 @@ then:
 
 and the group sends the engine its unfinished work again. One recovery at a time (``lock``;
 a sync holds it too, so a recovery never loads weights a sync is replacing).
+
+A chunk sent before a sync and lost with its engine after it (online.overlap submits a round
+before the next sync) is generated again from the weights it was first sent with, so the
+round is the one an unkilled run makes: the keeper holds an earlier sync's weights while
+chunks sent with them are unfinished (``earlier``; object_store: one more reference to
+that sync's object, dropped when they finish), and the group loads them, generates, and
+loads the current weights back. Weights policy rank 0 sends itself (collective) cannot be
+held, nor can an adapter engine go back to no adapter: such a chunk comes from the
+current weights, and its version says so.
+
+Under such a method a restarted engine has nothing to reload between syncs: the keeper
+marks it ``awaiting`` and its chunks wait (``wait_for_weights``) until policy rank 0, told
+by the follower's needs_sync, sends the weights again; a sync that loads it clears the mark.
 """
 
 from __future__ import annotations
@@ -45,19 +58,46 @@ class EngineKeeper:
     verify(probe, expected, tolerance, method, engines=[i]) -> diffs, raising above tolerance."""
 
     def __init__(self, actors: list, incarnations: list[str], *, backend: str, max_restarts: int, timeout_s: float,
-                 verify: Callable[..., list[float]]):
+                 verify: Callable[..., list[float]], initial: Optional[str] = None):
+        """initial: the HF directory the engines started from, which an engine reloads to
+        regenerate a chunk of the initial model (None: cannot, e.g. adapter engines)."""
         self.actors, self.incarnations = actors, list(incarnations)
         self.backend, self.max_restarts, self.timeout_s = backend, max_restarts, timeout_s
         self._verify = verify
+        self.initial = initial
         self.lock = threading.Lock()
+        self._loaded = threading.Condition(self.lock)  # notified when awaiting engines are loaded
+        self.awaiting: set[int] = set()  # restarted engines that wait for the policy to send weights
         self.restore = Restore()
+        self.earlier: dict[Optional[int], Restore] = {}  # version -> an earlier sync chunks still need
         self.restarts = 0  # engine restarts seen and recovered from
 
-    def remember(self, method: str, weights: Any, options: dict, version: Optional[int] = None) -> None:
+    def remember(self, method: str, weights: Any, options: dict, version: Optional[int] = None, *,
+                 keep_previous: bool = False) -> None:
         """A sync: what a restarted engine loads from now on (hold ``lock``), and the policy
         step it is (``version``). Its probe comes with ``remember_probe`` once the sync is
-        verified; until then the old probe's values would not match, so there is none."""
-        self.restore = Restore(method, weights, dict(options), version=version)
+        verified; until then the old probe's values would not match, so there is none.
+        keep_previous: unfinished chunks were sent with the previous sync's weights; hold
+        them so a lost chunk is generated again from them, if both those and these can be
+        loaded at any time (not under collective, whose weights only rank 0 sends)."""
+        new = Restore(method, weights, dict(options), version=version)
+        # Going back needs both: the earlier weights loaded, and these loaded again after it.
+        if keep_previous and self.reloadable(self.restore) and self.reloadable(new):
+            self.earlier[self.restore.version] = self.restore
+        self.restore = new
+
+    def reloadable(self, restore: Restore) -> bool:
+        """Whether an engine can be loaded with ``restore`` at any time (not only at a sync)."""
+        from ray_dpo.engines.facts import SYNC_METHODS
+
+        if restore.method is None:
+            return self.initial is not None
+        return not SYNC_METHODS.get(restore.method).sent_by_policy
+
+    def forget_earlier(self, needed: set) -> None:
+        """Drop the earlier syncs no unfinished chunk was sent with (hold ``lock``)."""
+        for version in [v for v in self.earlier if v not in needed]:
+            del self.earlier[version]
 
     def remember_probe(self, probe: Probe, expected: Sequence[float]) -> None:
         """A verify without new weights: the check a restarted engine must pass."""
@@ -68,6 +108,9 @@ class EngineKeeper:
         """Engine i's process ``incarnation`` has just loaded a sync: a process Ray restarted
         while idle took it like any other, so it holds the synced weights (no reload later)."""
         with self.lock:
+            if i in self.awaiting and incarnation == self.incarnations[i]:
+                self.awaiting.discard(i)
+                self._loaded.notify_all()
             if incarnation != self.incarnations[i]:
                 self.incarnations[i] = incarnation
                 self.restarts += 1
@@ -88,6 +131,14 @@ class EngineKeeper:
                 return None
             t0 = time.perf_counter()
             restore, report, diff = self.restore, None, None
+            if reload and restore.method is not None and not self.reloadable(restore):
+                self.incarnations[i] = incarnation
+                self.restarts += 1
+                self.awaiting.add(i)
+                print(f"[ray_dpo] generation engine {i} restarted ({self.restarts} restart(s) so far) between "
+                      f"{restore.method} weight syncs: it waits for policy rank 0 to send the weights again "
+                      "(only rank 0 holds them)", flush=True)
+                return None
             if reload and restore.method is not None:
                 report = ray.get(self.load(i))
                 check_loads([report], backend=self.backend)
@@ -95,22 +146,40 @@ class EngineKeeper:
                 diff = max(self._verify(restore.probe, restore.expected, None, "restart", engines=[i]))
             self.incarnations[i] = incarnation
             self.restarts += 1
+            if not reload:  # it holds its initial model until the sync sent again loads it
+                self.awaiting.add(i)
         if not reload:
             print(f"[ray_dpo] generation engine {i} restarted ({self.restarts} restart(s) so far) during a "
                   f"{restore.method} weight sync: the sync is sent again", flush=True)
             return None
-        weights = "its initial model" if restore.method is None else f"the last synced weights ({restore.method})"
+        weights = ("started from the initial model, which no sync has replaced yet" if restore.method is None
+                   else f"reloaded the last synced weights ({restore.method})")
         check = "no probe yet" if diff is None else f"probe max |log-prob diff| {diff:.2e}"
-        print(f"[ray_dpo] generation engine {i} restarted ({self.restarts} restart(s) so far): reloaded "
-              f"{weights} in {time.perf_counter() - t0:.1f}s, {check}; its unfinished work is sent again",
-              flush=True)
+        print(f"[ray_dpo] generation engine {i} restarted ({self.restarts} restart(s) so far): {weights} "
+              f"in {time.perf_counter() - t0:.1f}s, {check}; its unfinished work is sent again", flush=True)
         return report
 
-    def load(self, i: int):
-        """Send engine i the weights of the last sync (a ref to its LoadReport)."""
+    def wait_for_weights(self, i: int) -> None:
+        """Block until engine i holds synced weights again (a no-op unless ``awaiting``)."""
+        deadline = time.monotonic() + self.timeout_s
+        with self.lock:
+            while i in self.awaiting:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise EngineLostError(
+                        f"generation engine {i} was restarted between weight syncs and no sync reached it "
+                        f"within {self.timeout_s:.0f}s (with online.weight_sync={self.restore.method} only policy "
+                        "rank 0 holds the weights); run the same command again to resume from the last checkpoint")
+                self._loaded.wait(timeout=min(left, 5.0))
+
+    def load(self, i: int, restore: Optional[Restore] = None):
+        """Send engine i the weights of the last sync, or of ``restore`` (a ref to its LoadReport)."""
         from ray_dpo.engines.facts import SYNC_METHODS
 
-        restore = self.restore
+        restore = restore or self.restore
+        if restore.method is None:  # the initial model, from the directory the engines started with
+            [ref] = sync_method("checkpoint")([self.actors[i]], self.initial)
+            return ref
         if SYNC_METHODS.get(restore.method).sent_by_policy:
             raise EngineLostError(
                 f"generation engine {i} was restarted between weight syncs, but with "

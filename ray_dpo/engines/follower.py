@@ -9,6 +9,10 @@ Policy rank 0 calls it at every sync point (rounds.sync_points):
     collective weight sync: begin_collective(step, ticket) (the engines join rank 0's
         group), rank 0 broadcasts, then advance(step, COLLECTIVE, expected); an engine that
         died meanwhile is restarted and advance returns {RETRY: 1}: rank 0 sends again
+    needs_sync() -> None | RESEND | WEIGHTS, asked by rank 0 before each step's data:
+        RESEND   this process restarted after the last sync: rank 0 sends it again
+        WEIGHTS  (collective) an engine restarted between syncs waits for weights: rank 0
+                 broadcasts its current ones, begin_collective then resync(step, expected)
         step is an eval point -> the held-out prompts are queued on the engines and scored
             in a thread (heldout.py): training goes on, eval/* are logged at that step
     finish() -> waits for the evals still running (the end of the run)
@@ -43,6 +47,9 @@ PROBE_SIZE = 4
 COLLECTIVE = "collective"
 """advance()'s weights when rank 0 has just broadcast them (begin_collective)."""
 RETRY = "sync/retry"
+RESEND, WEIGHTS = "resend", "weights"
+"""needs_sync's answers: send the last sync again (a restarted follower), or send the current
+weights (an engine restarted between collective syncs waits for them)."""
 """In advance()'s answer: an engine died during the collective sync; rank 0 must send again."""
 
 
@@ -153,19 +160,39 @@ class PolicyFollower:
             self.fail(err)
             raise
 
+    def collective_problem(self) -> Optional[str]:
+        """While rank 0 waits for the engines to join a collective sync: why one never will
+        (its load call already failed: the engine was dead when it was sent, or this process
+        restarted and has no sync pending), or None."""
+        import ray
+
+        pending = self._pending
+        if pending is None:
+            return "the follower has no collective sync pending (it was restarted)"
+        done, _ = ray.wait(pending.refs, num_returns=len(pending.refs), timeout=0)
+        for ref in done:  # an engine's receive cannot end before rank 0 broadcasts: this one failed
+            try:
+                ray.get(ref)
+            except Exception as err:  # noqa: BLE001 -- named in the line rank 0 prints
+                from ray_dpo.engines.engine_restarts import error_line
+
+                return f"generation engine {pending.refs.index(ref)} cannot join: {error_line(err)}"
+        return None
+
     def engine_actor_ids(self) -> list[str]:
         """The generation engines' Ray actor ids, whose restarts MLflow counts."""
         return self.generation.actor_ids
 
-    def needs_sync(self) -> bool:
-        """Whether rank 0 must send its last sync again: this process was restarted after
-        that sync and what it started (the coordinator's rounds) died with the old process.
-        A held-out evaluator needs nothing: the next eval point brings the weights. True once
-        per process: the caller is sending that sync now."""
-        if not self.RESTARTS_ROUNDS or self._advanced:
-            return False
-        self._advanced = True
-        return True
+    def needs_sync(self) -> Optional[str]:
+        """What rank 0 must send before it goes on (None: nothing). RESEND: this process was
+        restarted after the last sync, and what that sync started (the coordinator's rounds)
+        died with the old process; answered once per process, since the caller sends it now.
+        A held-out evaluator needs no resend: the next eval point brings the weights.
+        WEIGHTS: an engine restarted between collective syncs waits for weights (engine_restarts)."""
+        if self.RESTARTS_ROUNDS and not self._advanced:
+            self._advanced = True
+            return RESEND
+        return WEIGHTS if self.generation.keeper.awaiting else None
 
     RESTARTS_ROUNDS = False
     """The coordinator: its rounds start at syncs, so a restart needs the last one again."""
@@ -192,6 +219,22 @@ class PolicyFollower:
             self.fail(err)
             raise
         return metrics
+
+    def resync(self, step: int, expected: list[float]) -> dict[str, float]:
+        """The second half of a collective sync that only brings the engines to the policy's
+        current weights (``step``: the steps they have trained), after needs_sync said WEIGHTS:
+        no eval, no round, no metrics logged. {RETRY: 1} when an engine died during it."""
+        try:
+            if self._error is not None:
+                raise self._error
+            metrics = self._sync_weights(step, COLLECTIVE, expected)
+            if RETRY not in metrics:
+                print(f"[ray_dpo] step {step}: the restarted engine(s) got the policy's current weights; "
+                      "their unfinished samples are generated from them", flush=True)
+            return metrics
+        except BaseException as err:
+            self.fail(err)
+            raise
 
     def finish(self, timeout_s: Optional[float] = None) -> None:
         """Wait for the evals still running; raise the first error the engines' side had."""

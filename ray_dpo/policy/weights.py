@@ -33,9 +33,10 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class SentSync:
-    """Rank 0's last advance call, kept until the next sync: a coordinator restarted after
-    it gets the same call again (resend_if_restarted). Its refs keep the weights' object
-    alive, the one the engines' keeper holds anyway (no second copy)."""
+    """Rank 0's last sync, kept until the next: a coordinator restarted after it gets the
+    same call again (answer_follower). Its refs keep the weights' object alive, the one the
+    engines' keeper holds anyway (no second copy); None for the collective method, whose
+    weights nobody keeps."""
 
     step: int
     refs: Optional[list]
@@ -52,14 +53,12 @@ def sync_policy(worker: RankState, follower, step: int, probe, *, send_weights: 
     generation never hits the process group's timeout. The other ranks go on to the next
     step and wait in get_step until its data exists. sync: the follower's sync_spec();
     method collective sends the weights in buckets instead (_send_collective). Returns rank
-    0's call as a SentSync (None on other ranks, and for collective: nothing is kept).
+    0's call as a SentSync (None on other ranks).
     """
-    from ray_dpo.engines.facts import SYNC_METHODS
-
     expected = _probe_logps(worker, probe)
-    if send_weights and sync is not None and SYNC_METHODS[sync["method"]].sent_by_policy:
+    if send_weights and _collective(sync):
         _send_collective(worker, follower, step, expected, sync)  # the one method rank 0 sends itself
-        return None
+        return SentSync(step, None, expected) if worker.rank == 0 else None
     weights = _weights_to_send(worker, step) if send_weights else None
     if worker.rank != 0:
         return None
@@ -68,25 +67,49 @@ def sync_policy(worker: RankState, follower, step: int, probe, *, send_weights: 
     return SentSync(step, refs, expected)
 
 
-def resend_if_restarted(follower, last: Optional[SentSync], step: int) -> None:
-    """Rank 0, before feeder step ``step``: a coordinator restarted since the last sync lost
-    the rounds that sync started (their samples, their engines' weights); send it the same
-    call again, so it makes them from the same weights as an unkilled run. Under the
-    collective method rank 0 keeps no weights: the rounds wait for the next sync point."""
-    if not ray.get(follower.needs_sync.remote()):
-        return
-    if last is None:
-        if not _TOLD:
-            _TOLD.add(step)
-            print(f"[ray_dpo] step {step}: the coordinator was restarted after a collective weight sync, whose "
-                  "weights only the engines held; its rounds start again at the next sync point", flush=True)
-        return
-    print(f"[ray_dpo] step {step}: the coordinator was restarted after the weight sync at step {last.step}; "
-          "sending it that sync again, so it remakes the rounds it started", flush=True)
-    ray.get(follower.advance.remote(last.step, last.refs, last.expected))
+def _collective(sync: Optional[dict]) -> bool:
+    from ray_dpo.engines.facts import SYNC_METHODS
+
+    return sync is not None and SYNC_METHODS[sync["method"]].sent_by_policy
 
 
-_TOLD: set[int] = set()  # the step whose "restarted after a collective sync" line was printed (once)
+def answers_in_lockstep(worker: RankState, sync: Optional[dict]) -> bool:
+    """Whether every rank takes part in answering the follower (answer_follower): the
+    collective method under ZeRO-3, where each bucket is gathered by all ranks. Otherwise
+    rank 0 answers alone."""
+    return _collective(sync) and worker.world_size > 1 and worker.engine.zero_optimization_partition_weights()
+
+
+def answer_follower(worker: RankState, follower, need: str, last: Optional[SentSync], step: int, probe,
+                    sync: Optional[dict]) -> None:
+    """Send what the follower's needs_sync asked for, before feeder step ``step`` (the policy
+    has trained ``step`` steps). RESEND, a follower restarted after the last sync: the same
+    call again (the same weights object), so it remakes the rounds that sync started from the
+    same weights as an unkilled run. With the collective method nobody kept those weights:
+    rank 0 broadcasts its current ones under the last sync's step (the rounds' staleness
+    counts from the weights' real step). WEIGHTS, an engine restarted between collective
+    syncs: the current weights, and nothing else starts. Rank 0 alone, or every rank in
+    lockstep (answers_in_lockstep)."""
+    from ray_dpo.engines.follower import COLLECTIVE, RESEND
+
+    if need == RESEND and not _collective(sync):
+        if worker.rank == 0:
+            print(f"[ray_dpo] step {step}: the coordinator was restarted after the weight sync at step "
+                  f"{last.step}; sending it that sync again, so it remakes the rounds it started", flush=True)
+            ray.get(follower.advance.remote(last.step, last.refs, last.expected))
+        return
+    expected = _probe_logps(worker, probe)  # under ZeRO-3 every rank's forward
+    finish = None  # rank 0's closing call; the other ranks only gather
+    if worker.rank == 0 and need == RESEND:
+        finish = lambda: follower.advance.remote(last.step, COLLECTIVE, expected)  # noqa: E731
+        print(f"[ray_dpo] step {step}: the coordinator was restarted after the collective weight sync at step "
+              f"{last.step}; broadcasting the policy's current weights (step {step}) so it remakes the rounds "
+              "it started", flush=True)
+    elif worker.rank == 0:
+        finish = lambda: follower.resync.remote(step, expected)  # noqa: E731
+        print(f"[ray_dpo] step {step}: a generation engine restarted between collective weight syncs; "
+              f"broadcasting the policy's current weights (step {step}) to the engines", flush=True)
+    _send_collective(worker, follower, step, expected, sync, finish=finish)
 
 
 @dataclass
@@ -132,12 +155,14 @@ def _payload(worker: RankState, step: int) -> Optional[_Payload]:
     return _Payload(entries, fetch, every_rank=partitioned)
 
 
-def _send_collective(worker: RankState, follower, step: int, expected, sync: dict) -> None:
+def _send_collective(worker: RankState, follower, step: int, expected, sync: dict,
+                     finish: Optional[Callable[[], Any]] = None) -> None:
     """online.weight_sync=collective: rank 0 opens a process group with every engine
     (engines/collective.py) and broadcasts the weights bucket by bucket; under ZeRO-3 every
     rank gathers each bucket with it and frees it before the next. When an engine died
     during the sync (the follower restarts it and answers RETRY) the whole sync is sent
-    again over a new group; the ranks agree on that through the training group."""
+    again over a new group; the ranks agree on that through the training group. finish:
+    rank 0's closing call (a ref to its metrics), by default advance(step, COLLECTIVE)."""
     from ray_dpo.engines.collective import GroupBroken, GroupSender, backend_for, plan_buckets
     from ray_dpo.engines.follower import COLLECTIVE, RETRY
 
@@ -155,7 +180,7 @@ def _send_collective(worker: RankState, follower, step: int, expected, sync: dic
             ticket = sender.ticket(buckets, adapter=payload.adapter, version=step)
             ray.get(follower.begin_collective.remote(step, ticket))
             try:
-                sender.connect()
+                sender.connect(check=lambda: ray.get(follower.collective_problem.remote()))
             except GroupBroken as err:
                 broken = str(err)
         for bucket in buckets:
@@ -168,7 +193,8 @@ def _send_collective(worker: RankState, follower, step: int, expected, sync: dic
         retry = False
         if sender is not None:
             sender.close()
-            retry = RETRY in ray.get(follower.advance.remote(step, COLLECTIVE, expected))
+            done = finish() if finish is not None else follower.advance.remote(step, COLLECTIVE, expected)
+            retry = RETRY in ray.get(done)
         if payload.every_rank and worker.world_size > 1:
             flag = torch.tensor([int(retry)], device=worker.device)
             dist.broadcast(flag, src=0)

@@ -49,12 +49,14 @@ from ray_dpo.batching.layouts import batch_stats, build_batch, model_inputs, pai
 from ray_dpo.batching.logps import mean_nll
 from ray_dpo.config import LossConfig, PolicyConfig
 from ray_dpo.dtypes import torch_dtype
+from ray_dpo.engines.follower import RESEND, WEIGHTS
 from ray_dpo.losses import LossSpec, dpo_loss, loss_spec
 from ray_dpo.policy.checkpoints import DS_DIR, load_checkpoint, save_checkpoint  # noqa: F401
 from ray_dpo.policy.ds_config import build_ds_config, lr_lambda
 from ray_dpo.policy.loop_spec import TrainLoopSpec
 from ray_dpo.policy.step_metrics import SUMS, all_reduce_sums, global_kl, loss_metrics, metric_sums, sum_names
-from ray_dpo.policy.weights import HF_DIR, export_final, resend_if_restarted, sync_policy  # noqa: F401
+from ray_dpo.policy.weights import (HF_DIR, SentSync, answer_follower, answers_in_lockstep,  # noqa: F401
+                                    export_final, sync_policy)
 
 # Dense bf16 peak FLOP/s per GPU (no sparsity), matched against torch.cuda.get_device_name()
 # by substring, first match wins (so "H100" variants go before a bare "H100"). perf/mfu is
@@ -126,13 +128,13 @@ def _train(spec: TrainLoopSpec) -> None:
         # Always at the start: step 0 verifies the engines (and is the initial policy's
         # eval); a resumed run must bring the engines to the checkpoint's weights.
         sent = sync_policy(worker, follower, step, probe, send_weights=step > 0, sync=sync)
-    # Rank 0 keeps its last sync for a coordinator restarted after it (weights.resend_if_restarted).
-    resend = worker.rank == 0 and follower is not None
+    # Between syncs each step asks the follower whether it needs weights (FollowerLink).
+    link = FollowerLink(follower, probe, sync, sent) if follower is not None else None
     eval_every = spec.eval_every or 0
     every = policy.checkpoint_every_steps
     sigterm_saved = False
     while step < worker.total_steps:
-        metrics = {**run_step(worker, step, resend=(follower, sent) if resend else None), **tags}
+        metrics = {**run_step(worker, step, link=link), **tags}
         # A rank got SIGTERM (its pod is being evicted): checkpoint now, then it exits.
         sigterm = metrics.pop("sigterm", False) and not sigterm_saved
         sigterm_saved = sigterm_saved or sigterm
@@ -141,7 +143,7 @@ def _train(spec: TrainLoopSpec) -> None:
         if last or (eval_every and step % eval_every == 0):
             metrics.update(evaluate(worker))
         if step in sync_points:
-            sent = sync_policy(worker, follower, step, probe, send_weights=True, sync=sync)
+            link.last = sync_policy(worker, follower, step, probe, send_weights=True, sync=sync)
         if last or (every and step % every == 0) or sigterm:
             model = spec.model if last and policy.save_hf_model else None
             export = (lambda root: export_final(worker, model, root)) if model is not None else None
@@ -315,17 +317,17 @@ def _dummy_pair(pad_token_id: int) -> dict:
 # --------------------------------------------------------------------------- train / eval
 
 
-def run_step(worker: RankState, step: int, *, resend: Optional[tuple] = None) -> dict[str, Any]:
-    """Train feeder step `step` (0-based); returns the metrics every rank reports. resend:
-    rank 0's (follower, last SentSync): a follower restarted since that sync gets it again
-    before this step's data is awaited, and while it is (weights.resend_if_restarted)."""
+def run_step(worker: RankState, step: int, *, link: Optional["FollowerLink"] = None) -> dict[str, Any]:
+    """Train feeder step `step` (0-based); returns the metrics every rank reports. link: the
+    run's follower, asked before this step's data is awaited, and while it is, whether it
+    needs weights (_await_step)."""
     t0 = time.perf_counter()
     feeder = worker.feeder
     refs = [feeder.get_step.remote(step, worker.rank), feeder.num_pairs_in_step.remote(step)]
-    if resend is None:
+    if link is None:
         micro_batches, n_global = ray.get(refs)
     else:
-        micro_batches, n_global = _await_step(refs, resend, step)
+        micro_batches, n_global = _await_step(worker, refs, link, step)
     grad_accum = worker.policy.gradient_accumulation_steps
     if len(micro_batches) != grad_accum:
         raise RuntimeError(f"feeder step {step}: {len(micro_batches)} micro-batches for rank {worker.rank}, "
@@ -369,18 +371,46 @@ def run_step(worker: RankState, step: int, *, resend: Optional[tuple] = None) ->
             "step": step + 1, "epoch": epoch, "pair_ids": pair_ids, "sigterm": totals["sigterm"] > 0}
 
 
-RESEND_POLL_S = 5.0  # rank 0 waiting for a step's data asks again whether the follower restarted
+RESEND_POLL_S = 5.0  # a rank waiting for a step's data asks the follower again this often
 
 
-def _await_step(refs: list, resend: tuple, step: int) -> list:
-    """ray.get(refs) on rank 0 of a run with a follower: asks it whether it restarted since
-    the last sync while the step's data is on its way (one short call a step), and again
-    every RESEND_POLL_S while the data is not there (a round the dead process had started)."""
-    follower, last = resend
-    resend_if_restarted(follower, last, step)
-    while len(ray.wait(refs, num_returns=len(refs), timeout=RESEND_POLL_S)[0]) < len(refs):
-        resend_if_restarted(follower, last, step)
-    return ray.get(refs)
+@dataclasses.dataclass
+class FollowerLink:
+    """What the ranks need to answer the follower between syncs (weights.answer_follower):
+    it, its probe and sync_spec, and rank 0's last sync (None on the other ranks)."""
+
+    follower: Any
+    probe: Any
+    sync: Optional[dict]
+    last: Optional[SentSync]
+
+
+_NEEDS = (None, RESEND, WEIGHTS)  # follower.needs_sync's answers, as the codes the ranks exchange
+
+
+def _await_step(worker: RankState, refs: list, link: FollowerLink, step: int) -> list:
+    """ray.get(refs), asking the follower whether it needs weights (follower.needs_sync: it
+    restarted after the last sync, or an engine restarted between collective syncs) while
+    the step's data is on its way (one short call a step), and again every RESEND_POLL_S
+    while it is not there (a round the dead process had started). Rank 0 asks and answers;
+    under answers_in_lockstep every rank polls with it, agreeing over the training group
+    (one small all-reduce a poll) on what to send and whether all have their data."""
+    lockstep = answers_in_lockstep(worker, link.sync)
+    if worker.rank != 0 and not lockstep:
+        return ray.get(refs)
+    timeout = 0.0
+    while True:
+        ready = len(ray.wait(refs, num_returns=len(refs), timeout=timeout)[0]) == len(refs)
+        need = ray.get(link.follower.needs_sync.remote()) if worker.rank == 0 else None
+        if lockstep:
+            flags = torch.tensor([_NEEDS.index(need), int(not ready)], device=worker.device)
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+            need, ready = _NEEDS[int(flags[0])], not bool(flags[1])
+        if need is not None:
+            answer_follower(worker, link.follower, need, link.last, step, link.probe, link.sync)
+        if ready:
+            return ray.get(refs)
+        timeout = RESEND_POLL_S
 
 
 def _budget_forwards(worker: RankState, micro_batches: list[list[dict]]) -> list[list[dict]]:

@@ -162,7 +162,7 @@ def test_checkpoint_sync_matches_policy(group, local, initial_state, synced, tmp
     assert os.path.exists(tmp_path / "ckpt" / "model.safetensors")
 
 
-def collective_sync(group, weights, *, probe, expected, bucket_bytes=64 << 10, kill_at_bucket=None):
+def collective_sync(group, weights, *, probe, expected, bucket_bytes=64 << 10, kill_at_bucket=None, version=None):
     """Play policy rank 0 in this process: a sync group with the engines, the weights
     broadcast bucket by bucket (the tied lm_head alias left out, as the policy's
     named_parameters leave it), then the engines' loads and the probe. kill_at_bucket:
@@ -172,7 +172,7 @@ def collective_sync(group, weights, *, probe, expected, bucket_bytes=64 << 10, k
     tensors = {n: t for n, t in weights.items() if n != "lm_head.weight"}
     buckets = plan_buckets([(n, str(t.dtype), tuple(t.shape)) for n, t in tensors.items()], bucket_bytes)
     sender = GroupSender(backend="gloo", device="cpu", world_size=1 + group.num_engines, timeout_s=120)
-    pending = group.start_sync(sender.ticket(buckets), method="collective")
+    pending = group.start_sync(sender.ticket(buckets, version=version or 0), method="collective", version=version)
     broken = None
     try:
         sender.connect()
@@ -303,12 +303,15 @@ def test_a_killed_engine_is_restarted_reloaded_and_asked_again(ray_cluster, mode
         local.load_weights(initial_state)
 
 
-def test_a_chunk_sent_again_after_a_sync_says_it_came_from_the_newer_weights(
-        ray_cluster, model_dir, local, initial_state):
+@pytest.mark.parametrize("method", ["object_store", "checkpoint", "initial"])
+def test_a_chunk_lost_after_a_sync_is_generated_again_from_the_weights_it_was_sent_with(
+        ray_cluster, model_dir, local, initial_state, method, tmp_path):
     """online.overlap submits a round before the next sync; an engine killed while its chunk
-    runs and brought back by that sync (which loads the new weights into it) generates the
-    chunk again from the new weights. The group says so (sampled_from: the staleness a round
-    reports), and the samples are the new weights' own."""
+    runs is brought back by that sync (which loads the new weights into it). The group loads
+    the weights the chunk was sent with, generates it again, and loads the new ones back: the
+    samples are the unkilled engine's, the version is the one it was sent with, and the
+    engine then serves the new weights. "initial": the chunk was sent before any sync (from
+    the model the engines started with, reloaded from its directory)."""
     import signal
 
     import ray
@@ -316,14 +319,21 @@ def test_a_chunk_sent_again_after_a_sync_says_it_came_from_the_newer_weights(
     from ray_dpo.batching.probe import torch_probe_logps
     from ray_dpo.engines.weight_sync import random_probe
 
+    options = {"checkpoint_dir": str(tmp_path / "sync")} if method == "checkpoint" else {}
+    sync_method = "object_store" if method == "initial" else method
     g = two_engines(model_dir, max_restarts=1)
     sampling = SamplingConfig(temperature=1.0, top_p=0.9, max_new_tokens=48)
     many = prompts()[:3] * 8
     try:
         probe = random_probe(local.model.config.vocab_size, seed=12)
-        at_16 = perturbed(initial_state, seed=16)
-        local.load_weights(at_16)
-        g.sync_weights(at_16, probe=probe, expected=torch_probe_logps(local.model, probe), version=16)
+        version = 0
+        if method != "initial":
+            at_16 = perturbed(initial_state, seed=16)
+            local.load_weights(at_16)
+            g.sync_weights(at_16, method=sync_method, probe=probe, expected=torch_probe_logps(local.model, probe),
+                           version=16, **options)
+            version = 16
+        unkilled = g.generate(many, sampling=sampling, seed=3)
         first = [ray.get(a.incarnation.remote()) for a in g._actors]
         pid = ray.get(g._actors[0].info.remote())["pid"]  # asked first: calls queue behind a generate
         chunks = g.submit(many, sampling=sampling, seed=3)  # round r+1, from step 16's weights
@@ -331,21 +341,17 @@ def test_a_chunk_sent_again_after_a_sync_says_it_came_from_the_newer_weights(
 
         at_32 = perturbed(initial_state, seed=32)
         local.load_weights(at_32)
-        g.sync_weights(at_32, probe=probe, expected=torch_probe_logps(local.model, probe), version=32)
+        expected_32 = torch_probe_logps(local.model, probe)
+        g.sync_weights(at_32, method=sync_method, probe=probe, expected=expected_32, version=32, **options)
+        assert g.keeper.earlier.keys() == {version}, "the earlier weights are held while its chunks are out"
         got = g.collect(chunks)
         assert g.keeper.restarts == 1
-        resent = [c.incarnation != first[c.engine] for c in chunks]
-        assert resent == [True, False], "engine 0's chunk was killed mid-run and sent again after the sync"
-        assert [c.version for c in chunks] == [32, 16]
-        assert g.sampled_from(chunks) == 16 and g.sampled_from(chunks[:1]) == 32
-        # What each chunk says is what it is: regenerated now (every engine at step 32), a
-        # resent chunk is the same; a chunk of step 16's weights differs.
-        again = g.generate(many, sampling=sampling, seed=3)
-        for chunk, was_resent in zip(chunks, resent):
-            lo = sum(len(c.prompts) for c in chunks[:chunk.engine])
-            span = slice(lo, lo + len(chunk.prompts))
-            same = [[c.token_ids for c in x] for x in got[span]] == [[c.token_ids for c in x] for x in again[span]]
-            assert same == was_resent, (chunk.engine, was_resent)
+        assert [c.incarnation != first[c.engine] for c in chunks] == [True, False], \
+            "engine 0's chunk was killed mid-run and sent again after the sync"
+        assert_same_completions(got, unkilled)
+        assert [c.version for c in chunks] == [version, version] and g.sampled_from(chunks) == version
+        assert not g.keeper.earlier, "dropped once its chunks are collected"
+        assert g.verify(probe, expected_32) <= TOLERANCE  # both engines serve step 32 again
     finally:
         g.shutdown()
         local.load_weights(initial_state)
@@ -383,6 +389,60 @@ def test_an_engine_killed_during_a_collective_sync_is_restarted_and_the_sync_sen
         assert ray.get(g._actors[1].info.remote())["pid"] != pid
         assert_same_completions(g.generate(prompts(), n=1, sampling=GREEDY),
                                 local.generate(prompts(), n=1, sampling=GREEDY))
+    finally:
+        g.shutdown()
+        local.load_weights(initial_state)
+
+
+def test_an_engine_killed_between_collective_syncs_waits_for_the_weights_rank_0_sends_again(
+        ray_cluster, model_dir, local, initial_state):
+    """online.weight_sync=collective: nobody but policy rank 0 holds the weights, so an
+    engine killed while its chunk runs comes back with its initial model and the chunk waits
+    (the follower's needs_sync then says WEIGHTS). Rank 0's next broadcast (played here)
+    loads it; the chunk is generated from those weights, and its version says so."""
+    import signal
+    import threading
+    import time
+
+    import ray
+
+    from ray_dpo.batching.probe import torch_probe_logps
+    from ray_dpo.engines.weight_sync import random_probe
+
+    g = two_engines(model_dir, max_restarts=1, weight_sync="collective")
+    sampling = SamplingConfig(temperature=1.0, top_p=0.9, max_new_tokens=48)
+    many = prompts()[:3] * 8
+    try:
+        probe = random_probe(local.model.config.vocab_size, seed=12)
+        at_16 = perturbed(initial_state, seed=16)
+        local.load_weights(at_16)
+        collective_sync(g, at_16, probe=probe, expected=torch_probe_logps(local.model, probe), version=16)[2]()
+        unkilled = g.generate(many, sampling=sampling, seed=3)
+        pid = ray.get(g._actors[0].info.remote())["pid"]
+        chunks = g.submit(many, sampling=sampling, seed=3)
+        os.kill(pid, signal.SIGKILL)  # while its chunk runs
+        got = []
+        collecting = threading.Thread(target=lambda: got.append(g.collect(chunks)), daemon=True)
+        collecting.start()
+        deadline = time.monotonic() + 120
+        while g.keeper.awaiting != {0} and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert g.keeper.awaiting == {0}, "the restarted engine waits for weights"
+        assert collecting.is_alive(), "its chunk waits with it"
+
+        at_20 = perturbed(initial_state, seed=20)
+        local.load_weights(at_20)
+        expected_20 = torch_probe_logps(local.model, probe)
+        report = collective_sync(g, at_20, probe=probe, expected=expected_20, version=20)[2]()
+        assert report.max_logprob_diff <= TOLERANCE
+        collecting.join(timeout=120)
+        assert got, "the chunk was generated once the weights came"
+        assert not g.keeper.awaiting and g.keeper.restarts == 1
+        assert [c.version for c in chunks] == [20, 16] and g.sampled_from(chunks) == 16
+        n0 = len(chunks[0].prompts)
+        again = g.generate(many, sampling=sampling, seed=3)  # both engines at step 20
+        assert_same_completions(got[0][:n0], again[:n0])  # engine 0's part: step 20's samples
+        assert_same_completions(got[0][n0:], unkilled[n0:])  # engine 1's: step 16's, as sent
     finally:
         g.shutdown()
         local.load_weights(initial_state)

