@@ -314,8 +314,10 @@ class OnlineConfig:
     sync_bucket_mb: float = 256.0
     """collective: the most weight data one broadcast carries (a larger tensor goes alone)."""
     sync_timeout_s: float = 1800.0
-    """collective: how long the sync group waits for a member (an engine still busy with a
-    held-out eval joins when it is done) or for a broadcast, before the sync fails."""
+    """collective: how long the sync waits for its members to arrive (an engine still busy
+    with a held-out eval joins when it is done) before it fails. Once all have arrived, forming
+    the group and each broadcast may take at most 60 s (or this, if smaller): a member that
+    dies then breaks the sync, which is sent again."""
     sync_tolerance: float = 1e-3
     """Largest allowed |log-prob| difference between engine and policy after a sync."""
     overlap: bool = True

@@ -135,12 +135,18 @@ def _await_arrivals(store, engines: int, timeout_s: float, poll_s: float = 0.05)
         raise GroupBroken(_first_line(err)) from None
 
 
+GROUP_TIMEOUT_S = 60.0
+"""How long the group's forming and each broadcast may take once every member has arrived
+(the sync's timeout_s bounds the wait for arrivals, which queue behind a generation): a
+member that dies after it arrived breaks the sync within this, not after timeout_s."""
+
+
 def _group(store, rank: int, world_size: int, backend: str, timeout_s: float, device: torch.device):
     """A process group over ``store`` that is not torch.distributed's default group (policy
     rank 0 is in Ray Train's already). Collectives are called on the object directly."""
     import torch.distributed as dist
 
-    timeout = datetime.timedelta(seconds=timeout_s)
+    timeout = datetime.timedelta(seconds=min(timeout_s, GROUP_TIMEOUT_S))
     if backend == "gloo":
         return dist.ProcessGroupGloo(store, rank, world_size, timeout)
     options = dist.ProcessGroupNCCL.Options()  # GPU path: not testable on CPU CI

@@ -79,7 +79,21 @@ class GenerationEngine:
 
     def load_weights(self, weights: Optional[Mapping[str, torch.Tensor]] = None, *,
                      path: Optional[str] = None) -> LoadReport:
-        """Replace the weights in place: a state dict (HF names) or a safetensors directory."""
+        """Replace the weights in place: a state dict (HF names) or a safetensors directory;
+        a LoRA adapter (AdapterWeights, or a peft adapter directory) is served instead."""
+        t0 = time.perf_counter()
+        adapter = self._adapter(weights, path)
+        if adapter is not None:
+            self._load_adapter(adapter)
+            return self._adapter_report(adapter, t0)
+        return self._load_full(weights, path, t0)
+
+    def _load_full(self, weights: Optional[Mapping[str, torch.Tensor]], path: Optional[str],
+                   t0: float) -> LoadReport:
+        """load_weights of a whole model (a state dict, or a directory when ``path``)."""
+        raise NotImplementedError
+
+    def _load_adapter(self, adapter: AdapterWeights) -> None:
         raise NotImplementedError
 
     def probe_logps(self, probe: Probe) -> list[float]:
@@ -278,12 +292,7 @@ class VLLMEngine(GenerationEngine):
             sums[i] += out.outputs[0].logprobs[0][token].logprob
         return sums
 
-    def load_weights(self, weights=None, *, path=None):
-        t0 = time.perf_counter()
-        adapter = self._adapter(weights, path)
-        if adapter is not None:
-            self._load_adapter(adapter)
-            return self._adapter_report(adapter, t0)
+    def _load_full(self, weights, path, t0):
         received: list[str] = []
         ignored: list[str] = []
         nbytes = tensor_bytes(weights) if path is None else 0
@@ -412,12 +421,7 @@ class TransformersEngine(GenerationEngine):
         return torch_probe_logps(self.model, probe, pad_token_id=self.pad_id)
 
     @torch.no_grad()
-    def load_weights(self, weights=None, *, path=None):
-        t0 = time.perf_counter()
-        adapter = self._adapter(weights, path)
-        if adapter is not None:
-            self._load_adapter(adapter)
-            return self._adapter_report(adapter, t0)
+    def _load_full(self, weights, path, t0):
         if path is not None:
             weights = _read_safetensors_dir(path)
         nbytes = tensor_bytes(weights)  # what arrived, ignored names included (as vLLM counts)
