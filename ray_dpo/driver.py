@@ -22,7 +22,7 @@ from typing import Any
 
 import ray
 
-from ray_dpo import console
+from ray_dpo import console, topology
 from ray_dpo.config import RunConfig, flatten, join_path, local_cluster_cpus, to_yaml, with_absolute_paths
 from ray_dpo.data.files import expand_files
 from ray_dpo.data.pipeline import build_pair_data
@@ -144,6 +144,8 @@ def _run(cfg: RunConfig, tracker, t0: float) -> TrainSummary:
         if kto and not kto["advised"]:
             logger.warning("%s: set loss.desirable_weight / loss.undesirable_weight to bring it inside",
                            kto_line(kto))
+        # What starts, from the one answer the local cluster's size and `ray-dpo k8s` use too.
+        print("[ray_dpo] actors: " + ", ".join(r.describe() for r in topology.roles(cfg, use_gpu=gpu)), flush=True)
         watch: dict[str, list[str]] = {}  # role -> actor ids whose restarts MLflow counts
         roles = _start_roles(cfg, tracker, train, evaluation, gpu, watch)
         if roles.reference_cache:

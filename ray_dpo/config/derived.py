@@ -38,26 +38,15 @@ def _judge_set(judge: JudgeConfig) -> bool:
 
 def local_cpu_needs(cfg: RunConfig) -> list[tuple[str, float]]:
     """(what, logical CPUs) of everything that can be up together during training: the
-    policy workers, a reference group (streamed, or the evaluation's group after a
-    precompute), generation engines (online rounds or held-out sampling), reward-model judge
-    actors, and one CPU for Ray Data tasks. The feeder and the coordinator take no CPU."""
-    from ray_dpo.loss_rules import needs_reference_group
+    actors ray_dpo.topology.roles lists (a reference group that lives before training only
+    is counted too: it must fit while the others start), and one CPU for Ray Data tasks."""
+    from ray_dpo.topology import roles  # imports this module's package
 
-    def part(count: int, what: str, each: float) -> tuple[str, float]:
-        return f"{count} {what}{'s' if count != 1 else ''} x {each:g}", count * each
+    def part(role) -> tuple[str, float]:
+        noun = role.describe().split(" x ")[0]  # "2 policy workers"
+        return f"{noun} x {role.cpus:g}", role.total_cpus
 
-    parts = [part(cfg.policy.num_workers, "policy worker", cfg.policy.num_cpus_per_worker)]
-    if needs_reference_group(cfg):  # SimPO / ORPO, LoRA adapters_off start no reference group
-        parts.append(part(cfg.reference.num_actors, "reference actor", cfg.reference.num_cpus_per_actor))
-    if cfg.online.enabled or cfg.eval.prompts_file:
-        parts.append(part(cfg.online.num_engines, "generation engine", cfg.online.num_cpus_per_engine))
-        judges = [cfg.online.judge] if cfg.online.enabled else []
-        if cfg.eval.prompts_file and not any(j is heldout_judge(cfg) for j in judges):
-            judges.append(heldout_judge(cfg))  # a judge of its own
-        for judge in judges:
-            if judge.reward_model:
-                parts.append(part(judge.num_actors, "reward-model judge actor", judge.num_cpus_per_actor))
-    return parts + [("1 for Ray Data tasks", 1.0)]
+    return [part(role) for role in roles(cfg, use_gpu=False)] + [("1 for Ray Data tasks", 1.0)]
 
 
 def local_cpus_needed(cfg: RunConfig) -> int:

@@ -18,9 +18,11 @@ run cannot disagree:
                  ORPO, which starts no reference actor)
     generation  online.num_engines x online.num_gpus_per_engine (+ online.resources labels)
     judge       online.judge.num_actors x num_gpus_per_actor    (+ online.judge.resources labels)
-                (both: 1 GPU per actor when that is 0 on a GPU run, as GenerationGroup and
+    eval-judge  eval.judge.num_actors x num_gpus_per_actor      (+ eval.judge.resources labels)
+                (all: 1 GPU per actor when that is 0 on a GPU run, as GenerationGroup and
                  RewardModelJudge do; generation when online.enabled or eval.prompts_file,
-                 judge when that judge is a reward model)
+                 a judge group when that judge is a reward model; the roles come from
+                 ray_dpo.topology.roles, as the driver's and the local cluster's do)
 
 A GPU group whose actors request no custom resource is not pinned: its actors may take a
 free GPU of another group's pods. With more than one GPU group, the render warns about each

@@ -6,9 +6,8 @@ import math
 from dataclasses import dataclass
 
 from ray_dpo.config import RunConfig
-from ray_dpo.resources import gpus_per_actor
 from ray_dpo.k8s.options import ClusterShape, K8sError
-from ray_dpo.loss_rules import needs_reference_group
+from ray_dpo.topology import BEFORE_TRAINING, roles
 
 
 @dataclass(frozen=True)
@@ -70,49 +69,31 @@ def pack_group(name: str, sizing: str, *, count: int, gpus_each: float, cpus_eac
 
 
 def uses_gpu(cfg: RunConfig) -> bool:
-    """Whether the rendered cluster has GPUs (what the driver's run.device=auto then sees)."""
+    """Whether the rendered cluster has GPUs (what the driver's run.device=auto then sees):
+    run.device, or with auto, whether any role's section asks for a GPU."""
     if cfg.run.device != "auto":
         return cfg.run.device == "cuda"
-    online = _runs_engines(cfg) and (cfg.online.num_gpus_per_engine > 0 or cfg.online.judge.num_gpus_per_actor > 0)
-    reference = needs_reference_group(cfg) and cfg.reference.num_gpus_per_actor > 0
-    return cfg.policy.num_gpus_per_worker > 0 or reference or online
+    sections = {"policy": cfg.policy.num_gpus_per_worker, "reference": cfg.reference.num_gpus_per_actor,
+                "online": cfg.online.num_gpus_per_engine, "online.judge": cfg.online.judge.num_gpus_per_actor,
+                "eval.judge": cfg.eval.judge.num_gpus_per_actor}
+    return any(sections[role.key] > 0 for role in roles(cfg, use_gpu=False))
 
 
 def plan_groups(cfg: RunConfig, shape: ClusterShape) -> tuple[list[GroupPlan], list[str]]:
-    """The worker groups a run needs, each sized from its own config section."""
-    gpu = uses_gpu(cfg)
-    pol, ref, onl = cfg.policy, cfg.reference, cfg.online
+    """One worker group per role the run starts (ray_dpo.topology.roles), each sized from its
+    own config section. A reference that lives before training only, with no resources of
+    its own, borrows the policy pods instead (reference.precompute)."""
     groups, warnings = [], []
-
-    def add(plan_and_warnings):
-        groups.append(plan_and_warnings[0])
-        warnings.extend(plan_and_warnings[1])
-
-    pol_gpus = pol.num_gpus_per_worker if gpu else 0.0
-    add(pack_group("policy", f"policy.num_workers={pol.num_workers} x policy.num_gpus_per_worker={pol_gpus:g}",
-                   count=pol.num_workers, gpus_each=pol_gpus, cpus_each=pol.num_cpus_per_worker,
-                   resources_each=pol.resources, shape=shape))
-    # ReferenceGroup gives each actor num_gpus_per_actor GPUs, or 1 when that is 0, on a GPU run.
-    ref_gpus = gpus_per_actor(ref.num_gpus_per_actor, use_gpu=gpu)
-    sizing = f"reference.num_actors={ref.num_actors} x {ref_gpus:g} GPU"
-    if not needs_reference_group(cfg):
-        pass  # SimPO / ORPO, LoRA with adapters_off: the run starts no reference actor, so no pods
-    elif _reference_time_shared(cfg):
-        _check_time_shared(groups[0], ref.num_actors, ref_gpus, ref.num_cpus_per_actor)
-    else:
-        add(pack_group("reference", sizing, count=ref.num_actors, gpus_each=ref_gpus,
-                       cpus_each=ref.num_cpus_per_actor, resources_each=ref.resources, shape=shape))
-    if _runs_engines(cfg):
-        # GenerationGroup and RewardModelJudge give each actor its GPUs, or 1 when that is 0, on a GPU run.
-        gen_gpus = gpus_per_actor(onl.num_gpus_per_engine, use_gpu=gpu)
-        add(pack_group("generation", f"online.num_engines={onl.num_engines} x {gen_gpus:g} GPU",
-                       count=onl.num_engines, gpus_each=gen_gpus, cpus_each=onl.num_cpus_per_engine,
-                       resources_each=onl.resources, shape=shape))
-        if onl.judge.reward_model:
-            judge_gpus = gpus_per_actor(onl.judge.num_gpus_per_actor, use_gpu=gpu)
-            add(pack_group("judge", f"online.judge.num_actors={onl.judge.num_actors} x {judge_gpus:g} GPU",
-                           count=onl.judge.num_actors, gpus_each=judge_gpus, cpus_each=onl.judge.num_cpus_per_actor,
-                           resources_each=onl.judge.resources, shape=shape))
+    for role in roles(cfg, use_gpu=uses_gpu(cfg)):
+        sizing = (f"{role.key}.{COUNT_KEYS[role.name]}={role.count} x "
+                  + (f"{role.key}.num_gpus_per_worker={role.gpus:g}" if role.name == "policy" else f"{role.gpus:g} GPU"))
+        if role.name == "reference" and role.when == BEFORE_TRAINING and not role.resources:
+            _check_time_shared(groups[0], role.count, role.gpus, role.cpus)
+            continue
+        plan, more = pack_group(role.name, sizing, count=role.count, gpus_each=role.gpus, cpus_each=role.cpus,
+                                resources_each=role.resources, shape=shape)
+        groups.append(plan)
+        warnings.extend(more)
     loose = [g.name for g in groups if g.gpus_per_pod and not g.ray_resources]
     if loose and sum(1 for g in groups if g.gpus_per_pod) > 1:
         keys = ", ".join(f"{RESOURCES_KEYS[name]} (e.g. {{{name}_node: 0.01}})" for name in loose)
@@ -122,22 +103,14 @@ def plan_groups(cfg: RunConfig, shape: ClusterShape) -> tuple[list[GroupPlan], l
     return groups, warnings
 
 
+COUNT_KEYS = {"policy": "num_workers", "reference": "num_actors", "generation": "num_engines",
+              "judge": "num_actors", "eval-judge": "num_actors"}
+"""The count key of each role's section (the sizing line names it)."""
+
 RESOURCES_KEYS = {"policy": "policy.resources", "reference": "reference.resources",
-                  "generation": "online.resources", "judge": "online.judge.resources"}
+                  "generation": "online.resources", "judge": "online.judge.resources",
+                  "eval-judge": "eval.judge.resources"}
 """The config key whose custom Ray resources pin each worker group's actors to its pods."""
-
-
-def _reference_time_shared(cfg: RunConfig) -> bool:
-    """reference.precompute, no reference.resources and no held-out sampling: the reference
-    actors score the data on the policy pods before training, then exit. (eval.prompts_file
-    starts a second reference group that lives through training, so it needs pods of its own.)"""
-    ref = cfg.reference
-    return ref.precompute and not ref.resources and not cfg.eval.prompts_file
-
-
-def _runs_engines(cfg: RunConfig) -> bool:
-    """Whether the run starts generation engines (and a judge): online rounds or held-out sampling."""
-    return cfg.online.enabled or bool(cfg.eval.prompts_file)
 
 
 def _check_time_shared(policy: GroupPlan, count: int, gpus_each: float, cpus_each: float) -> None:
