@@ -99,7 +99,7 @@ class Recording:
 
     def __enter__(self) -> "Recording":
         self._saved = (sys.stdout, sys.stderr)
-        sys.stdout, sys.stderr = _Tee(sys.stdout, self._keep), _Tee(sys.stderr, self._keep)
+        sys.stdout, sys.stderr = RedactingStream(sys.stdout, self._keep), RedactingStream(sys.stderr, self._keep)
         # ray_dpo's log records: their handler writes to the stream it was given at start-up.
         self._handler = logging.Handler()
         self._handler.setFormatter(logging.Formatter(LOG_FORMAT))
@@ -129,35 +129,21 @@ class Recording:
         return "".join(self._head) + cut + "".join(self._tail)
 
 
-class _Tee:
-    def __init__(self, sink, keep):
+class RedactingStream:
+    """A stream that masks the credentials of the URLs written to it (the CLI's stdout and
+    stderr: config errors and tracebacks may quote a URL), and with ``keep`` hands what it
+    writes to it too (Recording's copy of the console)."""
+
+    def __init__(self, sink, keep=None):
         self._sink, self._keep = sink, keep
 
     def write(self, text: str) -> int:
         from ray_dpo.config.secrets import redact
 
         text = redact(text)
-        self._keep(text)
-        return self._sink.write(text)
-
-    def flush(self) -> None:
-        self._sink.flush()
-
-    def __getattr__(self, name: str):
-        return getattr(self._sink, name)
-
-
-class RedactingStream:
-    """A stream that masks the credentials of the URLs written to it (the CLI's stdout and
-    stderr: config errors and tracebacks may quote a URL)."""
-
-    def __init__(self, sink):
-        self._sink = sink
-
-    def write(self, text: str) -> int:
-        from ray_dpo.config.secrets import redact
-
-        self._sink.write(redact(text))
+        if self._keep is not None:
+            self._keep(text)
+        self._sink.write(text)
         return len(text)
 
     def flush(self) -> None:

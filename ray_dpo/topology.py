@@ -45,14 +45,19 @@ class Role:
     def total_cpus(self) -> float:
         return self.count * self.cpus
 
-    def describe(self) -> str:
-        """e.g. "2 policy workers x 1 CPU" (GPUs and resources when there are any)."""
+    @property
+    def counted(self) -> str:
+        """e.g. "2 policy workers"."""
         noun = {"policy": "policy worker", "reference": "reference actor", "generation": "generation engine",
                 "judge": "reward-model judge actor", "eval-judge": "held-out reward-model judge actor"}[self.name]
+        return f"{self.count} {noun}{'s' if self.count != 1 else ''}"
+
+    def describe(self) -> str:
+        """e.g. "2 policy workers x 1 CPU" (GPUs and resources when there are any)."""
         each = f"{self.cpus:g} CPU" + (f" + {self.gpus:g} GPU" if self.gpus else "")
         extra = f" {self.resources}" if self.resources else ""
         later = " (before training)" if self.when == BEFORE_TRAINING else ""
-        return f"{self.count} {noun}{'s' if self.count != 1 else ''} x {each}{extra}{later}"
+        return f"{self.counted} x {each}{extra}{later}"
 
 
 def roles(cfg: RunConfig, *, use_gpu: bool) -> list[Role]:

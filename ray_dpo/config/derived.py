@@ -42,11 +42,8 @@ def local_cpu_needs(cfg: RunConfig) -> list[tuple[str, float]]:
     is counted too: it must fit while the others start), and one CPU for Ray Data tasks."""
     from ray_dpo.topology import roles  # imports this module's package
 
-    def part(role) -> tuple[str, float]:
-        noun = role.describe().split(" x ")[0]  # "2 policy workers"
-        return f"{noun} x {role.cpus:g}", role.total_cpus
-
-    return [part(role) for role in roles(cfg, use_gpu=False)] + [("1 for Ray Data tasks", 1.0)]
+    parts = [(f"{role.counted} x {role.cpus:g}", role.total_cpus) for role in roles(cfg, use_gpu=False)]
+    return parts + [("1 for Ray Data tasks", 1.0)]
 
 
 def local_cpus_needed(cfg: RunConfig) -> int:

@@ -150,6 +150,8 @@ class GenerationGroup:
         self._calls += 1
         chunks = [Chunk(i, [list(p) for p in prompts[lo:hi]], {"n": n, "sampling": sampling, "seed": seed + lo * n})
                   for i, (lo, hi) in enumerate(_chunks(len(prompts), self.num_engines)) if hi > lo]
+        with self.keeper.lock:
+            self._unfinished += chunks
         for chunk in chunks:
             self._send(chunk)
         return chunks
@@ -174,8 +176,6 @@ class GenerationGroup:
         import ray
 
         with self.keeper.lock:
-            if not any(c is chunk for c in self._unfinished):
-                self._unfinished.append(chunk)
             if chunk.engine in self.keeper.awaiting:  # restarted, no weights yet: _result sends it later
                 chunk.ref = None
                 return

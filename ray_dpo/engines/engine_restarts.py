@@ -131,26 +131,24 @@ class EngineKeeper:
                 return None
             t0 = time.perf_counter()
             restore, report, diff = self.restore, None, None
-            if reload and restore.method is not None and not self.reloadable(restore):
-                self.incarnations[i] = incarnation
-                self.restarts += 1
-                self.awaiting.add(i)
-                print(f"[ray_dpo] generation engine {i} restarted ({self.restarts} restart(s) so far) between "
-                      f"{restore.method} weight syncs: it waits for policy rank 0 to send the weights again "
-                      "(only rank 0 holds them)", flush=True)
-                return None
-            if reload and restore.method is not None:
-                report = ray.get(self.load(i))
-                check_loads([report], backend=self.backend)
-            if reload and restore.probe is not None and restore.expected is not None:
-                diff = max(self._verify(restore.probe, restore.expected, None, "restart", engines=[i]))
+            # Between syncs of weights only policy rank 0 holds, there is nothing to reload.
+            between_syncs = reload and restore.method is not None and not self.reloadable(restore)
+            if reload and not between_syncs:
+                if restore.method is not None:
+                    report = ray.get(self.load(i))
+                    check_loads([report], backend=self.backend)
+                if restore.probe is not None and restore.expected is not None:
+                    diff = max(self._verify(restore.probe, restore.expected, None, "restart", engines=[i]))
             self.incarnations[i] = incarnation
             self.restarts += 1
-            if not reload:  # it holds its initial model until the sync sent again loads it
+            if between_syncs or not reload:  # its initial model until a sync from rank 0 loads it
                 self.awaiting.add(i)
-        if not reload:
-            print(f"[ray_dpo] generation engine {i} restarted ({self.restarts} restart(s) so far) during a "
-                  f"{restore.method} weight sync: the sync is sent again", flush=True)
+        if between_syncs or not reload:
+            when = "between" if between_syncs else "during a"
+            then = ("it waits for policy rank 0 to send the weights again (only rank 0 holds them)" if between_syncs
+                    else "the sync is sent again")
+            print(f"[ray_dpo] generation engine {i} restarted ({self.restarts} restart(s) so far) {when} "
+                  f"{restore.method} weight sync{'s' if between_syncs else ''}: {then}", flush=True)
             return None
         weights = ("started from the initial model, which no sync has replaced yet" if restore.method is None
                    else f"reloaded the last synced weights ({restore.method})")
@@ -180,12 +178,8 @@ class EngineKeeper:
         if restore.method is None:  # the initial model, from the directory the engines started with
             [ref] = sync_method("checkpoint")([self.actors[i]], self.initial)
             return ref
-        if SYNC_METHODS.get(restore.method).sent_by_policy:
-            raise EngineLostError(
-                f"generation engine {i} was restarted between weight syncs, but with "
-                f"online.weight_sync={restore.method} only policy rank 0 holds the weights and it sends them "
-                "at sync points only; run the same command again to resume from the last checkpoint (or use "
-                "online.weight_sync=object_store, whose engines reload from the object store at any time)")
+        if SYNC_METHODS.get(restore.method).sent_by_policy:  # callers ask reloadable() first
+            raise ValueError(f"online.weight_sync={restore.method}: only policy rank 0 can send these weights")
         [ref] = sync_method(restore.method)([self.actors[i]], restore.weights, **restore.options)
         return ref
 

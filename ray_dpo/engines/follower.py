@@ -47,10 +47,10 @@ PROBE_SIZE = 4
 COLLECTIVE = "collective"
 """advance()'s weights when rank 0 has just broadcast them (begin_collective)."""
 RETRY = "sync/retry"
+"""In advance()'s answer: an engine died during the collective sync; rank 0 must send again."""
 RESEND, WEIGHTS = "resend", "weights"
 """needs_sync's answers: send the last sync again (a restarted follower), or send the current
 weights (an engine restarted between collective syncs waits for them)."""
-"""In advance()'s answer: an engine died during the collective sync; rank 0 must send again."""
 
 
 @dataclass
