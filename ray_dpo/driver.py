@@ -299,7 +299,7 @@ def reference_group_kwargs(cfg: RunConfig, gpu: bool) -> dict:
     reference.layout against model.attn_implementation, so the actors must use it)."""
     return {"model_path": cfg.reference.model or cfg.model.name_or_path, "config": cfg.reference,
             "dtype": cfg.model.dtype, "use_gpu": gpu, "trust_remote_code": cfg.model.trust_remote_code,
-            "attn_implementation": cfg.model.attn_implementation}
+            "attn_implementation": cfg.model.attn_implementation, "capacity_wait_s": cfg.run.capacity_wait_s}
 
 
 def _reference_group(cfg: RunConfig, gpu: bool):
@@ -458,7 +458,7 @@ def _fit_policy(cfg: RunConfig, feeder, tracker, *, total_steps: int, gpu: bool,
 
     from ray_dpo.policy.loop_spec import TrainLoopSpec
     from ray_dpo.policy.worker import train_loop_per_worker
-    from ray_dpo.tracking.callback import FailFastOnLostRoles, TrackingCallback
+    from ray_dpo.tracking.callback import FailFastOnLostRoles, TrackingCallback, WaitForWorkerCapacity
 
     storage = storage_root(cfg)
     resources = {"CPU": cfg.policy.num_cpus_per_worker, **cfg.policy.resources}
@@ -479,7 +479,10 @@ def _fit_policy(cfg: RunConfig, feeder, tracker, *, total_steps: int, gpu: bool,
         scaling_config=ScalingConfig(num_workers=cfg.policy.num_workers, use_gpu=gpu,
                                      resources_per_worker=resources),
         run_config=TrainRunConfig(
-            name=cfg.run.name, storage_path=storage, callbacks=[callback, FailFastOnLostRoles()],
+            name=cfg.run.name, storage_path=storage,
+            callbacks=[callback, FailFastOnLostRoles(), WaitForWorkerCapacity(
+                request={k: v for k, v in resources.items() if v}, num_workers=cfg.policy.num_workers,
+                limit_s=cfg.run.capacity_wait_s, tracking_uri=tracker.uri, run_id=tracker.run_id)],
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.policy.num_checkpoints_to_keep),
             # A dead worker restarts the group from the latest complete checkpoint (faults.py).
             failure_config=FailureConfig(max_failures=cfg.policy.max_failures),

@@ -214,6 +214,7 @@ class Failure:
     reason: str  # one line
     checkpoint_step: Optional[int] = None  # the latest checkpoint Ray registered (resume point)
     lost_role: bool = False  # a role no worker restart brings back (LOST_FOR_GOOD): fail now
+    capacity: Optional[str] = None  # the policy workers' node was lost and none came back in time
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self))
@@ -244,9 +245,10 @@ def first_line(err: BaseException) -> str:
 
 
 # Errors that say a role outside the worker group is gone for good (its Ray restarts are
-# spent): restarting the policy workers cannot bring it back, so the run fails at once.
+# spent, or its node was lost and none with room came back within run.capacity_wait_s):
+# restarting the policy workers cannot bring it back, so the run fails at once.
 # Matched by name: they reach the controller wrapped in Ray's RayTaskError, maybe twice.
-LOST_FOR_GOOD = ("EngineLostError", "ReferenceActorLostError")
+LOST_FOR_GOOD = ("EngineLostError", "ReferenceActorLostError", "CapacityLostError")
 
 
 def is_lost_for_good(err: BaseException) -> bool:
@@ -279,7 +281,9 @@ def failure_line(failure: Optional[Failure], *, max_failures: int,
     else:
         what = (f"policy worker rank {failure.rank} on node {failure.node} failed after step "
                 f"{failure.step}: {failure.reason}")
-    if failure is not None and failure.lost_role:
+    if failure is not None and failure.capacity:
+        budget = failure.capacity
+    elif failure is not None and failure.lost_role:
         budget = "not restarted: a policy worker restart cannot bring that role back"
     else:
         budget = f"{max_failures} restart(s) of policy.max_failures={max_failures} used"

@@ -108,6 +108,7 @@ def _check_required_and_ranges(cfg: RunConfig, p: list[Problem]) -> None:
         ("reference.max_restarts", cfg.reference.max_restarts),
         ("policy.max_failures", cfg.policy.max_failures),
         ("policy.sigterm_grace_s", cfg.policy.sigterm_grace_s),
+        ("run.capacity_wait_s", cfg.run.capacity_wait_s),
         ("policy.num_cpus_per_worker", cfg.policy.num_cpus_per_worker),
         ("policy.num_gpus_per_worker", cfg.policy.num_gpus_per_worker),
         ("eval.every_steps", cfg.eval.every_steps),

@@ -28,6 +28,10 @@ class RunSection:
     Must be shared storage (NFS, s3://, gs://) on a multi-node cluster."""
     seed: int = 0
     """Seed for data shuffling and model initialisation noise."""
+    capacity_wait_s: float = 600.0
+    """How long a run waits for a lost node's capacity to come back (a replacement node that
+    can hold the policy workers, a reference actor or an engine) before it fails with the
+    command that resumes it. The wait is said on the console when it begins; 0 fails at once."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """auto picks cuda+nccl when the cluster has GPUs, else cpu+gloo."""
     local_num_cpus: Optional[int] = None

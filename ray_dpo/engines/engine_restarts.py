@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
 
 from ray_dpo.batching.probe import Probe
+from ray_dpo.capacity import DEFAULT_WAIT_S, CapacityWait, await_restart
 from ray_dpo.engines.weight_sync import check_loads, sync_method
 
 
@@ -58,11 +59,16 @@ class EngineKeeper:
     verify(probe, expected, tolerance, method, engines=[i]) -> diffs, raising above tolerance."""
 
     def __init__(self, actors: list, incarnations: list[str], *, backend: str, max_restarts: int, timeout_s: float,
-                 verify: Callable[..., list[float]], initial: Optional[str] = None):
+                 verify: Callable[..., list[float]], initial: Optional[str] = None,
+                 request: Optional[dict] = None, capacity_wait_s: float = DEFAULT_WAIT_S):
         """initial: the HF directory the engines started from, which an engine reloads to
-        regenerate a chunk of the initial model (None: cannot, e.g. adapter engines)."""
+        regenerate a chunk of the initial model (None: cannot, e.g. adapter engines).
+        request: what a node must have to hold one engine; a restart waits at most
+        capacity_wait_s for such a node while there is none (ray_dpo/capacity.py), and that
+        wait does not count against timeout_s."""
         self.actors, self.incarnations = actors, list(incarnations)
         self.backend, self.max_restarts, self.timeout_s = backend, max_restarts, timeout_s
+        self.request, self.capacity_wait_s = dict(request or {}), capacity_wait_s
         self._verify = verify
         self.initial = initial
         self.lock = threading.Lock()
@@ -184,32 +190,22 @@ class EngineKeeper:
         return ref
 
     def _await(self, i: int, cause: Optional[BaseException]) -> str:
-        """Ping engine i until it answers (with backoff); its incarnation id. ActorDiedError:
-        Ray will not restart it (restarts spent, or its start failed)."""
-        import ray
-        from ray.exceptions import ActorDiedError, GetTimeoutError, RayActorError
+        """Engine i's incarnation id once it answers again (capacity.await_restart).
+        ActorDiedError: Ray will not restart it (restarts spent, or its start failed)."""
+        def died(err: BaseException) -> EngineLostError:
+            return EngineLostError(
+                f"generation engine {i} ({self.backend}) died and Ray will not restart it "
+                f"({self.restarts} restart(s) recovered, at most {self.max_restarts} per engine: "
+                f"policy.max_failures). Read its log for why (out of memory?); run the same command "
+                f"again to resume from the last checkpoint. Last error: {error_line(err)}")
 
-        deadline = time.monotonic() + self.timeout_s
-        delay, pending = 0.05, None
-        while True:
-            pending = pending or self.actors[i].incarnation.remote()
-            try:
-                return ray.get(pending, timeout=max(0.1, min(10.0, deadline - time.monotonic())))
-            except ActorDiedError as err:
-                raise EngineLostError(
-                    f"generation engine {i} ({self.backend}) died and Ray will not restart it "
-                    f"({self.restarts} restart(s) recovered, at most {self.max_restarts} per engine: "
-                    f"policy.max_failures). Read its log for why (out of memory?); run the same command "
-                    f"again to resume from the last checkpoint. Last error: {error_line(err)}") from cause
-            except GetTimeoutError:
-                pass  # the same ping runs as soon as the engine is up
-            except RayActorError:  # unavailable: this ping died with the old process
-                pending = None
-            if time.monotonic() >= deadline:
-                raise EngineLostError(f"generation engine {i} did not come back within {self.timeout_s:.0f}s; "
-                                      f"last error: {error_line(cause) if cause else '-'}") from cause
-            time.sleep(delay)
-            delay = min(2 * delay, 2.0)
+        def timed_out() -> EngineLostError:
+            return EngineLostError(f"generation engine {i} did not come back within {self.timeout_s:.0f}s; "
+                                   f"last error: {error_line(cause) if cause else '-'}")
+
+        room = CapacityWait(f"generation engine {i} ({self.backend})", self.request, limit_s=self.capacity_wait_s)
+        return await_restart(self.actors[i].incarnation.remote, timeout_s=self.timeout_s, room=room,
+                             died=died, timed_out=timed_out)
 
 
 def error_line(err: BaseException) -> str:

@@ -27,8 +27,9 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator, Mapping
 
 import ray
-from ray.exceptions import ActorDiedError, GetTimeoutError, RayActorError
+from ray.exceptions import ActorDiedError, RayActorError
 
+from ray_dpo.capacity import DEFAULT_WAIT_S, CapacityWait, await_restart, request_of
 from ray_dpo.config import ReferenceConfig
 from ray_dpo.reference.actor import ReferenceActor
 from ray_dpo.resources import actor_options
@@ -74,7 +75,9 @@ class ReferenceGroup:
     ``f"{name_prefix}-{random hex}-{i}"`` if an earlier group still holds those names
     (``.names``). batch_size is each actor's pairs-per-forward limit;
     a batch may be bigger (it is split inside the actor).
-    restart_timeout_s: how long to wait for an actor to (re)start (model load included).
+    restart_timeout_s: how long to wait for an actor to (re)start (model load included),
+    not counting a wait for a node with room for it, which capacity_wait_s bounds
+    (run.capacity_wait_s, ray_dpo/capacity.py).
     """
 
     def __init__(
@@ -86,6 +89,7 @@ class ReferenceGroup:
         use_gpu: bool,
         name_prefix: str = "ray_dpo-ref",
         restart_timeout_s: float = 600.0,
+        capacity_wait_s: float = DEFAULT_WAIT_S,
         trust_remote_code: bool = False,
         attn_implementation: str | None = None,
     ):
@@ -98,6 +102,7 @@ class ReferenceGroup:
         self.config = config
         self.model_path = model_path
         self.restart_timeout_s = restart_timeout_s
+        self.capacity_wait_s = capacity_wait_s
         options = actor_options(num_cpus=config.num_cpus_per_actor, num_gpus=config.num_gpus_per_actor,
                                 resources=config.resources, use_gpu=use_gpu)
         options.update({
@@ -109,6 +114,7 @@ class ReferenceGroup:
         })
         remote_cls = ray.remote(ReferenceActor)
         self.names = free_actor_names(name_prefix, config.num_actors)
+        self._request = request_of(options)  # what a node must have to hold one actor
         self._actors = [
             remote_cls.options(name=name, **options).remote(
                 model_path, dtype=dtype, device="cuda" if use_gpu else "cpu",
@@ -256,33 +262,17 @@ class ReferenceGroup:
         ]
 
     def _await_actor(self, i: int, cause: BaseException | None) -> None:
-        """Ping actor ``i`` until it answers (with backoff); record its incarnation.
+        """Wait until actor ``i`` answers (capacity.await_restart); record its incarnation.
+        ActorDiedError means Ray gave up on it."""
+        def timed_out() -> ReferenceActorLostError:
+            return ReferenceActorLostError(
+                f"reference actor {i} ({self.names[i]}) did not answer within "
+                f"{self.restart_timeout_s:.0f}s (restarts used: {self.restarts_per_actor[i]} of "
+                f"reference.max_restarts={self.config.max_restarts}); last error: {_first_line(cause)}")
 
-        ActorUnavailableError and timeouts mean "restarting, keep waiting"; ActorDiedError
-        means Ray gave up on it.
-        """
-        deadline = time.monotonic() + self.restart_timeout_s
-        delay = 0.05
-        pending = None
-        while True:
-            pending = pending or self._actors[i].info.remote()
-            try:
-                info = ray.get(pending, timeout=max(0.1, min(10.0, deadline - time.monotonic())))
-                break
-            except ActorDiedError as err:
-                raise self._lost_error(i, err) from err
-            except GetTimeoutError:
-                pass  # keep the same ping: it runs as soon as the actor is up
-            except RayActorError:  # unavailable: this ping died with the old process
-                pending = None
-            if time.monotonic() >= deadline:
-                raise ReferenceActorLostError(
-                    f"reference actor {i} ({self.names[i]}) did not answer within "
-                    f"{self.restart_timeout_s:.0f}s (restarts used: {self.restarts_per_actor[i]} of "
-                    f"reference.max_restarts={self.config.max_restarts}); last error: {_first_line(cause)}"
-                ) from cause
-            time.sleep(delay)
-            delay = min(2 * delay, 2.0)
+        room = CapacityWait(f"reference actor {i} ({self.names[i]})", self._request, limit_s=self.capacity_wait_s)
+        info = await_restart(self._actors[i].info.remote, timeout_s=self.restart_timeout_s, room=room,
+                             died=lambda err: self._lost_error(i, err), timed_out=timed_out)
         self._observe(i, info["incarnation"])
 
     def _observe(self, i: int, incarnation: str) -> None:

@@ -195,3 +195,61 @@ class FailFastOnLostRoles(WorkerGroupCallback, ControllerCallback):
     def before_controller_execute_failure_decision(self, failure_decision) -> None:
         if self.lost is not None and getattr(failure_decision, "name", "") == "RETRY":
             raise faults.RunFailedError(f"not restarting the policy workers: {self.lost}")
+
+
+# Ray Train reads this when it makes each worker group (2.60); the wait for room sets it to
+# what is left of run.capacity_wait_s, so a start attempt never outlasts the wait.
+_START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
+
+
+class WaitForWorkerCapacity(ControllerCallback):
+    """Bounds the wait for room for the policy workers, after their node was lost
+    (ray_dpo/capacity.py). Before each worker-group start, if no live nodes can hold
+    ``num_workers`` workers of ``request``: the wait's line, once, and the start attempt
+    (whose pending placement group is what asks an autoscaler for a node) may take what is
+    left of ``limit_s``; once that is over, the failure record gets the reason and the
+    run ends (CapacityLostError, which Ray Train does not retry)."""
+
+    def __init__(self, *, request: dict, num_workers: int, limit_s: float, tracking_uri: str, run_id: str):
+        self.request, self.num_workers, self.limit_s = dict(request), num_workers, limit_s
+        self.tracking_uri, self.run_id = tracking_uri, run_id
+        self._wait = None
+        self._timeout = None  # the start timeout Ray Train had before the wait changed it
+
+    def on_controller_start_worker_group(self, *, scaling_config, num_workers: int):
+        from ray_dpo.capacity import CapacityLostError, CapacityWait
+
+        if self._wait is None:
+            self._timeout = os.environ.get(_START_TIMEOUT_ENV)
+            self._wait = CapacityWait(f"{num_workers} policy worker{'s' if num_workers > 1 else ''}",
+                                      self.request, count=num_workers,
+                                      limit_s=self.limit_s)
+        self._wait.count = num_workers
+        try:
+            left = self._wait.check()
+        except CapacityLostError as err:
+            self._record(str(err))
+            raise
+        if left is None:
+            _set_env(_START_TIMEOUT_ENV, self._timeout)
+        else:
+            os.environ[_START_TIMEOUT_ENV] = f"{max(1.0, left):.1f}"
+        return None
+
+    def _record(self, reason: str) -> None:
+        """Add ``reason`` to the failure the TrackingCallback recorded (the driver's last line)."""
+        try:
+            client = mlflow_client(self.tracking_uri)
+            failure = faults.Failure.from_json(client.get_run(self.run_id).data.tags.get(FAILURE_TAG)) or \
+                faults.Failure(rank=0, node="(unknown)", step=0, reason="its node was lost")
+            failure.capacity = reason
+            client.set_tag(self.run_id, FAILURE_TAG, failure.to_json())
+        except Exception as e:  # noqa: BLE001 - the run ends anyway; the line is then less precise
+            print(f"[ray_dpo] could not record the failure in MLflow: {e}", file=sys.stderr, flush=True)
+
+
+def _set_env(name: str, value: str | None) -> None:
+    if value is None:
+        os.environ.pop(name, None)
+    else:
+        os.environ[name] = value
