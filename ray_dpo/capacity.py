@@ -59,11 +59,18 @@ def node_name(node: Mapping[str, Any]) -> str:
 _LOST = (2, 3)
 
 
-def lost_nodes(nodes: list[dict]) -> list[str]:
-    """The nodes Ray saw die unexpectedly or preempted (a dead node lists no resources, so
-    which role was on it is not in the node table), with Ray's reason."""
+def lost_nodes(nodes: list[dict], before: frozenset = frozenset()) -> list[str]:
+    """The nodes Ray saw die unexpectedly or preempted, except those in ``before`` (lost
+    before the role started), with Ray's reason. A dead node lists no resources, so which
+    role was on it is not in the node table."""
     return [f"{node_name(n)}: {n.get('DeathReasonMessage') or 'lost'}" for n in nodes
-            if not n.get("Alive") and n.get("DeathReason") in _LOST]
+            if not n.get("Alive") and n.get("DeathReason") in _LOST and n.get("NodeID") not in before]
+
+
+def dead_node_ids(nodes: Optional[list[dict]] = None) -> frozenset:
+    """Ids of the nodes that are dead now: a role that starts takes this, so that its wait
+    later names only the nodes lost since."""
+    return frozenset(n.get("NodeID") for n in (live_nodes() if nodes is None else nodes) if not n.get("Alive"))
 
 
 def describe(request: Mapping[str, float]) -> str:
@@ -86,14 +93,17 @@ class CapacityWait:
 
     role: what the user reads ("reference actor 0 (ray_dpo-ref-0)", "2 policy workers").
     request: what each of its ``count`` actors asks for. limit_s: run.capacity_wait_s.
+    before: dead_node_ids() when the role started (those are not its lost nodes).
     nodes/clock/say: Ray's node table, time and the console, replaceable in tests.
     """
 
     def __init__(self, role: str, request: Mapping[str, float], *, limit_s: float, count: int = 1,
+                 before: frozenset = frozenset(),
                  nodes: Callable[[], list[dict]] = live_nodes, clock: Callable[[], float] = time.monotonic,
                  say: Callable[[str], None] = lambda line: print(line, flush=True)):
         self.role, self.request, self.count, self.limit_s = role, dict(request), count, float(limit_s)
         self._nodes, self._clock, self._say = nodes, clock, say
+        self.before = before
         self.since: Optional[float] = None  # when the current wait began
         self.lost: list[str] = []
         self.waits = 0  # waits begun (each says its line once)
@@ -108,7 +118,7 @@ class CapacityWait:
         now = self._clock()
         if self.since is None:
             self.since, self.waits = now, self.waits + 1
-            self.lost = lost_nodes(nodes)
+            self.lost = lost_nodes(nodes, self.before)
             self._say(f"[ray_dpo] waiting up to {self.limit_s:.0f}s (run.capacity_wait_s) for a node with room "
                       f"for {self.role}: {self._needs()}; {self._why()}")
         left = self.limit_s - (now - self.since)

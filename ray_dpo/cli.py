@@ -59,8 +59,22 @@ def cmd_validate(args: argparse.Namespace) -> int:
     for key, what in credentials(cfg):
         print(f"# warning: {key} holds {what}: it is shown as *** here, in MLflow and on the console, "
               f"and `ray-dpo k8s` refuses it; put the credential in the environment instead (docs/deploy.md)")
+    if warning := _storage_warning(cfg):
+        print(f"# warning: {warning}")
     print(to_yaml(redact_config(cfg)), end="")
     return EXIT_OK
+
+
+def _storage_warning(cfg):
+    """run.storage_path on one node's disk while the config pins roles to node pools."""
+    from ray_dpo import faults
+
+    pinned = [key for key, resources in (("policy.resources", cfg.policy.resources),
+                                         ("reference.resources", cfg.reference.resources),
+                                         ("online.resources", cfg.online.resources)) if resources]
+    path = cfg.run.storage_path
+    return faults.storage_warning(path, spread=f"roles pinned to node pools ({', '.join(pinned)})" if pinned else None,
+                                  fs_type=None if "://" in path else faults.mount_type(path))
 
 
 def _is_sweep(cfg) -> bool:

@@ -35,6 +35,7 @@ from __future__ import annotations
 import collections
 import logging
 import os
+import re
 import sys
 
 OWN_PREFIX = "[ray_dpo"
@@ -227,7 +228,22 @@ def short_cluster_errors(messages, save_to: str | None) -> list[str]:
         except OSError:
             save_to = None
     where = f" (full text: {save_to})" if save_to else ""
-    return [f"{OWN_PREFIX}] Ray reports: {_first_sentence(m)}{where}" for m in messages]
+    return [f"{OWN_PREFIX}] Ray reports: {_summary(m)}{where}" for m in messages if _RETRIED not in m]
+
+
+# A call Ray sends again by itself (an actor with max_task_retries restarting) is not a
+# failure: kept in the errors file, not said on the console.
+_RETRIED = "so the task will be retried"
+_NODE_DEAD = re.compile(r"The node with node id: (\w+) and address: (\S+) .*?has been marked dead because (.+?)\.")
+
+
+def _summary(message: str) -> str:
+    """A Ray report's first sentence; a dead node's report as which node and why."""
+    dead = _NODE_DEAD.search(" ".join(message.split()))
+    if dead:
+        node, address, why = dead.groups()
+        return f"node {address} (id {node[:8]}) is dead: {why}."
+    return _first_sentence(message)
 
 
 def _first_sentence(message: str, limit: int = 200) -> str:

@@ -144,6 +144,7 @@ def _run(cfg: RunConfig, tracker, t0: float) -> TrainSummary:
         if kto and not kto["advised"]:
             logger.warning("%s: set loss.desirable_weight / loss.undesirable_weight to bring it inside",
                            kto_line(kto))
+        _warn_local_storage(cfg)
         # What starts, from the one answer the local cluster's size and `ray-dpo k8s` use too.
         print("[ray_dpo] actors: " + ", ".join(r.describe() for r in topology.roles(cfg, use_gpu=gpu)), flush=True)
         watch: dict[str, list[str]] = {}  # role -> actor ids whose restarts MLflow counts
@@ -164,6 +165,18 @@ def _run(cfg: RunConfig, tracker, t0: float) -> TrainSummary:
             close_follower(follower)
     tracker.finish("FINISHED")
     return summary
+
+
+def _warn_local_storage(cfg: RunConfig) -> None:
+    """A multi-node cluster with run.storage_path on one node's disk: said before training."""
+    from ray_dpo import faults
+    from ray_dpo.capacity import live_nodes
+
+    path, nodes = storage_root(cfg), sum(1 for n in live_nodes() if n.get("Alive"))
+    warning = faults.storage_warning(path, spread=f"a {nodes}-node cluster" if nodes > 1 else None,
+                                     fs_type=None if "://" in path else faults.mount_type(path))
+    if warning:
+        logger.warning(warning)
 
 
 def _log_console(tracker, recording) -> None:

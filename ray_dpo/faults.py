@@ -70,6 +70,37 @@ def write_manifest(local_dir: str, *, rank: int, world_size: int, step: int) -> 
     return out
 
 
+# Filesystem types that every node can mount at the same path (/proc/mounts' third field).
+SHARED_FS = ("nfs", "nfs4", "cifs", "smb3", "lustre", "gpfs", "ceph", "glusterfs", "beegfs", "wekafs",
+             "fuse.")  # fuse.: gcsfuse, s3fs, juicefs, sshfs... mounts of remote storage
+
+
+def mount_type(path: str, mounts: str = "/proc/mounts") -> Optional[str]:
+    """The filesystem type of the mount that holds ``path`` (Linux), else None."""
+    try:
+        with open(mounts, encoding="utf-8") as f:
+            entries = [line.split()[1:3] for line in f if len(line.split()) >= 3]
+    except OSError:
+        return None
+    path = os.path.abspath(path)
+    best = max((m for m in entries if path == m[0] or path.startswith(m[0].rstrip("/") + "/")),
+               key=lambda m: len(m[0]), default=None)
+    return best[1] if best else None
+
+
+def storage_warning(path: str, *, spread: Optional[str], fs_type: Optional[str]) -> Optional[str]:
+    """Why run.storage_path ``path`` may not survive a lost node when the run is spread over
+    nodes (``spread`` says how: "a 3-node cluster"; None: it is not), or None when it will
+    (an object store, a shared mount)."""
+    if not spread or "://" in path or (fs_type and fs_type.startswith(SHARED_FS)):
+        return None
+    return (f"run.storage_path={path} is a local path ({fs_type or 'filesystem unknown'}) with {spread}: "
+            "each node writes its checkpoints to its own disk, so a worker on another node cannot resume "
+            "from them and a lost node takes its checkpoints along (resume then falls back to the newest "
+            "complete checkpoint the new worker sees, or step 0). Set run.storage_path to s3://..., gs://... "
+            "or a volume mounted at the same path on every node")
+
+
 def checkpoint_problem(fs: Any, path: str) -> Optional[str]:
     """Why the checkpoint directory ``path`` on pyarrow filesystem ``fs`` is not complete,
     or None when every rank's manifest is there and every file it lists has its size."""

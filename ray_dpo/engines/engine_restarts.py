@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
 
 from ray_dpo.batching.probe import Probe
-from ray_dpo.capacity import DEFAULT_WAIT_S, CapacityWait, await_restart
+from ray_dpo.capacity import DEFAULT_WAIT_S, CapacityWait, await_restart, dead_node_ids
 from ray_dpo.engines.weight_sync import check_loads, sync_method
 
 
@@ -69,6 +69,7 @@ class EngineKeeper:
         self.actors, self.incarnations = actors, list(incarnations)
         self.backend, self.max_restarts, self.timeout_s = backend, max_restarts, timeout_s
         self.request, self.capacity_wait_s = dict(request or {}), capacity_wait_s
+        self._dead_before = dead_node_ids()  # a later wait names only the nodes lost since
         self._verify = verify
         self.initial = initial
         self.lock = threading.Lock()
@@ -203,7 +204,8 @@ class EngineKeeper:
             return EngineLostError(f"generation engine {i} did not come back within {self.timeout_s:.0f}s; "
                                    f"last error: {error_line(cause) if cause else '-'}")
 
-        room = CapacityWait(f"generation engine {i} ({self.backend})", self.request, limit_s=self.capacity_wait_s)
+        room = CapacityWait(f"generation engine {i} ({self.backend})", self.request, limit_s=self.capacity_wait_s,
+                            before=self._dead_before)
         return await_restart(self.actors[i].incarnation.remote, timeout_s=self.timeout_s, room=room,
                              died=died, timed_out=timed_out)
 

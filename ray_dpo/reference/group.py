@@ -29,7 +29,7 @@ from typing import Any, Iterable, Iterator, Mapping
 import ray
 from ray.exceptions import ActorDiedError, RayActorError
 
-from ray_dpo.capacity import DEFAULT_WAIT_S, CapacityWait, await_restart, request_of
+from ray_dpo.capacity import DEFAULT_WAIT_S, CapacityWait, await_restart, dead_node_ids, request_of
 from ray_dpo.config import ReferenceConfig
 from ray_dpo.reference.actor import ReferenceActor
 from ray_dpo.resources import actor_options
@@ -115,6 +115,7 @@ class ReferenceGroup:
         remote_cls = ray.remote(ReferenceActor)
         self.names = free_actor_names(name_prefix, config.num_actors)
         self._request = request_of(options)  # what a node must have to hold one actor
+        self._dead_before = dead_node_ids()  # a later wait names only the nodes lost since
         self._actors = [
             remote_cls.options(name=name, **options).remote(
                 model_path, dtype=dtype, device="cuda" if use_gpu else "cpu",
@@ -270,7 +271,8 @@ class ReferenceGroup:
                 f"{self.restart_timeout_s:.0f}s (restarts used: {self.restarts_per_actor[i]} of "
                 f"reference.max_restarts={self.config.max_restarts}); last error: {_first_line(cause)}")
 
-        room = CapacityWait(f"reference actor {i} ({self.names[i]})", self._request, limit_s=self.capacity_wait_s)
+        room = CapacityWait(f"reference actor {i} ({self.names[i]})", self._request, limit_s=self.capacity_wait_s,
+                            before=self._dead_before)
         info = await_restart(self._actors[i].info.remote, timeout_s=self.restart_timeout_s, room=room,
                              died=lambda err: self._lost_error(i, err), timed_out=timed_out)
         self._observe(i, info["incarnation"])

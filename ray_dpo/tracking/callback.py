@@ -217,13 +217,13 @@ class WaitForWorkerCapacity(ControllerCallback):
         self._timeout = None  # the start timeout Ray Train had before the wait changed it
 
     def on_controller_start_worker_group(self, *, scaling_config, num_workers: int):
-        from ray_dpo.capacity import CapacityLostError, CapacityWait
+        from ray_dpo.capacity import CapacityLostError, CapacityWait, dead_node_ids
 
-        if self._wait is None:
+        if self._wait is None:  # the first start: nodes dead now were not this run's
             self._timeout = os.environ.get(_START_TIMEOUT_ENV)
             self._wait = CapacityWait(f"{num_workers} policy worker{'s' if num_workers > 1 else ''}",
-                                      self.request, count=num_workers,
-                                      limit_s=self.limit_s)
+                                      self.request, count=num_workers, limit_s=self.limit_s,
+                                      before=dead_node_ids())
         self._wait.count = num_workers
         try:
             left = self._wait.check()

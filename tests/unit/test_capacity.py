@@ -92,3 +92,39 @@ def test_the_failure_line_of_workers_that_found_no_room_says_why_and_how_to_resu
     assert "run.capacity_wait_s=20s" in line and "resumes from the checkpoint at step 4" in line
     assert "policy.max_failures" not in line
     assert faults.Failure.from_json(failure.to_json()) == failure
+
+
+def test_nodes_lost_before_the_role_started_are_not_named():
+    old, new = {**node(alive=False), "NodeID": "0ld0000000"}, node(alive=False)
+    clock, lines = Clock(), []
+    wait = CapacityWait("engine 0", {"CPU": 1.0, "engine_node": 1.0}, limit_s=5, before=frozenset({"0ld0000000"}),
+                        nodes=lambda: [node(CPU=1.0), old, new], clock=clock, say=lines.append)
+    wait.check()
+    assert "abcdef01" in lines[0] and "0ld00000" not in lines[0]
+
+
+def test_local_storage_on_a_spread_run_is_a_warning_naming_the_key(tmp_path):
+    mounts = tmp_path / "mounts"
+    mounts.write_text("/dev/sda1 / ext4 rw 0 0\nserver:/export /mnt/shared nfs4 rw 0 0\n", encoding="utf-8")
+    assert faults.mount_type("/mnt/shared/runs", str(mounts)) == "nfs4"
+    assert faults.mount_type("/home/me/runs", str(mounts)) == "ext4"
+    warning = faults.storage_warning("/home/me/runs", spread="a 3-node cluster", fs_type="ext4")
+    assert warning.startswith("run.storage_path=/home/me/runs is a local path (ext4) with a 3-node cluster")
+    assert "s3://" in warning
+    assert faults.storage_warning("/mnt/shared/runs", spread="a 3-node cluster", fs_type="nfs4") is None
+    assert faults.storage_warning("s3://bucket/runs", spread="a 3-node cluster", fs_type=None) is None
+    assert faults.storage_warning("/home/me/runs", spread=None, fs_type="ext4") is None
+
+
+def test_a_checkpoint_on_a_lost_nodes_disk_is_never_the_resume_point(tmp_path):
+    """Ray's latest checkpoint was written on a node that is gone: its directory is not on
+    this node's disk, so resume takes the newest complete checkpoint this node has."""
+    from pyarrow import fs as pafs
+
+    older = tmp_path / "checkpoint_000004"
+    (older / "model").mkdir(parents=True)
+    (older / "model" / "weights.bin").write_bytes(b"x" * 10)
+    faults.write_manifest(str(older), rank=0, world_size=1, step=4)
+    chosen, warnings = faults.pick_checkpoint(pafs.LocalFileSystem(), str(tmp_path / "checkpoint_000008"))
+    assert chosen == str(older)
+    assert "checkpoint_000008 is incomplete" in warnings[0]

@@ -68,14 +68,20 @@ RETRY = ("Task _CoordinatorActor.advance failed. There are infinite retries rema
          "will be retried. Error: The actor is temporarily unavailable")
 
 
+NODE_DEAD = ("The node with node id: 8cd9799c59fcd1835f0cacdef9abdba56e9d668bf364529111cb6b19 and address: "
+             "192.0.2.2 and node name: 192.0.2.2 has been marked dead because the detector has missed too many "
+             "heartbeats from it. This can happen when a \t(1) raylet crashes unexpectedly (OOM, etc.)")
+
+
 def test_cluster_errors_become_one_line_each_and_are_kept_whole(tmp_path):
     saved = tmp_path / "errors.log"
-    lines = console.short_cluster_errors([WORKER_DIED, "", RETRY], save_to=str(saved))
-    assert lines == [
+    lines = console.short_cluster_errors([WORKER_DIED, "", RETRY, NODE_DEAD], save_to=str(saved))
+    assert lines == [  # a call Ray sends again by itself is no failure: only in the file
         f"[ray_dpo] Ray reports: A worker died or was killed while executing a task by an unexpected "
         f"system error. (full text: {saved})",
-        f"[ray_dpo] Ray reports: Task _CoordinatorActor.advance failed. (full text: {saved})"]
-    assert saved.read_text() == WORKER_DIED + "\n" + RETRY + "\n"
+        f"[ray_dpo] Ray reports: node 192.0.2.2 (id 8cd9799c) is dead: the detector has missed too many "
+        f"heartbeats from it. (full text: {saved})"]
+    assert saved.read_text() == WORKER_DIED + "\n" + RETRY + "\n" + NODE_DEAD + "\n"
     long = "x" * 500
     assert console.short_cluster_errors([long], save_to=None) == [f"[ray_dpo] Ray reports: {'x' * 197}..."]
 

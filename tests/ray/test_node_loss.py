@@ -1,0 +1,182 @@
+"""A lost node: every role on it gone at once, on a simulated multi-node cluster.
+
+``ray.cluster_utils.Cluster`` starts real raylets on this machine: a head node (the driver,
+the feeder or coordinator, Ray Train's controller) and one node per role, each advertising
+a custom resource the config pins its role to (policy_node, reference_node, engine_node),
+as node pools on a real cluster do. A test removes one role's node mid-run (its raylet and
+every process on it are killed) and, unless it tests the never-returns case, adds a
+replacement node with the same resource some seconds later. The checks are a user's
+(ray_dpo/testing/chaos.py): exit 0, every pair trained once, the console's wait line; or,
+when no node comes back, exit 1 within run.capacity_wait_s with one line naming the role,
+the node and the command that resumes.
+
+The GCS here declares a node dead after ~3 s of missed health checks (a real cluster's
+default is ~30 s), so a test spends its time on the run, not on Ray noticing the loss.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from ray_dpo.testing import chaos
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+POOLS = {"policy": "policy_node", "reference": "reference_node", "engine": "engine_node"}
+PINNED = {"policy.resources": "{policy_node: 1}", "reference.resources": "{reference_node: 1}",
+          "online.resources": "{engine_node: 1}"}
+FAST = {"policy.checkpoint_every_steps": 4, "policy.max_steps": 12, "eval.every_steps": 0,
+        "data.eval_files": "[]", **PINNED}
+STEPS, PAIRS_PER_STEP = 12, 16
+
+
+class Pools:
+    """The simulated cluster: ``nodes[role]`` is the live node of that role's pool."""
+
+    def __init__(self):
+        import ray
+        from ray.cluster_utils import Cluster
+
+        ray.shutdown()
+        self.cluster = Cluster(initialize_head=True, head_node_args={
+            "num_cpus": 4,
+            "_system_config": {"health_check_initial_delay_ms": 0, "health_check_period_ms": 500,
+                               "health_check_failure_threshold": 4}})
+        self.nodes = {role: self.add(role) for role in POOLS}
+        ray.init(address=self.cluster.address)
+        self.address = ray.get_runtime_context().gcs_address
+
+    def add(self, role):
+        return self.cluster.add_node(num_cpus=3, resources={POOLS[role]: 4})
+
+    def lose(self, role):
+        """Kill the raylet of ``role``'s node and every process on it."""
+        self.cluster.remove_node(self.nodes.pop(role), allow_graceful=False)
+
+    def replace(self, role):
+        self.nodes[role] = self.add(role)
+
+    def shutdown(self):
+        import ray
+
+        ray.shutdown()
+        self.cluster.shutdown()
+
+
+@pytest.fixture(scope="module")
+def pools():
+    cluster = Pools()
+    yield cluster
+    cluster.shutdown()
+
+
+def run_losing(pools, cfg, tmp_path, role, *, at, back_after_s=None, ready=None):
+    """Run cfg; once the ledger has ``at`` steps (or ``ready()`` holds), lose ``role``'s node;
+    add a replacement ``back_after_s`` later (None: never). (exit code, console, seconds from
+    the loss to the exit)."""
+    from ray_dpo.config import to_yaml
+
+    path = tmp_path / f"{cfg.run.name}.yaml"
+    path.write_text(to_yaml(cfg), encoding="utf-8")
+    proc, out = chaos.start_cli(str(path), str(tmp_path / f"{cfg.run.name}.log"), pools.address)
+    ready = ready or (lambda: len(chaos.ledger(cfg.run_dir)) >= at)
+    deadline = time.monotonic() + 600
+    while proc.poll() is None and not ready() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert proc.poll() is None, "the run ended before the node was lost"
+    pools.lose(role)
+    lost_at = time.monotonic()
+    try:
+        if back_after_s is not None:
+            while proc.poll() is None and time.monotonic() - lost_at < back_after_s:
+                time.sleep(0.2)
+            pools.replace(role)
+        code, console = chaos.finish(proc, out)
+    finally:
+        if role not in pools.nodes:
+            pools.replace(role)  # the next test's cluster is whole again
+    return code, console, time.monotonic() - lost_at
+
+
+def wait_line(console, role):
+    lines = [line for line in console.splitlines() if line.startswith("[ray_dpo] waiting up to")]
+    assert len(lines) == 1, console[-6000:]
+    assert role in lines[0] and "run.capacity_wait_s" in lines[0], lines[0]
+    return lines[0]
+
+
+def assert_complete(cfg, code, console):
+    assert code == 0, console[-6000:]
+    problems = chaos.ledger_problems(cfg.run_dir, steps=STEPS, pairs_per_step=PAIRS_PER_STEP)
+    assert not problems, "\n".join(problems) + "\n" + console[-4000:]
+    assert chaos.mlflow_run(cfg.run.storage_path, cfg.run_dir)[1].info.status == "FINISHED"
+
+
+def test_the_policy_node_lost_waits_for_a_replacement_and_resumes_from_the_checkpoint(pools, tiny_config, tmp_path):
+    cfg = tiny_config("lose-policy", **FAST, **{"run.capacity_wait_s": 120})
+    code, console, _ = run_losing(pools, cfg, tmp_path, "policy", at=6, back_after_s=15)
+    assert_complete(cfg, code, console)
+    line = wait_line(console, "2 policy workers")
+    assert "{CPU: 1, policy_node: 1} each" in line and "lost node" in line, line
+    assert "policy workers restarted (1 of policy.max_failures=3)" in console, console[-6000:]
+
+
+def test_the_policy_node_that_never_comes_back_fails_within_the_limit_with_one_line(pools, tiny_config, tmp_path):
+    cfg = tiny_config("policy-gone", **FAST, **{"run.capacity_wait_s": 15})
+    code, console, seconds = run_losing(pools, cfg, tmp_path, "policy", at=6)
+    assert code == 1, console[-6000:]
+    wait_line(console, "2 policy workers")
+    [line] = [line for line in console.splitlines() if line.startswith("[ray_dpo] run failed:")]
+    for part in ("policy worker rank", "on node", "2 policy workers lost", "lost node",
+                 "run.capacity_wait_s=15s", "resumes from the checkpoint at step", "ray-dpo train "):
+        assert part in line, line
+    assert "Traceback" not in console, console[-6000:]
+    print(f"loss to exit: {seconds:.0f}s")  # the limit is 15 s; Ray's detection and shutdown come on top
+
+
+# Extended tier (62 s here): CI keeps the policy and engine node cases; a reference actor's
+# restart itself is in CI through test_reference.py and test_faults.py.
+@pytest.mark.extended
+def test_the_reference_node_lost_waits_for_a_replacement_and_loses_no_pair(pools, tiny_config, tmp_path):
+    cfg = tiny_config("lose-reference", **FAST, **{"run.capacity_wait_s": 120})
+    code, console, _ = run_losing(pools, cfg, tmp_path, "reference", at=6, back_after_s=15)
+    assert_complete(cfg, code, console)
+    line = wait_line(console, "reference actor 0")
+    assert "{CPU: 1, reference_node: 1}" in line, line
+    run = chaos.mlflow_run(cfg.run.storage_path, cfg.run_dir)[1]
+    assert run.data.metrics["faults/reference_restarts"] == 1
+    assert run.data.metrics["faults/worker_restarts"] == 0
+
+
+@pytest.mark.extended
+def test_the_reference_node_that_never_comes_back_fails_with_one_line(pools, tiny_config, tmp_path):
+    cfg = tiny_config("reference-gone", **FAST, **{"run.capacity_wait_s": 10})
+    code, console, _ = run_losing(pools, cfg, tmp_path, "reference", at=6)
+    assert code == 1, console[-6000:]
+    [line] = [line for line in console.splitlines() if line.startswith("[ray_dpo] run failed:")]
+    for part in ("reference actor 0 (ray_dpo-ref-0) lost", "run.capacity_wait_s=10s", "not restarted",
+                 "ray-dpo train "):
+        assert part in line, line
+
+
+def test_the_engine_node_lost_mid_generation_waits_and_the_rounds_complete(pools, tiny_config, tmp_path):
+    """Four rounds of 32 prompts (2 steps each); the engine's node is lost once round 1 is
+    generated, while the next rounds are still to come."""
+    cfg = tiny_config("lose-engine", **{
+        **PINNED, "online.enabled": True, "online.rounds": 4, "online.prompts_per_round": 32,
+        "online.samples_per_prompt": 4, "online.backend": "transformers",
+        "online.judge.function": "ray_dpo.testing.assets:judge_score", "online.sampling.max_new_tokens": 16,
+        "online.sync_tolerance": 1e-3, "policy.checkpoint_every_steps": 2, "eval.every_steps": 0,
+        "data.eval_files": "[]", "run.capacity_wait_s": 120})
+    rounds = cfg.run_dir + "/online_rounds"
+    import os
+
+    code, console, _ = run_losing(pools, cfg, tmp_path, "engine", at=0, back_after_s=15,
+                                  ready=lambda: os.path.isdir(rounds) and len(os.listdir(rounds)) >= 1)
+    assert code == 0, console[-6000:]
+    problems = chaos.online_ledger_problems(cfg.run_dir, steps=8)
+    assert not problems, "\n".join(problems) + "\n" + console[-4000:]
+    wait_line(console, "generation engine 0")
+    assert "generation engine 0 restarted" in console, console[-6000:]
