@@ -23,6 +23,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
+from ray_dpo import compat
 from ray_dpo.batching.probe import Probe
 from ray_dpo.config import SamplingConfig
 from ray_dpo.engines.engine_restarts import EngineKeeper, error_line
@@ -123,7 +124,7 @@ class GenerationGroup:
     @property
     def actor_ids(self) -> list[str]:
         """The engines' Ray actor ids (hex), for counting their restarts."""
-        return [a._actor_id.hex() for a in self._actors]
+        return compat.actor_ids(self._actors)
 
     # ------------------------------------------------------------------ generation
 
