@@ -184,3 +184,24 @@ def test_the_seams_were_checked_against_the_installed_version(library):
     stale = {name: seam.checked for name, seam in compat.SEAMS.items()
              if seam.library == library and seam.checked != installed}
     assert not stale, f"{library} {installed} is installed; these seams were checked against another version: {stale}"
+
+
+def test_the_seams_find_their_internals_in_the_installed_versions():
+    """A fallback hides a moved internal at run time; here it fails (the seams a unit test
+    can reach without a cluster, a GPU or vLLM; SEAMS names the tests of the others)."""
+    import importlib.util
+
+    from transformers import PretrainedConfig
+
+    worker_group, controller = compat.train_callback_bases()
+    assert "_internal" in worker_group.__module__ and "_internal" in controller.__module__
+    assert compat.worker_output_dispatcher() is not None
+    assert importlib.util.find_spec(compat.ray_auth_logger().name) is not None
+    assert compat.attn_implementation(PretrainedConfig(attn_implementation="sdpa")) == "sdpa"
+
+
+def test_the_fallbacks_return_instead_of_raising():
+    assert compat.actor_ids([object()]) == []
+    assert compat.train_result_queue() is None  # not in a Ray Train worker
+    assert compat.keeps_grad_norm(object()) is False
+    assert compat.attn_implementation(object()) == "eager"
