@@ -38,6 +38,8 @@ import os
 import re
 import sys
 
+from ray_dpo import compat
+
 OWN_PREFIX = "[ray_dpo"
 LOG_FORMAT = "[%(name)s] %(message)s"
 ENV_CONSOLE = "RAY_DPO_CONSOLE"
@@ -181,31 +183,27 @@ def install_console_filter() -> bool:
     """Replace Ray's printer of forwarded worker output (in this driver, after ray.init) by
     one that prints ray_dpo's lines only, and shorten Ray's cluster error reports. False if
     Ray's internals are not as expected, in which case the console stays as Ray makes it."""
-    try:
-        from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
-    except ImportError:
+    dispatcher = compat.worker_output_dispatcher()
+    if dispatcher is None:
         return False
     names = [name for name, _ in getattr(dispatcher, "handlers", ())]
     if _RAY_PRINT_HANDLER not in names:
         return False  # log_to_driver=False, or Ray renamed it
     dispatcher.remove_handler(_RAY_PRINT_HANDLER)
     dispatcher.add_handler(_RAY_PRINT_HANDLER, _print_own_lines)
-    _shorten_cluster_errors()
+    compat.wrap_cluster_error_printer(_shortening_cluster_errors)
     return True
 
 
 # Ray 2.60's driver thread that prints the cluster's error reports (listen_error_messages)
-# calls ray._private.worker.print_to_stdstream with pid "raylet"; this wraps that function.
+# calls its printer of worker output with pid "raylet"; install_console_filter wraps that
+# function (compat.wrap_cluster_error_printer).
 _CLUSTER_PIDS = ("raylet", "autoscaler")
 ERRORS_FILE = "ray_dpo-ray-errors.log"
 
 
-def _shorten_cluster_errors() -> None:
-    from ray._private import worker
-
-    original = getattr(worker, "print_to_stdstream", None)
-    if original is None or getattr(original, "_ray_dpo", False):
-        return
+def _shortening_cluster_errors(original):
+    """Ray's printer of worker output, but cluster error reports as short_cluster_errors."""
 
     def print_to_stdstream(data, ignore_prefix: bool):
         if data.get("pid") not in _CLUSTER_PIDS:
@@ -213,8 +211,7 @@ def _shorten_cluster_errors() -> None:
         for line in short_cluster_errors(data.get("lines") or (), save_to=_errors_file()):
             print(line, file=sys.stderr, flush=True)
 
-    print_to_stdstream._ray_dpo = True  # type: ignore[attr-defined]
-    worker.print_to_stdstream = print_to_stdstream
+    return print_to_stdstream
 
 
 def short_cluster_errors(messages, save_to: str | None) -> list[str]:
@@ -259,9 +256,6 @@ def _errors_file() -> str | None:
     return os.path.join(where, ERRORS_FILE) if where else None
 
 
-AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"
-
-
 def quiet_driver_loggers() -> None:
     """Ray's loggers in this process print warnings and errors only; their files (Ray Data's
     ``ray-data.log``) keep everything."""
@@ -271,7 +265,7 @@ def quiet_driver_loggers() -> None:
                 handler.setLevel(max(handler.level, logging.WARNING))
     # "Token authentication is enabled for this Ray cluster..." on every local start: Ray's
     # secure default for the cluster ray_dpo starts itself, nothing for the user to do.
-    logging.getLogger(AUTH_LOGGER).setLevel(logging.ERROR)
+    compat.ray_auth_logger().setLevel(logging.ERROR)
     # MLflow's "Creating initial MLflow database tables..." on a new SQLite store: MLflow sets
     # its logger's level from this variable when imported, and the driver imports it later.
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
@@ -307,11 +301,12 @@ def setup_worker_logging() -> None:
 
 
 def ray_log_dir() -> str | None:
-    """This node's folder of Ray session logs (every worker's output, Ray Train, Ray Data)."""
+    """This node's folder of Ray session logs (every worker's output, Ray Train, Ray Data):
+    ``logs`` in the session folder, ``<temp dir>/<session name>`` as Ray lays it out."""
     try:
         import ray
 
-        node = ray._private.worker._global_node
-        return os.path.join(node.get_session_dir_path(), "logs") if node is not None else None
+        context = ray.get_runtime_context()
+        return os.path.join(context.get_temp_dir(), context.get_session_name(), "logs")
     except Exception:  # noqa: BLE001 -- only for a hint to the user
         return None

@@ -22,7 +22,7 @@ from typing import Any
 
 import ray
 
-from ray_dpo import console, topology
+from ray_dpo import compat, console, topology
 from ray_dpo.config import RunConfig, flatten, join_path, local_cluster_cpus, to_yaml, with_absolute_paths
 from ray_dpo.data.files import expand_files
 from ray_dpo.data.pipeline import build_pair_data
@@ -362,7 +362,7 @@ def _start_roles(cfg: RunConfig, tracker, train, evaluation, gpu: bool, watch: d
     if group is not None and not cfg.reference.precompute:
         watch["reference"] = group.actor_ids
     feeder, cache_status = _start_feeder(cfg, train, evaluation, group)
-    watch["feeder"] = [feeder._actor_id.hex()]
+    watch["feeder"] = compat.actor_ids([feeder])
     total_steps = ray.get(feeder.total_steps.remote())
     follower, reference = None, None
     if cfg.eval.prompts_file:
@@ -380,7 +380,7 @@ def _start_roles(cfg: RunConfig, tracker, train, evaluation, gpu: bool, watch: d
 
 def _watch_engines(watch: dict, follower, *, role: str) -> None:
     """Count the restarts of the actor and of its generation engines in MLflow."""
-    watch[role] = [follower._actor_id.hex()]
+    watch[role] = compat.actor_ids([follower])
     watch["engine"] = ray.get(follower.engine_actor_ids.remote())
 
 

@@ -35,6 +35,8 @@ import os
 import re
 from typing import Any, Optional
 
+from ray_dpo import compat
+
 logger = logging.getLogger("ray_dpo.faults")
 
 MANIFEST_DIR = "manifest"
@@ -218,17 +220,13 @@ def last_ledger_step(path: Optional[str]) -> int:
 def gcs_restart_counts(actor_ids: dict[str, list[str]]) -> dict[str, int]:
     """{role: restarts Ray made of that role's actors} from Ray's actor table (every process
     of the cluster sees it, so it survives the restarted actor's own state). A role whose
-    count cannot be read is left out."""
-    try:
-        from ray._private import state  # private, as in reference/group.py: a change = unknown
-    except ImportError:
-        return {}
+    count cannot be read (this time: the next poll tries again) is left out, and so is one
+    whose actor ids could not be read."""
     out = {}
     for role, ids in actor_ids.items():
-        try:
-            out[role] = sum(int(state.actors(actor_id)["NumRestarts"]) for actor_id in ids)
-        except Exception:  # noqa: BLE001 - unknown this time; the next poll tries again
-            continue
+        counts = [compat.actor_restarts(actor_id) for actor_id in ids]
+        if counts and None not in counts:
+            out[role] = sum(counts)
     return out
 
 
@@ -344,18 +342,15 @@ def install_sigterm_grace() -> bool:
     SIGTERM before it evicts a pod (SIGKILL follows after terminationGracePeriodSeconds).
     Ray's handler still runs: when the worker is done (``sigterm_done``) or the grace is over.
     False if Ray's internals are not as expected (then SIGTERM is a plain kill, as before)."""
-    try:
-        from ray._private import utils
-    except ImportError:
-        return False
-    original = getattr(utils, "set_sigterm_handler", None)
-    if original is None or getattr(original, "_ray_dpo", False):
-        return original is not None
+    return compat.wrap_sigterm_setter(_setting_graceful)
+
+
+def _setting_graceful(set_sigterm_handler):
+    """Ray's setter of the SIGTERM handler, setting that handler behind the grace (_graceful)."""
+
     def patched(handler):
-        original(_graceful(handler))
-    patched._ray_dpo = True  # type: ignore[attr-defined]
-    utils.set_sigterm_handler = patched
-    return True
+        set_sigterm_handler(_graceful(handler))
+    return patched
 
 
 def _graceful(ray_handler):
@@ -388,15 +383,12 @@ def wait_reports_consumed(timeout_s: float) -> bool:
     """Block until Ray Train's controller has taken this rank's pending reports (the
     checkpoint just saved), at most ``timeout_s``. A rank that exits right after
     ``ray.train.report`` would otherwise take its queued report with it, and the controller
-    would never register that checkpoint. Reads Ray Train 2.60's per-worker result queue
-    (a private seam); False if it is not there or the wait timed out."""
+    would never register that checkpoint. Reads Ray Train's per-worker result queue
+    (compat.train_result_queue); False if it is not there or the wait timed out."""
     import threading
 
-    try:
-        from ray.train.v2._internal.execution.context import get_train_context
-
-        queue = get_train_context().get_result_queue()
-    except (ImportError, AttributeError, RuntimeError):
+    queue = compat.train_result_queue()
+    if queue is None:
         return False
     done = threading.Event()
     threading.Thread(target=lambda: (queue.join(), done.set()), daemon=True).start()

@@ -18,7 +18,7 @@ transformers does with these inputs and which models can be packed):
 
 Use:
     batch = build_batch(pairs, layout="packed", pad_token_id=pad, max_tokens_per_row=4096)
-    out = model(**model_inputs(batch, attn_implementation=model.config._attn_implementation,
+    out = model(**model_inputs(batch, attn_implementation=compat.attn_implementation(model.config),
                                dtype=model.dtype))
     chosen, rejected, n_chosen, n_rejected = pair_logps(out.logits, batch)
 
@@ -313,7 +313,7 @@ def model_inputs(
     batch: PackedBatch, *, attn_implementation: str = "sdpa", dtype: torch.dtype = torch.float32
 ) -> dict[str, torch.Tensor]:
     """kwargs for `model(**...)`: input_ids, position_ids and the attention mask in the form
-    `attn_implementation` consumes (model.config._attn_implementation). dtype: the model's
+    `attn_implementation` consumes (compat.attn_implementation(model.config)). dtype: the model's
     dtype (eager's additive mask must match it).
 
     padded: 2D [R, T] long mask (transformers builds causal + padding itself).

@@ -29,6 +29,8 @@ from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 
+from ray_dpo import compat
+
 ALIGN = 64
 """Byte alignment of every tensor inside a bucket (a uint8 slice viewed as any dtype)."""
 
@@ -149,8 +151,7 @@ def _group(store, rank: int, world_size: int, backend: str, timeout_s: float, de
     timeout = datetime.timedelta(seconds=min(timeout_s, GROUP_TIMEOUT_S))
     if backend == "gloo":
         return dist.ProcessGroupGloo(store, rank, world_size, timeout)
-    options = dist.ProcessGroupNCCL.Options()  # GPU path: not testable on CPU CI
-    options._timeout = timeout
+    options = compat.nccl_options(timeout)  # GPU path: not testable on CPU CI
     torch.cuda.set_device(device)
     return dist.ProcessGroupNCCL(store, rank, world_size, options)
 

@@ -23,6 +23,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
+from ray_dpo import compat
 from ray_dpo.batching.probe import Probe
 from ray_dpo.capacity import DEFAULT_WAIT_S, request_of
 from ray_dpo.config import SamplingConfig
@@ -127,7 +128,7 @@ class GenerationGroup:
     @property
     def actor_ids(self) -> list[str]:
         """The engines' Ray actor ids (hex), for counting their restarts."""
-        return [a._actor_id.hex() for a in self._actors]
+        return compat.actor_ids(self._actors)
 
     # ------------------------------------------------------------------ generation
 

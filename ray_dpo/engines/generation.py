@@ -30,6 +30,7 @@ from typing import Any, Iterator, Mapping, Optional, Sequence
 
 import torch
 
+from ray_dpo import compat
 from ray_dpo.batching.probe import Probe, torch_probe_logps
 from ray_dpo.config import SamplingConfig
 from ray_dpo.dtypes import dtype_name, torch_dtype
@@ -463,21 +464,10 @@ class TransformersEngine(GenerationEngine):
 def _abort_reload(worker: Any) -> None:
     """Run inside vLLM's worker (collective_rpc): undo a half-done in-place reload.
 
-    Relies on vllm 0.32's reload.layerwise internals (per-layer LayerReloadingInfo with
-    the original "kernel" tensors); checked by tests/ray/test_generation.py.
+    vLLM's reload internals (compat.abort_vllm_reload); checked by tests/ray/test_generation.py.
+    If they moved, nothing is undone and the engine's later reloads fail too.
     """
-    from vllm.model_executor.model_loader.reload import layerwise
-
-    model = worker.model_runner.get_model()
-    for layer in model.modules():
-        info = layerwise.get_layerwise_info(layer)
-        if info.can_load():  # still waiting for weights: its tensors are on meta
-            if info.kernel_tensors is not None:
-                layerwise._place_kernel_tensors(layer, info)
-            info.reset()
-    layerwise.LOADING_LAYERS.clear()
-    if hasattr(model, "_original_do_torchao_reload"):
-        model._do_torchao_reload = model._original_do_torchao_reload
+    compat.abort_vllm_reload(worker.model_runner.get_model())
 
 
 def _with_tied(items, tied: Mapping[str, str]):

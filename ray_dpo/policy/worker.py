@@ -43,7 +43,7 @@ import ray.train
 import torch
 import torch.distributed as dist
 
-from ray_dpo import faults, lora
+from ray_dpo import compat, faults, lora
 from ray_dpo.batching.budget import token_budget_micro_batches
 from ray_dpo.batching.layouts import batch_stats, build_batch, model_inputs, pair_logps
 from ray_dpo.batching.logps import mean_nll
@@ -173,7 +173,7 @@ def _make_worker(spec: TrainLoopSpec) -> RankState:
     return RankState(engine=engine, feeder=feeder, loss=spec.loss, policy=policy, rank=rank, world_size=world_size,
                   device=device, pad_token_id=model_pad_token_id(engine.module.config),
                   total_steps=total_steps, steps_per_epoch=steps_per_epoch, hf_ds_config=hf_ds_config,
-                  attn_implementation=engine.module.config._attn_implementation or "eager",
+                  attn_implementation=compat.attn_implementation(engine.module.config),
                   num_params=_num_params(engine), peak_flops=_peak_flops(device),
                   adapters_off_reference=policy.lora.enabled and policy.lora.reference == "adapters_off")
 
@@ -452,7 +452,7 @@ def step_optimizer(engine) -> float:
         engine.step()
         return math.nan
     norm = None
-    if not hasattr(engine.optimizer, "_global_grad_norm"):
+    if not compat.keeps_grad_norm(engine.optimizer):
         # Plain fp32 without ZeRO: DeepSpeed clips but does not keep the norm. Gradients are
         # already all-reduced here (the boundary backward did it), so the norm is global.
         grads = [p.grad.detach().float().norm() for p in engine.module.parameters() if p.grad is not None]

@@ -14,6 +14,7 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 
+from ray_dpo import compat
 from ray_dpo.batching.budget import micro_batch_cost
 from ray_dpo.batching.layouts import LAYOUTS, build_batch, layout_names, model_inputs, pair_logps
 from ray_dpo.dtypes import torch_dtype
@@ -97,7 +98,7 @@ class ReferenceActor:
             kwargs["attn_implementation"] = attn_implementation
         self.model = AutoModelForCausalLM.from_pretrained(model_path, **kwargs).to(self.device)
         self.model.eval()
-        self.attn_implementation = self.model.config._attn_implementation or "eager"
+        self.attn_implementation = compat.attn_implementation(self.model.config)
         if LAYOUTS[layout].needs_4d_mask and self.attn_implementation not in ("sdpa", "eager"):
             raise ValueError(f"layout {layout!r} needs attn_implementation 'sdpa' or 'eager' (a 4D mask), "
                              f"the reference model uses {self.attn_implementation!r}; use layout 'packed'")

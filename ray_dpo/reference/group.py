@@ -29,6 +29,7 @@ from typing import Any, Iterable, Iterator, Mapping
 import ray
 from ray.exceptions import ActorDiedError, RayActorError
 
+from ray_dpo import compat
 from ray_dpo.capacity import DEFAULT_WAIT_S, CapacityWait, await_restart, dead_node_ids, request_of
 from ray_dpo.config import ReferenceConfig
 from ray_dpo.reference.actor import ReferenceActor
@@ -140,7 +141,7 @@ class ReferenceGroup:
     @property
     def actor_ids(self) -> list[str]:
         """Ray actor ids (hex) of the actors, e.g. to read their restart counts."""
-        return [handle._actor_id.hex() for handle in self._actors]
+        return compat.actor_ids(self._actors)
 
     @property
     def num_restarts(self) -> int:
@@ -336,15 +337,10 @@ def _last_line(err: BaseException) -> str:
 
 
 def _ray_restart_count(handle: Any) -> int | None:
-    """Ray's own restart count from the GCS actor table, or None.
+    """Ray's own restart count from the GCS actor table, or None (compat.actor_restarts).
 
-    The public state API (ray.util.state) needs the dashboard, which tests and some
-    clusters run without; this private call does not. Used only for an error message,
-    so if it moved in a future Ray we fall back to the restarts the group observed.
+    Used only for an error message, so if it is unknown the caller falls back to the
+    restarts the group observed.
     """
-    try:
-        from ray._private import state
-
-        return int(state.actors(handle._actor_id.hex())["NumRestarts"])
-    except Exception:  # private API: any change just means "unknown"
-        return None
+    ids = compat.actor_ids([handle])
+    return compat.actor_restarts(ids[0]) if ids else None

@@ -18,6 +18,8 @@ import sys
 import time
 from typing import Callable, Optional
 
+from ray_dpo import compat
+
 # role -> actor class name in Ray's actor table ("driver" is the ray-dpo process itself)
 ROLE_CLASSES = {"worker": "RayTrainWorker", "feeder": "_FeederActor", "reference": "ReferenceActor",
                 "coordinator": "_CoordinatorActor", "engine": "Engine"}  # VLLMEngine, TransformersEngine
@@ -52,9 +54,7 @@ def finish(proc: subprocess.Popen, out, timeout: float = 900) -> tuple[int, str]
 
 def alive_pids(class_name: str) -> list[int]:
     """PIDs of the live actors of ``class_name`` (Ray's actor table, sorted by PID)."""
-    from ray._private import state
-
-    return sorted(a["Pid"] for a in state.actors().values()
+    return sorted(a["Pid"] for a in compat.actor_table().values()
                   if a["ActorClassName"].endswith(class_name) and a["State"] == "ALIVE" and a["Pid"])
 
 

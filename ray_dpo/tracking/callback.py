@@ -20,16 +20,16 @@ import time
 from typing import Any
 
 from ray.train import UserCallback
-# Ray Train 2.60's controller-side hooks: internal API, which a run_config callback that is
-# not a UserCallback may implement (ray/train/v2/api/data_parallel_trainer.py).
-from ray.train.v2._internal.execution.callback import ControllerCallback, WorkerGroupCallback
 
-from ray_dpo import faults
+from ray_dpo import compat, faults
 from ray_dpo.tracking.metrics import StepClock, loggable, progress_line
 from ray_dpo.tracking.mlflow_sink import log_metrics, mlflow_client
 
 FAILURE_TAG = "ray_dpo.last_failure"
 _POLL_EVERY_S = 2.0
+# Ray Train's controller-side hooks: internal API, which a run_config callback that is not
+# a UserCallback may implement.
+WorkerGroupCallback, ControllerCallback = compat.train_callback_bases()
 
 
 class TrackingCallback(UserCallback):

@@ -19,9 +19,9 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 def reference_actors(ray) -> set[str]:
     """Ids of every ReferenceActor the cluster ever created (alive or dead), from the GCS
     actor table (the state API needs a dashboard, which this cluster does not run)."""
-    from ray._private import state
+    from ray_dpo import compat
 
-    return {actor_id for actor_id, info in state.actors().items() if info["ActorClassName"] == "ReferenceActor"}
+    return {actor_id for actor_id, info in compat.actor_table().items() if info["ActorClassName"] == "ReferenceActor"}
 
 
 def final_metric(summary, key):

@@ -118,10 +118,10 @@ def test_a_reference_lost_for_good_ends_the_run_at_once(ray_cluster, tiny_config
     the policy workers (policy.max_failures=2) could only fail again. The run ends at the
     first failure it causes (later than the kill: the feeder scores steps ahead) with one
     line that names the lost actor."""
-    from ray._private import state
+    from ray_dpo import compat
 
     def train_workers_ever():
-        return sum(a["ActorClassName"].endswith("RayTrainWorker") for a in state.actors().values())
+        return sum(a["ActorClassName"].endswith("RayTrainWorker") for a in compat.actor_table().values())
 
     cfg = tiny_config("reference-lost", **{**FAST, "reference.max_restarts": 0, "policy.max_failures": 2})
     before = train_workers_ever()

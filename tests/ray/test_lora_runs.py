@@ -28,9 +28,9 @@ LORA = {"policy.lora.rank": 8, "policy.lora.alpha": 16, "policy.learning_rate": 
 
 def reference_actors(ray) -> set[str]:
     """Ids of every ReferenceActor the cluster ever created (alive or dead), from the GCS actor table."""
-    from ray._private import state
+    from ray_dpo import compat
 
-    return {actor_id for actor_id, info in state.actors().items() if info["ActorClassName"] == "ReferenceActor"}
+    return {actor_id for actor_id, info in compat.actor_table().items() if info["ActorClassName"] == "ReferenceActor"}
 
 
 def history(summary, key):

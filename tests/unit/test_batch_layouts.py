@@ -12,6 +12,7 @@ import random
 import pytest
 import torch
 
+from ray_dpo import compat
 from ray_dpo.batching.budget import micro_batch_cost, token_budget_micro_batches
 from ray_dpo.batching.layouts import ROLE_PAD, ROLE_PROMPT, batch_stats, build_batch, model_inputs, pair_logps
 from ray_dpo.batching.logps import sequence_logps
@@ -69,7 +70,7 @@ def baseline_logps(model, pairs):
 
 def layout_logps(model, pairs, layout, capacity=None, **inputs_kwargs):
     batch = build_batch(pairs, layout=layout, pad_token_id=PAD, max_tokens_per_row=capacity)
-    kwargs = model_inputs(batch, attn_implementation=model.config._attn_implementation, **inputs_kwargs)
+    kwargs = model_inputs(batch, attn_implementation=compat.attn_implementation(model.config), **inputs_kwargs)
     return pair_logps(model(**kwargs).logits, batch)
 
 

@@ -113,14 +113,14 @@ def _rows(vocab: int, n: int = 6):
 
 @pytest.mark.parametrize("layout", ["padded", "packed", "prefix_shared"])
 def test_adapters_off_log_probs_equal_the_reference_actors_on_the_base_model(tiny_assets, layout):
-    from ray_dpo import lora
+    from ray_dpo import compat, lora
     from ray_dpo.batching.layouts import build_batch, model_inputs, pair_logps
     from ray_dpo.reference.actor import ReferenceActor
 
     model = _adapted(tiny_assets["model"])
     rows = _rows(model.config.vocab_size)
     batch = build_batch(rows, layout=layout, pad_token_id=0)
-    inputs = model_inputs(batch, attn_implementation=model.config._attn_implementation or "eager",
+    inputs = model_inputs(batch, attn_implementation=compat.attn_implementation(model.config),
                           dtype=torch.float32)
     chosen, rejected = lora.adapters_off_logps(model, inputs, batch)
 

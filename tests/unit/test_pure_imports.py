@@ -43,6 +43,7 @@ PURE = [
     "ray_dpo.engines.spec",
     "ray_dpo.engines.facts",
     "ray_dpo.seams",
+    "ray_dpo.compat",
     "ray_dpo.tracking.metrics",
     "ray_dpo.sweep.trials",
     "ray_dpo.tracking.stats",
