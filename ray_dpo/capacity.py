@@ -22,6 +22,7 @@ Pure except ``live_nodes`` (ray.nodes(), Ray's public node table).
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Optional
 
 DEFAULT_WAIT_S = 600.0
@@ -86,6 +87,25 @@ def live_nodes() -> list[dict]:
         return ray.nodes()
     except Exception:  # noqa: BLE001 - unknown this time: treated as "no lost node"
         return []
+
+
+@dataclass(frozen=True)
+class Room:
+    """What a node must have to hold one actor of a role (``request``), how long a restart
+    waits for such a node (run.capacity_wait_s) and the nodes already dead when the role
+    started (``before``: not the ones it lost)."""
+
+    request: dict
+    limit_s: float = DEFAULT_WAIT_S
+    before: frozenset = frozenset()
+
+    @classmethod
+    def of(cls, options: Mapping[str, Any], limit_s: float) -> "Room":
+        """From the role's actor ``.options()``, with Ray's node table as it is now."""
+        return cls(request_of(options), limit_s, dead_node_ids())
+
+    def wait(self, role: str) -> "CapacityWait":
+        return CapacityWait(role, self.request, limit_s=self.limit_s, before=self.before)
 
 
 class CapacityWait:

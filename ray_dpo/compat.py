@@ -67,6 +67,10 @@ SEAMS: dict[str, Seam] = {
         "ray", "2.60.0", "ray.train.v2._internal WorkerGroupCallback, ControllerCallback",
         "two hookless UserCallbacks (lost roles are retried like any failure)",
         "tests/unit/test_fault_records.py, tests/ray/test_faults.py"),
+    "limit_worker_group_start": Seam(
+        "ray", "2.60.0", "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S, read by each WorkerGroup in the controller",
+        "False (a start attempt waits Ray's own timeout, 60 s: the capacity wait ends up to that late)",
+        "tests/ray/test_node_loss.py"),
     "abort_vllm_reload": Seam(
         "vllm", "0.32.0", "reload.layerwise._place_kernel_tensors, LOADING_LAYERS, "
         "model._original_do_torchao_reload",
@@ -164,6 +168,32 @@ def train_result_queue() -> Any:
         return get_train_context().get_result_queue()
     except (ImportError, AttributeError, RuntimeError):
         return None
+
+
+_START_TIMEOUT = {"env": "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "saved": None, "set": False}
+
+
+def limit_worker_group_start(seconds: Optional[float]) -> bool:
+    """Ray Train's next worker group waits at most ``seconds`` to be placed (ray 2.60.0); else False.
+
+    Call it in the controller's process (a ControllerCallback hook); None restores Ray's setting."""
+    import os
+
+    try:
+        from ray.train.v2._internal.constants import WORKER_GROUP_START_TIMEOUT_S_ENV_VAR as name
+    except ImportError:
+        return False
+    if name != _START_TIMEOUT["env"]:
+        return False
+    if not _START_TIMEOUT["set"]:  # the user's (or Ray's default) setting, put back with None
+        _START_TIMEOUT.update(saved=os.environ.get(name), set=True)
+    if seconds is not None:
+        os.environ[name] = f"{max(1.0, seconds):.1f}"
+    elif _START_TIMEOUT["saved"] is None:
+        os.environ.pop(name, None)
+    else:
+        os.environ[name] = _START_TIMEOUT["saved"]
+    return True
 
 
 def train_callback_bases() -> tuple[type, type]:

@@ -25,7 +25,7 @@ from typing import Any, Optional, Sequence
 
 from ray_dpo import compat
 from ray_dpo.batching.probe import Probe
-from ray_dpo.capacity import DEFAULT_WAIT_S, request_of
+from ray_dpo.capacity import Room
 from ray_dpo.config import SamplingConfig
 from ray_dpo.engines.engine_restarts import EngineKeeper, error_line
 from ray_dpo.engines.facts import ENGINES, SYNC_METHODS
@@ -85,13 +85,11 @@ class GenerationGroup:
     without a seed uses seed + k * 1_000_003 so rounds differ but reruns repeat.
     engine_options: extra keyword arguments for the engine class (e.g. max_model_len).
     max_restarts: how often Ray restarts each engine (see the module docstring).
-    capacity_wait_s: how long a restart waits for a node with room for the engine when its
-    node was lost (run.capacity_wait_s, ray_dpo/capacity.py).
     """
 
     def __init__(self, *, model_path: str, spec: EngineSpec, use_gpu: bool, dtype: str = "fp32",
                  seed: int = 0, start_timeout_s: float = 600.0, engine_options: Optional[dict] = None,
-                 max_restarts: int = 0, capacity_wait_s: float = DEFAULT_WAIT_S):
+                 max_restarts: int = 0):
         import ray
 
         ENGINES.get(spec.backend)  # ValueError naming the valid backends
@@ -116,7 +114,7 @@ class GenerationGroup:
         initial = None if (engine_options or {}).get("lora_rank") else model_path
         self.keeper = EngineKeeper(self._actors, incarnations, backend=spec.backend, max_restarts=max_restarts,
                                    timeout_s=start_timeout_s, verify=self._verify, initial=initial,
-                                   request=request_of(options), capacity_wait_s=capacity_wait_s)
+                                   room=Room.of(options, spec.capacity_wait_s))
         self._unfinished: list[Chunk] = []  # sent, their completions not yet collected
         logger.info("%d %s generation engine(s) up in %.1fs", len(self._actors), spec.backend,
                     time.perf_counter() - t0)

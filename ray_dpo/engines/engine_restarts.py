@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
 
 from ray_dpo.batching.probe import Probe
-from ray_dpo.capacity import DEFAULT_WAIT_S, CapacityWait, await_restart, dead_node_ids
+from ray_dpo.capacity import Room, await_restart
 from ray_dpo.engines.weight_sync import check_loads, sync_method
 
 
@@ -59,17 +59,15 @@ class EngineKeeper:
     verify(probe, expected, tolerance, method, engines=[i]) -> diffs, raising above tolerance."""
 
     def __init__(self, actors: list, incarnations: list[str], *, backend: str, max_restarts: int, timeout_s: float,
-                 verify: Callable[..., list[float]], initial: Optional[str] = None,
-                 request: Optional[dict] = None, capacity_wait_s: float = DEFAULT_WAIT_S):
+                 verify: Callable[..., list[float]], initial: Optional[str] = None, room: Optional[Room] = None):
         """initial: the HF directory the engines started from, which an engine reloads to
         regenerate a chunk of the initial model (None: cannot, e.g. adapter engines).
-        request: what a node must have to hold one engine; a restart waits at most
-        capacity_wait_s for such a node while there is none (ray_dpo/capacity.py), and that
-        wait does not count against timeout_s."""
+        room: what a node must have to hold one engine; a restart waits at most room.limit_s
+        for such a node while there is none (ray_dpo/capacity.py), and that wait does not
+        count against timeout_s."""
         self.actors, self.incarnations = actors, list(incarnations)
         self.backend, self.max_restarts, self.timeout_s = backend, max_restarts, timeout_s
-        self.request, self.capacity_wait_s = dict(request or {}), capacity_wait_s
-        self._dead_before = dead_node_ids()  # a later wait names only the nodes lost since
+        self.room = room or Room({})
         self._verify = verify
         self.initial = initial
         self.lock = threading.Lock()
@@ -204,9 +202,8 @@ class EngineKeeper:
             return EngineLostError(f"generation engine {i} did not come back within {self.timeout_s:.0f}s; "
                                    f"last error: {error_line(cause) if cause else '-'}")
 
-        room = CapacityWait(f"generation engine {i} ({self.backend})", self.request, limit_s=self.capacity_wait_s,
-                            before=self._dead_before)
-        return await_restart(self.actors[i].incarnation.remote, timeout_s=self.timeout_s, room=room,
+        return await_restart(self.actors[i].incarnation.remote, timeout_s=self.timeout_s,
+                             room=self.room.wait(f"generation engine {i} ({self.backend})"),
                              died=died, timed_out=timed_out)
 
 

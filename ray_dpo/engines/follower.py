@@ -33,7 +33,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from ray_dpo.capacity import DEFAULT_WAIT_S
 from ray_dpo.config import (DataConfig, EvalConfig, JudgeConfig, LoraSection, ModelConfig, OnlineConfig, RunConfig,
                             SamplingConfig)
 from ray_dpo.config.derived import heldout_judge
@@ -75,7 +74,6 @@ class FollowerSpec:
     eval_max_pairs: Optional[int] = None  # eval.max_pairs (an online run's data.eval_files pairs)
     max_steps: Optional[int] = None  # policy.max_steps: a cap on the online run, not on a round
     online: Optional[OnlineConfig] = None  # an online run's rounds (the coordinator's); None offline
-    capacity_wait_s: float = DEFAULT_WAIT_S  # run.capacity_wait_s: a lost engine node's replacement
 
     @classmethod
     def of(cls, cfg: RunConfig, *, total_steps: Optional[int] = None) -> "FollowerSpec":
@@ -89,8 +87,7 @@ class FollowerSpec:
                    run_dir=cfg.run_dir, reference_batch_size=cfg.reference.batch_size,
                    max_restarts=cfg.policy.max_failures, eval_judge=heldout_judge(cfg), total_steps=total_steps,
                    lora=cfg.policy.lora, training_reference=reference_source(cfg),
-                   eval_max_pairs=cfg.eval.max_pairs, max_steps=cfg.policy.max_steps, online=online,
-                   capacity_wait_s=cfg.run.capacity_wait_s)
+                   eval_max_pairs=cfg.eval.max_pairs, max_steps=cfg.policy.max_steps, online=online)
 
 
 class PolicyFollower:
@@ -126,8 +123,7 @@ class PolicyFollower:
             engine_options["lora_rank"] = spec.lora.rank  # engines serve the base model + the policy's adapter
         self.generation = GenerationGroup(
             model_path=spec.model.name_or_path, spec=spec.engines, use_gpu=use_gpu, dtype=spec.model.dtype,
-            seed=spec.seed, engine_options=engine_options, max_restarts=spec.max_restarts,
-            capacity_wait_s=spec.capacity_wait_s)
+            seed=spec.seed, engine_options=engine_options, max_restarts=spec.max_restarts)
         self.evaluator = make_evaluator(self)
         self._tracking = (tracking_uri, run_id)
         self._client = None

@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+from ray_dpo.capacity import DEFAULT_WAIT_S
 from ray_dpo.config.sections import OnlineConfig, RunConfig, SamplingConfig
 
 
@@ -44,11 +45,13 @@ class EngineSpec:
     sync_timeout_s: float = 1800.0
     sync_tolerance: float = 1e-3
     """Largest |engine - policy| summed log-prob on the probe after a sync."""
+    capacity_wait_s: float = DEFAULT_WAIT_S
+    """run.capacity_wait_s: how long a restart waits for a node with room for a lost engine."""
 
     @classmethod
     def of_online(cls, online: OnlineConfig, **changes) -> "EngineSpec":
         """The engine fields of an online section (``changes`` replace some of them)."""
-        names = {f.name for f in dataclasses.fields(cls)}
+        names = {f.name for f in dataclasses.fields(cls)} & {f.name for f in dataclasses.fields(online)}
         return cls(**{**{n: getattr(online, n) for n in names}, **changes})
 
     @property
@@ -68,6 +71,7 @@ def engine_spec(cfg: RunConfig) -> EngineSpec:
     """The run's engines: an online run's from the online section, an offline run's held-out
     engines from the eval section (see the module docstring)."""
     if cfg.online.enabled:
-        return EngineSpec.of_online(cfg.online)
+        return EngineSpec.of_online(cfg.online, capacity_wait_s=cfg.run.capacity_wait_s)
     return EngineSpec.of_online(cfg.online, backend=cfg.eval.backend or cfg.online.backend,
-                                sampling=heldout_sampling(cfg), samples_per_prompt=cfg.eval.samples_per_prompt)
+                                sampling=heldout_sampling(cfg), samples_per_prompt=cfg.eval.samples_per_prompt,
+                                capacity_wait_s=cfg.run.capacity_wait_s)

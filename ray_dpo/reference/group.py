@@ -30,7 +30,7 @@ import ray
 from ray.exceptions import ActorDiedError, RayActorError
 
 from ray_dpo import compat
-from ray_dpo.capacity import DEFAULT_WAIT_S, CapacityWait, await_restart, dead_node_ids, request_of
+from ray_dpo.capacity import DEFAULT_WAIT_S, Room, await_restart
 from ray_dpo.config import ReferenceConfig
 from ray_dpo.reference.actor import ReferenceActor
 from ray_dpo.resources import actor_options
@@ -103,7 +103,6 @@ class ReferenceGroup:
         self.config = config
         self.model_path = model_path
         self.restart_timeout_s = restart_timeout_s
-        self.capacity_wait_s = capacity_wait_s
         options = actor_options(num_cpus=config.num_cpus_per_actor, num_gpus=config.num_gpus_per_actor,
                                 resources=config.resources, use_gpu=use_gpu)
         options.update({
@@ -115,8 +114,7 @@ class ReferenceGroup:
         })
         remote_cls = ray.remote(ReferenceActor)
         self.names = free_actor_names(name_prefix, config.num_actors)
-        self._request = request_of(options)  # what a node must have to hold one actor
-        self._dead_before = dead_node_ids()  # a later wait names only the nodes lost since
+        self._room = Room.of(options, capacity_wait_s)  # what a node must have to hold one actor
         self._actors = [
             remote_cls.options(name=name, **options).remote(
                 model_path, dtype=dtype, device="cuda" if use_gpu else "cpu",
@@ -272,9 +270,8 @@ class ReferenceGroup:
                 f"{self.restart_timeout_s:.0f}s (restarts used: {self.restarts_per_actor[i]} of "
                 f"reference.max_restarts={self.config.max_restarts}); last error: {_first_line(cause)}")
 
-        room = CapacityWait(f"reference actor {i} ({self.names[i]})", self._request, limit_s=self.capacity_wait_s,
-                            before=self._dead_before)
-        info = await_restart(self._actors[i].info.remote, timeout_s=self.restart_timeout_s, room=room,
+        info = await_restart(self._actors[i].info.remote, timeout_s=self.restart_timeout_s,
+                             room=self._room.wait(f"reference actor {i} ({self.names[i]})"),
                              died=lambda err: self._lost_error(i, err), timed_out=timed_out)
         self._observe(i, info["incarnation"])
 

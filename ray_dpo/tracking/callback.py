@@ -197,30 +197,24 @@ class FailFastOnLostRoles(WorkerGroupCallback, ControllerCallback):
             raise faults.RunFailedError(f"not restarting the policy workers: {self.lost}")
 
 
-# Ray Train reads this when it makes each worker group (2.60); the wait for room sets it to
-# what is left of run.capacity_wait_s, so a start attempt never outlasts the wait.
-_START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
-
-
 class WaitForWorkerCapacity(ControllerCallback):
     """Bounds the wait for room for the policy workers, after their node was lost
     (ray_dpo/capacity.py). Before each worker-group start, if no live nodes can hold
     ``num_workers`` workers of ``request``: the wait's line, once, and the start attempt
     (whose pending placement group is what asks an autoscaler for a node) may take what is
-    left of ``limit_s``; once that is over, the failure record gets the reason and the
-    run ends (CapacityLostError, which Ray Train does not retry)."""
+    left of ``limit_s`` (compat.limit_worker_group_start); once that is over, the failure
+    record gets the reason and the run ends (CapacityLostError, which Ray Train does not
+    retry)."""
 
     def __init__(self, *, request: dict, num_workers: int, limit_s: float, tracking_uri: str, run_id: str):
         self.request, self.num_workers, self.limit_s = dict(request), num_workers, limit_s
         self.tracking_uri, self.run_id = tracking_uri, run_id
         self._wait = None
-        self._timeout = None  # the start timeout Ray Train had before the wait changed it
 
     def on_controller_start_worker_group(self, *, scaling_config, num_workers: int):
         from ray_dpo.capacity import CapacityLostError, CapacityWait, dead_node_ids
 
         if self._wait is None:  # the first start: nodes dead now were not this run's
-            self._timeout = os.environ.get(_START_TIMEOUT_ENV)
             self._wait = CapacityWait(f"{num_workers} policy worker{'s' if num_workers > 1 else ''}",
                                       self.request, count=num_workers, limit_s=self.limit_s,
                                       before=dead_node_ids())
@@ -230,10 +224,7 @@ class WaitForWorkerCapacity(ControllerCallback):
         except CapacityLostError as err:
             self._record(str(err))
             raise
-        if left is None:
-            _set_env(_START_TIMEOUT_ENV, self._timeout)
-        else:
-            os.environ[_START_TIMEOUT_ENV] = f"{max(1.0, left):.1f}"
+        compat.limit_worker_group_start(left)
         return None
 
     def _record(self, reason: str) -> None:
@@ -246,10 +237,3 @@ class WaitForWorkerCapacity(ControllerCallback):
             client.set_tag(self.run_id, FAILURE_TAG, failure.to_json())
         except Exception as e:  # noqa: BLE001 - the run ends anyway; the line is then less precise
             print(f"[ray_dpo] could not record the failure in MLflow: {e}", file=sys.stderr, flush=True)
-
-
-def _set_env(name: str, value: str | None) -> None:
-    if value is None:
-        os.environ.pop(name, None)
-    else:
-        os.environ[name] = value
