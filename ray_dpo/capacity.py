@@ -180,7 +180,10 @@ def await_restart(ping: Callable[[], Any], *, timeout_s: float, room: CapacityWa
             wait = min(10.0, deadline - time.monotonic(), 10.0 if left is None else left)
             return ray.get(pending, timeout=max(0.1, wait))
         except ActorDiedError as err:
-            raise died(err) from err
+            lost = died(err)
+            if lost is err:
+                raise
+            raise lost from err
         except GetTimeoutError:
             pass  # the same ping runs as soon as the actor is up
         except RayActorError:  # unavailable: this ping died with the old process

@@ -25,9 +25,9 @@ from typing import Any, Optional, Sequence
 
 from ray_dpo import compat
 from ray_dpo.batching.probe import Probe
-from ray_dpo.capacity import Room
+from ray_dpo.capacity import Room, await_restart
 from ray_dpo.config import SamplingConfig
-from ray_dpo.engines.engine_restarts import EngineKeeper, error_line
+from ray_dpo.engines.engine_restarts import EngineKeeper, EngineLostError, error_line
 from ray_dpo.engines.facts import ENGINES, SYNC_METHODS
 from ray_dpo.engines.generation import Completion, engine_actor_options
 from ray_dpo.engines.spec import EngineSpec
@@ -109,12 +109,19 @@ class GenerationGroup:
             for _ in range(spec.num_engines)
         ]
         t0 = time.perf_counter()
-        incarnations = ray.get([a.incarnation.remote() for a in self._actors], timeout=start_timeout_s)
+        room = Room.of(options, spec.capacity_wait_s)
+        # Their start waits for room as a restart does (a coordinator restarted after its
+        # engines' node was lost starts new ones); a constructor error is raised as it is.
+        incarnations = [
+            await_restart(a.incarnation.remote, timeout_s=start_timeout_s, room=room.wait(f"generation engine {i}"),
+                          died=lambda err: err,
+                          timed_out=lambda: EngineLostError(f"generation engine {i} did not start within "
+                                                            f"{start_timeout_s:.0f}s"))
+            for i, a in enumerate(self._actors)]
         # Adapter engines (lora_rank) cannot go back to serving no adapter: no initial reload.
         initial = None if (engine_options or {}).get("lora_rank") else model_path
         self.keeper = EngineKeeper(self._actors, incarnations, backend=spec.backend, max_restarts=max_restarts,
-                                   timeout_s=start_timeout_s, verify=self._verify, initial=initial,
-                                   room=Room.of(options, spec.capacity_wait_s))
+                                   timeout_s=start_timeout_s, verify=self._verify, initial=initial, room=room)
         self._unfinished: list[Chunk] = []  # sent, their completions not yet collected
         logger.info("%d %s generation engine(s) up in %.1fs", len(self._actors), spec.backend,
                     time.perf_counter() - t0)

@@ -44,7 +44,9 @@ def start_feeder(*, train: Any, plan: BatchPlan, name: Optional[str] = None, max
 
     Threaded (max_concurrency = num_workers + 4: every rank can block in get_step while
     stats calls still get through), num_cpus=0 (it must never wait for a CPU that the
-    train workers hold). Soft node affinity: the driver's node if it can, else anywhere.
+    train workers hold). On the driver's node (the head node under ``ray job submit``), hard:
+    Ray 2.60 places a num_cpus=0 actor with soft affinity on any node, and a lost worker
+    node would then take the feeder along with the role it lost.
     Constructor errors (e.g. an incomplete cache) are raised here.
 
     train, plan and feeder_args are BatchFeeder's arguments (reference, ref_cache,
@@ -65,7 +67,7 @@ def start_feeder(*, train: Any, plan: BatchPlan, name: Optional[str] = None, max
         "max_restarts": max_restarts,
         "max_task_retries": -1 if max_restarts else 0,
         "scheduling_strategy": NodeAffinitySchedulingStrategy(
-            node_id=ray.get_runtime_context().get_node_id(), soft=True
+            node_id=ray.get_runtime_context().get_node_id(), soft=False
         ),
     }
     if name is not None:

@@ -46,3 +46,10 @@ def test_reference_and_policy_on_separate_nodes(two_nodes, tiny_config):
     assert all("reference_node" in nodes[n] for n in ref_nodes)
     assert all("policy_node" in nodes[n] for n in policy_nodes)
     assert not ref_nodes & policy_nodes
+    # The feeder stays on the driver's node (the head node under `ray job submit`): a lost
+    # worker node takes no role but its own.
+    from ray_dpo import compat
+
+    driver_node = ray.get_runtime_context().get_node_id()
+    feeders = [a for a in compat.actor_table().values() if a["ActorClassName"].endswith("_FeederActor")]
+    assert feeders and all(a["Address"]["NodeID"] == driver_node for a in feeders), feeders

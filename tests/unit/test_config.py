@@ -190,6 +190,22 @@ def test_cli_validate_prints_resolved_config(tmp_path, data_file):
     assert "beta: 0.3" in proc.stdout and "zero_stage: 0" in proc.stdout
 
 
+def test_cli_validate_warns_of_local_storage_when_roles_are_pinned_to_node_pools(tmp_path, data_file):
+    path = write(tmp_path, f"""
+        model: {{name_or_path: org/m}}
+        data: {{train_files: [{data_file}]}}
+        run: {{storage_path: {tmp_path}/runs}}
+        policy: {{resources: {{policy_node: 1}}}}
+    """)
+    proc = run_cli("validate", str(path))
+    assert proc.returncode == 0, proc.stderr
+    [warning] = [line for line in proc.stdout.splitlines() if "run.storage_path=" in line]
+    assert warning.startswith("# warning: run.storage_path=") and "(policy.resources)" in warning
+    assert "s3://" in warning
+    shared = run_cli("validate", str(path), "--set", "run.storage_path=s3://bucket/runs")
+    assert shared.returncode == 0 and "run.storage_path=" not in shared.stdout
+
+
 def test_local_paths_become_absolute_for_workers(tmp_path, data_file, monkeypatch):
     from ray_dpo.config import with_absolute_paths
 
