@@ -256,13 +256,56 @@ def _errors_file() -> str | None:
     return os.path.join(where, ERRORS_FILE) if where else None
 
 
+def ray_console_handlers(names=("ray", "ray.data")) -> list[logging.Handler]:
+    """The handlers of Ray's loggers in this process that print to the console (not files)."""
+    return [handler for name in names for handler in logging.getLogger(name).handlers
+            if type(handler) is logging.StreamHandler or type(handler).__name__ == "PlainRayHandler"]
+
+
+class HeldErrors:
+    """Holds back the error records of Ray's console handlers while ray_dpo runs work whose
+    errors it reports itself in one line (a bad data row: file and line); ``release()`` prints
+    them after all when the error was not one of those. Files keep every record anyway."""
+
+    def __init__(self) -> None:
+        self.held: list[tuple[logging.Handler, logging.LogRecord]] = []
+        self._filters = [(handler, _Hold(handler, self.held)) for handler in ray_console_handlers()]
+
+    def __enter__(self) -> "HeldErrors":
+        for handler, hold in self._filters:
+            handler.addFilter(hold)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handler, hold in self._filters:
+            handler.removeFilter(hold)
+
+    def release(self) -> None:
+        held, self.held[:] = list(self.held), []
+        for handler, record in held:
+            if record.levelno >= handler.level:
+                handler.handle(record)
+
+
+class _Hold(logging.Filter):
+    """One handler's part of HeldErrors: its error records go to ``sink`` instead."""
+
+    def __init__(self, handler: logging.Handler, sink: list) -> None:
+        super().__init__()
+        self.handler, self.sink = handler, sink
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.ERROR:
+            return True
+        self.sink.append((self.handler, record))
+        return False
+
+
 def quiet_driver_loggers() -> None:
     """Ray's loggers in this process print warnings and errors only; their files (Ray Data's
     ``ray-data.log``) keep everything."""
-    for name in ("ray", "ray.data"):
-        for handler in logging.getLogger(name).handlers:
-            if type(handler) is logging.StreamHandler or type(handler).__name__ == "PlainRayHandler":
-                handler.setLevel(max(handler.level, logging.WARNING))
+    for handler in ray_console_handlers():
+        handler.setLevel(max(handler.level, logging.WARNING))
     # "Token authentication is enabled for this Ray cluster..." on every local start: Ray's
     # secure default for the cluster ray_dpo starts itself, nothing for the user to do.
     compat.ray_auth_logger().setLevel(logging.ERROR)

@@ -222,10 +222,20 @@ class LossOutput:
     extras: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
 
 
-def _pair_output(losses, terms: LossTerms, chosen_rewards, rejected_rewards, extras=None) -> LossOutput:
+# A pair is ranked right when its reward margin is above the float noise of the log-probs it
+# was computed from (relative to their size): at step 1 policy and reference are the same
+# model, and margins of ~1e-7 from kernel differences are ties, not half the pairs right.
+TIE_RTOL = 1e-6
+
+
+def _pair_output(losses, terms: LossTerms, chosen_rewards, rejected_rewards, extras=None, *,
+                 scale: torch.Tensor | float = 0.0) -> LossOutput:
+    """scale: the size of the values the rewards were computed from, in reward units (a
+    margin within TIE_RTOL of it is a tie, which counts as not ranked right)."""
     c, r = chosen_rewards.detach(), rejected_rewards.detach()
     every = torch.ones_like(c, dtype=torch.bool)
-    return LossOutput(losses=losses, chosen_rewards=c, rejected_rewards=r, correct=(c > r).float(),
+    tie = TIE_RTOL * (scale.detach() if torch.is_tensor(scale) else torch.as_tensor(scale))
+    return LossOutput(losses=losses, chosen_rewards=c, rejected_rewards=r, correct=(c - r > tie).float(),
                       chosen_logps=terms.policy_chosen_logps.detach(),
                       rejected_logps=terms.policy_rejected_logps.detach(),
                       chosen_mask=every, rejected_mask=every,
@@ -255,7 +265,8 @@ def _h_terms(fn: LossFn, terms: LossTerms, config: Any) -> LossOutput:
     chosen_logratios, rejected_logratios = pc - rc, pr - rr
     losses = fn(chosen_logratios - rejected_logratios, beta=config.beta, label_smoothing=config.label_smoothing)
     return _pair_output(_with_sft(losses, terms, config), terms,
-                        config.beta * chosen_logratios, config.beta * rejected_logratios)
+                        config.beta * chosen_logratios, config.beta * rejected_logratios,
+                        scale=config.beta * (pc.abs() + rc.abs() + pr.abs() + rr.abs()))
 
 
 # ---------------------------------------------------------------------------------------
@@ -345,7 +356,8 @@ def _simpo_terms(terms: LossTerms, config: Any) -> LossOutput:
     mc, mr = terms.mean_logps()
     gamma = SIMPO_DEFAULT_GAMMA if config.gamma is None else config.gamma
     losses = simpo_loss(mc, mr, beta=config.beta, gamma=gamma, label_smoothing=config.label_smoothing)
-    return _pair_output(_with_sft(losses, terms, config), terms, config.beta * mc, config.beta * mr)
+    return _pair_output(_with_sft(losses, terms, config), terms, config.beta * mc, config.beta * mr,
+                        scale=config.beta * (mc.abs() + mr.abs()))
 
 
 @register_loss("orpo", kind="terms", needs_reference=False, reads=(),
@@ -354,7 +366,8 @@ def _orpo_terms(terms: LossTerms, config: Any) -> LossOutput:
     mc, mr = terms.mean_logps()
     log_odds = orpo_log_odds(mc, mr)
     extras = {"orpo/log_odds_ratio": F.logsigmoid(log_odds), "orpo/log_odds_chosen": log_odds, "orpo/nll_loss": -mc}
-    return _pair_output(orpo_loss(mc, mr, lam=config.beta), terms, config.beta * mc, config.beta * mr, extras)
+    return _pair_output(orpo_loss(mc, mr, lam=config.beta), terms, config.beta * mc, config.beta * mr, extras,
+                        scale=config.beta * (mc.abs() + mr.abs()))
 
 
 @register_loss("kto", kind="terms", data="unpaired", reads=("desirable_weight", "undesirable_weight"),

@@ -33,13 +33,18 @@ class unwrapped_errors:
     """
 
     def __enter__(self):
+        from ray_dpo.console import HeldErrors
+
+        # Ray Data logs a failed task's traceback (~150 lines, "please open an issue") before
+        # the error reaches here; held back while it may be one this says in one line.
+        self._held = HeldErrors().__enter__()
         return self
 
     def __exit__(self, exc_type, exc, tb):
-        if exc is None or not isinstance(exc, Exception):
-            return False
-        original = _find_original(exc)
+        self._held.__exit__()
+        original = _find_original(exc) if isinstance(exc, Exception) else None
         if original is None:
+            self._held.release()  # not a data error ray_dpo explains: Ray's own report stands
             return False
         message = str(original.args[0]) if original.args else str(original)
         message = message.split(_RAY_RETRY_NOTE, 1)[0]

@@ -38,9 +38,18 @@ def _open_binary(path: str):
 
 
 def _json_records(data: bytes) -> Iterator[tuple[int, Optional[str], Optional[str]]]:
-    """(line, raw, read_error) of a .json file: a JSON array of records, or JSON lines."""
+    """(line, raw, read_error) of a .json file: a JSON array of records, JSON lines, or one
+    JSON object spread over several lines (one record, or a read error saying where the
+    records are if it holds them under a key)."""
     if data.lstrip()[:1] != b"[":
-        yield from _jsonl_records(io.BytesIO(data))
+        whole = _one_object(data)
+        if whole is None:
+            yield from _jsonl_records(io.BytesIO(data))
+        elif nested := [k for k, v in whole.items() if isinstance(v, list) and v and isinstance(v[0], dict)]:
+            yield 1, None, (f"the file holds one JSON object whose records are under {nested[0]!r}, not a list "
+                            f"of records; write them as a JSON array ([{{...}}, ...]) or one per line (.jsonl)")
+        else:
+            yield 1, json.dumps(whole, ensure_ascii=False), None
         return
     try:
         items = json.loads(data)
@@ -50,6 +59,22 @@ def _json_records(data: bytes) -> Iterator[tuple[int, Optional[str], Optional[st
         return
     for index, item in enumerate(items, start=1):
         yield index, json.dumps(item, ensure_ascii=False), None
+
+
+def _one_object(data: bytes) -> Optional[dict]:
+    """The file's single JSON object when it is one spread over several lines (its first line
+    alone is not JSON, the whole file is an object), else None: JSON lines."""
+    first = data.lstrip().split(b"\n", 1)[0]
+    try:
+        json.loads(first)
+        return None
+    except (ValueError, UnicodeDecodeError):
+        pass
+    try:
+        whole = json.loads(data)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return whole if isinstance(whole, dict) else None
 
 
 def _jsonl_records(stream) -> Iterator[tuple[int, Optional[str], Optional[str]]]:

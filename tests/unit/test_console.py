@@ -1,5 +1,6 @@
 """The console filter (ray_dpo.console) on batches shaped like the ones Ray forwards."""
 
+import io
 import logging
 
 from ray_dpo import console
@@ -128,3 +129,22 @@ def test_the_console_check_the_run_tests_use_names_what_is_missing_and_what_is_n
     problems = console_problems(noisy, steps=2)
     assert any("noise 'Reporting training result'" in p for p in problems)
     assert "no progress line for step 2/2" in problems
+
+
+def test_held_errors_stay_off_the_console_unless_released():
+    log = logging.getLogger("ray.data.test_held")
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    parent = logging.getLogger("ray.data")
+    parent.addHandler(handler)
+    try:
+        with console.HeldErrors() as held:
+            log.error("Exception occurred in Ray Data internal code")
+            log.warning("a warning still prints")
+        assert stream.getvalue() == "a warning still prints\n"
+        held.release()  # the error was not one ray_dpo said in its own line
+        assert stream.getvalue() == "a warning still prints\nException occurred in Ray Data internal code\n"
+        log.error("after the block")
+        assert stream.getvalue().endswith("after the block\n")
+    finally:
+        parent.removeHandler(handler)

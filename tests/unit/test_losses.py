@@ -407,3 +407,19 @@ def test_kto_without_labels_is_an_error():
     with pytest.raises(ValueError, match="kto needs labels"):
         dpo_loss(policy_chosen_logps=t(-1.0), policy_rejected_logps=t(-1.0), ref_chosen_logps=t(-1.0),
                  ref_rejected_logps=t(-1.0), config=Cfg(type="kto"))
+
+
+def test_margins_within_float_noise_are_ties_not_pairs_ranked_right():
+    """Step 1: policy = reference up to kernel noise (~1e-6 of a log-prob of -50): no pair
+    is ranked right yet, whichever way the noise falls; a real margin still counts."""
+    pc, pr = t(-50.0, -40.0, -30.0), t(-52.0, -41.0, -35.0)
+    noise = t(3e-6, -2e-6, 0.0)
+    out = run(Cfg(beta=0.1), pc + noise, pr - noise, pc, pr)
+    assert out.correct.tolist() == [0.0, 0.0, 0.0]
+    torch.testing.assert_close(out.losses, torch.full((3,), math.log(2.0)))
+    out = run(Cfg(beta=0.1), pc + t(0.01, 0.0, -0.01), pr, pc, pr)
+    assert out.correct.tolist() == [1.0, 0.0, 0.0]
+    for loss in ("simpo", "orpo"):
+        same = run(Cfg(type=loss, beta=0.1), pc, pc + t(1e-6, -1e-6, 0.0), pc, pc,
+                   chosen_n_tokens=t(10, 10, 10), rejected_n_tokens=t(10, 10, 10))
+        assert same.correct.tolist() == [0.0, 0.0, 0.0], loss
