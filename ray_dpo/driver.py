@@ -153,7 +153,7 @@ def _run(cfg: RunConfig, tracker, t0: float) -> TrainSummary:
             tracker.set_tags({REFERENCE_CACHE_TAG: roles.reference_cache})
         follower = roles.follower
         result = _fit_policy(cfg, roles.source, tracker, total_steps=roles.total_steps, gpu=gpu,
-                             follower=follower, watch=watch)
+                             follower=follower, watch=watch, started_at=time.time() - (time.monotonic() - t0))
         if follower is not None:
             ray.get(follower.finish.remote())  # the last held-out eval, still being scored
         summary = _summarize(cfg, tracker, result, roles.total_steps, report, time.monotonic() - t0)
@@ -356,26 +356,33 @@ def _start_roles(cfg: RunConfig, tracker, train, evaluation, gpu: bool, watch: d
         _watch_engines(watch, coordinator, role="coordinator")
         return Roles(coordinator, coordinator, ray.get(coordinator.total_steps.remote()),
                      groups=[group] if group is not None else [])
-    # A reference-free loss (SimPO, ORPO) starts no reference actor at all, nor does a LoRA
-    # run that scores its base model itself (adapters_off).
-    group = _reference_group(cfg, gpu) if reference_source(cfg) == "group" else None
-    if group is not None and not cfg.reference.precompute:
-        watch["reference"] = group.actor_ids
-    feeder, cache_status = _start_feeder(cfg, train, evaluation, group)
+    # One reference group at most, started when something first needs it: the stream, a
+    # precompute pass the cache cannot answer, or the held-out eval's KL. A reference-free loss
+    # (SimPO, ORPO) or a LoRA run scoring its base model itself (adapters_off) starts none for
+    # training; a cache hit starts none for the pass.
+    started: list = []
+
+    def group():
+        if not started:
+            started.append(_reference_group(cfg, gpu))
+        return started[0]
+
+    trains_with_group = reference_source(cfg) == "group"
+    if trains_with_group and not cfg.reference.precompute:
+        watch["reference"] = group().actor_ids
+    feeder, cache_status = _start_feeder(cfg, train, evaluation, group if trains_with_group else None,
+                                         keep_group=bool(cfg.eval.prompts_file))
     watch["feeder"] = compat.actor_ids([feeder])
     total_steps = ray.get(feeder.total_steps.remote())
-    follower, reference = None, None
+    follower = None
     if cfg.eval.prompts_file:
         from ray_dpo.engines.follower import start_follower
 
-        # It scores through the feeder's reference actors unless precompute freed them
-        # (or adapters_off never needed any for training).
-        reference = group if group is not None and not cfg.reference.precompute else _reference_group(cfg, gpu)
-        follower = start_follower(cfg, reference=reference, total_steps=total_steps, tracking_uri=tracker.uri,
+        # The held-out KL scores through the group that streamed or precomputed, if any.
+        follower = start_follower(cfg, reference=group(), total_steps=total_steps, tracking_uri=tracker.uri,
                                   run_id=tracker.run_id, use_gpu=gpu)
         _watch_engines(watch, follower, role="eval")
-    return Roles(feeder, follower, total_steps, groups=[g for g in (group, reference) if g is not None],
-                 reference_cache=cache_status)
+    return Roles(feeder, follower, total_steps, groups=started, reference_cache=cache_status)
 
 
 def _watch_engines(watch: dict, follower, *, role: str) -> None:
@@ -394,17 +401,27 @@ def close_follower(follower) -> None:
     ray.kill(follower)
 
 
-def _start_feeder(cfg: RunConfig, train, evaluation, group):
+def _start_feeder(cfg: RunConfig, train, evaluation, group, *, keep_group: bool = False):
     """The BatchFeeder actor, and how its reference log-probs were found ("hit <key>" or
-    "computed <key>"; None when streamed). They come from the cache, a precompute pass
-    (which then shuts ``group`` down), or are streamed through ``group``."""
+    "computed <key>"; None when streamed). They come from the cache, a precompute pass, or
+    are streamed through ``group()`` (None: a run that trains without reference actors).
+    A precompute pass shuts its group down after it (its resources go back to the cluster for
+    training) unless ``keep_group``: the held-out eval scores through it next."""
     from ray_dpo.feeder import BatchPlan, start_feeder
 
-    ref_cache, status = None, None
+    ref_cache, status, reference = None, None, None
     if cfg.reference.precompute:
-        ref_cache, status = _precomputed_reference(cfg, lambda: group, train, evaluation)
-        group.shutdown()  # its resources go back to the cluster for training
-        group = None
+        scored: list = []
+
+        def scoring_group():
+            scored.append(group())
+            return scored[-1]
+
+        ref_cache, status = _precomputed_reference(cfg, scoring_group, train, evaluation)
+        if scored and not keep_group:
+            scored[0].shutdown()
+    elif group is not None:
+        reference = group()
     plan = BatchPlan(
         num_workers=cfg.policy.num_workers,
         micro_batch_size=cfg.policy.micro_batch_size,
@@ -414,7 +431,7 @@ def _start_feeder(cfg: RunConfig, train, evaluation, group):
         seed=cfg.run.seed,
         shuffle=cfg.data.shuffle,
     )
-    feeder = start_feeder(train=train, plan=plan, reference=group, ref_cache=ref_cache,
+    feeder = start_feeder(train=train, plan=plan, reference=reference, ref_cache=ref_cache,
                           evaluation=evaluation, eval_max_pairs=cfg.eval.max_pairs,
                           reference_free=reference_source(cfg) != "group", max_restarts=cfg.policy.max_failures)
     return feeder, status
@@ -464,7 +481,7 @@ def share_reference_pass(cfg: RunConfig) -> str:
 
 
 def _fit_policy(cfg: RunConfig, feeder, tracker, *, total_steps: int, gpu: bool, follower=None,
-                watch: dict | None = None):
+                watch: dict | None = None, started_at: float | None = None):
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig as TrainRunConfig, ScalingConfig
     from ray.train import TrainingFailedError
     from ray.train.torch import TorchTrainer
@@ -481,7 +498,7 @@ def _fit_policy(cfg: RunConfig, feeder, tracker, *, total_steps: int, gpu: bool,
         tracking_uri=tracker.uri, run_id=tracker.run_id, total_steps=total_steps,
         log_every=cfg.tracking.log_every_steps, progress=cfg.tracking.progress,
         ledger_path=join_path(_run_dir(cfg), "ledger.jsonl") if "://" not in storage else None,
-        max_failures=cfg.policy.max_failures, watch=watch,
+        max_failures=cfg.policy.max_failures, watch=watch, started_at=started_at,
     )
     spec = TrainLoopSpec(model=cfg.model, policy=cfg.policy, loss=cfg.loss, eval_every=cfg.eval.every_steps,
                          feeder=feeder, follower=follower, device="cuda" if gpu else "cpu", run_dir=_run_dir(cfg),

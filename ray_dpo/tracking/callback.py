@@ -45,11 +45,13 @@ class TrackingCallback(UserCallback):
         progress: print a progress line to stdout.
         max_failures: policy.max_failures, for the console lines about restarts.
         watch: {role: [actor id hex]} whose Ray restarts are logged as faults/<role>_restarts.
+        started_at: when the command started (time.time()): its first step logs the seconds
+            since as perf/startup_s (data, reference pass, actors, model load), and says them.
     """
 
     def __init__(self, *, tracking_uri: str, run_id: str, total_steps: int, log_every: int = 1,
                  ledger_path: str | None = None, progress: bool = True, max_failures: int = 0,
-                 watch: dict[str, list[str]] | None = None):
+                 watch: dict[str, list[str]] | None = None, started_at: float | None = None):
         self.tracking_uri = tracking_uri
         self.run_id = run_id
         self.total_steps = total_steps
@@ -58,6 +60,7 @@ class TrackingCallback(UserCallback):
         self.progress = progress
         self.max_failures = max_failures
         self.watch = watch or {}
+        self.started_at = started_at
         self._client = None
         self._clock = StepClock()
         self._attempt: str | None = None
@@ -96,6 +99,11 @@ class TrackingCallback(UserCallback):
         if step % self.log_every != 0 and step != self.total_steps:
             values = {k: v for k, v in values.items() if k.startswith("eval/")}
         values.update(self._fault_counts(final=step >= self.total_steps))
+        if self.started_at is not None:  # this invocation's first step
+            values["perf/startup_s"] = startup = time.time() - self.started_at
+            self.started_at = None
+            print(f"[ray_dpo] first step after {startup:.0f}s of start-up (data, reference, actors, models)",
+                  file=sys.stdout, flush=True)
         if values:
             log_metrics(self._mlflow(), self.run_id, values, step)
         self._write_ledger(step, metrics)

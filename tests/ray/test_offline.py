@@ -182,3 +182,23 @@ def assert_no_secret(client, run_id):
     for path in files:
         with open(path, "rb") as f:
             assert SECRET.encode() not in f.read(), f"secret leaked into artifact {path}"
+
+
+def test_a_precomputed_run_with_heldout_eval_starts_its_reference_actors_once(ray_cluster, tiny_config, tiny_assets):
+    """reference.precompute with eval.prompts_file: the actors that scored the pass stay for
+    the held-out KL (as ray_dpo.topology says), instead of stopping and a second group of
+    the same size starting; the run still logs eval/kl."""
+    from ray_dpo import compat
+    from ray_dpo.driver import run_dpo
+
+    before = {i for i, a in compat.actor_table().items() if a["ActorClassName"].endswith("ReferenceActor")}
+    cfg = tiny_config("precompute-eval", **{
+        "reference.precompute": True, "policy.max_steps": 2, "eval.prompts_file": tiny_assets["eval_file"],
+        "eval.num_prompts": 8, "eval.samples_per_prompt": 2, "eval.max_new_tokens": 8, "eval.every_steps": 0,
+        "eval.judge.function": "ray_dpo.testing.assets:judge_score", "eval.backend": "transformers"})
+    summary = run_dpo(cfg)
+    started = {i for i, a in compat.actor_table().items() if a["ActorClassName"].endswith("ReferenceActor")} - before
+    assert len(started) == cfg.reference.num_actors, started
+    assert [step for step, _ in metric_history(summary, "eval/kl")] == [0, 2]
+    [(step, startup)] = metric_history(summary, "perf/startup_s")
+    assert step == 1 and 0 < startup < summary.seconds

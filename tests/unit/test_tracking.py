@@ -161,6 +161,18 @@ def test_callback_logs_every_nth_step_eval_always_and_writes_the_ledger(store, t
     assert "ETA ?" in lines[0] and "eval acc 0.75" in lines[2] and "ETA" not in lines[3]
 
 
+def test_callback_logs_the_start_up_seconds_at_the_first_step_of_the_invocation(store, tmp_path, capsys):
+    import time
+
+    run, callback = make_callback(store, "startup", tmp_path, started_at=time.time() - 50)
+    for step in (1, 2):
+        callback.after_report(None, report(step), None)
+    [(step, seconds)] = history(run, "perf/startup_s")
+    assert step == 1 and 50 <= seconds < 80
+    out = capsys.readouterr().out
+    assert "[ray_dpo] first step after 50s of start-up" in out or "first step after 51s" in out, out
+
+
 def test_callback_counts_a_restart_and_rolls_the_ledger_back(store, tmp_path, capsys):
     run, callback = make_callback(store, "restart", tmp_path, max_failures=2, progress=False)
     for step in (1, 2, 3):
