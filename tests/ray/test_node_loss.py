@@ -136,7 +136,7 @@ def test_the_policy_node_that_never_comes_back_fails_within_the_limit_with_one_l
     print(f"loss to exit: {seconds:.0f}s")  # the limit is 15 s; Ray's detection and shutdown come on top
 
 
-# Extended tier (62 s here): CI keeps the policy and engine node cases; a reference actor's
+# Extended tier (62 s here): CI keeps the policy node cases; a reference actor's
 # restart itself is in CI through test_reference.py and test_faults.py.
 @pytest.mark.extended
 def test_the_reference_node_lost_waits_for_a_replacement_and_loses_no_pair(pools, tiny_config, tmp_path):
@@ -161,6 +161,9 @@ def test_the_reference_node_that_never_comes_back_fails_with_one_line(pools, tin
         assert part in line, line
 
 
+# Extended tier (75 s here; CI's 35 minutes): CI keeps the engine's own restart in
+# test_generation.py and the node-loss wait in the policy cases above.
+@pytest.mark.extended
 def test_the_engine_node_lost_mid_generation_waits_and_the_rounds_complete(pools, tiny_config, tmp_path):
     """Four rounds of 32 prompts (2 steps each); the engine's node is lost once round 1 is
     generated, while the next rounds are still to come."""
