@@ -68,10 +68,10 @@ def lost_nodes(nodes: list[dict], before: frozenset = frozenset()) -> list[str]:
             if not n.get("Alive") and n.get("DeathReason") in _LOST and n.get("NodeID") not in before]
 
 
-def dead_node_ids(nodes: Optional[list[dict]] = None) -> frozenset:
+def dead_node_ids() -> frozenset:
     """Ids of the nodes that are dead now: a role that starts takes this, so that its wait
     later names only the nodes lost since."""
-    return frozenset(n.get("NodeID") for n in (live_nodes() if nodes is None else nodes) if not n.get("Alive"))
+    return frozenset(n.get("NodeID") for n in live_nodes() if not n.get("Alive"))
 
 
 def describe(request: Mapping[str, float]) -> str:
@@ -126,7 +126,6 @@ class CapacityWait:
         self.before = before
         self.since: Optional[float] = None  # when the current wait began
         self.lost: list[str] = []
-        self.waits = 0  # waits begun (each says its line once)
 
     def check(self) -> Optional[float]:
         """None when live nodes have room for the role; else the seconds of the wait left,
@@ -137,7 +136,7 @@ class CapacityWait:
             return None
         now = self._clock()
         if self.since is None:
-            self.since, self.waits = now, self.waits + 1
+            self.since = now
             self.lost = lost_nodes(nodes, self.before)
             self._say(f"[ray_dpo] waiting up to {self.limit_s:.0f}s (run.capacity_wait_s) for a node with room "
                       f"for {self.role}: {self._needs()}; {self._why()}")
@@ -160,14 +159,14 @@ class CapacityWait:
         return "no live node has these resources"
 
 
-def await_restart(ping: Callable[[], Any], *, timeout_s: float, room: CapacityWait,
+def await_restart(ping: Callable[[], Any], *, timeout_s: float, wait: CapacityWait,
                   died: Callable[[BaseException], BaseException],
                   timed_out: Callable[[], BaseException]) -> Any:
     """What ``ping()`` (a fresh call to an actor Ray restarts: an ObjectRef) answers, asked
     with backoff until the actor is back. Ray's ActorUnavailableError and timeouts mean
     "restarting, keep waiting"; ActorDiedError means Ray gave up on it: ``died(err)`` is
     raised. The actor has ``timeout_s`` to answer (model load included), not counting a wait
-    for a node with room for it (``room``: CapacityLostError when that is over); after that
+    for a node with room for it (``wait``: CapacityLostError when that is over); after that
     ``timed_out()`` is raised. The reference group and the engine keeper wait this way."""
     import ray
     from ray.exceptions import ActorDiedError, GetTimeoutError, RayActorError
@@ -177,8 +176,8 @@ def await_restart(ping: Callable[[], Any], *, timeout_s: float, room: CapacityWa
     while True:
         pending = pending or ping()
         try:
-            wait = min(10.0, deadline - time.monotonic(), 10.0 if left is None else left)
-            return ray.get(pending, timeout=max(0.1, wait))
+            timeout = min(10.0, deadline - time.monotonic(), 10.0 if left is None else left)
+            return ray.get(pending, timeout=max(0.1, timeout))
         except ActorDiedError as err:
             lost = died(err)
             if lost is err:
@@ -188,7 +187,7 @@ def await_restart(ping: Callable[[], Any], *, timeout_s: float, room: CapacityWa
             pass  # the same ping runs as soon as the actor is up
         except RayActorError:  # unavailable: this ping died with the old process
             pending = None
-        left = room.check()
+        left = wait.check()
         if left is not None:  # its node is lost and none has room: the restart clock stops
             deadline = max(deadline, time.monotonic() + timeout_s)
         if time.monotonic() >= deadline:

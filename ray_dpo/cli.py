@@ -67,14 +67,13 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 def _storage_warning(cfg):
     """run.storage_path on one node's disk while the config pins roles to node pools."""
-    from ray_dpo import faults
+    from ray_dpo import faults, topology
 
-    pinned = [key for key, resources in (("policy.resources", cfg.policy.resources),
-                                         ("reference.resources", cfg.reference.resources),
-                                         ("online.resources", cfg.online.resources)) if resources]
+    pinned = list(dict.fromkeys(f"{role.key}.resources" for role in topology.roles(cfg, use_gpu=False)
+                                if role.resources))
     path = cfg.run.storage_path
     return faults.storage_warning(path, spread=f"roles pinned to node pools ({', '.join(pinned)})" if pinned else None,
-                                  fs_type=None if "://" in path else faults.mount_type(path))
+                                  fs_type=faults.mount_type(path))
 
 
 def _is_sweep(cfg) -> bool:

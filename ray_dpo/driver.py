@@ -174,7 +174,7 @@ def _warn_local_storage(cfg: RunConfig) -> None:
 
     path, nodes = storage_root(cfg), sum(1 for n in live_nodes() if n.get("Alive"))
     warning = faults.storage_warning(path, spread=f"a {nodes}-node cluster" if nodes > 1 else None,
-                                     fs_type=None if "://" in path else faults.mount_type(path))
+                                     fs_type=faults.mount_type(path))
     if warning:
         logger.warning(warning)
 
@@ -370,8 +370,9 @@ def _start_roles(cfg: RunConfig, tracker, train, evaluation, gpu: bool, watch: d
     trains_with_group = reference_source(cfg) == "group"
     if trains_with_group and not cfg.reference.precompute:
         watch["reference"] = group().actor_ids
-    feeder, cache_status = _start_feeder(cfg, train, evaluation, group if trains_with_group else None,
-                                         keep_group=bool(cfg.eval.prompts_file))
+    feeder, cache_status = _start_feeder(cfg, train, evaluation, group if trains_with_group else None)
+    if cfg.reference.precompute and started and not cfg.eval.prompts_file:
+        started.pop().shutdown()  # the pass is done: its resources go back to the cluster for training
     watch["feeder"] = compat.actor_ids([feeder])
     total_steps = ray.get(feeder.total_steps.remote())
     follower = None
@@ -401,25 +402,15 @@ def close_follower(follower) -> None:
     ray.kill(follower)
 
 
-def _start_feeder(cfg: RunConfig, train, evaluation, group, *, keep_group: bool = False):
+def _start_feeder(cfg: RunConfig, train, evaluation, group):
     """The BatchFeeder actor, and how its reference log-probs were found ("hit <key>" or
     "computed <key>"; None when streamed). They come from the cache, a precompute pass, or
-    are streamed through ``group()`` (None: a run that trains without reference actors).
-    A precompute pass shuts its group down after it (its resources go back to the cluster for
-    training) unless ``keep_group``: the held-out eval scores through it next."""
+    are streamed through ``group()`` (None: a run that trains without reference actors)."""
     from ray_dpo.feeder import BatchPlan, start_feeder
 
     ref_cache, status, reference = None, None, None
     if cfg.reference.precompute:
-        scored: list = []
-
-        def scoring_group():
-            scored.append(group())
-            return scored[-1]
-
-        ref_cache, status = _precomputed_reference(cfg, scoring_group, train, evaluation)
-        if scored and not keep_group:
-            scored[0].shutdown()
+        ref_cache, status = _precomputed_reference(cfg, group, train, evaluation)
     elif group is not None:
         reference = group()
     plan = BatchPlan(
@@ -511,8 +502,8 @@ def _fit_policy(cfg: RunConfig, feeder, tracker, *, total_steps: int, gpu: bool,
         run_config=TrainRunConfig(
             name=cfg.run.name, storage_path=storage,
             callbacks=[callback, FailFastOnLostRoles(), WaitForWorkerCapacity(
-                request={k: v for k, v in resources.items() if v}, num_workers=cfg.policy.num_workers,
-                limit_s=cfg.run.capacity_wait_s, tracking_uri=tracker.uri, run_id=tracker.run_id)],
+                request={k: v for k, v in resources.items() if v}, limit_s=cfg.run.capacity_wait_s,
+                tracking_uri=tracker.uri, run_id=tracker.run_id)],
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.policy.num_checkpoints_to_keep),
             # A dead worker restarts the group from the latest complete checkpoint (faults.py).
             failure_config=FailureConfig(max_failures=cfg.policy.max_failures),

@@ -113,7 +113,7 @@ class GenerationGroup:
         # Their start waits for room as a restart does (a coordinator restarted after its
         # engines' node was lost starts new ones); a constructor error is raised as it is.
         incarnations = [
-            await_restart(a.incarnation.remote, timeout_s=start_timeout_s, room=room.wait(f"generation engine {i}"),
+            await_restart(a.incarnation.remote, timeout_s=start_timeout_s, wait=room.wait(f"generation engine {i}"),
                           died=lambda err: err,
                           timed_out=lambda: EngineLostError(f"generation engine {i} did not start within "
                                                             f"{start_timeout_s:.0f}s"))

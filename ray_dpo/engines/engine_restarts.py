@@ -203,7 +203,7 @@ class EngineKeeper:
                                    f"last error: {error_line(cause) if cause else '-'}")
 
         return await_restart(self.actors[i].incarnation.remote, timeout_s=self.timeout_s,
-                             room=self.room.wait(f"generation engine {i} ({self.backend})"),
+                             wait=self.room.wait(f"generation engine {i} ({self.backend})"),
                              died=died, timed_out=timed_out)
 
 

@@ -271,7 +271,7 @@ class ReferenceGroup:
                 f"reference.max_restarts={self.config.max_restarts}); last error: {_first_line(cause)}")
 
         info = await_restart(self._actors[i].info.remote, timeout_s=self.restart_timeout_s,
-                             room=self._room.wait(f"reference actor {i} ({self.names[i]})"),
+                             wait=self._room.wait(f"reference actor {i} ({self.names[i]})"),
                              died=lambda err: self._lost_error(i, err), timed_out=timed_out)
         self._observe(i, info["incarnation"])
 

@@ -207,15 +207,15 @@ class FailFastOnLostRoles(WorkerGroupCallback, ControllerCallback):
 
 class WaitForWorkerCapacity(ControllerCallback):
     """Bounds the wait for room for the policy workers, after their node was lost
-    (ray_dpo/capacity.py). Before each worker-group start, if no live nodes can hold
-    ``num_workers`` workers of ``request``: the wait's line, once, and the start attempt
+    (ray_dpo/capacity.py). Before each worker-group start, if no live nodes can hold the
+    group's workers of ``request``: the wait's line, once, and the start attempt
     (whose pending placement group is what asks an autoscaler for a node) may take what is
     left of ``limit_s`` (compat.limit_worker_group_start); once that is over, the failure
     record gets the reason and the run ends (CapacityLostError, which Ray Train does not
     retry)."""
 
-    def __init__(self, *, request: dict, num_workers: int, limit_s: float, tracking_uri: str, run_id: str):
-        self.request, self.num_workers, self.limit_s = dict(request), num_workers, limit_s
+    def __init__(self, *, request: dict, limit_s: float, tracking_uri: str, run_id: str):
+        self.request, self.limit_s = dict(request), limit_s
         self.tracking_uri, self.run_id = tracking_uri, run_id
         self._wait = None
 
