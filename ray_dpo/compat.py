@@ -71,6 +71,16 @@ SEAMS: dict[str, Seam] = {
         "ray", "2.60.0", "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S, read by each WorkerGroup in the controller",
         "False (a start attempt waits Ray's own timeout, 60 s: the capacity wait ends up to that late)",
         "tests/ray/test_node_loss.py"),
+    "sizing_worker_group": Seam(
+        "ray", "2.60.0", "the names of ray.train.v2._internal controller states "
+        "(InitializingState, RestartingState, ReschedulingState)",
+        "False (an elastic group waiting for min_workers to fit is not bounded by run.capacity_wait_s)",
+        "tests/ray/test_node_loss.py -k elastic"),
+    "refresh_cluster_view": Seam(
+        "ray", "2.60.0", "ray.data._internal...default_autoscaling_coordinator "
+        "get_reserved_resources(recompute=True)",
+        "False (an elastic group's size follows a lost node up to 20 s late: one start attempt "
+        "at the old size may time out first)", "tests/ray/test_node_loss.py -k elastic"),
     "abort_vllm_reload": Seam(
         "vllm", "0.32.0", "reload.layerwise._place_kernel_tensors, LOADING_LAYERS, "
         "model._original_do_torchao_reload",
@@ -194,6 +204,33 @@ def limit_worker_group_start(seconds: Optional[float]) -> bool:
     else:
         os.environ[name] = _START_TIMEOUT["saved"]
     return True
+
+
+def sizing_worker_group(state: Any) -> bool:
+    """Whether Ray Train's controller ``state`` decides a new group's size (ray 2.60.0).
+
+    An elastic policy stays in such a state while fewer than min_workers fit; False in any
+    other state, or when it cannot tell."""
+    return type(state).__name__ in ("InitializingState", "RestartingState", "ReschedulingState")
+
+
+def refresh_cluster_view() -> bool:
+    """Ray's AutoscalingCoordinator reads the node table now (ray 2.60.0); else False.
+
+    An elastic Ray Train group sizes itself from the coordinator's per-node view, which it
+    otherwise refreshes every 20 s: a restart after a node loss then sizes the group without
+    the lost node. False when the coordinator cannot be reached this way."""
+    try:
+        import ray
+        from ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator import (
+            get_or_create_autoscaling_coordinator,
+        )
+
+        coordinator = get_or_create_autoscaling_coordinator()
+        ray.get(coordinator.get_reserved_resources.remote("ray_dpo", recompute=True), timeout=10)
+        return True
+    except Exception:  # noqa: BLE001 - missing internal or a slow coordinator: the view catches up by itself
+        return False
 
 
 def train_callback_bases() -> tuple[type, type]:

@@ -490,20 +490,27 @@ def _fit_policy(cfg: RunConfig, feeder, tracker, *, total_steps: int, gpu: bool,
         log_every=cfg.tracking.log_every_steps, progress=cfg.tracking.progress,
         ledger_path=join_path(_run_dir(cfg), "ledger.jsonl") if "://" not in storage else None,
         max_failures=cfg.policy.max_failures, watch=watch, started_at=started_at,
+        num_workers=cfg.policy.num_workers,
     )
     spec = TrainLoopSpec(model=cfg.model, policy=cfg.policy, loss=cfg.loss, eval_every=cfg.eval.every_steps,
                          feeder=feeder, follower=follower, device="cuda" if gpu else "cpu", run_dir=_run_dir(cfg),
                          seed=cfg.run.seed)
+    low = elastic_min_workers(cfg)
+    # Elastic: Ray Train starts as many workers as fit, from min_workers up, and grows the
+    # group when nodes return (checked every policy.resize_check_s).
+    scaling = ScalingConfig(num_workers=(low, cfg.policy.num_workers), use_gpu=gpu, resources_per_worker=resources,
+                            elastic_resize_monitor_interval_s=cfg.policy.resize_check_s) if low else \
+        ScalingConfig(num_workers=cfg.policy.num_workers, use_gpu=gpu, resources_per_worker=resources)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=spec.as_config(),
-        scaling_config=ScalingConfig(num_workers=cfg.policy.num_workers, use_gpu=gpu,
-                                     resources_per_worker=resources),
+        scaling_config=scaling,
         run_config=TrainRunConfig(
             name=cfg.run.name, storage_path=storage,
             callbacks=[callback, FailFastOnLostRoles(), WaitForWorkerCapacity(
                 request={k: v for k, v in resources.items() if v}, limit_s=cfg.run.capacity_wait_s,
-                tracking_uri=tracker.uri, run_id=tracker.run_id)],
+                tracking_uri=tracker.uri, run_id=tracker.run_id,
+                min_workers=low, resize_check_s=cfg.policy.resize_check_s)],
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.policy.num_checkpoints_to_keep),
             # A dead worker restarts the group from the latest complete checkpoint (faults.py).
             failure_config=FailureConfig(max_failures=cfg.policy.max_failures),
@@ -512,7 +519,8 @@ def _fit_policy(cfg: RunConfig, feeder, tracker, *, total_steps: int, gpu: bool,
             logging_config=LoggingConfig(log_level="WARNING" if console.filtering_enabled() else "INFO"),
         ),
     )
-    print(f"[ray_dpo] training: {total_steps} steps on {cfg.policy.num_workers} worker(s), "
+    workers = f"{low}-{cfg.policy.num_workers} workers (elastic)" if low else f"{cfg.policy.num_workers} worker(s)"
+    print(f"[ray_dpo] training: {total_steps} steps on {workers}, "
           f"ZeRO-{cfg.policy.zero_stage}, {'GPU' if gpu else 'CPU'}", flush=True)
     from ray_dpo.tracking.callback import FAILURE_TAG
 
@@ -522,6 +530,12 @@ def _fit_policy(cfg: RunConfig, feeder, tracker, *, total_steps: int, gpu: bool,
     except TrainingFailedError as err:
         raise _run_failed(cfg, tracker, err) from err
     return result
+
+
+def elastic_min_workers(cfg: RunConfig) -> int | None:
+    """policy.min_workers when the group may shrink below policy.num_workers, else None."""
+    low = cfg.policy.min_workers
+    return low if low is not None and low < cfg.policy.num_workers else None
 
 
 def _log_exported_model(cfg: RunConfig, tracker, exported: dict) -> None:

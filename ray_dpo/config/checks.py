@@ -76,6 +76,8 @@ def _check_required_and_ranges(cfg: RunConfig, p: list[Problem]) -> None:
         ("reference.batch_size", cfg.reference.batch_size),
         ("reference.max_in_flight", cfg.reference.max_in_flight),
         ("policy.num_workers", cfg.policy.num_workers),
+        ("policy.min_workers", cfg.policy.min_workers),
+        ("policy.resize_check_s", cfg.policy.resize_check_s),
         ("policy.micro_batch_size", cfg.policy.micro_batch_size),
         ("policy.gradient_accumulation_steps", cfg.policy.gradient_accumulation_steps),
         ("policy.learning_rate", cfg.policy.learning_rate),
@@ -144,6 +146,7 @@ def _check_consistency(cfg: RunConfig, p: list[Problem]) -> None:
     if len(cfg.policy.adam_betas) != 2 or not all(0 <= b < 1 for b in cfg.policy.adam_betas if b is not None):
         p.append(Problem("policy.adam_betas", f"must be two numbers in [0, 1), got {cfg.policy.adam_betas}"))
     _check_layouts(cfg, p)
+    _check_elastic(cfg, p)
     if not 0 < cfg.online.sampling.top_p <= 1:
         p.append(Problem("online.sampling.top_p", f"must be in (0, 1], got {cfg.online.sampling.top_p}"))
     _check_judge(cfg, p)
@@ -153,6 +156,18 @@ def _check_consistency(cfg: RunConfig, p: list[Problem]) -> None:
     if is_remote(cfg.run.storage_path) and not cfg.tracking.mlflow.tracking_uri:
         p.append(Problem("tracking.mlflow.tracking_uri", "the default SQLite store needs a local "
                          "run.storage_path; set a tracking URI (e.g. http://mlflow:5000)"))
+
+
+def _check_elastic(cfg: RunConfig, p: list[Problem]) -> None:
+    low, high = cfg.policy.min_workers, cfg.policy.num_workers
+    if low is not None and low > high:
+        p.append(Problem("policy.min_workers", f"must be <= policy.num_workers ({high}), got {low}; "
+                                               "remove it for a group of fixed size"))
+    elif low is not None and low < high and cfg.policy.zero_stage > 0:
+        # DeepSpeed 0.19 loads ZeRO optimizer partitions only at the data-parallel size that
+        # saved them (engine._load_zero_checkpoint raises otherwise).
+        p.append(Problem("policy.min_workers", f"needs policy.zero_stage 0 (got {cfg.policy.zero_stage}): "
+                                               "a ZeRO checkpoint resumes only on as many workers as saved it"))
 
 
 def _check_loss(cfg: RunConfig, p: list[Problem]) -> None:

@@ -195,6 +195,15 @@ class LoraSection:
 class PolicyConfig:
     num_workers: int = 1
     """Ray Train workers, each one DeepSpeed engine (one per GPU on a GPU cluster)."""
+    min_workers: Optional[int] = None
+    """Elastic data parallelism: when workers are lost with their node and no node has room
+    for them, train on as few as this many instead of waiting (run.capacity_wait_s), and
+    grow back to num_workers when nodes return (checked every policy.resize_check_s). Every
+    step keeps its pairs and its update: fewer workers accumulate more micro-batches. Each
+    resize restarts the group from the latest checkpoint. None: always num_workers."""
+    resize_check_s: float = 60.0
+    """Elastic runs (policy.min_workers): how often a smaller group checks whether nodes
+    came back to grow to num_workers."""
     num_cpus_per_worker: float = 1.0
     num_gpus_per_worker: float = 1.0
     """Used only when the run uses GPUs."""

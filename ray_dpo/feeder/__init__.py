@@ -18,6 +18,11 @@ round-robin: row j to rank j % W, then to micro-batch (j // W) % gas, so micro-b
 sizes differ by at most one and trailing micro-batches may be EMPTY (every rank still
 gets exactly gradient_accumulation_steps micro-batches, so collectives stay in step).
 
+An elastic run (policy.min_workers) that lost ranks trains on w < W of them: the steps
+and their pairs stay the same (G does not change); row j goes to rank j % w and each rank
+gets gas' = ceil(W * gas / w) micro-batches (BatchPlan.accumulation), so a micro-batch
+still holds at most micro_batch_size pairs and the step's update is the same.
+
 Modules (import the names from ray_dpo.feeder):
 
     plan.py           BatchPlan (the step layout above), Prefetch (how far ahead to score)

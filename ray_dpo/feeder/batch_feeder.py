@@ -83,6 +83,7 @@ class BatchFeeder:
         self._error: Optional[BaseException] = None
         self._closed = False
         self._fetches: dict[int, int] = {}
+        self._world = plan.num_workers  # ranks training now (fewer in a shrunk elastic group)
         self._stats = {"steps_served": 0, "get_step_calls": 0, "ref_batches_scored": 0,
                        "ref_pairs_scored": 0, "wait_seconds": 0.0, "max_wait_seconds": 0.0,
                        "eval_wait_seconds": 0.0}
@@ -143,47 +144,49 @@ class BatchFeeder:
         """Pair ids of ``step`` in order (all ranks), for ledgers and tests."""
         return [self.train.pair_id(int(i)) for i in self._step_indices(step)]
 
-    def get_step(self, step: int, rank: int) -> list[list[dict]]:
-        """gradient_accumulation_steps micro-batches of ``rank`` for ``step``.
+    def get_step(self, step: int, rank: int, world: Optional[int] = None) -> list[list[dict]]:
+        """The micro-batches of ``rank`` for ``step``: plan.accumulation(world) of them.
 
+        world: ranks training now (default plan.num_workers). An elastic run on fewer ranks
+        gets the same step's pairs, spread over fewer ranks and more micro-batches.
         Each row is a tokenized pair dict plus ref_chosen_logp / ref_rejected_logp.
         Blocks until the reference log-probs are there; raises what the scoring raised.
         """
         self._check_step(step)
-        if not 0 <= rank < self.plan.num_workers:
-            raise ValueError(f"rank must be in [0, {self.plan.num_workers}), got {rank}")
+        world = self._check_rank(rank, world)
         indices = self._step_indices(step)
         with self._cond:
+            self._serve_world(world)
             # The rank trains `step` next: prefetch covers step .. step + prefetch_steps.
             if self._rank_pos[rank] != step:
                 self._rank_pos[rank] = step
                 self._cond.notify_all()  # the window may have moved: wake the prefetcher
             waited = self._wait_for(lambda: self._scored(self._ref, indices), step)
             self._record_fetch(step, waited)
-        mine = indices[np.arange(len(indices)) % self.plan.num_workers == rank]
-        accumulation = self.plan.gradient_accumulation_steps
+        mine = indices[np.arange(len(indices)) % world == rank]
+        accumulation = self.plan.accumulation(world)
         ref = None if self.reference_free else self._ref
         return [self._rows(self.train, ref, mine[m::accumulation]) for m in range(accumulation)]
 
-    def get_eval(self, rank: int) -> list[list[dict]]:
-        """Eval micro-batches of ``rank`` (micro_batch_size pairs, round-robin over ranks).
+    def get_eval(self, rank: int, world: Optional[int] = None) -> list[list[dict]]:
+        """Eval micro-batches of ``rank`` of ``world`` (micro_batch_size pairs, round-robin
+        over ranks).
 
         Every rank gets the same number of micro-batches (trailing ones may be empty).
         Reference log-probs of all eval pairs are computed once, on the first call.
         """
         if self.eval is None:
             return []
-        if not 0 <= rank < self.plan.num_workers:
-            raise ValueError(f"rank must be in [0, {self.plan.num_workers}), got {rank}")
+        world = self._check_rank(rank, world)
         everything = np.arange(len(self.eval))
         with self._cond:
             self._eval_wanted = True
             t0 = time.monotonic()
             self._wait_for(lambda: self._scored(self._eval_ref, everything), None)
             self._stats["eval_wait_seconds"] += time.monotonic() - t0
-        workers, micro = self.plan.num_workers, self.plan.micro_batch_size
-        count = math.ceil(math.ceil(len(self.eval) / workers) / micro)
-        mine = everything[rank::workers]
+        micro = self.plan.micro_batch_size
+        count = math.ceil(math.ceil(len(self.eval) / world) / micro)
+        mine = everything[rank::world]
         ref = None if self.reference_free else self._eval_ref
         return [self._rows(self.eval, ref, mine[m * micro:(m + 1) * micro]) for m in range(count)]
 
@@ -223,6 +226,22 @@ class BatchFeeder:
             self._thread.join(timeout=30)
 
     # ------------------------------------------------------------------ order
+
+    def _check_rank(self, rank: int, world: Optional[int]) -> int:
+        """``world`` (plan.num_workers when None), checked with ``rank``."""
+        world = self.plan.num_workers if world is None else world
+        self.plan.accumulation(world)  # ValueError outside [1, num_workers]
+        if not 0 <= rank < world:
+            raise ValueError(f"rank must be in [0, {world}), got {rank}")
+        return world
+
+    def _serve_world(self, world: int) -> None:
+        """Holding self._cond: ranks at and above ``world`` are gone (an elastic group that
+        shrank), so the prefetch window follows only the ranks that train."""
+        if world != self._world:
+            self._world = world
+            self._fetches.clear()
+            self._cond.notify_all()
 
     def _check_step(self, step: int) -> None:
         if not isinstance(step, (int, np.integer)) or not 0 <= step < self._total:
@@ -282,7 +301,7 @@ class BatchFeeder:
         self._stats["wait_seconds"] += waited
         self._stats["max_wait_seconds"] = max(self._stats["max_wait_seconds"], waited)
         self._fetches[step] = self._fetches.get(step, 0) + 1
-        if self._fetches[step] >= self.plan.num_workers:
+        if self._fetches[step] >= self._world:
             del self._fetches[step]
             self._stats["steps_served"] += 1
 
@@ -328,7 +347,7 @@ class BatchFeeder:
             todo = np.flatnonzero(np.isnan(self._eval_ref[:, 0]))
             if len(todo):
                 return self.eval, self._eval_ref, todo
-        frontier = min(self._rank_pos)
+        frontier = min(self._rank_pos[:self._world])
         window = range(frontier, min(frontier + self.prefetch_steps + 1, self._total))
         steps = sorted(self._wanted) + [s for s in window if s not in self._wanted]
         chunks = []

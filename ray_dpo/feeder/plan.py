@@ -7,6 +7,18 @@ from dataclasses import dataclass
 from typing import Optional
 
 
+def accumulation_steps(gradient_accumulation_steps: int, num_workers: int, world: int) -> int:
+    """Micro-batches per rank per optimizer step when ``world`` of the ``num_workers`` ranks
+    train (an elastic run that lost some): gradient_accumulation_steps at full size, else
+    enough that the same global batch fits, ceil(num_workers * gas / world). Each
+    micro-batch still holds at most micro_batch_size pairs, so a step trains the same pairs
+    with the same update whatever the world size; a rank's trailing micro-batches may be
+    empty (the feeder's step layout)."""
+    if world >= num_workers:
+        return gradient_accumulation_steps
+    return math.ceil(num_workers * gradient_accumulation_steps / world)
+
+
 @dataclass(frozen=True)
 class BatchPlan:
     """How pairs are cut into optimizer steps.
@@ -44,6 +56,14 @@ class BatchPlan:
 
     def steps_per_epoch(self, num_pairs: int) -> int:
         return math.ceil(num_pairs / self.global_batch)
+
+    def accumulation(self, world: Optional[int] = None) -> int:
+        """Micro-batches per rank per step when ``world`` ranks train (accumulation_steps;
+        None: all num_workers)."""
+        world = self.num_workers if world is None else world
+        if not isinstance(world, int) or not 1 <= world <= self.num_workers:
+            raise ValueError(f"world must be in [1, {self.num_workers}] (policy.num_workers), got {world!r}")
+        return accumulation_steps(self.gradient_accumulation_steps, self.num_workers, world)
 
     def total_steps(self, num_pairs: int) -> int:
         total = self.steps_per_epoch(num_pairs) * self.num_epochs

@@ -59,7 +59,7 @@ class OnlineCoordinator(PolicyFollower):
         self._eval_ref_cache: dict[str, tuple[float, float]] = {}
         fingerprint = round_fingerprint(spec, plan, getattr(train, "fingerprint", ""))
         self.rounds = RoundFeeder(round_plan, store=RoundStore(spec.run_dir, fingerprint),
-                                  make_feeder=self._make_feeder, micro_batches=plan.gradient_accumulation_steps,
+                                  make_feeder=self._make_feeder, accumulation=plan.accumulation,
                                   on_retire=self._keep_eval_logps)
         self.producer = RoundProducer(rounds=self.rounds, prompt_rows=store, generation=self.generation,
                                       scorer=Scorer(self.judge, self.decode, self.judge_lock), spec=self.spec,
@@ -76,11 +76,11 @@ class OnlineCoordinator(PolicyFollower):
     def num_pairs_in_step(self, step: int) -> int:
         return self.rounds.num_pairs_in_step(step)
 
-    def get_step(self, step: int, rank: int) -> list[list[dict]]:
-        return self.rounds.get_step(step, rank)
+    def get_step(self, step: int, rank: int, world: Optional[int] = None) -> list[list[dict]]:
+        return self.rounds.get_step(step, rank, world)
 
-    def get_eval(self, rank: int) -> list[list[dict]]:
-        return self.rounds.get_eval(rank)
+    def get_eval(self, rank: int, world: Optional[int] = None) -> list[list[dict]]:
+        return self.rounds.get_eval(rank, world)
 
     # ------------------------------------------------------------------ sync side
 

@@ -24,17 +24,18 @@ class RoundFeeder:
     """Rounds' pair rows -> optimizer steps.
 
     plan: the RoundPlan (steps per round, rounds run). store: where rounds are kept.
-    make_feeder(rows) -> BatchFeeder for one round's rows. micro_batches: micro-batches per
-    step (an empty step past a round's pairs is that many empty lists). on_retire(feeder):
+    make_feeder(rows) -> BatchFeeder for one round's rows. accumulation(world): micro-batches
+    per rank and step when ``world`` ranks train (None: all) (BatchPlan.accumulation; an empty step past a round's pairs is that
+    many empty lists). on_retire(feeder):
     called before an old round's feeder closes (to keep what it scored).
     """
 
     def __init__(self, plan: RoundPlan, *, store: RoundStore, make_feeder: Callable[[list[dict]], BatchFeeder],
-                 micro_batches: int, on_retire: Callable[[BatchFeeder], None] = lambda feeder: None):
+                 accumulation: Callable[[int], int], on_retire: Callable[[BatchFeeder], None] = lambda feeder: None):
         self.plan = plan
         self.store = store
         self._make_feeder, self._on_retire = make_feeder, on_retire
-        self._micro_batches = micro_batches
+        self._accumulation = accumulation
         self._cond = threading.Condition()
         self._rounds: dict[int, Optional[BatchFeeder]] = {}  # None: the round kept no pair
         self._busy: set[int] = set()  # rounds being built or read back
@@ -54,18 +55,18 @@ class RoundFeeder:
         feeder, local = self._round_for(step)
         return feeder.num_pairs_in_step(local) if feeder is not None and local < feeder.total_steps() else 0
 
-    def get_step(self, step: int, rank: int) -> list[list[dict]]:
+    def get_step(self, step: int, rank: int, world: Optional[int] = None) -> list[list[dict]]:
         """Round r's step (BatchFeeder.get_step); an empty step past the pairs the round kept."""
         feeder, local = self._round_for(step)
         if feeder is not None and local < feeder.total_steps():
-            return feeder.get_step(local, rank)
-        return [[] for _ in range(self._micro_batches)]
+            return feeder.get_step(local, rank, world)
+        return [[] for _ in range(self._accumulation(world))]
 
-    def get_eval(self, rank: int) -> list[list[dict]]:
+    def get_eval(self, rank: int, world: Optional[int] = None) -> list[list[dict]]:
         """data.eval_files pairs, from the newest round's feeder."""
         with self._cond:
             feeders = [self._rounds[r] for r in sorted(self._rounds, reverse=True) if self._rounds[r] is not None]
-        return feeders[0].get_eval(rank) if feeders else []
+        return feeders[0].get_eval(rank, world) if feeders else []
 
     # ------------------------------------------------------------------ rounds
 

@@ -16,6 +16,7 @@ import math
 from typing import TYPE_CHECKING, Any
 
 from ray_dpo.dtypes import dtype_name
+from ray_dpo.feeder.plan import accumulation_steps
 
 if TYPE_CHECKING:
     from ray_dpo.config import PolicyConfig
@@ -52,7 +53,10 @@ def build_ds_config(policy: PolicyConfig, *, dtype: str, world_size: int) -> dic
     if policy.offload_optimizer and stage == 0:
         raise ValueError("policy.offload_optimizer needs ZeRO: set policy.zero_stage to 1, 2 or 3")
 
-    micro, accum = policy.micro_batch_size, policy.gradient_accumulation_steps
+    micro = policy.micro_batch_size
+    # An elastic group on fewer ranks than policy.num_workers accumulates more micro-batches
+    # so that a step keeps its pairs (ray_dpo.feeder's step layout).
+    accum = accumulation_steps(policy.gradient_accumulation_steps, policy.num_workers, world_size)
     config: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": micro,
         "gradient_accumulation_steps": accum,

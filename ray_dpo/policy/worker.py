@@ -80,6 +80,9 @@ class RankState:
     device: torch.device
     pad_token_id: int
     total_steps: int
+    # micro-batches per step on this world size (more than gradient_accumulation_steps in an
+    # elastic group that lost ranks: feeder.plan.accumulation_steps)
+    accumulation: int = 1
     steps_per_epoch: Optional[int] = None  # None when the feeder does not say
     attn_implementation: str = "sdpa"  # what the loaded model uses (model_inputs needs it)
     num_params: int = 0  # for perf/mfu: ~6 * params FLOPs per computed position (fwd + bwd)
@@ -171,6 +174,7 @@ def _make_worker(spec: TrainLoopSpec) -> RankState:
     engine, hf_ds_config = setup_engine(spec.model, policy, device=device, world_size=world_size,
                                         total_steps=total_steps)
     return RankState(engine=engine, feeder=feeder, loss=spec.loss, policy=policy, rank=rank, world_size=world_size,
+                  accumulation=engine.gradient_accumulation_steps(),
                   device=device, pad_token_id=model_pad_token_id(engine.module.config),
                   total_steps=total_steps, steps_per_epoch=steps_per_epoch, hf_ds_config=hf_ds_config,
                   attn_implementation=compat.attn_implementation(engine.module.config),
@@ -323,15 +327,15 @@ def run_step(worker: RankState, step: int, *, link: Optional["FollowerLink"] = N
     needs weights (_await_step)."""
     t0 = time.perf_counter()
     feeder = worker.feeder
-    refs = [feeder.get_step.remote(step, worker.rank), feeder.num_pairs_in_step.remote(step)]
+    refs = [feeder.get_step.remote(step, worker.rank, worker.world_size), feeder.num_pairs_in_step.remote(step)]
     if link is None:
         micro_batches, n_global = ray.get(refs)
     else:
         micro_batches, n_global = _await_step(worker, refs, link, step)
-    grad_accum = worker.policy.gradient_accumulation_steps
+    grad_accum = worker.accumulation
     if len(micro_batches) != grad_accum:
-        raise RuntimeError(f"feeder step {step}: {len(micro_batches)} micro-batches for rank {worker.rank}, "
-                           f"expected gradient_accumulation_steps={grad_accum}")
+        raise RuntimeError(f"feeder step {step}: {len(micro_batches)} micro-batches for rank {worker.rank} of "
+                           f"{worker.world_size}, expected {grad_accum} (DeepSpeed's gradient_accumulation_steps)")
     epoch = (step + 1) / worker.steps_per_epoch if worker.steps_per_epoch else math.nan
     if n_global == 0:
         # An online round that kept fewer pairs than it has steps: nothing to learn from,
@@ -436,6 +440,7 @@ def _perf_metrics(worker: RankState, totals: dict[str, float], step_time: float)
     computed position (forward + backward, attention's T^2 term ignored) over the peak of all
     ranks. The padding fraction is positions the model computed but DPO did not need."""
     out = {"perf/tokens_per_s": totals["tokens"] / step_time, "perf/step_time_s": step_time,
+           "perf/num_workers": float(worker.world_size),  # fewer than policy.num_workers: an elastic group that shrank
            "perf/padding_fraction": 1.0 - totals["tokens"] / max(totals["positions"], 1.0),
            # this rank's process so far (Linux reports KiB): what a LoRA run saves, what a layout costs
            "perf/peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
@@ -466,7 +471,7 @@ def step_optimizer(engine) -> float:
 @torch.no_grad()
 def evaluate(worker: RankState) -> dict[str, float]:
     """eval/... metrics over every rank's eval micro-batches; {} if there is no eval data."""
-    batches = ray.get(worker.feeder.get_eval.remote(worker.rank))
+    batches = ray.get(worker.feeder.get_eval.remote(worker.rank, worker.world_size))
     # Ranks may hold different numbers of eval batches; under ZeRO-3 each forward gathers
     # parameters collectively, so all ranks run as many forwards as the busiest one.
     count = torch.tensor([len(batches)], device=worker.device)

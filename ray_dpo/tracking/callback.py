@@ -17,7 +17,7 @@ import json
 import os
 import sys
 import time
-from typing import Any
+from typing import Any, Optional
 
 from ray.train import UserCallback
 
@@ -47,11 +47,14 @@ class TrackingCallback(UserCallback):
         watch: {role: [actor id hex]} whose Ray restarts are logged as faults/<role>_restarts.
         started_at: when the command started (time.time()): its first step logs the seconds
             since as perf/startup_s (data, reference pass, actors, model load), and says them.
+        num_workers: policy.num_workers; an elastic group's restart on fewer, and its resize
+            back when nodes return (a new attempt without a failure), are said as such.
     """
 
     def __init__(self, *, tracking_uri: str, run_id: str, total_steps: int, log_every: int = 1,
                  ledger_path: str | None = None, progress: bool = True, max_failures: int = 0,
-                 watch: dict[str, list[str]] | None = None, started_at: float | None = None):
+                 watch: dict[str, list[str]] | None = None, started_at: float | None = None,
+                 num_workers: int = 0):
         self.tracking_uri = tracking_uri
         self.run_id = run_id
         self.total_steps = total_steps
@@ -61,6 +64,9 @@ class TrackingCallback(UserCallback):
         self.max_failures = max_failures
         self.watch = watch or {}
         self.started_at = started_at
+        self.num_workers = num_workers
+        self._workers: int | None = None  # the current group's size
+        self._failed = False  # a rank failed since the current attempt began
         self._client = None
         self._clock = StepClock()
         self._attempt: str | None = None
@@ -87,7 +93,7 @@ class TrackingCallback(UserCallback):
             return
         step = int(metrics[0]["step"])
         self._nodes.update({r: m["node"] for r, m in enumerate(metrics) if "node" in m})
-        self._track_attempt(step, metrics[0].get("attempt"))
+        self._track_attempt(step, metrics[0].get("attempt"), len(metrics))
         if checkpoint is not None:
             self._checkpoint_step = step
         elif self._checkpoint_step is None and metrics[0].get("resumed_from"):
@@ -117,6 +123,7 @@ class TrackingCallback(UserCallback):
         driver turns it into the final line if the failures are exhausted)."""
         failure = faults.describe_worker_errors(worker_exceptions, self._nodes, self._last_step or 0,
                                                 checkpoint_step=self._checkpoint_step)
+        self._failed = True
         print(f"[ray_dpo] policy worker rank {failure.rank} on node {failure.node} failed after step "
               f"{failure.step}: {failure.reason}", file=sys.stdout, flush=True)
         try:
@@ -126,19 +133,29 @@ class TrackingCallback(UserCallback):
 
     # ------------------------------------------------------------------ faults
 
-    def _track_attempt(self, step: int, attempt: str | None) -> None:
-        """A new attempt id after one was seen: Ray Train restarted the worker group. A
-        step at or below the last one seen (or in the ledger, for a driver that was
-        started again): the run went back to a checkpoint."""
+    def _track_attempt(self, step: int, attempt: str | None, workers: int) -> None:
+        """A new attempt id after one was seen: Ray Train restarted the worker group, after
+        a failure, or (an elastic group) to resize it. A step at or below the last one seen
+        (or in the ledger, for a driver that was started again): the run went back to a
+        checkpoint."""
         if self._base is None:
             self._base = self._previous_counts()
             self._last_step = faults.last_ledger_step(self.ledger_path) or None
         restarted = attempt is not None and self._attempt is not None and attempt != self._attempt
         self._attempt = attempt or self._attempt
-        if restarted:
+        size = f" with {workers} of {self.num_workers} workers" if workers < self.num_workers else ""
+        if restarted and not self._failed and workers != self._workers:
+            print(f"[ray_dpo] policy group resized from {self._workers} to {workers} of {self.num_workers} workers "
+                  f"({'nodes came back' if workers > (self._workers or 0) else 'fewer fit'}); resumed at step "
+                  f"{step - 1}", flush=True)
+        elif restarted:
             self._counts["faults/worker_restarts"] = self._counts.get("faults/worker_restarts", 0) + 1
             print(f"[ray_dpo] policy workers restarted ({int(self._counts['faults/worker_restarts'])} of "
-                  f"policy.max_failures={self.max_failures}); resumed at step {step - 1}", flush=True)
+                  f"policy.max_failures={self.max_failures}){size}; resumed at step {step - 1}", flush=True)
+        if restarted and size:
+            print("[ray_dpo] each step keeps its pairs: fewer workers accumulate more micro-batches "
+                  "(policy.min_workers)", flush=True)
+        self._workers, self._failed = workers, self._failed and not restarted
         if self._last_step is not None and step <= self._last_step:
             again = self._last_step - step + 1
             if self.ledger_path:
@@ -212,28 +229,73 @@ class WaitForWorkerCapacity(ControllerCallback):
     (whose pending placement group is what asks an autoscaler for a node) may take what is
     left of ``limit_s`` (compat.limit_worker_group_start); once that is over, the failure
     record gets the reason and the run ends (CapacityLostError, which Ray Train does not
-    retry)."""
+    retry).
 
-    def __init__(self, *, request: dict, limit_s: float, tracking_uri: str, run_id: str):
+    An elastic group (``min_workers``) starts with as many workers as fit, so the wait is
+    for room for min_workers; Ray Train does not attempt a start while fewer fit, and the
+    same check then runs on each of its sizing decisions instead (compat.sizing_worker_group).
+    Ray sizes an elastic group from its AutoscalingCoordinator's view of the nodes, which
+    this keeps fresh (compat.refresh_cluster_view): at each restart, so a lost node is not
+    counted, and every ``resize_check_s`` while the group runs, so a returned node is seen
+    at the group's next resize check rather than up to 20 s later.
+    """
+
+    # Ray Train 2.60 repeats an elastic group's sizing decision without pausing while too
+    # few workers fit; the check pauses this long so that the wait does not spin a core.
+    SIZING_PAUSE_S = 1.0
+    # How long an elastic group's start attempt at a size the live nodes cannot hold waits.
+    STALE_START_S = 5.0
+
+    def __init__(self, *, request: dict, limit_s: float, tracking_uri: str, run_id: str,
+                 min_workers: Optional[int] = None, resize_check_s: float = 60.0):
         self.request, self.limit_s = dict(request), limit_s
         self.tracking_uri, self.run_id = tracking_uri, run_id
+        self.min_workers, self.resize_check_s = min_workers, resize_check_s
         self._wait = None
+        self._refreshed = time.monotonic()
 
     def on_controller_start_worker_group(self, *, scaling_config, num_workers: int):
+        from ray_dpo.capacity import live_nodes, room
+
+        left = self._check(self.min_workers or num_workers)
+        if left is None and self.min_workers and room(self.request, live_nodes()) < num_workers:
+            # Ray sized this group from a view that still counts a node lost since (it
+            # reads Ray's node table every 20 s; a worker on it may fail before Ray declares
+            # the node dead): this attempt cannot be placed, so it gives up soon and Ray
+            # sizes the group again, from the view refreshed here.
+            self._refresh()
+            left = self.STALE_START_S
+        compat.limit_worker_group_start(left)
+        return None
+
+    def after_controller_state_update(self, previous_state, current_state) -> None:
+        if self.min_workers is None:
+            return
+        if not compat.sizing_worker_group(current_state):
+            if time.monotonic() - self._refreshed >= self.resize_check_s:
+                self._refresh()
+        elif previous_state is not current_state:
+            self._refresh()  # a restart, perhaps after a node loss
+        elif self._check(self.min_workers) is not None:  # still too few fit
+            time.sleep(self.SIZING_PAUSE_S)
+
+    def _refresh(self) -> None:
+        compat.refresh_cluster_view()
+        self._refreshed = time.monotonic()
+
+    def _check(self, count: int) -> Optional[float]:
+        """CapacityWait.check for ``count`` workers (None: room), recording a give-up."""
         from ray_dpo.capacity import CapacityLostError, CapacityWait, dead_node_ids
 
         if self._wait is None:  # the first start: nodes dead now were not this run's
-            self._wait = CapacityWait(f"{num_workers} policy worker{'s' if num_workers > 1 else ''}",
-                                      self.request, count=num_workers, limit_s=self.limit_s,
-                                      before=dead_node_ids())
-        self._wait.count = num_workers
+            self._wait = CapacityWait("", self.request, count=count, limit_s=self.limit_s, before=dead_node_ids())
+        self._wait.count = count
+        self._wait.role = f"{count} policy worker{'s' if count > 1 else ''}"
         try:
-            left = self._wait.check()
+            return self._wait.check()
         except CapacityLostError as err:
             self._record(str(err))
             raise
-        compat.limit_worker_group_start(left)
-        return None
 
     def _record(self, reason: str) -> None:
         """Add ``reason`` to the failure the TrackingCallback recorded (the driver's last line)."""

@@ -25,6 +25,7 @@ from ray_dpo.testing import chaos
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 POOLS = {"policy": "policy_node", "reference": "reference_node", "engine": "engine_node"}
+ELASTIC = "elastic_node"  # two nodes of one policy worker each, added by the elastic test
 PINNED = {"policy.resources": "{policy_node: 1}", "reference.resources": "{reference_node: 1}",
           "online.resources": "{engine_node: 1}"}
 FAST = {"policy.checkpoint_every_steps": 4, "policy.max_steps": 12, "eval.every_steps": 0,
@@ -49,6 +50,8 @@ class Pools:
         self.address = ray.get_runtime_context().gcs_address
 
     def add(self, role):
+        if role == ELASTIC:  # room for exactly one policy worker
+            return self.cluster.add_node(num_cpus=1, resources={ELASTIC: 1})
         return self.cluster.add_node(num_cpus=3, resources={POOLS[role]: 4})
 
     def lose(self, role):
@@ -72,10 +75,10 @@ def pools():
     cluster.shutdown()
 
 
-def run_losing(pools, cfg, tmp_path, role, *, at, back_after_s=None, ready=None):
+def run_losing(pools, cfg, tmp_path, role, *, at, back_after_s=None, ready=None, back_when=None):
     """Run cfg; once the ledger has ``at`` steps (or ``ready()`` holds), lose ``role``'s node;
-    add a replacement ``back_after_s`` later (None: never). (exit code, console, seconds from
-    the loss to the exit)."""
+    add a replacement ``back_after_s`` later, or once ``back_when()`` holds (neither: never).
+    (exit code, console, seconds from the loss to the exit)."""
     from ray_dpo.config import to_yaml
 
     path = tmp_path / f"{cfg.run.name}.yaml"
@@ -89,8 +92,9 @@ def run_losing(pools, cfg, tmp_path, role, *, at, back_after_s=None, ready=None)
     pools.lose(role)
     lost_at = time.monotonic()
     try:
-        if back_after_s is not None:
-            while proc.poll() is None and time.monotonic() - lost_at < back_after_s:
+        if back_after_s is not None or back_when is not None:
+            back = back_when or (lambda: time.monotonic() - lost_at >= back_after_s)
+            while proc.poll() is None and not back():
                 time.sleep(0.2)
             pools.replace(role)
         code, console = chaos.finish(proc, out)
@@ -183,3 +187,62 @@ def test_the_engine_node_lost_mid_generation_waits_and_the_rounds_complete(pools
     assert not problems, "\n".join(problems) + "\n" + console[-4000:]
     wait_line(console, "generation engine 0")
     assert "generation engine 0 restarted" in console, console[-6000:]
+
+
+def planned_steps(cfg, steps):
+    """Each step's pair ids as the run's feeder lays them out (from the same tokenized data):
+    what every step must have trained, whatever the number of workers."""
+    from ray_dpo.driver import _load_data
+    from ray_dpo.feeder import BatchFeeder, BatchPlan
+
+    train, _ = _load_data(cfg)
+    plan = BatchPlan(num_workers=cfg.policy.num_workers, micro_batch_size=cfg.policy.micro_batch_size,
+                     gradient_accumulation_steps=cfg.policy.gradient_accumulation_steps,
+                     num_epochs=cfg.policy.num_epochs, max_steps=cfg.policy.max_steps, seed=cfg.run.seed,
+                     shuffle=cfg.data.shuffle)
+    feeder = BatchFeeder(train, plan, reference_free=True)
+    return {step + 1: sorted(feeder.step_pair_ids(step)) for step in range(steps)}
+
+
+def mlflow_metric(cfg, name):
+    """{step: value} of an MLflow metric of the running ``cfg`` (the latest value of a step
+    that ran twice); {} before the run has an id."""
+    try:
+        client, run = chaos.mlflow_run(cfg.run.storage_path, cfg.run_dir)
+    except FileNotFoundError:
+        return {}
+    return {m.step: m.value for m in client.get_metric_history(run.info.run_id, name)}
+
+
+def test_an_elastic_group_trains_on_fewer_workers_while_a_node_is_lost_and_grows_back(pools, tiny_config, tmp_path):
+    """Two policy nodes of one worker each, policy.min_workers 1: one node is lost at step 3;
+    the group goes on with one worker at once (no wait line), and grows back to two once a
+    replacement joins (after the one worker trained a step). Every step trains exactly its
+    planned pairs; a checkpoint every step keeps each resize's rerun short (and makes the
+    steps long enough for the growth to happen within the run)."""
+    steps = 32  # an epoch of the 512 pairs
+    pools.nodes["elastic_a"], pools.nodes[ELASTIC] = pools.add(ELASTIC), pools.add(ELASTIC)
+    cfg = tiny_config("elastic", **{**FAST, "policy.resources": f"{{{ELASTIC}: 1}}", "policy.min_workers": 1,
+                                    "policy.resize_check_s": 2, "policy.checkpoint_every_steps": 1,
+                                    "policy.max_steps": steps, "policy.zero_stage": 0, "run.capacity_wait_s": 60})
+    last_poll = [0.0]
+
+    def shrunk():
+        if time.monotonic() - last_poll[0] < 1.0:
+            return False
+        last_poll[0] = time.monotonic()
+        return 1.0 in mlflow_metric(cfg, "perf/num_workers").values()
+
+    try:
+        code, console, _ = run_losing(pools, cfg, tmp_path, ELASTIC, at=3, back_when=shrunk)
+    finally:
+        pools.cluster.remove_node(pools.nodes.pop("elastic_a"))
+        pools.cluster.remove_node(pools.nodes.pop(ELASTIC))
+    assert code == 0, console[-6000:]
+    problems = chaos.ledger_problems(cfg.run_dir, steps=steps, pairs_per_step=PAIRS_PER_STEP)
+    assert not problems, "\n".join(problems) + "\n" + console[-4000:]
+    assert "waiting up to" not in console, console[-6000:]
+    trained = {e["step"]: sorted(e["pair_ids"]) for e in chaos.ledger(cfg.run_dir)}
+    assert trained == planned_steps(cfg, steps)
+    workers = mlflow_metric(cfg, "perf/num_workers")
+    assert 1.0 in workers.values() and workers[steps] == 2.0, workers

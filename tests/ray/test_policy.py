@@ -113,13 +113,13 @@ def make_feeder(steps, eval_rows, *, eval_micro=2):
         def steps_per_epoch(self):  # one epoch: the whole plan
             return len(self.steps)
 
-        def get_step(self, step, rank):
+        def get_step(self, step, rank, world=None):
             return self.steps[step][rank]
 
         def num_pairs_in_step(self, step):
             return sum(len(mb) for rank in self.steps[step] for mb in rank)
 
-        def get_eval(self, rank):
+        def get_eval(self, rank, world=None):
             return self.eval_batches[rank::WORLD]
 
     eval_batches = [eval_rows[i:i + eval_micro] for i in range(0, len(eval_rows), eval_micro)]

@@ -61,6 +61,49 @@ def test_every_pair_exactly_once_per_epoch(n, workers, mbs, gas):
         assert any(len(mb) == 0 for mb in feeder.get_step(0, workers - 1))
 
 
+@pytest.mark.parametrize("workers, gas, world", [(4, 1, 3), (4, 2, 1), (3, 2, 2), (2, 3, 1)])
+def test_fewer_ranks_train_the_same_pairs_per_step_in_more_micro_batches(workers, gas, world):
+    """An elastic group that lost ranks: each step has the pairs it has at full size, every
+    micro-batch still at most micro_batch_size pairs, every rank the same count of them."""
+    mbs = 2
+    rows = make_rows(41)
+    plan = plan_of(num_workers=workers, micro_batch_size=mbs, gradient_accumulation_steps=gas)
+    feeder = BatchFeeder(rows, plan, reference=FakeReference())
+    accumulation = plan.accumulation(world)
+    assert accumulation == -(-workers * gas // world) and plan.accumulation() == gas
+    for step in range(feeder.total_steps()):
+        batches = {rank: feeder.get_step(step, rank, world) for rank in range(world)}
+        assert all(len(rank) == accumulation for rank in batches.values())
+        assert max(len(mb) for rank in batches.values() for mb in rank) <= mbs
+        assert sorted(step_ids(batches)) == sorted(feeder.step_pair_ids(step))
+    with pytest.raises(ValueError, match=r"world must be in \[1, %d\]" % workers):
+        feeder.get_step(0, 0, workers + 1)
+    with pytest.raises(ValueError, match="rank must be in"):
+        feeder.get_step(0, world, world)
+
+
+def test_a_shrunk_group_moves_the_prefetch_window_without_the_ranks_it_lost():
+    """Rank 1 of 2 is gone (its node lost); rank 0 alone trains on: the window follows it,
+    so steps ahead are scored before rank 0 asks for them."""
+    rows = make_rows(64)
+    reference = FakeReference()
+    feeder = BatchFeeder(rows, plan_of(num_workers=2, micro_batch_size=2), reference=reference,
+                         prefetch=Prefetch(steps=2))
+    try:
+        for step in range(3):
+            feeder.get_step(step, 0, 2)  # rank 1 never asks (it died at step 0)
+        feeder.get_step(3, 0, 1)  # the restarted group: one rank
+        ahead = {pid for s in (4, 5) for pid in feeder.step_pair_ids(s)}
+        deadline = time.monotonic() + 10
+        while not ahead <= set(reference.scored) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert ahead <= set(reference.scored)
+        assert feeder.stats()["steps_served"] == 1  # step 3, by the one rank there is
+    finally:
+        feeder.close()
+
+
+
 def test_order_is_deterministic_and_reshuffled_each_epoch():
     rows = make_rows(40)
     a = BatchFeeder(rows, plan_of(num_epochs=3), reference=FakeReference())

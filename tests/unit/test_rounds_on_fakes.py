@@ -72,10 +72,10 @@ class _Feeder:
     def num_pairs_in_step(self, step):
         return 1
 
-    def get_step(self, step, rank):
+    def get_step(self, step, rank, world=None):
         return [[self.rows[step]]]
 
-    def get_eval(self, rank):
+    def get_eval(self, rank, world=None):
         return []
 
     def close(self):
@@ -88,7 +88,7 @@ def _round_feeder(tmp_path, fingerprint=None):
 
     plan = RoundPlan(rounds=3, steps_per_round=4, total_steps=12)
     return RoundFeeder(plan, store=RoundStore(str(tmp_path), fingerprint or {"seed": 0}), make_feeder=_Feeder,
-                       micro_batches=2)
+                       accumulation=lambda world: 2)
 
 
 def test_a_step_waits_for_its_round_and_steps_past_its_pairs_are_empty(tmp_path):

@@ -189,6 +189,20 @@ def test_callback_counts_a_restart_and_rolls_the_ledger_back(store, tmp_path, ca
         assert [json.loads(line)["step"] for line in f] == [2, 3]
 
 
+def test_callback_says_an_elastic_group_shrank_after_a_failure_and_grew_back_without_one(store, tmp_path, capsys):
+    run, callback = make_callback(store, "elastic", tmp_path, max_failures=3, progress=False, num_workers=2)
+    callback.after_report(None, report(1, attempt="two"), "a checkpoint")
+    callback.after_report(None, report(2, attempt="two"), None)
+    callback.after_exception(None, {1: RuntimeError("its node was lost")})
+    callback.after_report(None, report(2, attempt="one", pair_ids=(("p1", "p2", "p3"),)), "a checkpoint")
+    callback.after_report(None, report(3, attempt="grown"), None)  # Ray Train's resize: no failure
+    out = capsys.readouterr().out
+    assert "policy workers restarted (1 of policy.max_failures=3) with 1 of 2 workers; resumed at step 1" in out
+    assert "each step keeps its pairs" in out
+    assert "policy group resized from 1 to 2 of 2 workers (nodes came back); resumed at step 2" in out
+    assert history(run, "faults/worker_restarts")[-1][1] == 1.0  # the resize is not a failure
+
+
 def test_callback_records_the_failed_rank_and_survives_pickling(store, tmp_path, capsys):
     run, callback = make_callback(store, "failure", tmp_path)
     callback.after_report(None, report(1), "a checkpoint")
