@@ -81,6 +81,10 @@ SEAMS: dict[str, Seam] = {
         "get_reserved_resources(recompute=True)",
         "False (an elastic group's size follows a lost node up to 20 s late: one start attempt "
         "at the old size may time out first)", "tests/ray/test_node_loss.py -k elastic"),
+    "universal_checkpoint": Seam(
+        "deepspeed", "0.19.8", "deepspeed.checkpoint.ds_to_universal.main(args) and its seven argparse fields",
+        "False (the run says that its ZeRO checkpoint cannot resume on another number of workers)",
+        "tests/ray/test_node_loss.py -k elastic"),
     "abort_vllm_reload": Seam(
         "vllm", "0.32.0", "reload.layerwise._place_kernel_tensors, LOADING_LAYERS, "
         "model._original_do_torchao_reload",
@@ -231,6 +235,30 @@ def refresh_cluster_view() -> bool:
         return True
     except Exception:  # noqa: BLE001 - missing internal or a slow coordinator: the view catches up by itself
         return False
+
+
+def universal_checkpoint(tag_dir: str, out_dir: str) -> bool:
+    """DeepSpeed's own conversion of a ZeRO checkpoint to its universal form (deepspeed 0.19.8).
+
+    ``tag_dir``: one saved tag (deepspeed/step<k>) on a local path; ``out_dir`` (no trailing
+    slash): where the universal copy goes (DeepSpeed also writes latest_universal beside it).
+    A universal checkpoint loads on any number of data-parallel ranks, when the engine's
+    config has checkpoint.load_universal. Serial, in this process (one extract and one merge
+    worker: no process pool inside a Ray worker). False when this DeepSpeed lacks it."""
+    from types import SimpleNamespace
+
+    try:
+        from deepspeed.checkpoint import ds_to_universal
+    except ImportError:
+        return False
+    if not hasattr(ds_to_universal, "main"):
+        return False
+    # inject_missing_state: a Hugging Face model carries no universal_checkpoint_info, which
+    # ZeRO-1/2 conversion asks for; strict only concerns tensor-parallel name patterns.
+    ds_to_universal.main(SimpleNamespace(input_folder=tag_dir, output_folder=out_dir.rstrip("/"),
+                                         num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False,
+                                         strict=True, inject_missing_state=True))
+    return True
 
 
 def train_callback_bases() -> tuple[type, type]:

@@ -103,6 +103,16 @@ def storage_warning(path: str, *, spread: Optional[str], fs_type: Optional[str])
             "or a volume mounted at the same path on every node")
 
 
+def saved_world_size(fs: Any, path: str) -> int:
+    """How many data-parallel ranks wrote the (complete) checkpoint at ``path``."""
+    from pyarrow import fs as pafs
+
+    selector = pafs.FileSelector(f"{path}/{MANIFEST_DIR}", allow_not_found=True)
+    manifests = sorted(info.path for info in fs.get_file_info(selector) if info.path.endswith(".json"))
+    with fs.open_input_stream(manifests[0]) as f:
+        return int(json.loads(f.read().decode("utf-8"))["world_size"])
+
+
 def checkpoint_problem(fs: Any, path: str) -> Optional[str]:
     """Why the checkpoint directory ``path`` on pyarrow filesystem ``fs`` is not complete,
     or None when every rank's manifest is there and every file it lists has its size."""

@@ -163,11 +163,7 @@ def _check_elastic(cfg: RunConfig, p: list[Problem]) -> None:
     if low is not None and low > high:
         p.append(Problem("policy.min_workers", f"must be <= policy.num_workers ({high}), got {low}; "
                                                "remove it for a group of fixed size"))
-    elif low is not None and low < high and cfg.policy.zero_stage > 0:
-        # DeepSpeed 0.19 loads ZeRO optimizer partitions only at the data-parallel size that
-        # saved them (engine._load_zero_checkpoint raises otherwise).
-        p.append(Problem("policy.min_workers", f"needs policy.zero_stage 0 (got {cfg.policy.zero_stage}): "
-                                               "a ZeRO checkpoint resumes only on as many workers as saved it"))
+
 
 
 def _check_loss(cfg: RunConfig, p: list[Problem]) -> None:

@@ -33,7 +33,7 @@ _PARAM_PERSISTENCE_THRESHOLD = 100_000
 _PREFETCH_BUCKET = 50_000_000
 
 
-def build_ds_config(policy: PolicyConfig, *, dtype: str, world_size: int) -> dict[str, Any]:
+def build_ds_config(policy: PolicyConfig, *, dtype: str, world_size: int, universal: bool = False) -> dict[str, Any]:
     """The DeepSpeed config for `policy` on `world_size` data-parallel workers.
 
     policy: PolicyConfig (duck-typed): zero_stage, micro_batch_size (pairs per worker per
@@ -72,6 +72,11 @@ def build_ds_config(policy: PolicyConfig, *, dtype: str, world_size: int) -> dic
         "steps_per_print": 1_000_000_000,
         "wall_clock_breakdown": False,
     }
+    if universal:
+        # The engine loads a checkpoint converted to DeepSpeed's universal form (an elastic
+        # group resuming on another number of ZeRO ranks): set only then, since this
+        # setting cannot load a plain checkpoint.
+        config["checkpoint"] = {"load_universal": True}
     if policy.offload_optimizer:
         # We pass torch AdamW (no JIT build); DeepSpeed refuses a client optimizer with
         # offload unless told that the slower CPU step is intended.

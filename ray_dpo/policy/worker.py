@@ -3,7 +3,7 @@
     train_loop_per_worker(config)      run by ray.train.torch.TorchTrainer on every worker, with
                                        config = TrainLoopSpec.as_config() (policy/loop_spec.py)
       setup_engine                     model (partitioned at load under ZeRO-3), AdamW, LambdaLR
-      load_checkpoint                  resume from ray.train.get_checkpoint()
+      find_resume_point, load_checkpoint   resume from ray.train.get_checkpoint()
       for each optimizer step:
         run_step                       feeder micro-batches -> forward/backward -> engine.step
         evaluate                       every spec.eval_every steps and at the end
@@ -51,7 +51,7 @@ from ray_dpo.config import LossConfig, PolicyConfig
 from ray_dpo.dtypes import torch_dtype
 from ray_dpo.engines.follower import RESEND, WEIGHTS
 from ray_dpo.losses import LossSpec, dpo_loss, loss_spec
-from ray_dpo.policy.checkpoints import DS_DIR, load_checkpoint, save_checkpoint  # noqa: F401
+from ray_dpo.policy.checkpoints import DS_DIR, find_resume_point, load_checkpoint, save_checkpoint  # noqa: F401
 from ray_dpo.policy.ds_config import build_ds_config, lr_lambda
 from ray_dpo.policy.loop_spec import TrainLoopSpec
 from ray_dpo.policy.step_metrics import SUMS, all_reduce_sums, global_kl, loss_metrics, metric_sums, sum_names
@@ -116,8 +116,13 @@ def train_loop_per_worker(config: dict) -> None:
 
 def _train(spec: TrainLoopSpec) -> None:
     policy = spec.policy
-    worker = _make_worker(spec)
-    step = load_checkpoint(worker.engine, rank=worker.rank, frozen_excluded=policy.lora.enabled)
+    context = ray.train.get_context()
+    point = find_resume_point(context.get_world_rank())
+    # An elastic group restarted on another number of workers than saved its ZeRO checkpoint.
+    reshard = point is not None and point.reshards(world_size=context.get_world_size(), zero_stage=policy.zero_stage)
+    worker = _make_worker(spec, universal=reshard)
+    step = load_checkpoint(worker.engine, point, rank=worker.rank, frozen_excluded=policy.lora.enabled,
+                           reshard=reshard)
     # Which start of the worker group a report comes from, and where this rank runs.
     tags = {"attempt": uuid.uuid4().hex, "node": ray.util.get_node_ip_address(), "resumed_from": step}
     if step >= worker.total_steps:
@@ -161,7 +166,7 @@ def _train(spec: TrainLoopSpec) -> None:
             ray.train.report(metrics)
 
 
-def _make_worker(spec: TrainLoopSpec) -> RankState:
+def _make_worker(spec: TrainLoopSpec, *, universal: bool = False) -> RankState:
     ctx = ray.train.get_context()
     rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
     policy, feeder = spec.policy, spec.feeder
@@ -172,7 +177,7 @@ def _make_worker(spec: TrainLoopSpec) -> RankState:
         total_steps = min(total_steps, policy.max_steps)
     torch.manual_seed(spec.seed)  # LoRA's A matrices: the same on every rank and in every run
     engine, hf_ds_config = setup_engine(spec.model, policy, device=device, world_size=world_size,
-                                        total_steps=total_steps)
+                                        total_steps=total_steps, universal=universal)
     return RankState(engine=engine, feeder=feeder, loss=spec.loss, policy=policy, rank=rank, world_size=world_size,
                   accumulation=engine.gradient_accumulation_steps(),
                   device=device, pad_token_id=model_pad_token_id(engine.module.config),
@@ -222,17 +227,19 @@ def model_pad_token_id(config) -> int:
 # --------------------------------------------------------------------------- engine
 
 
-def setup_engine(model_cfg, policy, *, device: torch.device, world_size: int, total_steps: int):
+def setup_engine(model_cfg, policy, *, device: torch.device, world_size: int, total_steps: int,
+                 universal: bool = False):
     """(DeepSpeedEngine, HfDeepSpeedConfig or None) for this rank.
 
     TorchTrainer has already created the process group (gloo on CPU, NCCL on GPU);
-    deepspeed.comm only wraps it (dist_init_required=False).
+    deepspeed.comm only wraps it (dist_init_required=False). universal: the engine will load
+    a universal checkpoint (checkpoints.load_checkpoint with reshard).
     """
     from transformers import AutoModelForCausalLM
     from transformers.integrations import HfDeepSpeedConfig
 
     deepspeed.init_distributed(dist_backend=dist.get_backend(), dist_init_required=False)
-    ds_config = build_ds_config(policy, dtype=model_cfg.dtype, world_size=world_size)
+    ds_config = build_ds_config(policy, dtype=model_cfg.dtype, world_size=world_size, universal=universal)
     # Under ZeRO-3, from_pretrained must see the DeepSpeed config so that every rank loads
     # only its partition of the weights (deepspeed.zero.Init) instead of a full copy.
     hf_ds_config = HfDeepSpeedConfig(ds_config) if policy.zero_stage == 3 else None

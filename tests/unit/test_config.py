@@ -512,7 +512,7 @@ def test_reference_actors_load_the_model_the_way_the_policy_does(data_file):
     assert set(kwargs) <= set(inspect.signature(ReferenceGroup.__init__).parameters)
 
 
-def test_min_workers_must_fit_under_num_workers_and_needs_zero_0():
+def test_min_workers_must_fit_under_num_workers():
     from ray_dpo.config import PolicyConfig, RunConfig
     from ray_dpo.config.checks import check
 
@@ -521,9 +521,7 @@ def test_min_workers_must_fit_under_num_workers_and_needs_zero_0():
         cfg.model.name_or_path, cfg.data.train_files = "m", ["x.jsonl"]
         return [str(p) for p in check(cfg, check_files=False) if p.key == "policy.min_workers"]
 
-    assert problems(num_workers=4, min_workers=2, zero_stage=0) == []
-    assert problems(num_workers=4, min_workers=4, zero_stage=3) == []  # not elastic: any stage
+    assert problems(num_workers=4, min_workers=2, zero_stage=3) == []
     [too_many] = problems(num_workers=2, min_workers=3)
     assert "must be <= policy.num_workers (2), got 3" in too_many
-    [zero] = problems(num_workers=4, min_workers=2, zero_stage=1)
-    assert "needs policy.zero_stage 0" in zero
+    assert problems(num_workers=2, min_workers=0) == ["policy.min_workers: must be > 0, got 0"]
