@@ -169,8 +169,8 @@ def reference_trajectory(model_path, steps, eval_rows, policy, loss_cfg, *, eval
 # --------------------------------------------------------------------------- running the trainer
 
 
-def fit(tmp_path, name, feeder, *, model_path, policy, loss_cfg, eval_every):
-    """TorchTrainer.fit with 2 workers; returns (Result, reports), where reports is one
+def fit(tmp_path, name, feeder, *, model_path, policy, loss_cfg, eval_every, workers=WORLD):
+    """TorchTrainer.fit with 2 workers (or ``workers``); returns (Result, reports), where reports is one
     list per ray.train.report: the metrics dict of each rank."""
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -185,7 +185,7 @@ def fit(tmp_path, name, feeder, *, model_path, policy, loss_cfg, eval_every):
                          eval_every=eval_every, feeder=feeder, device="cpu")
     trainer = TorchTrainer(
         train_loop_per_worker, train_loop_config=spec.as_config(),
-        scaling_config=ScalingConfig(num_workers=WORLD, use_gpu=False),
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=False),
         run_config=RunConfig(name=name, storage_path=str(tmp_path / "runs"), callbacks=[_recorder(str(log))]),
     )
     result = trainer.fit()
@@ -263,6 +263,23 @@ def test_first_loss_is_ln2_and_steps_match_single_process_with_empty_micro_batch
     # Each rank reports the pair ids it trained; together every pair exactly once.
     assert sorted(trained_pair_ids(reports)) == sorted(r["pair_id"] for r in rows)
     assert reports[-1][1]["pair_ids"] == []
+
+
+def test_one_worker_of_an_elastic_pair_trains_each_step_like_the_pair(ray_cluster, tiny_assets, pair_rows, tmp_path):
+    """policy.num_workers 2 running on 1 (an elastic group that lost a node): the worker
+    accumulates 2 x 2 micro-batches, and each step's update is the single-process one over
+    the same pairs, as on 2 workers."""
+    from ray_dpo.config import LossConfig
+
+    steps = plan(pair_rows["train"][:26], micro=2, accum=2)
+    one_rank = [[[mb for rank in step for mb in rank]] for step in steps]  # what world=1 gets
+    assert len(one_rank[0][0]) == 4
+    policy, loss_cfg = policy_config(zero_stage=1), LossConfig(beta=0.1)
+    _, reports = fit(tmp_path, "one-of-two", make_feeder(one_rank, []), model_path=tiny_assets["model"],
+                     policy=policy, loss_cfg=loss_cfg, eval_every=0, workers=1)
+    expected, _ = reference_trajectory(tiny_assets["model"], steps, pair_rows["eval"], policy, loss_cfg)
+    check_against_reference(reports, expected)
+    assert all(r[0]["perf/num_workers"] == 1.0 for r in reports)
 
 
 @pytest.mark.parametrize("stage", [1, pytest.param(2, marks=pytest.mark.extended), 3])
