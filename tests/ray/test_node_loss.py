@@ -244,3 +244,31 @@ def test_an_elastic_group_trains_on_fewer_workers_while_a_node_is_lost_and_grows
     assert trained == planned_steps(cfg, steps)
     workers = mlflow_metric(cfg, "perf/num_workers")
     assert 1.0 in workers.values() and workers[steps] == 2.0, workers
+
+
+@pytest.mark.extended
+def test_an_elastic_group_with_no_node_left_fails_within_the_limit_with_one_line(pools, tiny_config, tmp_path):
+    """Both policy nodes lost: not even policy.min_workers fit, so Ray Train starts no group
+    (it re-decides in a loop); the wait for room for min_workers is bounded by
+    run.capacity_wait_s all the same, and the run ends with the one line."""
+    from ray_dpo.config import to_yaml
+
+    nodes = [pools.add(ELASTIC), pools.add(ELASTIC)]
+    cfg = tiny_config("elastic-gone", **{**FAST, "policy.resources": f"{{{ELASTIC}: 1}}", "policy.min_workers": 1,
+                                         "policy.resize_check_s": 2, "run.capacity_wait_s": 15})
+    path = tmp_path / "elastic-gone.yaml"
+    path.write_text(to_yaml(cfg), encoding="utf-8")
+    proc, out = chaos.start_cli(str(path), str(tmp_path / "elastic-gone.log"), pools.address)
+    deadline = time.monotonic() + 600
+    while proc.poll() is None and len(chaos.ledger(cfg.run_dir)) < 6 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    for node in nodes:
+        pools.cluster.remove_node(node, allow_graceful=False)
+    lost_at = time.monotonic()
+    code, console = chaos.finish(proc, out)
+    assert code == 1, console[-6000:]
+    wait_line(console, "1 policy worker")
+    [line] = [line for line in console.splitlines() if line.startswith("[ray_dpo] run failed:")]
+    for part in ("1 policy worker lost", "run.capacity_wait_s=15s", "ray-dpo train "):
+        assert part in line, line
+    print(f"loss to exit: {time.monotonic() - lost_at:.0f}s")
