@@ -50,6 +50,7 @@ PURE = [
     "ray_dpo.tracking.paired",
     "ray_dpo.testing.assets",
     "ray_dpo.testing.feeder_fakes",
+    "ray_dpo.testing.schedule_trace",
 ]
 HEAVY = ["ray", "deepspeed", "vllm"]
 
