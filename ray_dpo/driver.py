@@ -490,7 +490,7 @@ def _fit_policy(cfg: RunConfig, feeder, tracker, *, total_steps: int, gpu: bool,
         log_every=cfg.tracking.log_every_steps, progress=cfg.tracking.progress,
         ledger_path=join_path(_run_dir(cfg), "ledger.jsonl") if "://" not in storage else None,
         max_failures=cfg.policy.max_failures, watch=watch, started_at=started_at,
-        num_workers=cfg.policy.num_workers,
+        num_workers=cfg.policy.num_workers, eval_every=cfg.eval.every_steps,
     )
     spec = TrainLoopSpec(model=cfg.model, policy=cfg.policy, loss=cfg.loss, eval_every=cfg.eval.every_steps,
                          feeder=feeder, follower=follower, device="cuda" if gpu else "cpu", run_dir=_run_dir(cfg),

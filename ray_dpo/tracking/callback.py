@@ -49,12 +49,13 @@ class TrackingCallback(UserCallback):
             since as perf/startup_s (data, reference pass, actors, model load), and says them.
         num_workers: policy.num_workers; an elastic group's restart on fewer, and its resize
             back when nodes return (a new attempt without a failure), are said as such.
+        eval_every: eval.every_steps, for an ETA that counts the eval pauses ahead (StepClock).
     """
 
     def __init__(self, *, tracking_uri: str, run_id: str, total_steps: int, log_every: int = 1,
                  ledger_path: str | None = None, progress: bool = True, max_failures: int = 0,
                  watch: dict[str, list[str]] | None = None, started_at: float | None = None,
-                 num_workers: int = 0):
+                 num_workers: int = 0, eval_every: int = 0):
         self.tracking_uri = tracking_uri
         self.run_id = run_id
         self.total_steps = total_steps
@@ -68,7 +69,7 @@ class TrackingCallback(UserCallback):
         self._workers: int | None = None  # the current group's size
         self._failed = False  # a rank failed since the current attempt began
         self._client = None
-        self._clock = StepClock()
+        self._clock = StepClock(eval_every)
         self._attempt: str | None = None
         self._last_step: int | None = None
         self._counts: dict[str, float] = {}  # faults/*_restarts of this invocation
@@ -100,7 +101,8 @@ class TrackingCallback(UserCallback):
             self._checkpoint_step = int(metrics[0]["resumed_from"])
         # Every step's report moves the clock, printed or not, so eval and checkpoint time
         # between reports is spread over the steps.
-        eta_s = self._clock.eta_s(step=step, total=self.total_steps, now=time.monotonic())
+        eta_s = self._clock.eta_s(step=step, total=self.total_steps, now=time.monotonic(),
+                                  evaluated=any(k.startswith("eval/") for k in metrics[0]))
         values = loggable(metrics[0])
         if step % self.log_every != 0 and step != self.total_steps:
             values = {k: v for k, v in values.items() if k.startswith("eval/")}

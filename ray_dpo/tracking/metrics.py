@@ -40,30 +40,57 @@ def format_duration(seconds: float) -> str:
 class StepClock:
     """Time per optimizer step, measured between reports, for the progress line's ETA.
 
-    The first report of a session is the origin (its time and its step); the ETA at a later
-    report is (time since the origin) / (steps since the origin) * (steps left). The first
-    report has no ETA: one report gives no interval to measure, and the time before it is
-    start-up (Ray, the worker group, model loading), not steps. Whatever runs between two
-    reports -- an eval pass, a checkpoint, an online round's generation -- is part of that
-    interval, so it is amortized over the steps. A resumed run's first report is its
-    origin too, so the steps it skipped do not count.
+    The first report of a session is the origin: one report gives no interval to measure,
+    and the time before it is start-up (Ray, the worker group, model loading), not steps. A
+    resumed run's first report, or a report that goes back to a checkpoint, is an origin too,
+    so steps skipped or run again do not count.
+
+    Eval pauses are counted apart: an interval whose report carries eval metrics (the
+    steps ``eval_every`` divides, and the last) costs the steps' time plus one eval's. The
+    ETA is (plain seconds per step) x (steps left) + (seconds per eval beyond its steps) x
+    (evals left), so a run with held-out evals ahead is not promised the steps' time alone.
+    Until a first eval was measured its cost is unknown and counted as 0. What else runs
+    between reports (a checkpoint, an online round's wait) is amortized over the steps.
 
     Times are passed in (``now``), so the arithmetic is testable without sleeping.
     """
 
-    def __init__(self) -> None:
-        self._origin: tuple[float, int] | None = None
+    def __init__(self, eval_every: int = 0) -> None:
+        self.eval_every = eval_every
+        self._last: tuple[float, int] | None = None
+        self._plain = [0.0, 0]  # seconds, steps of intervals without an eval
+        self._evals = [0.0, 0]  # seconds beyond their steps' time, evals
 
-    def eta_s(self, *, step: int, total: int, now: float) -> float | None:
-        """Seconds left after ``step`` of ``total``; None when not measurable yet."""
-        if self._origin is None:
-            self._origin = (now, step)
-            return None
-        t0, s0 = self._origin
-        done = step - s0
-        if done <= 0:
-            return None
-        return max(now - t0, 0.0) / done * max(total - step, 0)
+    def eta_s(self, *, step: int, total: int, now: float, evaluated: bool = False) -> float | None:
+        """Seconds left after ``step`` of ``total``; None when not measurable yet.
+        evaluated: this report carries eval metrics (the interval held an eval)."""
+        if self._last is None or step <= self._last[1]:
+            self._last = (now, step)
+            return None if not self._plain[1] else self._eta(step, total)
+        seconds, steps = max(now - self._last[0], 0.0), step - self._last[1]
+        self._last = (now, step)
+        if not evaluated:
+            self._plain[0] += seconds
+            self._plain[1] += steps
+        elif self._plain[1]:
+            self._evals[0] += max(seconds - steps * self._plain[0] / self._plain[1], 0.0)
+            self._evals[1] += 1
+        else:  # no plain interval yet to separate the eval from its steps: all steps
+            self._plain[0] += seconds
+            self._plain[1] += steps
+        return self._eta(step, total)
+
+    def _eta(self, step: int, total: int) -> float:
+        left = max(total - step, 0)
+        per_eval = self._evals[0] / self._evals[1] if self._evals[1] else 0.0
+        return self._plain[0] / self._plain[1] * left + per_eval * self.evals_after(step, total)
+
+    def evals_after(self, step: int, total: int) -> int:
+        """Evals in steps step+1..total: every eval_every-th step, and the last."""
+        if step >= total:
+            return 0
+        every = total // self.eval_every - step // self.eval_every if self.eval_every else 0
+        return every + (0 if self.eval_every and total % self.eval_every == 0 else 1)
 
 
 def progress_line(*, step: int, total: int, metrics: Mapping[str, float], eta_s: float | None) -> str:

@@ -83,3 +83,25 @@ def test_count_progress_rate_and_eta_from_the_start_and_throttled():
 
 def test_count_progress_without_anything_done_has_no_eta():
     assert counted([(0, 30.0)], total=10) == ["reference log-probs: 0/10 pairs (0%) | 0.0 pairs/s | ETA ?"]
+
+
+def test_eval_pauses_ahead_are_counted_once_one_was_measured():
+    # 10 s steps; the eval at step 4 took 30 s more. eval_every 4, 12 steps: evals at 8 and
+    # 12 are still ahead at step 5, so 7 steps x 10 s + 2 evals x 30 s.
+    clock = StepClock(eval_every=4)
+    reports = [(1, 0.0, False), (2, 10.0, False), (3, 20.0, False), (4, 60.0, True), (5, 70.0, False)]
+    got = [clock.eta_s(step=s, total=12, now=t, evaluated=e) for s, t, e in reports]
+    assert got[-1] == pytest.approx(7 * 10 + 2 * 30)
+    assert got[2] == pytest.approx(9 * 10)  # before any eval: its cost is not known yet
+    assert clock.evals_after(8, 12) == 1 and clock.evals_after(12, 12) == 0
+    assert StepClock(eval_every=4).evals_after(5, 10) == 2  # step 8, and the last (10)
+    assert StepClock().evals_after(3, 10) == 1  # only the last step's eval
+
+
+def test_a_rollback_keeps_the_measured_rates():
+    clock = StepClock()
+    for step, now in ((1, 0.0), (2, 10.0), (3, 20.0)):
+        clock.eta_s(step=step, total=10, now=now)
+    # The group restarted from the checkpoint at step 1: step 2 again, 60 s later.
+    assert clock.eta_s(step=2, total=10, now=80.0) == pytest.approx(80.0)
+    assert clock.eta_s(step=3, total=10, now=90.0) == pytest.approx(70.0)
