@@ -33,10 +33,12 @@ filtered or not.
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import os
 import re
 import sys
+import tempfile
 
 from ray_dpo import compat
 
@@ -52,6 +54,42 @@ _RAY_PRINT_HANDLER = "ray_print_logs"
 
 def filtering_enabled() -> bool:
     return os.environ.get(ENV_CONSOLE, "").lower() != "all"
+
+
+# What Ray's C++ core worker logs at error level when an actor that Ray may restart gets
+# constructor arguments through the object store (large ones always do). ray_dpo keeps
+# them alive for the run (their owner is the driver), so the restart it warns about works:
+# the run-long roles below are built this way on purpose, and the line read as a failure.
+RESTART_ARGS_NOTICE = "has constructor arguments in the object store and max_restarts > 0"
+
+
+@contextlib.contextmanager
+def without_native_lines(*needles: str):
+    """Run the block with this process's file descriptor 2 going to a temp file, then write
+    back to it every line that contains none of ``needles``.
+
+    For lines Ray's C++ core worker writes straight to fd 2 (no Python logger to filter),
+    around the one call that emits them: they are printed in the calling thread, during the
+    call. Nothing else is lost (the block's other stderr output follows at its end);
+    RAY_DPO_CONSOLE=all keeps everything as is."""
+    if not filtering_enabled():
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            held.seek(0)
+            kept = [line for line in held.read().splitlines(keepends=True)
+                    if not any(n.encode() in line for n in needles)]
+            if kept:
+                os.write(2, b"".join(kept))
 
 
 def is_own_line(line: str) -> bool:

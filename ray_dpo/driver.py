@@ -478,6 +478,11 @@ def _fit_policy(cfg: RunConfig, feeder, tracker, *, total_steps: int, gpu: bool,
     from ray.train.torch import TorchTrainer
 
     from ray_dpo.policy.loop_spec import TrainLoopSpec
+
+    if not gpu:
+        # The worker module imports DeepSpeed here too, whose accelerator detection warns
+        # "Setting accelerator to CPU. If you have GPU..." when it finds none: a CPU run says so.
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     from ray_dpo.policy.worker import train_loop_per_worker
     from ray_dpo.tracking.callback import FailFastOnLostRoles, TrackingCallback, WaitForWorkerCapacity
 

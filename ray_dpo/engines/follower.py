@@ -358,14 +358,17 @@ def start_actor(actor_cls: type, *args: Any, max_concurrency: int, max_restarts:
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    handle = ray.remote(actor_cls).options(
-        num_cpus=0, max_concurrency=max_concurrency, max_restarts=max_restarts,
-        max_task_retries=-1 if max_restarts else 0,
-        # Hard affinity: Ray 2.60 places a num_cpus=0 actor with soft affinity on any node,
-        # and a lost node would then take the coordinator with the role it lost.
-        scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(),
-                                                           soft=False),
-    ).remote(*args, **kwargs)
+    from ray_dpo.console import RESTART_ARGS_NOTICE, without_native_lines
+
+    with without_native_lines(RESTART_ARGS_NOTICE):
+        handle = ray.remote(actor_cls).options(
+            num_cpus=0, max_concurrency=max_concurrency, max_restarts=max_restarts,
+            max_task_retries=-1 if max_restarts else 0,
+            # Hard affinity: Ray 2.60 places a num_cpus=0 actor with soft affinity on any node,
+            # and a lost node would then take the coordinator with the role it lost.
+            scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(),
+                                                               soft=False),
+        ).remote(*args, **kwargs)
     try:
         ray.get(handle.ping.remote(), timeout=start_timeout_s)
     except ray.exceptions.RayTaskError as err:

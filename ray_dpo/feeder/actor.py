@@ -72,8 +72,10 @@ def start_feeder(*, train: Any, plan: BatchPlan, name: Optional[str] = None, max
     }
     if name is not None:
         options["name"] = name
-    handle = ray.remote(_FeederActor).options(**options).remote(
-train, plan, **feeder_args)
+    from ray_dpo.console import RESTART_ARGS_NOTICE, without_native_lines
+
+    with without_native_lines(RESTART_ARGS_NOTICE):
+        handle = ray.remote(_FeederActor).options(**options).remote(train, plan, **feeder_args)
     try:
         ray.get(handle.ping.remote())
     except ray.exceptions.RayTaskError as err:

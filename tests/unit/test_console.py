@@ -148,3 +148,19 @@ def test_held_errors_stay_off_the_console_unless_released():
         assert stream.getvalue().endswith("after the block\n")
     finally:
         parent.removeHandler(handler)
+
+
+def test_native_lines_around_a_call_are_dropped_and_the_rest_of_its_stderr_kept(capfd):
+    import os
+
+    from ray_dpo.console import RESTART_ARGS_NOTICE, without_native_lines
+
+    with without_native_lines(RESTART_ARGS_NOTICE):
+        # What Ray's core worker writes to fd 2 itself, then another line of the same call.
+        os.write(2, f"[2026-12-07 E 1 1] core_worker.cc:2465: Actor with class name: 'X' {RESTART_ARGS_NOTICE}."
+                    f" If the arguments go out of scope...\n".encode())
+        os.write(2, b"something else on stderr\n")
+    os.write(2, b"after the block\n")
+    err = capfd.readouterr().err
+    assert RESTART_ARGS_NOTICE not in err
+    assert err == "something else on stderr\nafter the block\n"
