@@ -3,18 +3,11 @@
 log_softmax(x)[y] = x[y] - logsumexp(x), taken in float32 on `LOGP_CHUNK_TOKENS` scored
 tokens at a time: the float32 [chunk, V] copy of the logits (for bf16 logits) and
 logsumexp's exp() temporary stay small, while the logits are the largest tensor in DPO.
-
-When the logits need gradients (training), each chunk is recomputed in the backward pass
-instead of kept (torch.utils.checkpoint): autograd would otherwise hold every chunk's
-gathered float32 [chunk, V] rows until the backward, one more copy of the scored logits
-(0.8 GB for 16 x 256 tokens of a 49k vocabulary). The logits themselves stay: the model's
-backward needs them.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.utils.checkpoint
 
 LOGP_CHUNK_TOKENS = 1024
 
@@ -26,20 +19,11 @@ def token_logps(flat_logits: torch.Tensor, predictors: torch.Tensor, targets: to
     targets [K] long, token ids (only these are gathered: padding ids never are).
     """
     out = []
-    recompute = flat_logits.requires_grad and torch.is_grad_enabled()
     for start in range(0, predictors.numel(), LOGP_CHUNK_TOKENS):
-        chunk = (flat_logits, predictors[start : start + LOGP_CHUNK_TOKENS], targets[start : start + LOGP_CHUNK_TOKENS])
-        if recompute:
-            out.append(torch.utils.checkpoint.checkpoint(_chunk_logps, *chunk, use_reentrant=False))
-        else:
-            out.append(_chunk_logps(*chunk))
+        rows = flat_logits[predictors[start : start + LOGP_CHUNK_TOKENS]].float()
+        picked = rows.gather(-1, targets[start : start + LOGP_CHUNK_TOKENS, None]).squeeze(-1)
+        out.append(picked - torch.logsumexp(rows, dim=-1))
     return torch.cat(out) if out else flat_logits.new_zeros(0, dtype=torch.float32)
-
-
-def _chunk_logps(flat_logits: torch.Tensor, predictors: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    rows = flat_logits[predictors].float()
-    picked = rows.gather(-1, targets[:, None]).squeeze(-1)
-    return picked - torch.logsumexp(rows, dim=-1)
 
 
 def sequence_logps(

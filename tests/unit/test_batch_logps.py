@@ -222,37 +222,3 @@ def test_padded_batch_forward_matches_each_sequence_alone(tiny_llama):
     assert n_tokens.tolist() == [len(r) for _, r in rows_of(pairs)]
     chosen, rejected = split_pairs(logps)
     assert chosen.shape == rejected.shape == (4,)
-
-
-def test_training_log_probs_keep_no_copy_of_the_scored_logits_for_the_backward(monkeypatch):
-    """The chunks are recomputed in the backward: autograd keeps the logits (the model
-    needs them) and the chunks' small outputs, not each chunk's gathered [chunk, V] rows;
-    the gradient is the same."""
-    import ray_dpo.batching.logps as logps_mod
-    from ray_dpo.batching.logps import token_logps
-
-    monkeypatch.setattr(logps_mod, "LOGP_CHUNK_TOKENS", 16)
-    torch.manual_seed(0)
-    logits = torch.randn(96, 500, requires_grad=True)
-    predictors, targets = torch.arange(90), torch.randint(0, 500, (90,))
-
-    def saved_bytes_and_grad(fn):
-        saved = []
-
-        def pack(t):
-            saved.append(t.numel() * t.element_size() if t.data_ptr() != logits.data_ptr() else 0)
-            return t
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            out = fn()
-        (out * torch.linspace(0, 1, out.numel())).sum().backward()
-        grad, logits.grad = logits.grad.clone(), None
-        return sum(saved), grad
-
-    lean, grad = saved_bytes_and_grad(lambda: token_logps(logits, predictors, targets))
-    kept, want = saved_bytes_and_grad(lambda: torch.cat([logps_mod._chunk_logps(logits, predictors[i:i + 16],
-                                                                                targets[i:i + 16])
-                                                         for i in range(0, 90, 16)]))
-    assert kept >= 90 * 500 * 4  # without recompute: at least one more copy of the scored rows
-    assert lean < 90 * 500 * 4 / 10
-    torch.testing.assert_close(grad, want)
