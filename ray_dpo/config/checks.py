@@ -147,6 +147,7 @@ def _check_consistency(cfg: RunConfig, p: list[Problem]) -> None:
         p.append(Problem("policy.adam_betas", f"must be two numbers in [0, 1), got {cfg.policy.adam_betas}"))
     _check_layouts(cfg, p)
     _check_elastic(cfg, p)
+    _check_precision(cfg, p)
     if not 0 < cfg.online.sampling.top_p <= 1:
         p.append(Problem("online.sampling.top_p", f"must be in (0, 1], got {cfg.online.sampling.top_p}"))
     _check_judge(cfg, p)
@@ -164,6 +165,31 @@ def _check_elastic(cfg: RunConfig, p: list[Problem]) -> None:
         p.append(Problem("policy.min_workers", f"must be <= policy.num_workers ({high}), got {low}; "
                                                "remove it for a group of fixed size"))
 
+
+
+def _check_precision(cfg: RunConfig, p: list[Problem]) -> None:
+    """model.dtype=bf16 without ZeRO only where a rank's step is one backward.
+
+    bf16 is DeepSpeed's mixed precision: fp32 master weights and Adam state at every ZeRO
+    stage. Without ZeRO, DeepSpeed 0.19 sums the gradients of a step's micro-batches in bf16
+    (it refuses fp32 accumulation there, "unsupported mix of model_dtype and
+    grad_accum_dtype"); ZeRO 1-3 sum them in fp32 (policy.ds_config). So ZeRO-0 bf16 is
+    refused wherever a step would take several backward passes."""
+    policy = cfg.policy
+    if cfg.model.dtype != "bf16" or policy.zero_stage != 0:
+        return
+    why = ("with model.dtype=bf16 and policy.zero_stage=0, DeepSpeed would sum the gradients of "
+           "a step's micro-batches in bf16 (ZeRO 1-3 sum them in fp32)")
+    fix = "set policy.zero_stage=1 (on one worker: the same memory as 0), or model.dtype=fp32"
+    if policy.gradient_accumulation_steps > 1:
+        p.append(Problem("policy.gradient_accumulation_steps",
+                         f"is {policy.gradient_accumulation_steps}: {why}; {fix}"))
+    if policy.max_tokens_per_micro_batch is not None:
+        p.append(Problem("policy.max_tokens_per_micro_batch",
+                         f"splits a step into several forwards: {why}; {fix}, or unset it"))
+    if policy.min_workers is not None and 0 < policy.min_workers < policy.num_workers:
+        p.append(Problem("policy.min_workers", f"a group shrunk below policy.num_workers accumulates its "
+                                               f"ranks' missing micro-batches: {why}; {fix}"))
 
 
 def _check_loss(cfg: RunConfig, p: list[Problem]) -> None:

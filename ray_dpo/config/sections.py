@@ -47,7 +47,11 @@ class ModelConfig:
     tokenizer: Optional[str] = None
     """Tokenizer directory; defaults to name_or_path."""
     dtype: Literal["fp32", "bf16", "fp16"] = "bf16"
-    """Training dtype of the policy (and of the reference unless it says otherwise)."""
+    """Weights' dtype of every model of the run (policy, reference, engines, judges). bf16 is
+    mixed precision (DeepSpeed's bf16 mode): bf16 weights, activations and gradients; fp32
+    master weights and Adam state in the optimizer; gradients summed over micro-batches in
+    fp32 under ZeRO 1-3 (bf16 without ZeRO: refused where a step accumulates). Log-probs and
+    the loss are fp32 in every dtype. docs/architecture.md, "Precision"."""
     chat_template: Optional[str] = None
     """Chat template replacing the tokenizer's own: the path of a Jinja file, or the template
     itself inline (any value containing "{%" or "{{", e.g. a YAML block scalar or

@@ -63,6 +63,9 @@ def build_ds_config(policy: PolicyConfig, *, dtype: str, world_size: int, univer
         "train_batch_size": micro * accum * world_size,
         "gradient_clipping": float(policy.max_grad_norm),
         "zero_optimization": _zero_section(stage, offload=policy.offload_optimizer),
+        # bf16: DeepSpeed's mixed precision. The module's weights, activations and gradients are
+        # bf16; the optimizer holds fp32 master weights and fp32 Adam state at every ZeRO stage
+        # (docs/architecture.md, "Precision").
         "bf16": {"enabled": dtype == "bf16"},
         # Dynamic loss scaling (loss_scale 0): fp16 overflows otherwise on DPO's
         # log-prob sums, which reach hundreds of nats.
@@ -72,6 +75,11 @@ def build_ds_config(policy: PolicyConfig, *, dtype: str, world_size: int, univer
         "steps_per_print": 1_000_000_000,
         "wall_clock_breakdown": False,
     }
+    if dtype == "bf16" and stage > 0:
+        # Sum the micro-batches' bf16 gradients in fp32 (DeepSpeed's default is the model's
+        # dtype). DeepSpeed 0.19 refuses this without ZeRO; config validation refuses bf16
+        # with ZeRO-0 wherever a step would accumulate (ray_dpo.config.checks).
+        config["data_types"] = {"grad_accum_dtype": "fp32"}
     if universal:
         # The engine loads a checkpoint converted to DeepSpeed's universal form (an elastic
         # group resuming on another number of ZeRO ranks): set only then, since this

@@ -228,7 +228,10 @@ def test_layout_and_token_budget_defaults_and_overrides(data_file):
     cfg = from_dict(minimal(data_file))
     assert (cfg.policy.layout, cfg.policy.max_tokens_per_micro_batch) == ("padded", None)
     assert (cfg.reference.layout, cfg.reference.max_tokens_per_row) == ("padded", None)
-    cfg = from_dict(minimal(data_file, policy={"layout": "packed", "max_tokens_per_micro_batch": 4096},
+    # zero_stage 1: the default bf16 without ZeRO refuses a token budget
+    # (test_bf16_without_zero_is_refused_where_a_step_accumulates)
+    cfg = from_dict(minimal(data_file, policy={"layout": "packed", "max_tokens_per_micro_batch": 4096,
+                                               "zero_stage": 1},
                             reference={"layout": "prefix_shared", "max_tokens_per_row": 2048},
                             model={"attn_implementation": "sdpa"}))
     assert (cfg.policy.layout, cfg.policy.max_tokens_per_micro_batch) == ("packed", 4096)
@@ -525,3 +528,19 @@ def test_min_workers_must_fit_under_num_workers():
     [too_many] = problems(num_workers=2, min_workers=3)
     assert "must be <= policy.num_workers (2), got 3" in too_many
     assert problems(num_workers=2, min_workers=0) == ["policy.min_workers: must be > 0, got 0"]
+
+
+def test_bf16_without_zero_is_refused_where_a_step_accumulates(data_file):
+    # DeepSpeed 0.19 sums ZeRO-0 bf16 gradients over micro-batches in bf16 (and refuses fp32
+    # accumulation there); ZeRO 1-3 accumulate in fp32 (policy.ds_config).
+    accumulating = {"gradient_accumulation_steps": 2, "max_tokens_per_micro_batch": 4096,
+                    "num_workers": 2, "min_workers": 1}
+    with pytest.raises(ConfigError) as err:
+        from_dict(minimal(data_file, model={"dtype": "bf16"}, policy={**accumulating, "zero_stage": 0}))
+    message = str(err.value)
+    for key in ("policy.gradient_accumulation_steps", "policy.max_tokens_per_micro_batch", "policy.min_workers"):
+        assert f"{key}: " in message and "set policy.zero_stage=1" in message
+    assert "3 problem(s)" in message
+    from_dict(minimal(data_file, model={"dtype": "bf16"}, policy={**accumulating, "zero_stage": 1}))
+    from_dict(minimal(data_file, model={"dtype": "fp32"}, policy={**accumulating, "zero_stage": 0}))
+    from_dict(minimal(data_file, model={"dtype": "bf16"}, policy={"zero_stage": 0}))  # one backward a step

@@ -39,6 +39,15 @@ def test_precision_sections(dtype, bf16, fp16):
     assert cfg["fp16"]["loss_scale"] == 0  # dynamic loss scaling whenever fp16 is on
 
 
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_bf16_sums_gradients_in_fp32_under_zero(stage):
+    # DeepSpeed's default accumulation dtype is the weights' (bf16); it refuses fp32 without
+    # ZeRO, where config validation refuses bf16 steps that accumulate instead.
+    cfg = build_ds_config(policy(zero_stage=stage), dtype="bf16", world_size=2)
+    assert cfg.get("data_types") == ({"grad_accum_dtype": "fp32"} if stage else None)
+    assert "data_types" not in build_ds_config(policy(zero_stage=stage), dtype="fp32", world_size=2)
+
+
 def test_gradient_clipping_follows_max_grad_norm():
     assert build_ds_config(policy(max_grad_norm=0.5), dtype="fp32", world_size=1)["gradient_clipping"] == 0.5
     assert build_ds_config(policy(max_grad_norm=0), dtype="fp32", world_size=1)["gradient_clipping"] == 0.0
