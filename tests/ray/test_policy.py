@@ -235,6 +235,20 @@ def check_against_reference(reports, expected, *, first_step=1):
             assert ranks[0]["eval/loss"] == pytest.approx(want["eval_loss"], abs=1e-5), step
 
 
+def check_phase_metrics(reports):
+    """perf/<phase>_s are logged every step, non-negative, and within perf/step_time_s (they
+    split it); perf/report_s, the gap before a step, from the second step on. Structure, not
+    speed: no thresholds on how long anything takes."""
+    from ray_dpo.policy.step_metrics import PHASES
+
+    for i, ranks in enumerate(reports):
+        for r in ranks:
+            phases = [r[f"perf/{p}_s"] for p in PHASES]
+            assert all(v >= 0 for v in phases), r
+            assert sum(phases) <= r["perf/step_time_s"] + 1e-9, r
+            assert ("perf/report_s" in r) == (i > 0) and r.get("perf/report_s", 0.0) >= 0, r
+
+
 def trained_pair_ids(reports):
     return [pid for ranks in reports for r in ranks for pid in r["pair_ids"]]
 
@@ -263,6 +277,7 @@ def test_first_loss_is_ln2_and_steps_match_single_process_with_empty_micro_batch
     # Each rank reports the pair ids it trained; together every pair exactly once.
     assert sorted(trained_pair_ids(reports)) == sorted(r["pair_id"] for r in rows)
     assert reports[-1][1]["pair_ids"] == []
+    check_phase_metrics(reports)
 
 
 def test_one_worker_of_an_elastic_pair_trains_each_step_like_the_pair(ray_cluster, tiny_assets, pair_rows, tmp_path):
