@@ -336,6 +336,14 @@ def nccl_options(timeout: Any) -> Any:
 # --------------------------------------------------------------------------- deepspeed
 
 
+def skip_backward_allreduce(engine: Any) -> None:
+    """Stop engine.backward() all-reducing gradients (deepspeed 0.19.8: its
+    enable_backward_allreduce flag, which it clears itself when there is no process group).
+    Only for ZeRO-0 on a group of one rank, where the all-reduce averages nothing but still
+    flattens every gradient into buckets and copies them back."""
+    engine.enable_backward_allreduce = False
+
+
 def keeps_grad_norm(optimizer: Any) -> bool:
     """Whether DeepSpeed's optimizer records the grad norm at step() (deepspeed 0.19.8); else False.
 
