@@ -113,6 +113,7 @@ def floor_loop(model_dir: str, batches: list[list[dict]], *, layout: str, precis
     from transformers import AutoModelForCausalLM
 
     from ray_dpo.batching.layouts import build_batch, model_inputs, pair_logps
+    from ray_dpo.policy.ds_config import lr_lambda
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
@@ -121,6 +122,9 @@ def floor_loop(model_dir: str, batches: list[list[dict]], *, layout: str, precis
     pad = model.config.pad_token_id if model.config.pad_token_id is not None else model.config.eos_token_id
     optimizer = torch.optim.AdamW(model.parameters(), lr=policy.learning_rate, betas=tuple(policy.adam_betas),
                                   weight_decay=policy.weight_decay)
+    # ray_dpo's LR schedule over the run's steps, so the losses can be compared step by step
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_lambda(
+        s, warmup_steps=policy.warmup_steps, total_steps=len(batches), schedule=policy.lr_scheduler))
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
     times, losses = [], []
     for pairs in batches:
@@ -135,6 +139,7 @@ def floor_loop(model_dir: str, batches: list[list[dict]], *, layout: str, precis
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), policy.max_grad_norm)
         optimizer.step()
+        schedule.step()
         optimizer.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - t0)
         losses.append(loss.item())
