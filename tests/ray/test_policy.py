@@ -280,17 +280,20 @@ def test_first_loss_is_ln2_and_steps_match_single_process_with_empty_micro_batch
     check_phase_metrics(reports)
 
 
-def test_one_worker_of_an_elastic_pair_trains_each_step_like_the_pair(ray_cluster, tiny_assets, pair_rows, tmp_path):
+@pytest.mark.parametrize("stage", [0, 1])
+def test_one_worker_of_an_elastic_pair_trains_each_step_like_the_pair(
+        stage, ray_cluster, tiny_assets, pair_rows, tmp_path):
     """policy.num_workers 2 running on 1 (an elastic group that lost a node): the worker
     accumulates 2 x 2 micro-batches, and each step's update is the single-process one over
-    the same pairs, as on 2 workers."""
+    the same pairs, as on 2 workers. ZeRO-0 on one rank skips DeepSpeed's all-reduce
+    (compat.skip_backward_allreduce): the updates must not change."""
     from ray_dpo.config import LossConfig
 
     steps = plan(pair_rows["train"][:26], micro=2, accum=2)
     one_rank = [[[mb for rank in step for mb in rank]] for step in steps]  # what world=1 gets
     assert len(one_rank[0][0]) == 4
-    policy, loss_cfg = policy_config(zero_stage=1), LossConfig(beta=0.1)
-    _, reports = fit(tmp_path, "one-of-two", make_feeder(one_rank, []), model_path=tiny_assets["model"],
+    policy, loss_cfg = policy_config(zero_stage=stage), LossConfig(beta=0.1)
+    _, reports = fit(tmp_path, f"one-of-two-{stage}", make_feeder(one_rank, []), model_path=tiny_assets["model"],
                      policy=policy, loss_cfg=loss_cfg, eval_every=0, workers=1)
     expected, _ = reference_trajectory(tiny_assets["model"], steps, pair_rows["eval"], policy, loss_cfg)
     check_against_reference(reports, expected)
