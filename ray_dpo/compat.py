@@ -97,6 +97,10 @@ SEAMS: dict[str, Seam] = {
         "deepspeed", "0.19.8", "engine.optimizer._global_grad_norm",
         "False (the caller computes the norm from the gradients)",
         "tests/ray/test_policy.py"),
+    "skip_backward_allreduce": Seam(
+        "deepspeed", "0.19.8", "engine.enable_backward_allreduce",
+        "none needed: if DeepSpeed stops reading the flag, its all-reduce runs again (slower, same result)",
+        "tests/ray/test_policy.py -k one_worker"),
     "attn_implementation": Seam(
         "transformers", "5.19.0", "PretrainedConfig._attn_implementation",
         "'eager'", "tests/unit/test_batch_layouts.py, tests/ray/test_reference.py"),
