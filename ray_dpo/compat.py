@@ -341,9 +341,10 @@ def nccl_options(timeout: Any) -> Any:
 
 
 def skip_backward_allreduce(engine: Any) -> None:
-    """Stop engine.backward() all-reducing gradients (deepspeed 0.19.8: its
-    enable_backward_allreduce flag, which it clears itself when there is no process group).
-    Only for ZeRO-0 on a group of one rank, where the all-reduce averages nothing but still
+    """Stop engine.backward() all-reducing gradients (deepspeed 0.19.8).
+
+    Sets its enable_backward_allreduce flag, which it clears itself when there is no process
+    group. Only for ZeRO-0 on a group of one rank, where the all-reduce averages nothing but still
     flattens every gradient into buckets and copies them back."""
     engine.enable_backward_allreduce = False
 
