@@ -97,6 +97,10 @@ SEAMS: dict[str, Seam] = {
         "deepspeed", "0.19.8", "engine.optimizer._global_grad_norm",
         "False (the caller computes the norm from the gradients)",
         "tests/ray/test_policy.py"),
+    "skip_backward_allreduce": Seam(
+        "deepspeed", "0.19.8", "engine.enable_backward_allreduce",
+        "none needed: if DeepSpeed stops reading the flag, its all-reduce runs again (slower, same result)",
+        "tests/ray/test_policy.py -k one_worker"),
     "attn_implementation": Seam(
         "transformers", "5.19.0", "PretrainedConfig._attn_implementation",
         "'eager'", "tests/unit/test_batch_layouts.py, tests/ray/test_reference.py"),
@@ -334,6 +338,15 @@ def nccl_options(timeout: Any) -> Any:
 
 
 # --------------------------------------------------------------------------- deepspeed
+
+
+def skip_backward_allreduce(engine: Any) -> None:
+    """Stop engine.backward() all-reducing gradients (deepspeed 0.19.8).
+
+    Sets its enable_backward_allreduce flag, which it clears itself when there is no process
+    group. Only for ZeRO-0 on a group of one rank, where the all-reduce averages nothing but still
+    flattens every gradient into buckets and copies them back."""
+    engine.enable_backward_allreduce = False
 
 
 def keeps_grad_norm(optimizer: Any) -> bool:

@@ -11,6 +11,9 @@ Torch and torch.distributed only (the process group is the one Ray Train set up)
 
 from __future__ import annotations
 
+import time
+from typing import Callable, Optional
+
 import torch
 import torch.distributed as dist
 
@@ -18,8 +21,38 @@ from ray_dpo.losses import LossOutput, LossSpec
 
 # Order of the per-rank sums that one all_reduce turns into step metrics; the loss's own
 # metrics (LossSpec.metrics) follow them.
+# The phases of a training step (PhaseClock), in order; each is a sum over the step's
+# micro-batches, logged as perf/<phase>_s. Together they cover step_time_s except the
+# metric bookkeeping between them.
+PHASES = ("fetch", "build", "forward", "backward", "optimizer")
+# Set by the worker's run_step, not by metric_sums.
+_WORKER_SET = ("step_time_s", "sigterm", *(f"{p}_s" for p in PHASES))
 SUMS = ("loss", "chosen_rewards", "rejected_rewards", "n_chosen", "n_rejected", "accuracies",
-        "logps_chosen", "logps_rejected", "pairs", "tokens", "positions", "step_time_s", "sigterm")
+        "logps_chosen", "logps_rejected", "pairs", "tokens", "positions", *_WORKER_SET)
+
+
+class PhaseClock:
+    """Wall seconds per step phase from time.perf_counter laps: lap(phase) charges the time
+    since the previous lap (or the clock's start) to ``phase``. Costs ~1 us a lap, so it
+    stays on in every step. sync: called before each reading (torch.cuda.synchronize, so
+    GPU kernels count in the phase that launched them); None on CPU, where ops are
+    synchronous, and by default on GPU (phases then show launch time, the step total is
+    still right)."""
+
+    def __init__(self, sync: Optional[Callable[[], None]] = None):
+        self.sync = sync
+        self.seconds = dict.fromkeys(PHASES, 0.0)
+        self.start = self._last = time.perf_counter()
+
+    def lap(self, phase: str) -> None:
+        if self.sync is not None:
+            self.sync()
+        now = time.perf_counter()
+        self.seconds[phase] += now - self._last
+        self._last = now
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
 
 
 def sum_names(spec: LossSpec) -> tuple[str, ...]:
@@ -34,7 +67,7 @@ def metric_sums(spec: LossSpec, out: LossOutput, counts) -> torch.Tensor:
               (out.rejected_rewards.float() * rm).sum(), cm.sum(), rm.sum(), out.correct.float().sum(),
               (out.chosen_logps.float() * cm).sum(), (out.rejected_logps.float() * rm).sum(),
               float(len(cm)), float(counts.real_tokens), float(counts.padded_positions),
-              0.0, 0.0]  # step_time_s, sigterm: set by the worker's run_step
+              *[0.0] * len(_WORKER_SET)]
     values += [out.extras[name].float().sum() for name in spec.metrics]
     return torch.stack([torch.as_tensor(v, dtype=torch.float64).cpu() for v in values])
 

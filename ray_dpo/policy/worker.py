@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import resource
 import time
 import uuid
@@ -54,7 +55,8 @@ from ray_dpo.losses import LossSpec, dpo_loss, loss_spec
 from ray_dpo.policy.checkpoints import DS_DIR, find_resume_point, load_checkpoint, save_checkpoint  # noqa: F401
 from ray_dpo.policy.ds_config import build_ds_config, lr_lambda
 from ray_dpo.policy.loop_spec import TrainLoopSpec
-from ray_dpo.policy.step_metrics import SUMS, all_reduce_sums, global_kl, loss_metrics, metric_sums, sum_names
+from ray_dpo.policy.step_metrics import (PHASES, SUMS, PhaseClock, all_reduce_sums, global_kl, loss_metrics,
+                                         metric_sums, sum_names)
 from ray_dpo.policy.weights import (HF_DIR, SentSync, answer_follower, answers_in_lockstep,  # noqa: F401
                                     export_final, sync_policy)
 
@@ -95,6 +97,10 @@ class RankState:
     adapters_off_reference: bool = False
     # the loss's registry entry (from loss.type): reference or not, pairs or unpaired, metrics
     loss_spec: LossSpec = dataclasses.field(init=False)
+    # perf_counter when the last run_step returned: the next step's perf/report_s starts there
+    last_step_end: Optional[float] = None
+    # GPU only, RAY_DPO_PROFILE_SYNC=1: synchronize at each phase boundary (PhaseClock)
+    phase_sync: Optional[Any] = None
 
     def __post_init__(self):
         self.loss_spec = loss_spec(self.loss.type)
@@ -184,7 +190,16 @@ def _make_worker(spec: TrainLoopSpec, *, universal: bool = False) -> RankState:
                   total_steps=total_steps, steps_per_epoch=steps_per_epoch, hf_ds_config=hf_ds_config,
                   attn_implementation=compat.attn_implementation(engine.module.config),
                   num_params=_num_params(engine), peak_flops=_peak_flops(device),
-                  adapters_off_reference=policy.lora.enabled and policy.lora.reference == "adapters_off")
+                  adapters_off_reference=policy.lora.enabled and policy.lora.reference == "adapters_off",
+                  phase_sync=_phase_sync(device))
+
+
+def _phase_sync(device: torch.device):
+    """torch.cuda.synchronize when RAY_DPO_PROFILE_SYNC=1 on a GPU (exact phases, at the cost
+    of the overlap between them); None otherwise. GPU path: not testable on CPU CI."""
+    if device.type == "cuda" and os.environ.get("RAY_DPO_PROFILE_SYNC") == "1":
+        return torch.cuda.synchronize
+    return None
 
 
 def _pick_device(name: Optional[str]) -> torch.device:
@@ -263,6 +278,10 @@ def setup_engine(model_cfg, policy, *, device: torch.device, world_size: int, to
         # steps it in engine.step() at each boundary and saves it in checkpoints.
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_lambda(s, **schedule)),
     )
+    if world_size == 1 and policy.zero_stage == 0:
+        # One rank has nothing to average (benchmarks/floor.py: the flatten, all-reduce over a
+        # group of one and copy back cost a large share of the backward on the sentiment example).
+        compat.skip_backward_allreduce(engine)
     return engine, hf_ds_config
 
 
@@ -280,10 +299,11 @@ def _disable_dropout(model: torch.nn.Module) -> None:
 # --------------------------------------------------------------------------- forward / loss
 
 
-def pair_terms(worker: RankState, pairs: list[dict]):
+def pair_terms(worker: RankState, pairs: list[dict], clock: Optional[PhaseClock] = None):
     """One chosen+rejected forward over `pairs` in worker.policy.layout: (LossOutput, TokenCounts(real
     tokens, computed positions)). Unpaired rows (KTO) are the labelled completion as "chosen"
-    and the mismatched completion as "rejected"; a reference-free loss reads no ref_* column."""
+    and the mismatched completion as "rejected"; a reference-free loss reads no ref_* column.
+    clock: charged "build" for the batch's tensors, "forward" for the forward and the loss."""
     # packed / prefix_shared: by default ONE row per forward, so every computed position is a
     # real token; flash varlen (GPU) skips cross-sequence blocks. sdpa/eager compute the dense
     # T x T scores of a row: max_tokens_per_row (or the token budget, which bounds T) caps it.
@@ -291,6 +311,8 @@ def pair_terms(worker: RankState, pairs: list[dict]):
                         max_tokens_per_row=worker.policy.max_tokens_per_row).to(worker.device)
     dtype = next(worker.engine.module.parameters()).dtype
     inputs = model_inputs(batch, attn_implementation=worker.attn_implementation, dtype=dtype)
+    if clock is not None:
+        clock.lap("build")
     ref = (None, None)
     if worker.loss_spec.needs_reference and worker.adapters_off_reference:
         ref = lora.adapters_off_logps(worker.engine, inputs, batch)
@@ -312,6 +334,8 @@ def pair_terms(worker: RankState, pairs: list[dict]):
         policy_chosen_nll=mean_nll(chosen, chosen_n) if worker.loss.sft_weight > 0 else None,
         labels=labels, kl=kl,
     )
+    if clock is not None:
+        clock.lap("forward")
     return out, batch_stats(batch)
 
 
@@ -331,14 +355,20 @@ def _dummy_pair(pad_token_id: int) -> dict:
 def run_step(worker: RankState, step: int, *, link: Optional["FollowerLink"] = None) -> dict[str, Any]:
     """Train feeder step `step` (0-based); returns the metrics every rank reports. link: the
     run's follower, asked before this step's data is awaited, and while it is, whether it
-    needs weights (_await_step)."""
-    t0 = time.perf_counter()
+    needs weights (_await_step).
+
+    perf/<phase>_s (step_metrics.PHASES, summed over the step's forwards, mean over ranks)
+    split perf/step_time_s; perf/report_s is the time from the previous run_step's return to
+    this one's start: Ray Train's report, plus any eval, sync or checkpoint of that step."""
+    clock = PhaseClock(sync=worker.phase_sync)
+    report_s = clock.start - worker.last_step_end if worker.last_step_end is not None else None
     feeder = worker.feeder
     refs = [feeder.get_step.remote(step, worker.rank, worker.world_size), feeder.num_pairs_in_step.remote(step)]
     if link is None:
         micro_batches, n_global = ray.get(refs)
     else:
         micro_batches, n_global = _await_step(worker, refs, link, step)
+    clock.lap("fetch")
     grad_accum = worker.accumulation
     if len(micro_batches) != grad_accum:
         raise RuntimeError(f"feeder step {step}: {len(micro_batches)} micro-batches for rank {worker.rank} of "
@@ -347,6 +377,7 @@ def run_step(worker: RankState, step: int, *, link: Optional["FollowerLink"] = N
     if n_global == 0:
         # An online round that kept fewer pairs than it has steps: nothing to learn from,
         # so no forward and no update (zero gradients would still move AdamW's weights).
+        worker.last_step_end = time.perf_counter()
         return {"step": step + 1, "epoch": epoch, "pair_ids": []}
     # DeepSpeed divides the loss by grad_accum and averages gradients over ranks; undo both so
     # the update is the mean over ALL pairs of the step, however unevenly they are spread.
@@ -360,25 +391,33 @@ def run_step(worker: RankState, step: int, *, link: Optional["FollowerLink"] = N
             # Forwards per step vary with the data: the boundary (gradient all-reduce, then
             # the update) is set explicitly, on the last forward only.
             worker.engine.set_gradient_accumulation_boundary(i == len(forwards) - 1)
-        out, counts = pair_terms(worker, pairs or [_dummy_pair(worker.pad_token_id)])
+        out, counts = pair_terms(worker, pairs or [_dummy_pair(worker.pad_token_id)], clock)
         # The loss scale does not depend on the number of forwards: each pair's loss enters
         # once, divided by n_global, whatever forward it sits in.
         worker.engine.backward(out.losses.sum() * (scale if pairs else 0.0))
+        clock.lap("backward")
         if pairs:
             sums += metric_sums(worker.loss_spec, out, counts)
             pair_ids += [p["pair_id"] for p in pairs]
         # DeepSpeed counts micro-steps in step(): call it after every backward; only the
         # call at the accumulation boundary updates the weights.
         grad_norm = step_optimizer(worker.engine)
-    sums[SUMS.index("step_time_s")] = time.perf_counter() - t0
+        clock.lap("optimizer")
+    sums[SUMS.index("step_time_s")] = clock.elapsed()
+    for phase in PHASES:
+        sums[SUMS.index(f"{phase}_s")] = clock.seconds[phase]
     sums[SUMS.index("sigterm")] = float(faults.sigterm_received())  # any rank: all checkpoint
     totals = all_reduce_sums(worker.loss_spec, sums, device=worker.device)
     if int(totals["pairs"]) != n_global:
         raise RuntimeError(f"feeder step {step}: ranks trained {int(totals['pairs'])} pairs, but "
                            f"num_pairs_in_step says {n_global}; the loss normalisation would be wrong")
     step_time = totals["step_time_s"] / worker.world_size
+    phases = {f"perf/{p}_s": totals[f"{p}_s"] / worker.world_size for p in PHASES}
+    if report_s is not None:
+        phases["perf/report_s"] = report_s
+    worker.last_step_end = time.perf_counter()
     return {**loss_metrics(worker.loss_spec, "train", totals), "train/lr": lr, "train/grad_norm": grad_norm,
-            **_perf_metrics(worker, totals, step_time),
+            **_perf_metrics(worker, totals, step_time), **phases,
             "step": step + 1, "epoch": epoch, "pair_ids": pair_ids, "sigterm": totals["sigterm"] > 0}
 
 

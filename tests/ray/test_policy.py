@@ -235,6 +235,20 @@ def check_against_reference(reports, expected, *, first_step=1):
             assert ranks[0]["eval/loss"] == pytest.approx(want["eval_loss"], abs=1e-5), step
 
 
+def check_phase_metrics(reports):
+    """perf/<phase>_s are logged every step, non-negative, and within perf/step_time_s (they
+    split it); perf/report_s, the gap before a step, from the second step on. Structure, not
+    speed: no thresholds on how long anything takes."""
+    from ray_dpo.policy.step_metrics import PHASES
+
+    for i, ranks in enumerate(reports):
+        for r in ranks:
+            phases = [r[f"perf/{p}_s"] for p in PHASES]
+            assert all(v >= 0 for v in phases), r
+            assert sum(phases) <= r["perf/step_time_s"] + 1e-9, r
+            assert ("perf/report_s" in r) == (i > 0) and r.get("perf/report_s", 0.0) >= 0, r
+
+
 def trained_pair_ids(reports):
     return [pid for ranks in reports for r in ranks for pid in r["pair_ids"]]
 
@@ -263,19 +277,23 @@ def test_first_loss_is_ln2_and_steps_match_single_process_with_empty_micro_batch
     # Each rank reports the pair ids it trained; together every pair exactly once.
     assert sorted(trained_pair_ids(reports)) == sorted(r["pair_id"] for r in rows)
     assert reports[-1][1]["pair_ids"] == []
+    check_phase_metrics(reports)
 
 
-def test_one_worker_of_an_elastic_pair_trains_each_step_like_the_pair(ray_cluster, tiny_assets, pair_rows, tmp_path):
+@pytest.mark.parametrize("stage", [0, 1])
+def test_one_worker_of_an_elastic_pair_trains_each_step_like_the_pair(
+        stage, ray_cluster, tiny_assets, pair_rows, tmp_path):
     """policy.num_workers 2 running on 1 (an elastic group that lost a node): the worker
     accumulates 2 x 2 micro-batches, and each step's update is the single-process one over
-    the same pairs, as on 2 workers."""
+    the same pairs, as on 2 workers. ZeRO-0 on one rank skips DeepSpeed's all-reduce
+    (compat.skip_backward_allreduce): the updates must not change."""
     from ray_dpo.config import LossConfig
 
     steps = plan(pair_rows["train"][:26], micro=2, accum=2)
     one_rank = [[[mb for rank in step for mb in rank]] for step in steps]  # what world=1 gets
     assert len(one_rank[0][0]) == 4
-    policy, loss_cfg = policy_config(zero_stage=1), LossConfig(beta=0.1)
-    _, reports = fit(tmp_path, "one-of-two", make_feeder(one_rank, []), model_path=tiny_assets["model"],
+    policy, loss_cfg = policy_config(zero_stage=stage), LossConfig(beta=0.1)
+    _, reports = fit(tmp_path, f"one-of-two-{stage}", make_feeder(one_rank, []), model_path=tiny_assets["model"],
                      policy=policy, loss_cfg=loss_cfg, eval_every=0, workers=1)
     expected, _ = reference_trajectory(tiny_assets["model"], steps, pair_rows["eval"], policy, loss_cfg)
     check_against_reference(reports, expected)
