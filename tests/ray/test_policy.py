@@ -280,7 +280,7 @@ def test_first_loss_is_ln2_and_steps_match_single_process_with_empty_micro_batch
     check_phase_metrics(reports)
 
 
-@pytest.mark.parametrize("stage", [0, 1])
+@pytest.mark.parametrize("stage", [0, pytest.param(1, marks=pytest.mark.extended)])
 def test_one_worker_of_an_elastic_pair_trains_each_step_like_the_pair(
         stage, ray_cluster, tiny_assets, pair_rows, tmp_path):
     """policy.num_workers 2 running on 1 (an elastic group that lost a node): the worker
