@@ -215,6 +215,7 @@ def test_online_lora_syncs_the_adapter_alone_to_vllm(ray_cluster, tiny_config, t
     assert counts and set(counts.values()) == {2}  # each round's pairs once per epoch
 
 
+@pytest.mark.extended  # 44 s; CI keeps the adapter sync to vLLM (the default) for CI's 35 minutes
 def test_online_lora_merged_sync_under_zero3_with_transformers_engines(ray_cluster, tiny_config, tiny_assets):
     """policy.lora.sync=merged, the fallback for engines without LoRA support: the whole
     model with the adapter merged in (gathered layer by layer under ZeRO-3) matches the

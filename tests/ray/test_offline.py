@@ -184,6 +184,7 @@ def assert_no_secret(client, run_id):
             assert SECRET.encode() not in f.read(), f"secret leaked into artifact {path}"
 
 
+@pytest.mark.extended  # 52 s, for CI's 35 minutes
 def test_a_precomputed_run_with_heldout_eval_starts_its_reference_actors_once(ray_cluster, tiny_config, tiny_assets):
     """reference.precompute with eval.prompts_file: the actors that scored the pass stay for
     the held-out KL (as ray_dpo.topology says), instead of stopping and a second group of
