@@ -406,26 +406,27 @@ def _start_feeder(cfg: RunConfig, train, evaluation, group):
     """The BatchFeeder actor, and how its reference log-probs were found ("hit <key>" or
     "computed <key>"; None when streamed). They come from the cache, a precompute pass, or
     are streamed through ``group()`` (None: a run that trains without reference actors)."""
-    from ray_dpo.feeder import BatchPlan, start_feeder
+    from ray_dpo.feeder import start_feeder
 
     ref_cache, status, reference = None, None, None
     if cfg.reference.precompute:
         ref_cache, status = _precomputed_reference(cfg, group, train, evaluation)
     elif group is not None:
         reference = group()
-    plan = BatchPlan(
-        num_workers=cfg.policy.num_workers,
-        micro_batch_size=cfg.policy.micro_batch_size,
-        gradient_accumulation_steps=cfg.policy.gradient_accumulation_steps,
-        num_epochs=cfg.policy.num_epochs,
-        max_steps=cfg.policy.max_steps,
-        seed=cfg.run.seed,
-        shuffle=cfg.data.shuffle,
-    )
-    feeder = start_feeder(train=train, plan=plan, reference=reference, ref_cache=ref_cache,
+    feeder = start_feeder(train=train, plan=batch_plan(cfg), reference=reference, ref_cache=ref_cache,
                           evaluation=evaluation, eval_max_pairs=cfg.eval.max_pairs,
                           reference_free=reference_source(cfg) != "group", max_restarts=cfg.policy.max_failures)
     return feeder, status
+
+
+def batch_plan(cfg: RunConfig):
+    """The offline run's step layout (ray_dpo.feeder.BatchPlan): which pairs each step trains."""
+    from ray_dpo.feeder import BatchPlan
+
+    return BatchPlan(num_workers=cfg.policy.num_workers, micro_batch_size=cfg.policy.micro_batch_size,
+                     gradient_accumulation_steps=cfg.policy.gradient_accumulation_steps,
+                     num_epochs=cfg.policy.num_epochs, max_steps=cfg.policy.max_steps, seed=cfg.run.seed,
+                     shuffle=cfg.data.shuffle)
 
 
 def _precomputed_reference(cfg: RunConfig, reference_group, train, evaluation) -> tuple[dict, str]:
@@ -503,9 +504,9 @@ def _fit_policy(cfg: RunConfig, feeder, tracker, *, total_steps: int, gpu: bool,
     low = elastic_min_workers(cfg)
     # Elastic: Ray Train starts as many workers as fit, from min_workers up, and grows the
     # group when nodes return (checked every policy.resize_check_s).
-    scaling = ScalingConfig(num_workers=(low, cfg.policy.num_workers), use_gpu=gpu, resources_per_worker=resources,
-                            elastic_resize_monitor_interval_s=cfg.policy.resize_check_s) if low else \
-        ScalingConfig(num_workers=cfg.policy.num_workers, use_gpu=gpu, resources_per_worker=resources)
+    elastic = {"elastic_resize_monitor_interval_s": cfg.policy.resize_check_s} if low else {}
+    scaling = ScalingConfig(num_workers=(low, cfg.policy.num_workers) if low else cfg.policy.num_workers,
+                            use_gpu=gpu, resources_per_worker=resources, **elastic)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=spec.as_config(),

@@ -19,14 +19,14 @@ import torch.distributed as dist
 
 from ray_dpo.losses import LossOutput, LossSpec
 
-# Order of the per-rank sums that one all_reduce turns into step metrics; the loss's own
-# metrics (LossSpec.metrics) follow them.
 # The phases of a training step (PhaseClock), in order; each is a sum over the step's
 # micro-batches, logged as perf/<phase>_s. Together they cover step_time_s except the
 # metric bookkeeping between them.
 PHASES = ("fetch", "build", "forward", "backward", "optimizer")
 # Set by the worker's run_step, not by metric_sums.
 _WORKER_SET = ("step_time_s", "sigterm", *(f"{p}_s" for p in PHASES))
+# Order of the per-rank sums that one all_reduce turns into step metrics; the loss's own
+# metrics (LossSpec.metrics) follow them.
 SUMS = ("loss", "chosen_rewards", "rejected_rewards", "n_chosen", "n_rejected", "accuracies",
         "logps_chosen", "logps_rejected", "pairs", "tokens", "positions", *_WORKER_SET)
 

@@ -195,15 +195,11 @@ def test_the_engine_node_lost_mid_generation_waits_and_the_rounds_complete(pools
 def planned_steps(cfg, steps):
     """Each step's pair ids as the run's feeder lays them out (from the same tokenized data):
     what every step must have trained, whatever the number of workers."""
-    from ray_dpo.driver import _load_data
-    from ray_dpo.feeder import BatchFeeder, BatchPlan
+    from ray_dpo.driver import _load_data, batch_plan
+    from ray_dpo.feeder import BatchFeeder
 
     train, _ = _load_data(cfg)
-    plan = BatchPlan(num_workers=cfg.policy.num_workers, micro_batch_size=cfg.policy.micro_batch_size,
-                     gradient_accumulation_steps=cfg.policy.gradient_accumulation_steps,
-                     num_epochs=cfg.policy.num_epochs, max_steps=cfg.policy.max_steps, seed=cfg.run.seed,
-                     shuffle=cfg.data.shuffle)
-    feeder = BatchFeeder(train, plan, reference_free=True)
+    feeder = BatchFeeder(train, batch_plan(cfg), reference_free=True)
     return {step + 1: sorted(feeder.step_pair_ids(step)) for step in range(steps)}
 
 
