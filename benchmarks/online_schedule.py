@@ -13,6 +13,8 @@ serial baseline. Round 0 is reported apart: nothing comes before it to overlap i
 generation with, so it takes gen + train by construction. Per case: each later round's wall
 time over max(gen, train) (the target applies to these), the whole run against the ideal
 pipeline (gen + train + (rounds - 1) * max(gen, train)), and what the trainer waited on.
+"bound" (bound_s) is max(gen, train) + weight load, or steps x reference if longer: the round
+time the extra cases (a weight load, a slow reference) show with one engine and one reference.
 
     .venv/bin/python benchmarks/online_schedule.py [--train-s 0.5] [--ref-s 0.05] [--record]   # ~5 min
 """
@@ -42,6 +44,13 @@ def ideal_s(case) -> float:
     """The run's wall time if every round after the first took max(gen, train)."""
     gen, train = case.gen_s, case.round_train_s
     return gen + train + (case.rounds - 1) * max(gen, train)
+
+
+def bound_s(case) -> float:
+    """What a later round takes with one engine and one reference actor: the longer of
+    generation and training, plus the weight load (the trainer waits for it in advance; the
+    engine loads between two rounds' samples), unless a round's reference batches take longer."""
+    return max(max(case.gen_s, case.round_train_s) + case.load_s, case.steps_per_round * case.ref_s)
 
 
 def summarize(run) -> dict:
@@ -95,7 +104,8 @@ def main() -> None:
         rows.append([label, f"{case.gen_s:.2f}", f"{case.round_train_s:.2f}", f"{on['round0'].wall_s:.2f}",
                      " / ".join(f"{t.wall_s:.2f}" for t in on["later"]), f"{worst.bound_s:.2f}",
                      f"**{worst.ratio:.3f}x**", f"{on['run_ratio']:.3f}x",
-                     f"{off['worst'].ratio:.2f}x" if off else "-", worst.waited_on])
+                     f"{off['worst'].ratio:.2f}x" if off else "-", worst.waited_on,
+                     f"{bound_s(case):.2f}", f"{worst.wall_s / bound_s(case):.3f}x"])
         for t in on["later"]:
             detail.append([label, t.round, f"{t.wall_s:.3f}", f"{t.gen_s:.3f}", f"{t.train_s:.3f}",
                            f"{t.ratio:.3f}x", t.waited_on])
@@ -104,7 +114,7 @@ def main() -> None:
 
     headers = ["gen/train (extra)", "gen s", "train s", "round 0 s", "rounds 1.. s", "max(gen, train) s",
                f"worst round / max (target <= {TARGET:.2f})", "run / ideal", "overlap off: worst round / max",
-               "worst round waited on"]
+               "worst round waited on", "bound s", "worst round / bound"]
     body = table(headers, rows)
     body += "\n\nEvery later round (overlap on):\n\n" + table(
         ["gen/train (extra)", "round", "wall s", "gen s", "train s", "wall / max", "waited on"], detail)
