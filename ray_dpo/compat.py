@@ -93,6 +93,11 @@ SEAMS: dict[str, Seam] = {
     "nccl_options": Seam(
         "torch", "2.13.0", "ProcessGroupNCCL.Options._timeout",
         "options with NCCL's default timeout", "none on CPU (the NCCL path needs GPUs)"),
+    "skip_shm_comm_build": Seam(
+        "deepspeed", "0.19.8", "deepspeed.ops.__compatible_ops__['deepspeed_shm_comm']",
+        "none needed: if DeepSpeed stops reading the entry, each new environment compiles the "
+        "op once again (~30 s at a policy worker's first start, same training)",
+        "tests/ray/test_policy.py"),
     "keeps_grad_norm": Seam(
         "deepspeed", "0.19.8", "engine.optimizer._global_grad_norm",
         "False (the caller computes the norm from the gradients)",
@@ -347,6 +352,21 @@ def skip_backward_allreduce(engine: Any) -> None:
     group. Only for ZeRO-0 on a group of one rank, where the all-reduce averages nothing but still
     flattens every gradient into buckets and copies them back."""
     engine.enable_backward_allreduce = False
+
+
+def skip_shm_comm_build() -> None:
+    """Keep init_distributed from compiling DeepSpeed's shared-memory op (deepspeed 0.19.8).
+
+    TorchBackend builds that CPU all-reduce op whenever the CPU accelerator lists it as
+    compatible.
+
+    The op serves only DeepSpeed's inference all-reduce, which training never calls; gradients
+    go through torch.distributed. Its JIT compile took 32 s of a policy worker's start on
+    this machine, at every first start in a Python environment (and again whenever another
+    environment had rebuilt the shared torch_extensions cache). Call before init_distributed."""
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
 def keeps_grad_norm(optimizer: Any) -> bool:

@@ -134,6 +134,9 @@ def _run(cfg: RunConfig, tracker, t0: float) -> TrainSummary:
     """run_dpo once its MLflow run is open: data, roles, training, summary."""
     gpu = use_gpus(cfg)
     follower = None  # the engines that follow the policy: the online coordinator, or offline eval
+    # Reference actors the run needs whatever the data holds load their models while Ray Data
+    # tokenizes (start-up: the two overlap instead of adding up).
+    early = _reference_group(cfg, gpu) if _needs_group_whatever_the_data(cfg) else None
     try:
         train, evaluation = _load_data(cfg)
         report = {**data_report(train, evaluation), "loss": _loss_facts(cfg, train)}
@@ -148,7 +151,7 @@ def _run(cfg: RunConfig, tracker, t0: float) -> TrainSummary:
         # What starts, from the one answer the local cluster's size and `ray-dpo k8s` use too.
         print("[ray_dpo] actors: " + ", ".join(r.describe() for r in topology.roles(cfg, use_gpu=gpu)), flush=True)
         watch: dict[str, list[str]] = {}  # role -> actor ids whose restarts MLflow counts
-        roles = _start_roles(cfg, tracker, train, evaluation, gpu, watch)
+        roles = _start_roles(cfg, tracker, train, evaluation, gpu, watch, early=early)
         if roles.reference_cache:
             tracker.set_tags({REFERENCE_CACHE_TAG: roles.reference_cache})
         follower = roles.follower
@@ -158,6 +161,8 @@ def _run(cfg: RunConfig, tracker, t0: float) -> TrainSummary:
             ray.get(follower.finish.remote())  # the last held-out eval, still being scored
         summary = _summarize(cfg, tracker, result, roles.total_steps, report, time.monotonic() - t0)
     except BaseException:
+        if early is not None:
+            early.shutdown()  # before anything held it (a data error), or with the run's other roles
         tracker.finish("FAILED")
         raise
     finally:
@@ -165,6 +170,16 @@ def _run(cfg: RunConfig, tracker, t0: float) -> TrainSummary:
             close_follower(follower)
     tracker.finish("FINISHED")
     return summary
+
+
+def _needs_group_whatever_the_data(cfg: RunConfig) -> bool:
+    """Whether the run starts reference actors before it knows its data: streamed reference
+    log-probs, or a held-out KL to score. A precompute pass alone needs them only when the
+    cache (keyed by the tokenized data) misses, so they start after tokenization then."""
+    if cfg.online.enabled:
+        return needs_reference_group(cfg)
+    streamed = reference_source(cfg) == "group" and not cfg.reference.precompute
+    return streamed or bool(cfg.eval.prompts_file)
 
 
 def _warn_local_storage(cfg: RunConfig) -> None:
@@ -336,19 +351,20 @@ class Roles:
     reference_cache: str | None = None  # "hit <key>" | "computed <key>" with reference.precompute
 
 
-def _start_roles(cfg: RunConfig, tracker, train, evaluation, gpu: bool, watch: dict) -> Roles:
+def _start_roles(cfg: RunConfig, tracker, train, evaluation, gpu: bool, watch: dict, *, early=None) -> Roles:
     """The workers' step source, the engines that follow the policy, the run's steps.
 
     Online: the coordinator is both (rounds, engines, held-out eval). Offline: a BatchFeeder
     over the reference group or cache, and with eval.prompts_file a PolicyFollower for the
-    held-out eval, so offline runs log eval/judge_score and eval/kl too.
+    held-out eval, so offline runs log eval/judge_score and eval/kl too. ``early``: the
+    reference group, if the driver started it before tokenizing.
     """
     if cfg.online.enabled:
         from ray_dpo.online.coordinator import start_coordinator
 
         # LoRA with adapters_off scores the rounds' pairs in the policy workers: reference
         # actors only for the held-out eval/kl, if any.
-        group = _reference_group(cfg, gpu) if needs_reference_group(cfg) else None
+        group = early
         if group is not None:
             watch["reference"] = group.actor_ids
         coordinator = start_coordinator(cfg, train=train, evaluation=evaluation, reference=group,
@@ -360,7 +376,7 @@ def _start_roles(cfg: RunConfig, tracker, train, evaluation, gpu: bool, watch: d
     # precompute pass the cache cannot answer, or the held-out eval's KL. A reference-free loss
     # (SimPO, ORPO) or a LoRA run scoring its base model itself (adapters_off) starts none for
     # training; a cache hit starts none for the pass.
-    started: list = []
+    started: list = [early] if early is not None else []
 
     def group():
         if not started:
@@ -370,19 +386,32 @@ def _start_roles(cfg: RunConfig, tracker, train, evaluation, gpu: bool, watch: d
     trains_with_group = reference_source(cfg) == "group"
     if trains_with_group and not cfg.reference.precompute:
         watch["reference"] = group().actor_ids
-    feeder, cache_status = _start_feeder(cfg, train, evaluation, group if trains_with_group else None)
-    if cfg.reference.precompute and started and not cfg.eval.prompts_file:
-        started.pop().shutdown()  # the pass is done: its resources go back to the cluster for training
-    watch["feeder"] = compat.actor_ids([feeder])
-    total_steps = ray.get(feeder.total_steps.remote())
+    total_steps = batch_plan(cfg).total_steps(train.num_pairs)
     follower = None
     if cfg.eval.prompts_file:
-        from ray_dpo.engines.follower import start_follower
+        from ray_dpo.engines.follower import launch_follower
 
-        # The held-out KL scores through the group that streamed or precomputed, if any.
-        follower = start_follower(cfg, reference=group(), total_steps=total_steps, tracking_uri=tracker.uri,
-                                  run_id=tracker.run_id, use_gpu=gpu)
-        _watch_engines(watch, follower, role="eval")
+        # Its engines load while the reference pass runs (start-up: the two overlap). The
+        # held-out KL scores through the group that streams or precomputes, if any.
+        follower = launch_follower(cfg, reference=group(), total_steps=total_steps, tracking_uri=tracker.uri,
+                                   run_id=tracker.run_id, use_gpu=gpu)
+    try:
+        feeder, cache_status = _start_feeder(cfg, train, evaluation, group if trains_with_group else None)
+        if cfg.reference.precompute and started and not cfg.eval.prompts_file:
+            started.pop().shutdown()  # the pass is done: its resources go back to the cluster for training
+        watch["feeder"] = compat.actor_ids([feeder])
+        served = ray.get(feeder.total_steps.remote())
+        if served != total_steps:  # the plan above and the feeder's count the same pairs
+            raise RuntimeError(f"the feeder serves {served} steps where the plan has {total_steps}")
+        if follower is not None:
+            from ray_dpo.engines.follower import await_follower
+
+            await_follower(follower, cfg)
+            _watch_engines(watch, follower, role="eval")
+    except BaseException:
+        if follower is not None:
+            close_follower(follower)
+        raise
     return Roles(feeder, follower, total_steps, groups=started, reference_cache=cache_status)
 
 

@@ -355,13 +355,20 @@ def start_actor(actor_cls: type, *args: Any, max_concurrency: int, max_restarts:
     workers hold), restarted by Ray up to ``max_restarts`` times with the calls in flight
     sent again; returns once it is up. Constructor errors (a bad judge spec, an engine that
     cannot load the model) are raised here."""
+    handle = launch_actor(actor_cls, *args, max_concurrency=max_concurrency, max_restarts=max_restarts, **kwargs)
+    return await_actor(handle, start_timeout_s)
+
+
+def launch_actor(actor_cls: type, *args: Any, max_concurrency: int, max_restarts: int, **kwargs: Any) -> Any:
+    """start_actor without the wait: the actor's constructor runs while the caller goes on;
+    ``await_actor`` waits for it and raises its errors."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     from ray_dpo.console import RESTART_ARGS_NOTICE, without_native_lines
 
     with without_native_lines(RESTART_ARGS_NOTICE):
-        handle = ray.remote(actor_cls).options(
+        return ray.remote(actor_cls).options(
             num_cpus=0, max_concurrency=max_concurrency, max_restarts=max_restarts,
             max_task_retries=-1 if max_restarts else 0,
             # Hard affinity: Ray 2.60 places a num_cpus=0 actor with soft affinity on any node,
@@ -369,6 +376,12 @@ def start_actor(actor_cls: type, *args: Any, max_concurrency: int, max_restarts:
             scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(),
                                                                soft=False),
         ).remote(*args, **kwargs)
+
+
+def await_actor(handle: Any, start_timeout_s: float = 900.0) -> Any:
+    """``handle`` once its constructor has returned; its error (the actor is killed) if it raised."""
+    import ray
+
     try:
         ray.get(handle.ping.remote(), timeout=start_timeout_s)
     except ray.exceptions.RayTaskError as err:
@@ -380,9 +393,22 @@ def start_actor(actor_cls: type, *args: Any, max_concurrency: int, max_restarts:
 def start_follower(cfg: RunConfig, *, reference: Any, total_steps: int, tracking_uri: Optional[str] = None,
                    run_id: Optional[str] = None, use_gpu: bool = False) -> Any:
     """The held-out evaluator of an offline run, as an actor the policy workers sync."""
-    handle = start_actor(_FollowerActor, FollowerSpec.of(cfg, total_steps=total_steps), reference=reference,
-                         tracking_uri=tracking_uri, run_id=run_id, use_gpu=use_gpu,
-                         max_concurrency=4, max_restarts=cfg.policy.max_failures)
+    return await_follower(launch_follower(cfg, reference=reference, total_steps=total_steps,
+                                          tracking_uri=tracking_uri, run_id=run_id, use_gpu=use_gpu), cfg)
+
+
+def launch_follower(cfg: RunConfig, *, reference: Any, total_steps: int, tracking_uri: Optional[str] = None,
+                    run_id: Optional[str] = None, use_gpu: bool = False) -> Any:
+    """start_follower without the wait: its engines load while the caller goes on (the
+    driver's reference pass); ``await_follower`` before the workers use it."""
+    return launch_actor(_FollowerActor, FollowerSpec.of(cfg, total_steps=total_steps), reference=reference,
+                        tracking_uri=tracking_uri, run_id=run_id, use_gpu=use_gpu,
+                        max_concurrency=4, max_restarts=cfg.policy.max_failures)
+
+
+def await_follower(handle: Any, cfg: RunConfig) -> Any:
+    """The launched follower once its engines are up (their load errors raised here)."""
+    await_actor(handle)
     engines = engine_spec(cfg)
     print(f"[ray_dpo] held-out eval: {engines.num_engines} {engines.backend} engine(s) ready", file=sys.stdout,
           flush=True)

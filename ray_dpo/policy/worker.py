@@ -253,6 +253,7 @@ def setup_engine(model_cfg, policy, *, device: torch.device, world_size: int, to
     from transformers import AutoModelForCausalLM
     from transformers.integrations import HfDeepSpeedConfig
 
+    compat.skip_shm_comm_build()  # an inference-only op whose compile took 32 s of the start
     deepspeed.init_distributed(dist_backend=dist.get_backend(), dist_init_required=False)
     ds_config = build_ds_config(policy, dtype=model_cfg.dtype, world_size=world_size, universal=universal)
     # Under ZeRO-3, from_pretrained must see the DeepSpeed config so that every rank loads

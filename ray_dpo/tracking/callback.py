@@ -46,7 +46,8 @@ class TrackingCallback(UserCallback):
         max_failures: policy.max_failures, for the console lines about restarts.
         watch: {role: [actor id hex]} whose Ray restarts are logged as faults/<role>_restarts.
         started_at: when the command started (time.time()): its first step logs the seconds
-            since as perf/startup_s (data, reference pass, actors, model load), and says them.
+            from then to that step's start as perf/startup_s (data, reference pass, actors,
+            model load; its report time minus its perf/step_time_s), and says them.
         num_workers: policy.num_workers; an elastic group's restart on fewer, and its resize
             back when nodes return (a new attempt without a failure), are said as such.
         eval_every: eval.every_steps, for an ETA that counts the eval pauses ahead (StepClock).
@@ -108,10 +109,12 @@ class TrackingCallback(UserCallback):
             values = {k: v for k, v in values.items() if k.startswith("eval/")}
         values.update(self._fault_counts(final=step >= self.total_steps))
         if self.started_at is not None:  # this invocation's first step
-            values["perf/startup_s"] = startup = time.time() - self.started_at
+            # Until the step began: its own compute (perf/step_time_s) is training, not start-up.
+            took = float(metrics[0].get("perf/step_time_s") or 0.0)
+            values["perf/startup_s"] = startup = time.time() - self.started_at - took
             self.started_at = None
-            print(f"[ray_dpo] first step after {startup:.0f}s of start-up (data, reference, actors, models)",
-                  file=sys.stdout, flush=True)
+            print(f"[ray_dpo] step {step} began after {startup:.0f}s of start-up (data, reference, actors, "
+                  "models)", file=sys.stdout, flush=True)
         if values:
             log_metrics(self._mlflow(), self.run_id, values, step)
         self._write_ledger(step, metrics)

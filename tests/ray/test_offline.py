@@ -203,3 +203,26 @@ def test_a_precomputed_run_with_heldout_eval_starts_its_reference_actors_once(ra
     assert [step for step, _ in metric_history(summary, "eval/kl")] == [0, 2]
     [(step, startup)] = metric_history(summary, "perf/startup_s")
     assert step == 1 and 0 < startup < summary.seconds
+
+
+def test_a_data_error_stops_the_reference_actors_started_before_tokenization(ray_cluster, tiny_config, tmp_path):
+    """A streamed run starts its reference actors before Ray Data tokenizes (their model load
+    overlaps it). A bad row that ends the run there must not leave them holding CPUs."""
+    from ray_dpo import compat
+    from ray_dpo.data.errors import DataError
+    from ray_dpo.driver import run_dpo
+
+    def alive() -> set:
+        return {i for i, a in compat.actor_table().items()
+                if a["ActorClassName"].endswith("ReferenceActor") and a["State"] != "DEAD"}
+
+    before = alive()
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "p", "chosen": " a"}\n', encoding="utf-8")  # no "rejected"
+    cfg = tiny_config("data-error", **{"data.train_files": [str(bad)], "data.on_bad_row": "error"})
+    with pytest.raises(DataError, match=r"bad\.jsonl:1"):
+        run_dpo(cfg)
+    deadline = time.monotonic() + 30
+    while alive() - before and time.monotonic() < deadline:
+        time.sleep(0.5)  # ray.kill is asynchronous
+    assert not alive() - before
