@@ -3,20 +3,28 @@ the same step code in several processes, side by side.
 
 Each block runs, in ONE process, the floor's bare torch step (floor.py's loop) and ray_dpo's
 step code (worker.setup_engine, pair_terms, engine.backward, step_optimizer at the example's
-ZeRO-0) on the same batches, alternating per step (floor first on even steps, ray_dpo first
-on odd), and records per step: wall seconds, the process's CPU seconds (all threads), and
+ZeRO-0) on the same batches, alternating per step (floor first on steps 1, 3, 5.., ray_dpo
+first on 2, 4, ..), and records per step: wall seconds, the process's CPU seconds (all threads), and
 its involuntary context switches (another process took the core). Before the steps it
 records the process's torch/OMP/allocator settings (probe()).
 
-Blocks, in this order (one Ray cluster, started like ray_dpo's: driver.init_ray):
-  ray_train:  a TorchTrainer with one worker of policy.num_cpus_per_worker CPUs (the
-              policy worker's process kind), RAY_TRAIN_HEALTH_CHECK_INTERVAL_S as set;
-  plain_ray_up: a spawned plain process while the Ray cluster is up and idle;
-  plain:      a spawned plain process after ray.shutdown().
-While the ray_train block runs, a driver thread samples every process's CPU time (psutil),
-so the table says which other processes used CPU during the measured steps.
+Blocks (--blocks), by default in this order, in a Ray cluster started like ray_dpo's
+(driver.init_ray):
+  run_dpo:       a real run_dpo of the example (floor.py's run_config, --run-steps steps);
+                 its perf/* medians, not alternated;
+  run_dpo_nice0: the same with the Ray Train workers at nice 0 (RAY_worker_niceness=0 in
+                 their runtime env; Ray runs its workers at nice 15);
+  ray_train:     a TorchTrainer with one worker of policy.num_cpus_per_worker CPUs (the
+                 policy worker's process kind), RAY_TRAIN_HEALTH_CHECK_INTERVAL_S as set; its
+                 steps also alternate between Ray's niceness (odd steps) and nice 0 (even
+                 steps, every thread; needs the privilege to lower niceness, e.g. root);
+  plain_ray_up:  a spawned plain process while the Ray cluster is up and idle;
+  plain:         a spawned plain process after ray.shutdown();
+  run_dpo_2:     the default real run again (a Ray cluster started anew), to bracket.
+During every block a driver thread samples every process's CPU time and niceness (psutil,
+every second), so the output says which other processes used CPU during the measured steps.
 
-    .venv/bin/python benchmarks/floor_inside.py --steps 6 --out /tmp/floor_inside
+    .venv/bin/python benchmarks/floor_inside.py --out /tmp/floor_inside     # ~10 min on 2 cores
 """
 
 from __future__ import annotations
