@@ -27,14 +27,15 @@ Modules (import the names from ray_dpo.feeder):
 
     plan.py           BatchPlan (the step layout above), Prefetch (how far ahead to score)
     store.py          PairStore: the tokenized pairs in compact numpy storage
-    batch_feeder.py   BatchFeeder (steps and eval batches per rank), FeederError, REF_COLUMNS
+    batch_feeder.py   BatchFeeder (steps and eval batches per rank), FeederError, REF_COLUMNS,
+                      Gate (holds a feeder's prefetch until another's is done)
     actor.py          start_feeder (BatchFeeder as a Ray actor), KeepsInitError
 """
 
 from ray_dpo.feeder.actor import KeepsInitError, start_feeder
-from ray_dpo.feeder.batch_feeder import REF_COLUMNS, BatchFeeder, FeederError
+from ray_dpo.feeder.batch_feeder import REF_COLUMNS, BatchFeeder, FeederError, Gate
 from ray_dpo.feeder.plan import BatchPlan, Prefetch
 from ray_dpo.feeder.store import PairStore
 
-__all__ = ["REF_COLUMNS", "BatchFeeder", "BatchPlan", "FeederError", "KeepsInitError", "PairStore",
+__all__ = ["REF_COLUMNS", "BatchFeeder", "BatchPlan", "FeederError", "Gate", "KeepsInitError", "PairStore",
            "Prefetch", "start_feeder"]

@@ -29,6 +29,38 @@ class FeederError(RuntimeError):
     """The feeder cannot serve a request (no reference log-probs, feeder closed)."""
 
 
+class Gate:
+    """A flag opened once, waking the feeders whose prefetch waits on it (BatchFeeder's
+    ``prefetch_after``); e.g. another feeder's ``train_sent``."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._open = False
+        self._watchers: list[threading.Condition] = []
+
+    def is_open(self) -> bool:
+        return self._open
+
+    def open(self) -> None:
+        with self._lock:
+            if self._open:
+                return
+            self._open = True
+            watchers, self._watchers = self._watchers, []
+        for cond in watchers:
+            with cond:
+                cond.notify_all()
+
+    def watch(self, cond: threading.Condition) -> None:
+        """notify_all ``cond`` when the gate opens (at once if it is open)."""
+        with self._lock:
+            if not self._open:
+                self._watchers.append(cond)
+                return
+        with cond:
+            cond.notify_all()
+
+
 class BatchFeeder:
     """Serves optimizer steps and eval batches to policy workers (a threaded Ray actor).
 
@@ -43,6 +75,13 @@ class BatchFeeder:
         reference_free: the loss needs no reference (SimPO, ORPO): rows carry no ref_*
             columns, nothing is ever scored, and reference / ref_cache must be None.
         prefetch: Prefetch (steps ahead, pairs per reference call, the step it starts at).
+        prefetch_after: a Gate (e.g. the previous online round's feeder's ``train_sent``):
+            until it opens, the prefetch thread scores only what a caller waits for (a step
+            asked for, the eval pairs), not the steps ahead; so the reference serves the
+            feeder being trained first.
+
+    ``train_sent`` (a Gate) opens once every train pair has gone to the reference (or
+    there is nothing left to send: all scored, the feeder closed, scoring failed).
 
     Memory: see PairStore (≈ 4 bytes per token + 60 bytes per pair) + 16 bytes per pair
     of reference log-probs + 8 bytes per pair per cached epoch order (at most 3).
@@ -60,6 +99,7 @@ class BatchFeeder:
         eval_max_pairs: Optional[int] = None,
         reference_free: bool = False,
         prefetch: Prefetch = Prefetch(),
+        prefetch_after: Optional[Gate] = None,
     ):
         if reference_free and (reference is not None or ref_cache):
             raise ValueError("reference_free=True takes no reference group and no ref_cache")
@@ -88,6 +128,12 @@ class BatchFeeder:
                        "ref_pairs_scored": 0, "wait_seconds": 0.0, "max_wait_seconds": 0.0,
                        "eval_wait_seconds": 0.0}
         self._thread: Optional[threading.Thread] = None
+        self.train_sent = Gate()
+        self._after = prefetch_after
+        if not np.isnan(self._ref[:, 0]).any():
+            self.train_sent.open()
+        if prefetch_after is not None:
+            prefetch_after.watch(self._cond)
         if missing:
             self._thread = threading.Thread(target=self._produce, name="feeder-prefetch", daemon=True)
             self._thread.start()
@@ -222,6 +268,7 @@ class BatchFeeder:
         with self._cond:
             self._closed = True
             self._cond.notify_all()
+        self.train_sent.open()  # nothing more goes to the reference
         if self._thread is not None:
             self._thread.join(timeout=30)
 
@@ -336,12 +383,15 @@ class BatchFeeder:
             with self._cond:
                 self._error = err
                 self._cond.notify_all()
+        finally:
+            self.train_sent.open()
 
     def _next_job(self) -> Optional[tuple[PairStore, np.ndarray, np.ndarray]]:
         """(store, ref array, row indices to score) or None; called holding self._cond.
 
         Priority: eval when asked for, then steps someone waits on, then the window: the
-        slowest rank's current step and the prefetch_steps steps after it.
+        slowest rank's current step and the prefetch_steps steps after it (the window only
+        once ``prefetch_after`` is open).
         """
         if self._eval_wanted and self._eval_ref is not None:
             todo = np.flatnonzero(np.isnan(self._eval_ref[:, 0]))
@@ -349,6 +399,8 @@ class BatchFeeder:
                 return self.eval, self._eval_ref, todo
         frontier = min(self._rank_pos[:self._world])
         window = range(frontier, min(frontier + self.prefetch_steps + 1, self._total))
+        if self._after is not None and not self._after.is_open():
+            window = range(0)  # held: another feeder's steps go to the reference first
         steps = sorted(self._wanted) + [s for s in window if s not in self._wanted]
         chunks = []
         for step in steps[: self.prefetch_steps + 1]:
@@ -362,11 +414,22 @@ class BatchFeeder:
 
     def _score(self, store: PairStore, ref: np.ndarray, indices: np.ndarray) -> None:
         """Score rows ``indices`` of ``store`` through the reference, in batches; each
-        batch's results are published as soon as it returns."""
+        batch's results are published as soon as it returns. When these are the last train
+        pairs not scored, ``train_sent`` opens once the reference has taken the last batch:
+        when it asks for the next one (a ReferenceGroup with room in its window), else when
+        the last batch's results are in."""
         size = self.ref_batch_size
         groups = [indices[i:i + size] for i in range(0, len(indices), size)]
-        batches = ([store.row(int(i)) for i in group] for group in groups)
-        for group, scored in zip(groups, self.reference.score_batches(batches)):
+        with self._cond:
+            last = store is self.train and int(np.isnan(ref[:, 0]).sum()) == len(indices)
+
+        def batches():
+            for group in groups:
+                yield [store.row(int(i)) for i in group]
+            if last:
+                self.train_sent.open()
+
+        for group, scored in zip(groups, self.reference.score_batches(batches())):
             if len(scored) != len(group):
                 raise RuntimeError(f"reference returned {len(scored)} rows for a batch of {len(group)}")
             values = np.array([[r[REF_COLUMNS[0]], r[REF_COLUMNS[1]]] for r in scored], dtype=np.float64)
@@ -377,3 +440,5 @@ class BatchFeeder:
                 self._stats["ref_batches_scored"] += 1
                 self._stats["ref_pairs_scored"] += len(group)
                 self._cond.notify_all()
+        if last:
+            self.train_sent.open()

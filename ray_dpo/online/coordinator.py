@@ -23,7 +23,7 @@ import sys
 from typing import Any, Optional
 
 from ray_dpo.config import RunConfig
-from ray_dpo.feeder import BatchFeeder, BatchPlan, KeepsInitError, PairStore
+from ray_dpo.feeder import BatchFeeder, BatchPlan, Gate, KeepsInitError, PairStore
 from ray_dpo.online import rounds as rounds_lib
 from ray_dpo.engines.follower import PROBE_SIZE, FollowerSpec, PolicyFollower, start_actor
 from ray_dpo.seams import Scorer
@@ -107,12 +107,14 @@ class OnlineCoordinator(PolicyFollower):
         self.rounds.close()
         super().close()
 
-    def _make_feeder(self, rows: list[dict]) -> BatchFeeder:
+    def _make_feeder(self, rows: list[dict], after: Optional[Gate]) -> BatchFeeder:
+        """A round's feeder; ``after``: the previous round's train_sent (RoundFeeder.install),
+        so the round being trained gets the reference first."""
         if self.spec.training_reference != "group":  # LoRA adapters_off: the policy scores its base itself
             return BatchFeeder(rows, self.plan, reference_free=True, evaluation=self.evaluation,
                                eval_max_pairs=self.eval_max_pairs)
         return BatchFeeder(rows, self.plan, reference=self.reference, ref_cache=dict(self._eval_ref_cache) or None,
-                           evaluation=self.evaluation, eval_max_pairs=self.eval_max_pairs)
+                           evaluation=self.evaluation, eval_max_pairs=self.eval_max_pairs, prefetch_after=after)
 
     def _keep_eval_logps(self, feeder: BatchFeeder) -> None:
         """Keep a retired round's reference log-probs of the eval pairs: later rounds reuse them."""

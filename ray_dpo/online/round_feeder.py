@@ -5,6 +5,11 @@ num_pairs_in_step, get_step, get_eval), over rounds: round r's steps are served 
 BatchFeeder built from round r's pairs, whose prefetch thread streams reference log-probs
 exactly as offline. A step whose round is not there yet waits for it; a round that was
 built before a restart is read back from the round store first.
+
+With online.overlap, round r+1 is installed while round r trains, and both rounds' feeders
+score on the same reference actors. Round r goes first: round r+1's feeder prefetches only
+once round r's has sent its last pair to the reference (BatchFeeder's ``prefetch_after`` on
+round r's ``train_sent``); before that it scores only a step a rank waits for.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ import logging
 import threading
 from typing import Callable, Optional
 
-from ray_dpo.feeder import BatchFeeder, FeederError
+from ray_dpo.feeder import BatchFeeder, FeederError, Gate
 from ray_dpo.online.round_store import RoundStore
 from ray_dpo.online.rounds import RoundPlan
 
@@ -24,13 +29,16 @@ class RoundFeeder:
     """Rounds' pair rows -> optimizer steps.
 
     plan: the RoundPlan (steps per round, rounds run). store: where rounds are kept.
-    make_feeder(rows) -> BatchFeeder for one round's rows. accumulation(world): micro-batches
-    per rank and step when ``world`` ranks train (None: all) (BatchPlan.accumulation; an empty step past a round's pairs is that
-    many empty lists). on_retire(feeder):
-    called before an old round's feeder closes (to keep what it scored).
+    make_feeder(rows, after) -> BatchFeeder for one round's rows, its prefetch held until the
+    Gate ``after`` opens (the previous round's ``train_sent``; None: the previous round is
+    not here or kept no pair). accumulation(world): micro-batches per rank and step when
+    ``world`` ranks train (None: all) (BatchPlan.accumulation; an empty step past a round's
+    pairs is that many empty lists). on_retire(feeder): called before an old round's feeder
+    closes (to keep what it scored).
     """
 
-    def __init__(self, plan: RoundPlan, *, store: RoundStore, make_feeder: Callable[[list[dict]], BatchFeeder],
+    def __init__(self, plan: RoundPlan, *, store: RoundStore,
+                 make_feeder: Callable[[list[dict], Optional[Gate]], BatchFeeder],
                  accumulation: Callable[[int], int], on_retire: Callable[[BatchFeeder], None] = lambda feeder: None):
         self.plan = plan
         self.store = store
@@ -97,8 +105,12 @@ class RoundFeeder:
             return r in self._rounds or r in self._busy
 
     def install(self, r: int, rows: list[dict]) -> None:
-        """Serve round r's pair rows (none: its steps train nothing); release its claim."""
-        feeder = self._make_feeder(rows) if rows else None
+        """Serve round r's pair rows (none: its steps train nothing); release its claim.
+        Round r's prefetch waits for round r-1's, when round r-1 is here (a retired or
+        closed feeder has sent all it will)."""
+        with self._cond:
+            before = self._rounds.get(r - 1)
+        feeder = self._make_feeder(rows, before.train_sent if before is not None else None) if rows else None
         with self._cond:
             self._rounds[r] = feeder
             self._busy.discard(r)

@@ -7,6 +7,9 @@ order of the recorded intervals, not on how long anything took on this machine: 
 online.overlap, round r+1 is generated while round r trains, from the weights synced at round
 r's start, and from round 1 on the trainer never waits for a round. A serial schedule (each
 round generated after the previous one trained) fails every one of these.
+
+One reference-bound case (a step's reference batch 0.15 s, its update 0.1 s): round r+1 is
+built while round r's batches are still being scored, and round r's all go first.
 """
 
 from __future__ import annotations
@@ -51,3 +54,15 @@ def test_the_next_round_is_generated_while_this_one_trains_and_no_step_waits_for
         # The trainer never waited for a round: each was ready before its first step was asked.
         assert built[r] < fetches[r * S].start, f"step {r * S} did not wait for round {r}"
         assert built[r] < syncs[r * S].start, f"round {r} was ready before the sync that starts it"
+
+
+def test_the_round_being_trained_gets_the_reference_before_the_next_round(ray_cluster, tiny_assets, tmp_path):
+    """Round 1 is built ~0.1 s into round 0's 0.6 s of reference batches (and round 2 into
+    round 1's): without a priority the rounds' prefetch threads take turns on the reference.
+    With it, round r+1's feeder waits until round r's has sent its last batch."""
+    from ray_dpo.testing.schedule import ScheduleCase, run_schedule
+
+    case = ScheduleCase(gen_s=0.1, train_s=0.1, ref_s=0.15, steps_per_round=4, rounds=3)
+    run = run_schedule(case, workdir=str(tmp_path / "run"), assets=tiny_assets)
+    batches = [e.index for e in run.events if e.role == "reference" and e.what == "score"]  # by start
+    assert batches == [0] * 4 + [1] * 4 + [2] * 4, "each round's batches before the next round's"

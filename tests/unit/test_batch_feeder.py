@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from ray_dpo.feeder import BatchFeeder, BatchPlan, PairStore, Prefetch
+from ray_dpo.feeder import BatchFeeder, BatchPlan, Gate, PairStore, Prefetch
 from ray_dpo.testing.feeder_fakes import FakeReference, fake_logps, make_rows, plan_of
 
 
@@ -222,6 +222,36 @@ def test_one_slow_rank_holds_the_window_and_every_rank_gets_its_step():
     served = [row["pair_id"] for rank in results.values() for batches in rank.values()
               for mb in batches for row in mb]
     assert sorted(served) == sorted(r["pair_id"] for r in rows)
+
+
+def test_a_held_prefetch_scores_only_the_steps_asked_for_until_its_gate_opens():
+    """prefetch_after: the window waits for the gate (another feeder's train_sent); a step a
+    rank waits for is scored at once. train_sent opens when every train pair has been sent."""
+    rows = make_rows(20)
+    reference = FakeReference(delay=0.01)
+    plan = plan_of(num_epochs=2, micro_batch_size=1, gradient_accumulation_steps=2)  # G=4: 5 steps an epoch
+    gate = Gate()
+    feeder = BatchFeeder(rows, plan, reference=reference, prefetch=Prefetch(steps=2), prefetch_after=gate)
+    time.sleep(0.2)
+    assert reference.scored == [] and not feeder.train_sent.is_open(), "held: nothing ahead is scored"
+    fetch_all(feeder, 3)  # both ranks wait for step 3: scored although the gate is shut
+    assert set(reference.scored) == set(feeder.step_pair_ids(3))
+    time.sleep(0.2)
+    assert set(reference.scored) == set(feeder.step_pair_ids(3)), "still held: steps 4 and 5 wait"
+    gate.open()
+    window = {pid for s in range(3, 6) for pid in feeder.step_pair_ids(s)}  # steps 3..5 (5: epoch 1's first)
+    assert wait_until(lambda: set(reference.scored) == window)
+    assert not feeder.train_sent.is_open(), "steps 0..2's pairs of epoch 0 are not sent yet"
+    fetch_all(feeder, 0)
+    assert wait_until(lambda: feeder.train_sent.is_open())
+    assert sorted(reference.scored) == sorted(r["pair_id"] for r in rows), "every pair once"
+    feeder.close()
+
+    cached = BatchFeeder(rows, plan, ref_cache={r["pair_id"]: fake_logps(r) for r in rows})
+    assert cached.train_sent.is_open(), "nothing to send"
+    unscored = BatchFeeder(rows, plan, reference=FakeReference(), prefetch_after=Gate())
+    unscored.close()
+    assert unscored.train_sent.is_open(), "a closed feeder sends nothing more"
 
 
 @pytest.mark.parametrize("fail_at", [0, 2])

@@ -1,6 +1,6 @@
 """The online round modules on fakes, without Ray or engines: build_round (judge -> pairs ->
 rows), RoundFeeder (steps wait for their round, empty steps, read-back from the round store,
-errors reach the waiters), RoundProducer (submits once, builds in a thread, says how stale its
+errors reach the waiters, the round being trained gets the reference first), RoundProducer (submits once, builds in a thread, says how stale its
 samples are), and the typed seams every feeder and follower must match."""
 
 from __future__ import annotations
@@ -63,7 +63,9 @@ def test_build_round_pairs_best_against_worst_and_counts_every_prompt():
 class _Feeder:
     """A round's BatchFeeder stand-in: one pair a step."""
 
-    def __init__(self, rows):
+    train_sent = None
+
+    def __init__(self, rows, after=None):
         self.rows, self.closed = rows, False
 
     def total_steps(self):
@@ -129,6 +131,40 @@ def test_a_saved_round_is_read_back_instead_of_made_again_and_errors_reach_waite
     other.fail(RuntimeError("probe check failed"))
     waiter.join(5)
     assert [str(e) for e in errors] == ["probe check failed"]
+
+
+def test_the_round_being_trained_gets_the_reference_before_the_next_round(tmp_path):
+    """online.overlap installs round 1 while round 0 trains: round 1's feeder prefetches only
+    once round 0's has sent its last pair, so the reference scores round 0 first. A step
+    of round 1 asked for before that would still be scored (BatchFeeder's prefetch_after)."""
+    from ray_dpo.feeder import BatchFeeder, BatchPlan
+    from ray_dpo.online.round_feeder import RoundFeeder
+    from ray_dpo.online.round_store import RoundStore
+    from ray_dpo.testing.feeder_fakes import FakeReference, make_rows
+
+    reference = FakeReference(delay=0.01)
+    plan = BatchPlan(num_workers=1, micro_batch_size=2, gradient_accumulation_steps=1, num_epochs=1, seed=0,
+                     shuffle=False)
+    made = []
+
+    def make_feeder(rows, after):
+        made.append(after)
+        return BatchFeeder(rows, plan, reference=reference, prefetch_after=after)
+
+    rounds = RoundFeeder(RoundPlan(rounds=2, steps_per_round=4, total_steps=8), store=RoundStore(str(tmp_path), {}),
+                         make_feeder=make_feeder, accumulation=plan.accumulation)
+    rows = {r: make_rows(8, seed=r, prefix=f"r{r}") for r in range(2)}
+    rounds.install(0, rows[0])
+    first = rounds.get_step(0, rank=0)  # round 0 trains; its prefetch scores its steps 0..2
+    rounds.install(1, rows[1])  # round 1 arrives meanwhile
+    assert made[0] is None and made[1] is not None, "round 1 waits on round 0's train_sent"
+    time.sleep(0.3)
+    assert sorted(reference.scored) == sorted(r["pair_id"] for r in rows[0][:6]), "round 1 is held"
+    served = [first] + [rounds.get_step(step, rank=0) for step in range(1, 8)]
+    assert [pid.split(":")[0] for pid in reference.scored] == ["r0"] * 8 + ["r1"] * 8
+    assert [row["pair_id"] for step in served for mb in step for row in mb] == \
+        [r["pair_id"] for r in rows[0] + rows[1]], "every pair once, in order"
+    rounds.close()
 
 
 class _Generation:
