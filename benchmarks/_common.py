@@ -59,11 +59,14 @@ def table(headers: Sequence[str], rows: Sequence[Sequence]) -> str:
     return "\n".join([line(headers), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, cells)])
 
 
-def record(title: str, body: str, *, packages: Sequence[str] = (), notes: str = "") -> None:
-    """Print `body` and append a section to BENCHMARKS.md with machine, versions, command."""
+def record(title: str, body: str, *, packages: Sequence[str] = (), notes: str = "", save: bool = True) -> None:
+    """Print `body` and append a section to BENCHMARKS.md with machine, versions, command
+    (only print it when not ``save``: a script's --no-record)."""
     print(body)
     if notes:
         print(notes)
+    if not save:
+        return
     stamp = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
     section = (f"\n## {title} ({stamp})\n\n"
                f"- machine: {machine()}\n- versions: {versions(*packages)}\n"

@@ -260,11 +260,8 @@ def main() -> None:
              "cluster is up and idle ('Ray up') and after ray.shutdown() (the other floor columns). 'max abs(loss "
              "diff)': ray_dpo's train/loss vs the same-layout floor of its precision over all steps (bf16 rows: "
              "DeepSpeed bf16 weights vs autocast over fp32 weights, so not expected to match).")
-    if args.no_record:
-        print(body), print(notes)
-    else:
-        record("ray_dpo step vs the floor (bare PyTorch loop, same batches)", body,
-               packages=("ray", "deepspeed"), notes=notes)
+    record("ray_dpo step vs the floor (bare PyTorch loop, same batches)", body, packages=("ray", "deepspeed"),
+           notes=notes, save=not args.no_record)
 
 
 if __name__ == "__main__":

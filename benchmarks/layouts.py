@@ -124,10 +124,7 @@ def main() -> None:
              f"best of {args.repeats} interleaved timings per batch. "
              "Real tokens: packed/padded count the prompt twice (it is computed twice), "
              "prefix_shared once.")
-    if args.no_record:
-        print(body), print(notes)
-    else:
-        record("Batch layouts: padded vs packed vs prefix_shared", body, notes=notes)
+    record("Batch layouts: padded vs packed vs prefix_shared", body, notes=notes, save=not args.no_record)
 
 
 if __name__ == "__main__":

@@ -155,11 +155,8 @@ def main() -> None:
              f"{params * 4 / 2**20:.0f} MiB fp32), {args.pairs} pairs/step, multi_turn lengths, {args.steps} steps "
              f"(first not timed), torch threads {args.threads} per process. Reference = the initial policy, so "
              "the first loss is ln 2 in both modes. CPU: the reference actor competes for the same 2 cores.")
-    if args.no_record:
-        print(body), print(notes)
-    else:
-        record("Reference placement: streamed group vs inside the policy worker", body,
-               packages=("ray", "deepspeed"), notes=notes)
+    record("Reference placement: streamed group vs inside the policy worker", body, packages=("ray", "deepspeed"),
+           notes=notes, save=not args.no_record)
 
 
 if __name__ == "__main__":

@@ -191,10 +191,8 @@ def main() -> None:
     notes = (f"{args.steps} steps of {args.pairs} pairs (first step not timed), Llama hidden {args.hidden}, "
              f"{args.layers} layers, fp32, sdpa, torch threads {args.threads}, reference = a different random model "
              f"(ln 2 = {math.log(2):.6f} would mean policy == reference).")
-    if args.no_record:
-        print(body), print(notes)
-    else:
-        record("ray_dpo policy step vs TRL DPOTrainer", body, packages=("trl", "deepspeed"), notes=notes)
+    record("ray_dpo policy step vs TRL DPOTrainer", body, packages=("trl", "deepspeed"),
+           notes=notes, save=not args.no_record)
 
 
 if __name__ == "__main__":
