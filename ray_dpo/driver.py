@@ -360,18 +360,7 @@ def _start_roles(cfg: RunConfig, tracker, train, evaluation, gpu: bool, watch: d
     reference group, if the driver started it before tokenizing.
     """
     if cfg.online.enabled:
-        from ray_dpo.online.coordinator import start_coordinator
-
-        # LoRA with adapters_off scores the rounds' pairs in the policy workers: reference
-        # actors only for the held-out eval/kl, if any.
-        group = early
-        if group is not None:
-            watch["reference"] = group.actor_ids
-        coordinator = start_coordinator(cfg, train=train, evaluation=evaluation, reference=group,
-                                        tracking_uri=tracker.uri, run_id=tracker.run_id, use_gpu=gpu)
-        _watch_engines(watch, coordinator, role="coordinator")
-        return Roles(coordinator, coordinator, ray.get(coordinator.total_steps.remote()),
-                     groups=[group] if group is not None else [])
+        return _start_online_roles(cfg, tracker, train, evaluation, gpu, watch, group=early)
     # One reference group at most, started when something first needs it: the stream, a
     # precompute pass the cache cannot answer, or the held-out eval's KL. A reference-free loss
     # (SimPO, ORPO) or a LoRA run scoring its base model itself (adapters_off) starts none for
@@ -413,6 +402,21 @@ def _start_roles(cfg: RunConfig, tracker, train, evaluation, gpu: bool, watch: d
             close_follower(follower)
         raise
     return Roles(feeder, follower, total_steps, groups=started, reference_cache=cache_status)
+
+
+def _start_online_roles(cfg: RunConfig, tracker, train, evaluation, gpu: bool, watch: dict, *, group) -> Roles:
+    """Online: the coordinator is the step source and the follower (rounds, engines, held-out
+    eval). ``group``: the reference group, or None (a LoRA run with adapters_off scores the
+    rounds' pairs in the policy workers: reference actors only for the held-out eval/kl, if any)."""
+    from ray_dpo.online.coordinator import start_coordinator
+
+    if group is not None:
+        watch["reference"] = group.actor_ids
+    coordinator = start_coordinator(cfg, train=train, evaluation=evaluation, reference=group,
+                                    tracking_uri=tracker.uri, run_id=tracker.run_id, use_gpu=gpu)
+    _watch_engines(watch, coordinator, role="coordinator")
+    return Roles(coordinator, coordinator, ray.get(coordinator.total_steps.remote()),
+                 groups=[group] if group is not None else [])
 
 
 def _watch_engines(watch: dict, follower, *, role: str) -> None:
